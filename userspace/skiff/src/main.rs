@@ -1,1 +1,136 @@
-fn main() {}
+//! `skiff`: the one binary. Each subcommand is a thin shell over a library crate.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(name = "skiff", version, about = "A container orchestrator whose Services run in eBPF")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the control plane in one process (today: the apiserver).
+    Server(ServerArgs),
+    /// Run the apiserver alone.
+    Apiserver(ServerArgs),
+    /// Print the admin kubeconfig written by the server.
+    Kubeconfig {
+        #[arg(long, default_value = "/var/lib/skiff")]
+        data_dir: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum StoreKind {
+    Sqlite,
+    Etcd,
+}
+
+#[derive(Args)]
+struct ServerArgs {
+    /// Where the store, the certificates and the admin kubeconfig live.
+    #[arg(long, default_value = "/var/lib/skiff")]
+    data_dir: PathBuf,
+    /// Address and port to serve HTTPS on.
+    #[arg(long, default_value = "0.0.0.0:6443")]
+    bind: SocketAddr,
+    /// The store backend: embedded SQLite (one machine, no other process) or etcd.
+    #[arg(long, value_enum, default_value = "sqlite")]
+    store: StoreKind,
+    /// etcd client URLs, comma separated (with --store etcd).
+    #[arg(long, value_delimiter = ',')]
+    etcd_endpoints: Vec<String>,
+    /// The range Service cluster IPs are allocated from.
+    #[arg(long, default_value = "10.96.0.0/12")]
+    service_cidr: ipnet::Ipv4Net,
+    /// The range Service node ports are allocated from, as FIRST-LAST.
+    #[arg(long, default_value = "30000-32767")]
+    service_node_port_range: String,
+    /// Extra names or addresses for the serving certificate.
+    #[arg(long, value_delimiter = ',')]
+    tls_san: Vec<String>,
+}
+
+fn parse_port_range(s: &str) -> Result<std::ops::RangeInclusive<u16>> {
+    let (a, b) = s
+        .split_once('-')
+        .with_context(|| format!("port range {s:?} must look like 30000-32767"))?;
+    let first: u16 = a.trim().parse().with_context(|| format!("bad first port in {s:?}"))?;
+    let last: u16 = b.trim().parse().with_context(|| format!("bad last port in {s:?}"))?;
+    if first == 0 || first > last {
+        bail!("port range {s:?} must be FIRST-LAST with 0 < FIRST <= LAST");
+    }
+    Ok(first..=last)
+}
+
+fn server_config(args: ServerArgs) -> Result<skiff_apiserver::ServerConfig> {
+    let mut config = skiff_apiserver::ServerConfig::new(args.data_dir);
+    config.bind = args.bind;
+    config.store = match args.store {
+        StoreKind::Sqlite => skiff_apiserver::StoreConfig::Sqlite,
+        StoreKind::Etcd => {
+            if args.etcd_endpoints.is_empty() {
+                bail!("--store etcd needs --etcd-endpoints http://HOST:2379[,...]");
+            }
+            skiff_apiserver::StoreConfig::Etcd { endpoints: args.etcd_endpoints }
+        }
+    };
+    config.service_cidr = args.service_cidr;
+    config.node_port_range = parse_port_range(&args.service_node_port_range)?;
+    config.extra_sans = args.tls_san;
+    Ok(config)
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term.recv() => {},
+    }
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Server(args) | Command::Apiserver(args) => {
+            let config = server_config(args)?;
+            let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            runtime.block_on(skiff_apiserver::run(config, shutdown_signal()))
+        }
+        Command::Kubeconfig { data_dir } => {
+            print!("{}", skiff_apiserver::kubeconfig(&data_dir)?);
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_range_parses_and_rejects() {
+        assert_eq!(parse_port_range("30000-32767").unwrap(), 30000..=32767);
+        assert!(parse_port_range("32767-30000").is_err());
+        assert!(parse_port_range("0-10").is_err());
+        assert!(parse_port_range("30000").is_err());
+        assert!(parse_port_range("a-b").is_err());
+    }
+}
