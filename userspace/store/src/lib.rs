@@ -36,7 +36,10 @@ pub struct KeyValue {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WatchEvent {
     /// A key was created or updated. `prev` is the value before, when there was one.
-    Put { kv: KeyValue, prev: Option<KeyValue> },
+    Put {
+        kv: KeyValue,
+        prev: Option<KeyValue>,
+    },
     /// A key was deleted at `revision`; `prev` is the last value it had.
     Delete { revision: Revision, prev: KeyValue },
 }
@@ -46,6 +49,14 @@ impl WatchEvent {
         match self {
             WatchEvent::Put { kv, .. } => kv.mod_revision,
             WatchEvent::Delete { revision, .. } => *revision,
+        }
+    }
+
+    /// The key this event is about.
+    pub fn key(&self) -> &str {
+        match self {
+            WatchEvent::Put { kv, .. } => &kv.key,
+            WatchEvent::Delete { prev, .. } => &prev.key,
         }
     }
 }
@@ -67,10 +78,19 @@ pub enum StoreError {
     AlreadyExists(String),
     /// Compare-and-swap failed: the key changed since the revision the caller read.
     #[error("key {key:?} was modified: expected revision {expected}, found {actual}")]
-    Conflict { key: String, expected: Revision, actual: Revision },
+    Conflict {
+        key: String,
+        expected: Revision,
+        actual: Revision,
+    },
     /// The requested revision has been compacted away; the caller must re-list.
+    /// `requested` is the `after` the caller asked for, `oldest` the smallest `after` a watch can
+    /// still start from.
     #[error("revision {requested} is compacted (oldest available is {oldest})")]
-    Compacted { requested: Revision, oldest: Revision },
+    Compacted {
+        requested: Revision,
+        oldest: Revision,
+    },
     /// The backend is unreachable or failed (disk full, etcd down, ...). Nothing was written.
     #[error("store backend error: {0}")]
     Backend(String),
@@ -102,12 +122,144 @@ pub trait Store: Send + Sync + 'static {
 
     /// Streams every change under `prefix` with a revision strictly greater than `after`.
     /// Fails with `Compacted` (at call time or as the first stream item) when `after` is older
-    /// than what the store still holds.
+    /// than what the store still holds: after `compact(c)`, any `after >= c` is served with
+    /// complete events (including `prev`), and any `after < c - 1` fails. `after == c - 1` fails
+    /// on SQLite; etcd still holds revision `c` itself and may serve it, or fail with `Compacted`
+    /// at the first event whose `prev` it no longer has. Either way no event is ever skipped. A stream never skips an event silently: a watcher that falls too far
+    /// behind either catches up from the log or gets an error item and the stream ends.
     async fn watch(&self, prefix: &str, after: Revision) -> Result<WatchStream>;
 
-    /// Drops history at and below `revision` (current values stay).
+    /// Drops history at and below `revision` (current values stay). Compacting at or below an
+    /// already compacted revision does nothing; a revision newer than the store's fails with
+    /// `Backend`.
     async fn compact(&self, revision: Revision) -> Result<()>;
 }
 
+/// When to compact automatically (see [`spawn_compactor`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CompactionPolicy {
+    /// How often to compact. History younger than one interval is always kept, like the
+    /// Kubernetes apiserver's own 5-minute etcd compaction.
+    pub interval: std::time::Duration,
+    /// Always keep at least this many of the newest revisions, however old they are.
+    pub min_retained_revisions: i64,
+}
+
+impl Default for CompactionPolicy {
+    fn default() -> Self {
+        CompactionPolicy {
+            interval: std::time::Duration::from_secs(300),
+            min_retained_revisions: 1000,
+        }
+    }
+}
+
+/// Where to compact now, given the revision seen one interval ago and the current one; `None`
+/// when nothing may be dropped yet.
+pub fn compaction_target(
+    revision_one_interval_ago: Revision,
+    current: Revision,
+    already_compacted: Revision,
+    min_retained_revisions: i64,
+) -> Option<Revision> {
+    let target =
+        revision_one_interval_ago.min(current.saturating_sub(min_retained_revisions.max(0)));
+    (target > already_compacted && target > 0).then_some(target)
+}
+
+/// Starts a tokio task that compacts `store` by `policy` until the store is dropped (it holds
+/// only a weak reference). Errors are logged and retried at the next tick.
+pub fn spawn_compactor<S: Store + ?Sized>(
+    store: std::sync::Weak<S>,
+    policy: CompactionPolicy,
+) -> tokio::task::JoinHandle<()> {
+    run_compactor(move || store.upgrade(), policy)
+}
+
+/// The compaction loop, over anything that can hand out a strong store handle for one tick.
+pub(crate) fn run_compactor<S, D, F>(
+    upgrade: F,
+    policy: CompactionPolicy,
+) -> tokio::task::JoinHandle<()>
+where
+    S: Store + ?Sized,
+    D: std::ops::Deref<Target = S> + Send + 'static,
+    F: Fn() -> Option<D> + Send + 'static,
+{
+    tokio::spawn(async move {
+        let mut ticker = tokio::time::interval(policy.interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut previous_sample: Option<Revision> = None;
+        let mut compacted: Revision = 0;
+        loop {
+            ticker.tick().await;
+            let Some(store) = upgrade() else { return };
+            let current = match store.current_revision().await {
+                Ok(current) => current,
+                Err(error) => {
+                    tracing::warn!(%error, "automatic compaction: reading the current revision failed");
+                    continue;
+                }
+            };
+            if let Some(sample) = previous_sample
+                && let Some(target) =
+                    compaction_target(sample, current, compacted, policy.min_retained_revisions)
+            {
+                match store.compact(target).await {
+                    Ok(()) => {
+                        tracing::debug!(revision = target, "automatic compaction done");
+                        compacted = target;
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, revision = target, "automatic compaction failed")
+                    }
+                }
+            }
+            previous_sample = Some(current);
+            // Hold no strong handle while sleeping, so dropping the store ends this task.
+            drop(store);
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compaction_keeps_one_interval_and_the_minimum_history() {
+        // One interval ago the store was at 500, now at 2000, keep 1000: compact at 500.
+        assert_eq!(compaction_target(500, 2000, 0, 1000), Some(500));
+        // The minimum history is the tighter bound.
+        assert_eq!(compaction_target(1900, 2000, 0, 1000), Some(1000));
+        // Nothing new to drop.
+        assert_eq!(compaction_target(500, 2000, 500, 1000), None);
+        // Young store: nothing to drop at all.
+        assert_eq!(compaction_target(10, 20, 0, 1000), None);
+        assert_eq!(compaction_target(0, 0, 0, 0), None);
+    }
+
+    #[test]
+    fn watch_event_key_and_revision() {
+        let kv = KeyValue {
+            key: "a".into(),
+            value: vec![1],
+            create_revision: 3,
+            mod_revision: 5,
+        };
+        let put = WatchEvent::Put {
+            kv: kv.clone(),
+            prev: None,
+        };
+        assert_eq!((put.key(), put.revision()), ("a", 5));
+        let delete = WatchEvent::Delete {
+            revision: 7,
+            prev: kv,
+        };
+        assert_eq!((delete.key(), delete.revision()), ("a", 7));
+    }
+}
+
 pub mod etcd;
+pub mod etcd_server;
 pub mod sqlite;

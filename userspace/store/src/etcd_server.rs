@@ -1,0 +1,178 @@
+//! Starting a real, single-member etcd on loopback, for tests and benchmarks (the etcd backend's
+//! conformance suite, the apiserver's etcd tests, bench/).
+//!
+//! The server listens on free loopback ports, keeps its data in a directory the caller owns, and
+//! is stopped by the PID this module started (SIGKILL, on drop at the latest).
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Where etcd is looked for: `$SKIFF_ETCD_BIN`, then `/usr/bin/etcd` (Debian's etcd-server),
+/// then `etcd` on `PATH`.
+pub fn etcd_binary() -> Option<PathBuf> {
+    if let Some(path) = std::env::var_os("SKIFF_ETCD_BIN") {
+        let path = PathBuf::from(path);
+        return path.is_file().then_some(path);
+    }
+    let debian = PathBuf::from("/usr/bin/etcd");
+    if debian.is_file() {
+        return Some(debian);
+    }
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join("etcd"))
+            .find(|path| path.is_file())
+    })
+}
+
+/// The etcd binary for a test, or `None` (with the reason printed) when the test should be
+/// skipped. With `CI=true` a missing etcd panics instead: CI must never skip silently.
+pub fn etcd_for_test(test: &str) -> Option<PathBuf> {
+    match etcd_binary() {
+        Some(path) => Some(path),
+        None if std::env::var("CI").is_ok_and(|ci| ci == "true") => panic!(
+            "{test}: etcd is not installed (looked at $SKIFF_ETCD_BIN, /usr/bin/etcd, PATH) and \
+             CI=true forbids skipping; install it with `apt-get install -y etcd-server`"
+        ),
+        None => {
+            eprintln!(
+                "SKIPPED {test}: etcd is not installed (apt-get install -y etcd-server, or set \
+                 SKIFF_ETCD_BIN)"
+            );
+            None
+        }
+    }
+}
+
+/// A running etcd started by this process.
+pub struct EtcdServer {
+    binary: PathBuf,
+    data_dir: PathBuf,
+    client_port: u16,
+    peer_port: u16,
+    child: Option<Child>,
+}
+
+fn free_port() -> std::io::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+impl EtcdServer {
+    /// Starts etcd with its data in `data_dir` (created if missing) and waits until it answers.
+    pub async fn start(binary: &Path, data_dir: &Path) -> std::io::Result<EtcdServer> {
+        let mut last_error = None;
+        // Free ports can be taken by someone else between choosing and binding: try a few.
+        for _ in 0..3 {
+            let mut server = EtcdServer {
+                binary: binary.to_path_buf(),
+                data_dir: data_dir.to_path_buf(),
+                client_port: free_port()?,
+                peer_port: free_port()?,
+                child: None,
+            };
+            match server.spawn_and_wait().await {
+                Ok(()) => return Ok(server),
+                Err(e) => last_error = Some(e),
+            }
+        }
+        Err(last_error.unwrap_or_else(|| std::io::Error::other("etcd did not start")))
+    }
+
+    /// The client URL, as `EtcdStore::connect` wants it.
+    pub fn endpoints(&self) -> Vec<String> {
+        vec![format!("http://127.0.0.1:{}", self.client_port)]
+    }
+
+    /// The PID of the running server, if it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Where etcd writes its log (useful when a test fails).
+    pub fn log_path(&self) -> PathBuf {
+        let mut name = self.data_dir.as_os_str().to_owned();
+        name.push(".log");
+        PathBuf::from(name)
+    }
+
+    /// SIGKILLs the server (by the PID we started) and reaps it: a crash, not a shutdown.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same data directory and ports.
+    pub async fn restart(&mut self) -> std::io::Result<()> {
+        self.kill();
+        self.spawn_and_wait().await
+    }
+
+    async fn spawn_and_wait(&mut self) -> std::io::Result<()> {
+        std::fs::create_dir_all(&self.data_dir)?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())?;
+        let client = format!("http://127.0.0.1:{}", self.client_port);
+        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let child = Command::new(&self.binary)
+            .arg("--name=skiff-test")
+            .arg(format!("--data-dir={}", self.data_dir.display()))
+            .arg(format!("--listen-client-urls={client}"))
+            .arg(format!("--advertise-client-urls={client}"))
+            .arg(format!("--listen-peer-urls={peer}"))
+            .arg(format!("--initial-advertise-peer-urls={peer}"))
+            .arg(format!("--initial-cluster=skiff-test={peer}"))
+            .arg("--initial-cluster-state=new")
+            .arg("--logger=zap")
+            .arg("--log-outputs=stderr")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(child) = self.child.as_mut()
+                && let Some(status) = child.try_wait()?
+            {
+                self.child = None;
+                return Err(std::io::Error::other(format!(
+                    "etcd exited with {status} while starting; see {}",
+                    self.log_path().display()
+                )));
+            }
+            if self.answers().await {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                self.kill();
+                return Err(std::io::Error::other(format!(
+                    "etcd did not answer within 15s; see {}",
+                    self.log_path().display()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn answers(&self) -> bool {
+        let options = etcd_client::ConnectOptions::new()
+            .with_connect_timeout(Duration::from_millis(500))
+            .with_timeout(Duration::from_secs(1));
+        match etcd_client::Client::connect(self.endpoints(), Some(options)).await {
+            Ok(mut client) => client.status().await.is_ok(),
+            Err(_) => false,
+        }
+    }
+}
+
+impl Drop for EtcdServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
