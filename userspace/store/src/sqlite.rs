@@ -67,6 +67,15 @@ CREATE UNIQUE INDEX IF NOT EXISTS log_name_prev_revision ON log (name, prev_revi
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 ";
 
+/// How to open a [`SqliteStore`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SqliteOptions {
+    /// Refuse writes that would grow the database past this size (like etcd's
+    /// `--quota-backend-bytes`); such writes fail with `Backend` and change nothing. `None`: no
+    /// limit but the disk's.
+    pub max_database_bytes: Option<u64>,
+}
+
 /// The embedded store. Cheap to clone; the database closes when the last clone is dropped.
 #[derive(Clone)]
 pub struct SqliteStore {
@@ -139,13 +148,21 @@ impl SqliteStore {
     /// Opens (creating if needed) the store in the SQLite file at `path`. The file is locked
     /// for this process until the last handle is dropped.
     pub async fn open(path: impl AsRef<Path>) -> Result<SqliteStore> {
+        Self::open_with_options(path, SqliteOptions::default()).await
+    }
+
+    /// [`SqliteStore::open`] with options.
+    pub async fn open_with_options(
+        path: impl AsRef<Path>,
+        options: SqliteOptions,
+    ) -> Result<SqliteStore> {
         let path = path.as_ref().to_path_buf();
-        tokio::task::spawn_blocking(move || Self::open_blocking(path))
+        tokio::task::spawn_blocking(move || Self::open_blocking(path, options))
             .await
             .map_err(|e| StoreError::Backend(format!("opening the sqlite store panicked: {e}")))?
     }
 
-    fn open_blocking(path: PathBuf) -> Result<SqliteStore> {
+    fn open_blocking(path: PathBuf, options: SqliteOptions) -> Result<SqliteStore> {
         let lock_path = lock_path(&path);
         let lock = File::options()
             .create(true)
@@ -190,6 +207,19 @@ impl SqliteStore {
         conn.execute_batch("PRAGMA synchronous=FULL; PRAGMA busy_timeout=5000;")
             .and_then(|()| conn.execute_batch(SCHEMA))
             .map_err(|e| backend(&path, "creating the schema", e))?;
+        if let Some(max_bytes) = options.max_database_bytes {
+            let page_size: i64 = conn
+                .query_row("PRAGMA page_size", [], |row| row.get(0))
+                .map_err(|e| backend(&path, "reading the page size", e))?;
+            let max_pages = i64::try_from(max_bytes).unwrap_or(i64::MAX) / page_size.max(1);
+            // SQLite answers with the limit it applied (never below the current size).
+            conn.query_row(
+                &format!("PRAGMA max_page_count = {}", max_pages.max(1)),
+                [],
+                |_| Ok(()),
+            )
+            .map_err(|e| backend(&path, "setting the size limit", e))?;
+        }
 
         let (events_tx, _) = broadcast::channel(EVENT_BUFFER);
         let shared = Arc::new(Shared {
