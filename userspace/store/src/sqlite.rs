@@ -578,28 +578,30 @@ fn run_batch(
     }
 }
 
-fn insert_row(
-    conn: &Connection,
-    name: &[u8],
+/// A row about to be appended (its id, the revision, is assigned by the insert).
+struct NewRow<'a> {
+    name: &'a [u8],
     created: bool,
     deleted: bool,
     create_revision: Revision,
     prev_revision: Revision,
-    value: &[u8],
-    old_value: Option<&[u8]>,
-) -> rusqlite::Result<Revision> {
+    value: &'a [u8],
+    old_value: Option<&'a [u8]>,
+}
+
+fn insert_row(conn: &Connection, row: NewRow<'_>) -> rusqlite::Result<Revision> {
     conn.prepare_cached(
         "INSERT INTO log (name, created, deleted, create_revision, prev_revision, value, \
          old_value) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
     )?
     .execute(params![
-        name,
-        created,
-        deleted,
-        create_revision,
-        prev_revision,
-        value,
-        old_value
+        row.name,
+        row.created,
+        row.deleted,
+        row.create_revision,
+        row.prev_revision,
+        row.value,
+        row.old_value
     ])?;
     Ok(conn.last_insert_rowid())
 }
@@ -617,13 +619,15 @@ fn apply(
             let prev_revision = current.map_or(0, |row| row.id);
             let id = insert_row(
                 conn,
-                key.as_bytes(),
-                true,
-                false,
-                0,
-                prev_revision,
-                value,
-                None,
+                NewRow {
+                    name: key.as_bytes(),
+                    created: true,
+                    deleted: false,
+                    create_revision: 0,
+                    prev_revision,
+                    value,
+                    old_value: None,
+                },
             )?;
             let kv = KeyValue {
                 key: key.clone(),
@@ -655,13 +659,15 @@ fn apply(
             let create_revision = current.create_rev();
             let id = insert_row(
                 conn,
-                key.as_bytes(),
-                false,
-                false,
-                create_revision,
-                current.id,
-                value,
-                Some(&current.value),
+                NewRow {
+                    name: key.as_bytes(),
+                    created: false,
+                    deleted: false,
+                    create_revision,
+                    prev_revision: current.id,
+                    value,
+                    old_value: Some(&current.value),
+                },
             )?;
             let kv = KeyValue {
                 key: key.clone(),
@@ -694,13 +700,15 @@ fn apply(
             }
             let id = insert_row(
                 conn,
-                key.as_bytes(),
-                false,
-                true,
-                current.create_rev(),
-                current.id,
-                &[],
-                Some(&current.value),
+                NewRow {
+                    name: key.as_bytes(),
+                    created: false,
+                    deleted: true,
+                    create_revision: current.create_rev(),
+                    prev_revision: current.id,
+                    value: &[],
+                    old_value: Some(&current.value),
+                },
             )?;
             let prev = current.kv()?;
             Ok((
@@ -1036,7 +1044,7 @@ mod tests {
 
     #[test]
     fn rows_become_events_with_their_previous_value() {
-        let created = row(true, false).event().unwrap();
+        let created = row(true, false).event().expect("event");
         assert_eq!(
             created,
             WatchEvent::Put {
@@ -1049,7 +1057,7 @@ mod tests {
                 prev: None
             }
         );
-        let updated = row(false, false).event().unwrap();
+        let updated = row(false, false).event().expect("event");
         let prev = KeyValue {
             key: "k".into(),
             value: b"old".to_vec(),
@@ -1069,7 +1077,7 @@ mod tests {
             }
         );
         assert_eq!(
-            row(false, true).event().unwrap(),
+            row(false, true).event().expect("event"),
             WatchEvent::Delete { revision: 9, prev }
         );
     }

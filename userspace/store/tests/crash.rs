@@ -234,7 +234,6 @@ fn sqlite_full_disk_is_a_clear_error_and_writes_nothing() {
         let path = dir.path().join("store.db");
         let options = skiff_store::sqlite::SqliteOptions {
             max_database_bytes: Some(256 * 1024),
-            ..Default::default()
         };
         let store = SqliteStore::open_with_options(&path, options)
             .await
