@@ -418,8 +418,8 @@ impl Parser {
         Ok(Requirement::new(key, op, values, equality))
     }
 
-    /// `( v1, v2, ... )` after `in` / `notin`. An empty element (`(a,)`) is the empty value, as
-    /// in Kubernetes; an empty set `()` is an error.
+    /// `( v1, v2, ... )` after `in` / `notin`. An empty element (`(a,)`) and `()` are the empty
+    /// value, as in Kubernetes.
     fn value_set(&mut self, key: &str, selector: &str) -> Result<Vec<String>, SelectorError> {
         let syntax = |reason: String| SelectorError::LabelSyntax {
             selector: selector.to_string(),
@@ -435,7 +435,9 @@ impl Parser {
             }
         }
         if self.peek() == &Tok::Close {
-            return Err(syntax(format!("the value set for key {key:?} is empty; list at least one value")));
+            // Kubernetes reads `()` as the set holding only the empty value.
+            self.next();
+            return Ok(vec![String::new()]);
         }
         let mut values = Vec::new();
         loop {
@@ -799,7 +801,7 @@ mod tests {
     #[test]
     fn syntax_errors_are_reported() {
         for bad in [
-            "a in (", "=b", "a=b=c", "a in ()", "a in (b", "a notin b", "!", "!a=b", "a,,b", "a b",
+            "a in (", "=b", "a=b=c", "a in (b", "a in (b c)", "a notin b", "!", "!a=b", "a,,b", "a b",
             "a=(b)", ",", "a=b,", "a>b", "(a)",
         ] {
             let err = LabelSelector::parse(bad).expect_err(bad);
@@ -816,6 +818,11 @@ mod tests {
     fn keys_and_values_are_validated() {
         assert!(LabelSelector::parse("app.kubernetes.io/name=web").is_ok());
         assert!(LabelSelector::parse("a=").is_ok(), "empty value is valid");
+        let empty_set = LabelSelector::parse("a in ()").expect("() is the empty value");
+        assert!(empty_set.matches(&labels(&[("a", "")])));
+        assert!(!empty_set.matches(&labels(&[("a", "x")])));
+        assert_eq!(empty_set.to_string(), "a in ()");
+        assert_eq!(LabelSelector::parse("a in (,b)").expect("valid").to_string(), "a in (,b)");
         assert!(matches!(
             LabelSelector::parse("Bad_Prefix.com/a=b"),
             Err(SelectorError::InvalidKey { .. })
