@@ -536,22 +536,33 @@ fn merge_list(
 }
 
 /// A list without a merge key: the patch's list is the result. A `{"$patch": "replace"}`
-/// marker element is dropped (it asks for what happens anyway); other directives cannot apply.
+/// marker element is dropped (it asks for what happens anyway); other `$patch` elements cannot
+/// apply. Object elements are new values, so their own directives are applied against nothing
+/// and their nulls dropped, as for any new field (none may reach the stored object).
 fn replace_list(patch: &[Value], path: &Path<'_>) -> Result<Vec<Value>, PatchError> {
     let mut out = Vec::with_capacity(patch.len());
     for (i, element) in patch.iter().enumerate() {
-        if let Some(directive) = element.as_object().and_then(|m| m.get(PATCH_DIRECTIVE)) {
-            if directive.as_str() == Some("replace") {
-                continue;
+        let element_path = path.index(i);
+        match element {
+            Value::Object(m) => {
+                if let Some(directive) = m.get(PATCH_DIRECTIVE) {
+                    if directive.as_str() == Some("replace") && m.len() == 1 {
+                        continue;
+                    }
+                    return Err(invalid(
+                        &element_path,
+                        format!(
+                            "$patch {directive} needs a list with a merge key; this list is replaced whole, so send the complete list instead"
+                        ),
+                    ));
+                }
+                if let Some(fresh) = merge_map(Map::new(), m, &element_path)? {
+                    out.push(Value::Object(fresh));
+                }
             }
-            return Err(invalid(
-                &path.index(i),
-                format!(
-                    "$patch {directive} needs a list with a merge key; this list is replaced whole, so send the complete list instead"
-                ),
-            ));
+            Value::Array(inner) => out.push(Value::Array(replace_list(inner, &element_path)?)),
+            other => out.push(other.clone()),
         }
-        out.push(element.clone());
     }
     Ok(out)
 }
