@@ -130,9 +130,17 @@ fn patch_benches(c: &mut Criterion) {
 
     // Check once, outside the timing, that each patch does what it claims.
     let applied = strategic_merge_patch(&original, &smp).expect("kubectl apply patch applies");
-    assert_eq!(applied["spec"]["template"]["spec"]["containers"].as_array().map(Vec::len), Some(2));
+    assert_eq!(
+        applied["spec"]["template"]["spec"]["containers"]
+            .as_array()
+            .map(Vec::len),
+        Some(2)
+    );
     assert_eq!(applied["spec"]["strategy"], json!({"type": "Recreate"}));
-    assert_eq!(json_merge_patch(&original, &scale).expect("scale")["spec"]["replicas"], json!(5));
+    assert_eq!(
+        json_merge_patch(&original, &scale).expect("scale")["spec"]["replicas"],
+        json!(5)
+    );
     assert_eq!(
         json_patch(&original, &undo).expect("undo")["spec"]["template"]["spec"]["containers"][0]["image"],
         json!("nginx:1.24")
@@ -143,7 +151,9 @@ fn patch_benches(c: &mut Criterion) {
         .sample_size(20)
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(2));
-    group.bench_function("baseline/clone", |b| b.iter(|| black_box(black_box(&original).clone())));
+    group.bench_function("baseline/clone", |b| {
+        b.iter(|| black_box(black_box(&original).clone()))
+    });
     group.bench_function("strategic/kubectl-apply", |b| {
         b.iter(|| strategic_merge_patch(black_box(&original), black_box(&smp)))
     });

@@ -20,7 +20,9 @@ use serde_json::Value;
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 pub enum SelectorError {
     /// The label selector string does not follow the grammar.
-    #[error("invalid label selector {selector:?}: {reason} (write requirements like \"app=web,tier in (a,b),!canary\")")]
+    #[error(
+        "invalid label selector {selector:?}: {reason} (write requirements like \"app=web,tier in (a,b),!canary\")"
+    )]
     LabelSyntax { selector: String, reason: String },
 
     /// A label key that is not a valid qualified name.
@@ -40,7 +42,9 @@ pub enum SelectorError {
     InvalidExpression { key: String, reason: String },
 
     /// The field selector string does not follow the grammar.
-    #[error("invalid field selector {selector:?}: {reason} (write terms like \"metadata.name=web,status.phase!=Succeeded\")")]
+    #[error(
+        "invalid field selector {selector:?}: {reason} (write terms like \"metadata.name=web,status.phase!=Succeeded\")"
+    )]
     FieldSyntax { selector: String, reason: String },
 }
 
@@ -96,7 +100,11 @@ impl Requirement {
                 ) else {
                     return false;
                 };
-                if self.op == Op::GreaterThan { have > want } else { have < want }
+                if self.op == Op::GreaterThan {
+                    have > want
+                } else {
+                    have < want
+                }
             }
         }
     }
@@ -163,7 +171,12 @@ impl LabelSelector {
         for (key, value) in sel.match_labels.iter().flatten() {
             validate_key(key)?;
             validate_value(key, value)?;
-            requirements.push(Requirement::new(key.clone(), Op::In, vec![value.clone()], true));
+            requirements.push(Requirement::new(
+                key.clone(),
+                Op::In,
+                vec![value.clone()],
+                true,
+            ));
         }
         for expr in sel.match_expressions.iter().flatten() {
             validate_key(&expr.key)?;
@@ -353,13 +366,24 @@ impl Parser {
         let key = match self.next() {
             Tok::Ident(k) => k,
             other => {
-                let expected = if negated { "a label key after '!'" } else { "a label key or '!'" };
-                return Err(syntax(format!("found {}, expected {expected}", other.describe())));
+                let expected = if negated {
+                    "a label key after '!'"
+                } else {
+                    "a label key or '!'"
+                };
+                return Err(syntax(format!(
+                    "found {}, expected {expected}",
+                    other.describe()
+                )));
             }
         };
         validate_key(&key)?;
         if matches!(self.peek(), Tok::Comma | Tok::End) {
-            let op = if negated { Op::DoesNotExist } else { Op::Exists };
+            let op = if negated {
+                Op::DoesNotExist
+            } else {
+                Op::Exists
+            };
             return Ok(Requirement::new(key, op, Vec::new(), false));
         }
         if negated {
@@ -512,7 +536,8 @@ fn check_dns_subdomain(s: &str) -> Option<&'static str> {
     let label_ok = |label: &str| {
         let b = label.as_bytes();
         !b.is_empty()
-            && b.iter().all(|&c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-')
+            && b.iter()
+                .all(|&c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-')
             && b.first().is_some_and(|c| c.is_ascii_alphanumeric())
             && b.last().is_some_and(|c| c.is_ascii_alphanumeric())
     };
@@ -605,7 +630,9 @@ impl FieldSelector {
             };
             let field = part[..at].trim();
             if field.is_empty() {
-                return Err(syntax(format!("term {part:?} has no field name before {op:?}")));
+                return Err(syntax(format!(
+                    "term {part:?} has no field name before {op:?}"
+                )));
             }
             let value = unescape_field_value(part[at + op.len()..].trim())
                 .map_err(|reason| syntax(format!("term {part:?}: {reason}")))?;
@@ -705,7 +732,11 @@ fn unescape_field_value(s: &str) -> Result<String, String> {
         if escaped {
             match c {
                 '\\' | ',' | '=' => out.push(c),
-                other => return Err(format!("invalid escape sequence '\\{other}' (only \\\\, \\, and \\= are escapes)")),
+                other => {
+                    return Err(format!(
+                        "invalid escape sequence '\\{other}' (only \\\\, \\, and \\= are escapes)"
+                    ));
+                }
             }
             escaped = false;
             continue;
@@ -768,7 +799,10 @@ mod tests {
         let mut missing = good.clone();
         missing.remove("c");
         missing.remove("f");
-        assert!(sel.matches(&missing), "!= and notin hold when the label is absent");
+        assert!(
+            sel.matches(&missing),
+            "!= and notin hold when the label is absent"
+        );
     }
 
     #[test]
@@ -795,14 +829,30 @@ mod tests {
     fn display_is_canonical() {
         let sel = LabelSelector::parse(" tier in (b, a,a) ,app = web,!old, x ").expect("valid");
         assert_eq!(sel.to_string(), "app=web,!old,tier in (a,b),x");
-        assert_eq!(LabelSelector::parse(&sel.to_string()).expect("round trip"), sel);
+        assert_eq!(
+            LabelSelector::parse(&sel.to_string()).expect("round trip"),
+            sel
+        );
     }
 
     #[test]
     fn syntax_errors_are_reported() {
         for bad in [
-            "a in (", "=b", "a=b=c", "a in (b", "a in (b c)", "a notin b", "!", "!a=b", "a,,b", "a b",
-            "a=(b)", ",", "a=b,", "a>b", "(a)",
+            "a in (",
+            "=b",
+            "a=b=c",
+            "a in (b",
+            "a in (b c)",
+            "a notin b",
+            "!",
+            "!a=b",
+            "a,,b",
+            "a b",
+            "a=(b)",
+            ",",
+            "a=b,",
+            "a>b",
+            "(a)",
         ] {
             let err = LabelSelector::parse(bad).expect_err(bad);
             assert!(!err.to_string().is_empty());
@@ -822,13 +872,24 @@ mod tests {
         assert!(empty_set.matches(&labels(&[("a", "")])));
         assert!(!empty_set.matches(&labels(&[("a", "x")])));
         assert_eq!(empty_set.to_string(), "a in ()");
-        assert_eq!(LabelSelector::parse("a in (,b)").expect("valid").to_string(), "a in (,b)");
+        assert_eq!(
+            LabelSelector::parse("a in (,b)")
+                .expect("valid")
+                .to_string(),
+            "a in (,b)"
+        );
         assert!(matches!(
             LabelSelector::parse("Bad_Prefix.com/a=b"),
             Err(SelectorError::InvalidKey { .. })
         ));
-        assert!(matches!(LabelSelector::parse("/a"), Err(SelectorError::InvalidKey { .. })));
-        assert!(matches!(LabelSelector::parse("a/"), Err(SelectorError::InvalidKey { .. })));
+        assert!(matches!(
+            LabelSelector::parse("/a"),
+            Err(SelectorError::InvalidKey { .. })
+        ));
+        assert!(matches!(
+            LabelSelector::parse("a/"),
+            Err(SelectorError::InvalidKey { .. })
+        ));
         assert!(matches!(
             LabelSelector::parse(&format!("{}=b", "k".repeat(64))),
             Err(SelectorError::InvalidKey { .. })
@@ -852,19 +913,31 @@ mod tests {
         }))
         .expect("valid metav1 selector");
         let sel = LabelSelector::from_label_selector(&sel).expect("convertible");
-        assert_eq!(sel.to_string(), "app=web,!canary,env notin (dev),tier in (be,fe),zone");
+        assert_eq!(
+            sel.to_string(),
+            "app=web,!canary,env notin (dev),tier in (be,fe),zone"
+        );
         assert!(sel.matches(&labels(&[("app", "web"), ("tier", "fe"), ("zone", "a")])));
-        assert!(!sel.matches(&labels(&[("app", "web"), ("tier", "fe"), ("zone", "a"), ("env", "dev")])));
+        assert!(!sel.matches(&labels(&[
+            ("app", "web"),
+            ("tier", "fe"),
+            ("zone", "a"),
+            ("env", "dev")
+        ])));
 
         let scale: metav1::LabelSelector =
             serde_json::from_value(json!({"matchLabels": {"app": "web"}})).expect("valid");
         assert_eq!(
-            LabelSelector::from_label_selector(&scale).expect("ok").to_string(),
+            LabelSelector::from_label_selector(&scale)
+                .expect("ok")
+                .to_string(),
             "app=web"
         );
-        assert!(LabelSelector::from_label_selector(&metav1::LabelSelector::default())
-            .expect("empty")
-            .is_empty());
+        assert!(
+            LabelSelector::from_label_selector(&metav1::LabelSelector::default())
+                .expect("empty")
+                .is_empty()
+        );
     }
 
     #[test]
@@ -878,7 +951,8 @@ mod tests {
             json!({"key": "a", "operator": "In", "values": ["not valid"]}),
         ] {
             let sel: metav1::LabelSelector =
-                serde_json::from_value(json!({"matchExpressions": [expr.clone()]})).expect("decodes");
+                serde_json::from_value(json!({"matchExpressions": [expr.clone()]}))
+                    .expect("decodes");
             assert!(LabelSelector::from_label_selector(&sel).is_err(), "{expr}");
         }
     }
@@ -890,7 +964,11 @@ mod tests {
         assert!(!sel.matches_object(&json!({"metadata": {"labels": {"app": "db"}}})));
         assert!(!sel.matches_object(&json!({"metadata": {}})));
         assert!(!sel.matches_object(&json!("not an object")));
-        assert!(LabelSelector::parse("!app").expect("valid").matches_object(&json!({})));
+        assert!(
+            LabelSelector::parse("!app")
+                .expect("valid")
+                .matches_object(&json!({}))
+        );
     }
 
     fn pod(name: &str, node: Option<&str>, phase: &str) -> Value {
@@ -907,26 +985,43 @@ mod tests {
         assert!(sel.matches(&pod("a", Some("n1"), "Running")));
         assert!(!sel.matches(&pod("a", Some("n1"), "Succeeded")));
         assert!(!sel.matches(&pod("a", Some("n2"), "Running")));
-        assert_eq!(sel.fields().collect::<Vec<_>>(), vec!["spec.nodeName", "status.phase"]);
+        assert_eq!(
+            sel.fields().collect::<Vec<_>>(),
+            vec!["spec.nodeName", "status.phase"]
+        );
         assert_eq!(sel.required_value("spec.nodeName"), Some("n1"));
         assert_eq!(sel.required_value("status.phase"), None);
 
         let unscheduled = FieldSelector::parse("spec.nodeName=").expect("valid");
-        assert!(unscheduled.matches(&pod("a", None, "Pending")), "missing field reads as empty");
+        assert!(
+            unscheduled.matches(&pod("a", None, "Pending")),
+            "missing field reads as empty"
+        );
         assert!(!unscheduled.matches(&pod("a", Some("n1"), "Pending")));
         let scheduled = FieldSelector::parse("spec.nodeName!=").expect("valid");
         assert!(scheduled.matches(&pod("a", Some("n1"), "Pending")));
 
-        let by_name = FieldSelector::parse("metadata.name==a,metadata.namespace=default").expect("valid");
+        let by_name =
+            FieldSelector::parse("metadata.name==a,metadata.namespace=default").expect("valid");
         assert!(by_name.matches(&pod("a", None, "Running")));
         assert!(!by_name.matches(&pod("b", None, "Running")));
 
         let event = json!({"involvedObject": {"kind": "Pod", "name": "a", "uid": "u1"}, "count": 3, "x": true});
-        assert!(FieldSelector::parse("involvedObject.kind=Pod,involvedObject.name=a,count=3,x=true")
-            .expect("valid")
-            .matches(&event));
-        assert!(!FieldSelector::parse("involvedObject=x").expect("valid").matches(&event));
-        assert!(FieldSelector::parse("involvedObject!=x").expect("valid").matches(&event));
+        assert!(
+            FieldSelector::parse("involvedObject.kind=Pod,involvedObject.name=a,count=3,x=true")
+                .expect("valid")
+                .matches(&event)
+        );
+        assert!(
+            !FieldSelector::parse("involvedObject=x")
+                .expect("valid")
+                .matches(&event)
+        );
+        assert!(
+            FieldSelector::parse("involvedObject!=x")
+                .expect("valid")
+                .matches(&event)
+        );
     }
 
     #[test]
@@ -935,10 +1030,18 @@ mod tests {
         assert!(sel.matches(&json!({"metadata": {"name": r"a,b=c\d"}})));
         assert_eq!(sel.to_string(), r"metadata.name=a\,b\=c\\d");
         assert!(FieldSelector::parse("").expect("empty").is_empty());
-        assert!(FieldSelector::parse(",a=b,").expect("empty terms skipped").fields().eq(["a"]));
+        assert!(
+            FieldSelector::parse(",a=b,")
+                .expect("empty terms skipped")
+                .fields()
+                .eq(["a"])
+        );
         for bad in ["a", "=b", "a=b=c", r"a=\x", "a=b\\", "!=x"] {
             assert!(
-                matches!(FieldSelector::parse(bad), Err(SelectorError::FieldSyntax { .. })),
+                matches!(
+                    FieldSelector::parse(bad),
+                    Err(SelectorError::FieldSyntax { .. })
+                ),
                 "{bad}"
             );
         }

@@ -159,8 +159,14 @@ fn both_kubectl_patches_together() {
     combined["spec"]["strategy"] = parse(KUBECTL_APPLY_STRATEGY_PATCH)["spec"]["strategy"].clone();
     let got = smp(&deployment(), combined);
     assert_eq!(got["spec"]["strategy"], json!({"type": "Recreate"}));
-    assert_eq!(names(at(&got, "/spec/template/spec/containers"), "name"), vec![json!("nginx")]);
-    assert_eq!(names(at(&got, "/spec/template/spec/containers/0/env"), "name"), vec![json!("B"), json!("C")]);
+    assert_eq!(
+        names(at(&got, "/spec/template/spec/containers"), "name"),
+        vec![json!("nginx")]
+    );
+    assert_eq!(
+        names(at(&got, "/spec/template/spec/containers/0/env"), "name"),
+        vec![json!("B"), json!("C")]
+    );
 }
 
 #[test]
@@ -182,7 +188,10 @@ fn maps_merge_recursively_and_null_deletes_a_key() {
         &deployment(),
         json!({"metadata": {"labels": {"tier": "fe"}, "annotations": {"deployment.kubernetes.io/revision": null}}}),
     );
-    assert_eq!(got["metadata"]["labels"], json!({"app": "web", "tier": "fe"}));
+    assert_eq!(
+        got["metadata"]["labels"],
+        json!({"app": "web", "tier": "fe"})
+    );
     assert_eq!(
         got["metadata"]["annotations"],
         json!({"kubectl.kubernetes.io/last-applied-configuration": "{\"apiVersion\":\"apps/v1\"}\n"})
@@ -191,7 +200,10 @@ fn maps_merge_recursively_and_null_deletes_a_key() {
 
 #[test]
 fn null_for_a_missing_key_is_dropped_not_stored() {
-    let got = smp(&service(), json!({"metadata": {"annotations": {"a": null, "b": "1"}}, "spec": {"externalName": null}}));
+    let got = smp(
+        &service(),
+        json!({"metadata": {"annotations": {"a": null, "b": "1"}}, "spec": {"externalName": null}}),
+    );
     assert_eq!(got["metadata"]["annotations"], json!({"b": "1"}));
     assert!(got["spec"].get("externalName").is_none());
 }
@@ -202,19 +214,28 @@ fn patch_replace_on_a_map_replaces_it_whole() {
         &deployment(),
         json!({"spec": {"template": {"metadata": {"labels": {"$patch": "replace", "app": "web2"}}}}}),
     );
-    assert_eq!(got["spec"]["template"]["metadata"]["labels"], json!({"app": "web2"}));
+    assert_eq!(
+        got["spec"]["template"]["metadata"]["labels"],
+        json!({"app": "web2"})
+    );
 }
 
 #[test]
 fn patch_delete_on_a_map_deletes_it() {
-    let got = smp(&deployment(), json!({"spec": {"strategy": {"$patch": "delete"}}}));
+    let got = smp(
+        &deployment(),
+        json!({"spec": {"strategy": {"$patch": "delete"}}}),
+    );
     assert!(got["spec"].get("strategy").is_none(), "{:#}", got["spec"]);
     assert_eq!(got["spec"]["replicas"], json!(2));
 }
 
 #[test]
 fn a_value_of_another_type_replaces() {
-    let got = smp(&deployment(), json!({"spec": {"strategy": "oops", "replicas": {"a": 1}}}));
+    let got = smp(
+        &deployment(),
+        json!({"spec": {"strategy": "oops", "replicas": {"a": 1}}}),
+    );
     assert_eq!(got["spec"]["strategy"], json!("oops"));
     assert_eq!(got["spec"]["replicas"], json!({"a": 1}));
 }
@@ -228,9 +249,18 @@ fn containers_merge_by_name_and_keep_unpatched_fields() {
         json!({"spec": {"template": {"spec": {"containers": [{"name": "sidecar", "image": "busybox:1.37"}]}}}}),
     );
     let containers = at(&got, "/spec/template/spec/containers");
-    assert_eq!(names(containers, "name"), vec![json!("nginx"), json!("sidecar")]);
-    assert_eq!(containers[1], json!({"name": "sidecar", "image": "busybox:1.37", "args": ["sleep", "3600"]}));
-    assert_eq!(containers[0], deployment()["spec"]["template"]["spec"]["containers"][0]);
+    assert_eq!(
+        names(containers, "name"),
+        vec![json!("nginx"), json!("sidecar")]
+    );
+    assert_eq!(
+        containers[1],
+        json!({"name": "sidecar", "image": "busybox:1.37", "args": ["sleep", "3600"]})
+    );
+    assert_eq!(
+        containers[0],
+        deployment()["spec"]["template"]["spec"]["containers"][0]
+    );
 }
 
 #[test]
@@ -240,8 +270,14 @@ fn kubectl_set_image_style_patch() {
         &deployment(),
         json!({"spec": {"template": {"spec": {"containers": [{"image": "nginx:1.27", "name": "nginx"}]}}}}),
     );
-    assert_eq!(got["spec"]["template"]["spec"]["containers"][0]["image"], json!("nginx:1.27"));
-    assert_eq!(got["spec"]["template"]["spec"]["containers"][1]["name"], json!("sidecar"));
+    assert_eq!(
+        got["spec"]["template"]["spec"]["containers"][0]["image"],
+        json!("nginx:1.27")
+    );
+    assert_eq!(
+        got["spec"]["template"]["spec"]["containers"][1]["name"],
+        json!("sidecar")
+    );
 }
 
 #[test]
@@ -265,7 +301,10 @@ fn delete_directive_removes_the_matching_element() {
             "initContainers": [{"$patch": "delete", "name": "init"}]
         }}}}),
     );
-    assert_eq!(names(at(&got, "/spec/template/spec/containers"), "name"), vec![json!("nginx")]);
+    assert_eq!(
+        names(at(&got, "/spec/template/spec/containers"), "name"),
+        vec![json!("nginx")]
+    );
     assert_eq!(got["spec"]["template"]["spec"]["initContainers"], json!([]));
 }
 
@@ -280,8 +319,14 @@ fn new_elements_are_added_and_set_element_order_places_them() {
         }}}}),
     );
     let containers = at(&got, "/spec/template/spec/containers");
-    assert_eq!(names(containers, "name"), vec![json!("nginx"), json!("sidecar"), json!("metrics")]);
-    assert_eq!(containers[2], json!({"name": "metrics", "image": "prom/node-exporter"}));
+    assert_eq!(
+        names(containers, "name"),
+        vec![json!("nginx"), json!("sidecar"), json!("metrics")]
+    );
+    assert_eq!(
+        containers[2],
+        json!({"name": "metrics", "image": "prom/node-exporter"})
+    );
 }
 
 #[test]
@@ -350,7 +395,10 @@ fn set_element_order_must_name_every_patched_element_in_order() {
         }}}}),
     )
     .expect_err("metrics not in the order list");
-    assert!(err.to_string().contains("$setElementOrder/containers"), "{err}");
+    assert!(
+        err.to_string().contains("$setElementOrder/containers"),
+        "{err}"
+    );
     let err = strategic_merge_patch(
         &deployment(),
         &json!({"spec": {"template": {"spec": {
@@ -368,7 +416,10 @@ fn patch_replace_element_replaces_the_list() {
         &deployment(),
         json!({"spec": {"template": {"spec": {"containers": [{"$patch": "replace"}, {"name": "only", "image": "x"}]}}}}),
     );
-    assert_eq!(got["spec"]["template"]["spec"]["containers"], json!([{"name": "only", "image": "x"}]));
+    assert_eq!(
+        got["spec"]["template"]["spec"]["containers"],
+        json!([{"name": "only", "image": "x"}])
+    );
 }
 
 #[test]
@@ -392,7 +443,10 @@ fn container_ports_merge_by_container_port() {
 
 #[test]
 fn service_ports_merge_by_port() {
-    let got = smp(&service(), json!({"spec": {"ports": [{"port": 80, "targetPort": 9090}]}}));
+    let got = smp(
+        &service(),
+        json!({"spec": {"ports": [{"port": 80, "targetPort": 9090}]}}),
+    );
     assert_eq!(
         got["spec"]["ports"],
         json!([
@@ -400,7 +454,10 @@ fn service_ports_merge_by_port() {
             {"name": "https", "port": 443, "targetPort": 8443, "protocol": "TCP"}
         ])
     );
-    let got = smp(&service(), json!({"spec": {"ports": [{"$patch": "delete", "port": 443}]}}));
+    let got = smp(
+        &service(),
+        json!({"spec": {"ports": [{"$patch": "delete", "port": 443}]}}),
+    );
     assert_eq!(names(&got["spec"]["ports"], "name"), vec![json!("http")]);
     // The editing kubectl apply does when a port is removed and one added.
     let got = smp(
@@ -410,7 +467,10 @@ fn service_ports_merge_by_port() {
             "ports": [{"name": "metrics", "port": 9000, "targetPort": 9000}, {"$patch": "delete", "port": 443}]
         }}),
     );
-    assert_eq!(names(&got["spec"]["ports"], "port"), vec![json!(80), json!(9000)]);
+    assert_eq!(
+        names(&got["spec"]["ports"], "port"),
+        vec![json!(80), json!(9000)]
+    );
 }
 
 #[test]
@@ -431,14 +491,26 @@ fn env_volumes_mounts_and_other_keyed_lists() {
     );
     let spec = at(&got, "/spec/template/spec");
     let nginx = &spec["containers"][0];
-    assert_eq!(nginx["env"], json!([{"name": "A", "value": "10"}, {"name": "B", "value": "2"}]));
-    assert_eq!(nginx["volumeMounts"], json!([{"name": "cache", "mountPath": "/cache", "readOnly": true}]));
+    assert_eq!(
+        nginx["env"],
+        json!([{"name": "A", "value": "10"}, {"name": "B", "value": "2"}])
+    );
+    assert_eq!(
+        nginx["volumeMounts"],
+        json!([{"name": "cache", "mountPath": "/cache", "readOnly": true}])
+    );
     assert_eq!(
         spec["volumes"],
         json!([{"name": "data", "configMap": {"name": "cfg"}}, {"name": "cache", "emptyDir": {}}])
     );
-    assert_eq!(names(&spec["imagePullSecrets"], "name"), vec![json!("other"), json!("regcred")]);
-    assert_eq!(spec["hostAliases"], json!([{"ip": "10.0.0.1", "hostnames": ["db", "db.local"]}]));
+    assert_eq!(
+        names(&spec["imagePullSecrets"], "name"),
+        vec![json!("other"), json!("regcred")]
+    );
+    assert_eq!(
+        spec["hostAliases"],
+        json!([{"ip": "10.0.0.1", "hostnames": ["db", "db.local"]}])
+    );
     assert_eq!(
         spec["topologySpreadConstraints"],
         json!([{"topologyKey": "zone", "maxSkew": 2, "whenUnsatisfiable": "DoNotSchedule"}])
@@ -465,10 +537,13 @@ fn owner_references_merge_by_uid() {
     let rs = json!({"metadata": {"name": "web-abc", "ownerReferences": [
         {"apiVersion": "apps/v1", "kind": "Deployment", "name": "web", "uid": "u1", "controller": true}
     ]}});
-    let got = smp(&rs, json!({"metadata": {"ownerReferences": [
-        {"uid": "u1", "blockOwnerDeletion": true},
-        {"apiVersion": "v1", "kind": "ConfigMap", "name": "c", "uid": "u2"}
-    ]}}));
+    let got = smp(
+        &rs,
+        json!({"metadata": {"ownerReferences": [
+            {"uid": "u1", "blockOwnerDeletion": true},
+            {"apiVersion": "v1", "kind": "ConfigMap", "name": "c", "uid": "u2"}
+        ]}}),
+    );
     let refs = &got["metadata"]["ownerReferences"];
     assert_eq!(names(refs, "uid"), vec![json!("u1"), json!("u2")]);
     assert_eq!(refs[0]["blockOwnerDeletion"], json!(true));
@@ -487,8 +562,14 @@ fn lists_without_a_merge_key_are_replaced_whole() {
         }}}}),
     );
     let spec = at(&got, "/spec/template/spec");
-    assert_eq!(spec["tolerations"], json!([{"key": "c", "operator": "Exists"}]));
-    assert_eq!(spec["containers"][0]["envFrom"], json!([{"secretRef": {"name": "s"}}]));
+    assert_eq!(
+        spec["tolerations"],
+        json!([{"key": "c", "operator": "Exists"}])
+    );
+    assert_eq!(
+        spec["containers"][0]["envFrom"],
+        json!([{"secretRef": {"name": "s"}}])
+    );
     assert_eq!(spec["containers"][1]["args"], json!(["sleep", "1"]));
 }
 
@@ -499,7 +580,11 @@ fn delete_directive_in_a_list_without_merge_key_is_an_error() {
         &json!({"spec": {"template": {"spec": {"tolerations": [{"$patch": "delete", "key": "a"}]}}}}),
     )
     .expect_err("tolerations have no merge key");
-    assert!(err.to_string().contains(".spec.template.spec.tolerations[0]"), "{err}");
+    assert!(
+        err.to_string()
+            .contains(".spec.template.spec.tolerations[0]"),
+        "{err}"
+    );
 }
 
 // ---- primitive lists ----
@@ -513,10 +598,19 @@ fn finalizers_merge_as_a_set_and_delete_from_primitive_list_removes() {
             "finalizers": ["example.com/new"]
         }}),
     );
-    assert_eq!(got["metadata"]["finalizers"], json!(["example.com/keep", "example.com/new"]));
+    assert_eq!(
+        got["metadata"]["finalizers"],
+        json!(["example.com/keep", "example.com/new"])
+    );
     // A set union: values already present are not repeated.
-    let again = smp(&got, json!({"metadata": {"finalizers": ["example.com/keep"]}}));
-    assert_eq!(again["metadata"]["finalizers"], json!(["example.com/keep", "example.com/new"]));
+    let again = smp(
+        &got,
+        json!({"metadata": {"finalizers": ["example.com/keep"]}}),
+    );
+    assert_eq!(
+        again["metadata"]["finalizers"],
+        json!(["example.com/keep", "example.com/new"])
+    );
 
     let got = smp(
         &got,
@@ -535,12 +629,20 @@ fn unknown_directives_are_errors() {
         json!({"spec": {"template": {"spec": {"containers": [{"$patch": "shuffle", "name": "nginx"}]}}}}),
     ] {
         let err = strategic_merge_patch(&deployment(), &patch).expect_err("unknown directive");
-        assert!(err.to_string().starts_with("strategic merge patch at .spec"), "{err}");
+        assert!(
+            err.to_string()
+                .starts_with("strategic merge patch at .spec"),
+            "{err}"
+        );
     }
-    let err = strategic_merge_patch(&deployment(), &json!({"spec": {"$frobnicate": 1}})).expect_err("unknown");
+    let err = strategic_merge_patch(&deployment(), &json!({"spec": {"$frobnicate": 1}}))
+        .expect_err("unknown");
     assert_eq!(
         err,
-        PatchError::UnknownDirective { path: ".spec".into(), directive: "$frobnicate".into() }
+        PatchError::UnknownDirective {
+            path: ".spec".into(),
+            directive: "$frobnicate".into()
+        }
     );
 }
 
@@ -562,7 +664,10 @@ fn malformed_keyed_lists_are_errors() {
     }
     assert_eq!(
         strategic_merge_patch(&deployment(), &json!([1])),
-        Err(PatchError::NotAnObject { what: "strategic merge patch", found: "an array" })
+        Err(PatchError::NotAnObject {
+            what: "strategic merge patch",
+            found: "an array"
+        })
     );
 }
 
@@ -575,7 +680,10 @@ fn directives_in_new_fields_do_not_leak_into_the_object() {
             {"$patch": "delete", "name": "gone"}
         ]}}}}),
     );
-    assert_eq!(got["spec"]["template"], json!({"spec": {"volumes": [{"name": "v", "emptyDir": {}}]}}));
+    assert_eq!(
+        got["spec"]["template"],
+        json!({"spec": {"volumes": [{"name": "v", "emptyDir": {}}]}})
+    );
 }
 
 // ---- merge patch (scale, label, annotate) ----
@@ -589,15 +697,25 @@ fn merge_patch_scale_label_annotate() {
         &json!({"metadata": {"labels": {"tier": "fe"}, "annotations": {"deployment.kubernetes.io/revision": null}}}),
     )
     .expect("label + annotate");
-    assert_eq!(got["metadata"]["labels"], json!({"app": "web", "tier": "fe"}));
-    assert!(got["metadata"]["annotations"].get("deployment.kubernetes.io/revision").is_none());
+    assert_eq!(
+        got["metadata"]["labels"],
+        json!({"app": "web", "tier": "fe"})
+    );
+    assert!(
+        got["metadata"]["annotations"]
+            .get("deployment.kubernetes.io/revision")
+            .is_none()
+    );
     // Merge patch replaces lists whole, unlike SMP.
     let got = json_merge_patch(
         &deployment(),
         &json!({"spec": {"template": {"spec": {"containers": [{"name": "nginx", "image": "nginx:1.27"}]}}}}),
     )
     .expect("list replace");
-    assert_eq!(got["spec"]["template"]["spec"]["containers"], json!([{"name": "nginx", "image": "nginx:1.27"}]));
+    assert_eq!(
+        got["spec"]["template"]["spec"]["containers"],
+        json!([{"name": "nginx", "image": "nginx:1.27"}])
+    );
 }
 
 // ---- json patch (rollout undo) ----
@@ -640,10 +758,23 @@ fn failing_json_patch_leaves_the_object_unchanged() {
     );
     assert_eq!(original, deployment());
 
-    let err = json_patch(&original, &json!([{"op": "replace", "path": "/spec/foo", "value": 1}]))
-        .expect_err("no such field");
-    assert_eq!(err.to_string(), "json patch operation 0 (replace /spec/foo): path not found");
-    let err = json_patch(&original, &json!([{"op": "move", "from": "/spec/nope", "path": "/spec/x"}]))
-        .expect_err("no such from");
-    assert!(err.to_string().contains("from path \"/spec/nope\" not found"), "{err}");
+    let err = json_patch(
+        &original,
+        &json!([{"op": "replace", "path": "/spec/foo", "value": 1}]),
+    )
+    .expect_err("no such field");
+    assert_eq!(
+        err.to_string(),
+        "json patch operation 0 (replace /spec/foo): path not found"
+    );
+    let err = json_patch(
+        &original,
+        &json!([{"op": "move", "from": "/spec/nope", "path": "/spec/x"}]),
+    )
+    .expect_err("no such from");
+    assert!(
+        err.to_string()
+            .contains("from path \"/spec/nope\" not found"),
+        "{err}"
+    );
 }

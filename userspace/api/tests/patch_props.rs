@@ -77,7 +77,12 @@ fn json_object() -> impl Strategy<Value = Value> {
 
 fn pointer() -> impl Strategy<Value = String> {
     prop::collection::vec(
-        prop_oneof![key(), Just("-".to_string()), (0usize..4).prop_map(|i| i.to_string()), Just("~1".to_string())],
+        prop_oneof![
+            key(),
+            Just("-".to_string()),
+            (0usize..4).prop_map(|i| i.to_string()),
+            Just("~1".to_string())
+        ],
         0..4,
     )
     .prop_map(|segs| segs.iter().map(|s| format!("/{s}")).collect())

@@ -8,7 +8,12 @@ use skiff_api::selector::FieldSelector;
 fuzz_target!(|s: &str| {
     if let Ok(sel) = FieldSelector::parse(s) {
         let shown = sel.to_string();
-        assert_eq!(FieldSelector::parse(&shown).ok(), Some(sel), "{s:?} -> {shown:?}");
-        let _ = FieldSelector::parse(&shown).map(|f| f.matches(&serde_json::json!({"a": {"b": s}})));
+        assert_eq!(
+            FieldSelector::parse(&shown).ok(),
+            Some(sel),
+            "{s:?} -> {shown:?}"
+        );
+        let _ =
+            FieldSelector::parse(&shown).map(|f| f.matches(&serde_json::json!({"a": {"b": s}})));
     }
 });

@@ -8,6 +8,10 @@ use skiff_api::selector::LabelSelector;
 fuzz_target!(|s: &str| {
     if let Ok(sel) = LabelSelector::parse(s) {
         let shown = sel.to_string();
-        assert_eq!(LabelSelector::parse(&shown).ok(), Some(sel), "{s:?} -> {shown:?}");
+        assert_eq!(
+            LabelSelector::parse(&shown).ok(),
+            Some(sel),
+            "{s:?} -> {shown:?}"
+        );
     }
 });

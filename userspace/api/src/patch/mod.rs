@@ -30,14 +30,21 @@ pub const MAX_JSON_PATCH_OPERATIONS: usize = 10_000;
 pub enum PatchError {
     /// The patch (or the object being patched) is not the JSON type the engine needs.
     #[error("{what} must be a JSON object, got {found}")]
-    NotAnObject { what: &'static str, found: &'static str },
+    NotAnObject {
+        what: &'static str,
+        found: &'static str,
+    },
 
     /// A JSON patch body that is not an array.
-    #[error("json patch must be a JSON array of operations like [{{\"op\":\"replace\",\"path\":\"/spec/replicas\",\"value\":3}}], got {found}")]
+    #[error(
+        "json patch must be a JSON array of operations like [{{\"op\":\"replace\",\"path\":\"/spec/replicas\",\"value\":3}}], got {found}"
+    )]
     JsonPatchNotAnArray { found: &'static str },
 
     /// A JSON patch longer than [`MAX_JSON_PATCH_OPERATIONS`].
-    #[error("json patch has {count} operations, more than the limit of {max}: split it into smaller patches")]
+    #[error(
+        "json patch has {count} operations, more than the limit of {max}: split it into smaller patches"
+    )]
     JsonPatchTooLong { count: usize, max: usize },
 
     /// One operation of a JSON patch is malformed (unknown `op`, missing `path` or `value`, bad pointer).
@@ -59,7 +66,9 @@ pub enum PatchError {
     Strategic { path: String, reason: String },
 
     /// A `$`-key in a strategic merge patch that is not one of the directives Kubernetes defines.
-    #[error("strategic merge patch at {path}: unknown directive {directive:?} (known: $patch, $retainKeys, $setElementOrder/<field>, $deleteFromPrimitiveList/<field>)")]
+    #[error(
+        "strategic merge patch at {path}: unknown directive {directive:?} (known: $patch, $retainKeys, $setElementOrder/<field>, $deleteFromPrimitiveList/<field>)"
+    )]
     UnknownDirective { path: String, directive: String },
 }
 
@@ -188,7 +197,10 @@ fn op_name(op: &json_patch::PatchOperation) -> &'static str {
     }
 }
 
-fn failure_reason(kind: &json_patch::PatchErrorKind, op: Option<&json_patch::PatchOperation>) -> String {
+fn failure_reason(
+    kind: &json_patch::PatchErrorKind,
+    op: Option<&json_patch::PatchOperation>,
+) -> String {
     use json_patch::{PatchErrorKind as K, PatchOperation as Op};
     match kind {
         K::TestFailed => "test failed: the value at the path differs from the expected value".into(),
@@ -246,13 +258,19 @@ mod tests {
         let original = json!({"a": "b", "c": {"d": "e", "f": "g"}, "l": [1, 2]});
         let patch = json!({"a": "z", "c": {"f": null}, "l": [3], "n": {"x": null, "y": 1}});
         let got = json_merge_patch(&original, &patch).expect("valid merge patch");
-        assert_eq!(got, json!({"a": "z", "c": {"d": "e"}, "l": [3], "n": {"y": 1}}));
+        assert_eq!(
+            got,
+            json!({"a": "z", "c": {"d": "e"}, "l": [3], "n": {"y": 1}})
+        );
     }
 
     #[test]
     fn merge_patch_must_be_an_object() {
         let err = json_merge_patch(&json!({"a": 1}), &json!([1])).expect_err("array patch");
-        assert_eq!(err.to_string(), "merge patch must be a JSON object, got an array");
+        assert_eq!(
+            err.to_string(),
+            "merge patch must be a JSON object, got an array"
+        );
     }
 
     #[test]
@@ -267,7 +285,10 @@ mod tests {
             {"op": "remove", "path": "/b/c/1"}
         ]);
         let got = json_patch(&original, &patch).expect("valid json patch");
-        assert_eq!(got, json!({"a": 2, "b": {"c": [1, 3]}, "d": [2, 3], "e": 1}));
+        assert_eq!(
+            got,
+            json!({"a": 2, "b": {"c": [1, 3]}, "d": [2, 3], "e": 1})
+        );
     }
 
     #[test]
@@ -288,17 +309,26 @@ mod tests {
                 reason: "path not found: its parent must exist and an array index must be at most the array length".into(),
             }
         );
-        let err = json_patch(&original, &json!([{"op": "replace", "path": "/spec/foo", "value": 1}]))
-            .expect_err("missing path");
-        assert_eq!(err.to_string(), "json patch operation 0 (replace /spec/foo): path not found");
+        let err = json_patch(
+            &original,
+            &json!([{"op": "replace", "path": "/spec/foo", "value": 1}]),
+        )
+        .expect_err("missing path");
+        assert_eq!(
+            err.to_string(),
+            "json patch operation 0 (replace /spec/foo): path not found"
+        );
         assert_eq!(original, json!({"spec": {"replicas": 1}}));
     }
 
     #[test]
     fn json_patch_rejects_malformed_operations_by_index() {
         let original = json!({});
-        let err = json_patch(&original, &json!([{"op": "test", "path": "", "value": {}}, {"op": "frobnicate", "path": "/a"}]))
-            .expect_err("unknown op");
+        let err = json_patch(
+            &original,
+            &json!([{"op": "test", "path": "", "value": {}}, {"op": "frobnicate", "path": "/a"}]),
+        )
+        .expect_err("unknown op");
         match err {
             PatchError::JsonPatchMalformed { index, reason } => {
                 assert_eq!(index, 1);
@@ -306,17 +336,28 @@ mod tests {
             }
             other => panic!("unexpected {other:?}"),
         }
-        let err = json_patch(&original, &json!([{"op": "add", "path": "/a"}])).expect_err("no value");
+        let err =
+            json_patch(&original, &json!([{"op": "add", "path": "/a"}])).expect_err("no value");
         assert!(err.to_string().contains("value"), "{err}");
         let err = json_patch(&original, &json!({"op": "add"})).expect_err("not an array");
-        assert!(matches!(err, PatchError::JsonPatchNotAnArray { found: "an object" }));
+        assert!(matches!(
+            err,
+            PatchError::JsonPatchNotAnArray { found: "an object" }
+        ));
     }
 
     #[test]
     fn json_patch_test_failure_is_reported() {
-        let err = json_patch(&json!({"a": 1}), &json!([{"op": "test", "path": "/a", "value": 2}]))
-            .expect_err("test mismatch");
-        assert!(err.to_string().starts_with("json patch operation 0 (test /a): test failed"), "{err}");
+        let err = json_patch(
+            &json!({"a": 1}),
+            &json!([{"op": "test", "path": "/a", "value": 2}]),
+        )
+        .expect_err("test mismatch");
+        assert!(
+            err.to_string()
+                .starts_with("json patch operation 0 (test /a): test failed"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -95,7 +95,9 @@ fn list_strategy(parent: &Path<'_>, field: &str) -> ListStrategy {
         _ => MERGE_KEYS_BY_FIELD
             .iter()
             .find(|(name, _)| *name == field)
-            .map_or(ListStrategy::Replace, |(_, key)| ListStrategy::MergeByKey(key)),
+            .map_or(ListStrategy::Replace, |(_, key)| {
+                ListStrategy::MergeByKey(key)
+            }),
     }
 }
 
@@ -190,7 +192,11 @@ impl<'a> Path<'a> {
                 Seg::Index(i) => out.push_str(&format!("[{i}]")),
             }
         }
-        if out.is_empty() { "the top level".to_string() } else { out }
+        if out.is_empty() {
+            "the top level".to_string()
+        } else {
+            out
+        }
     }
 }
 
@@ -216,7 +222,9 @@ fn is_known_directive(key: &str) -> bool {
 /// `80.0` are the same key there; keep that.
 fn same_value(a: &Value, b: &Value) -> bool {
     match (a, b) {
-        (Value::Number(x), Value::Number(y)) => x == y || (x.as_f64().is_some() && x.as_f64() == y.as_f64()),
+        (Value::Number(x), Value::Number(y)) => {
+            x == y || (x.as_f64().is_some() && x.as_f64() == y.as_f64())
+        }
         _ => a == b,
     }
 }
@@ -268,10 +276,10 @@ fn merge_map(
     // below skips them.
     let mut ordered_fields: Vec<&str> = Vec::new();
     for (key, order) in patch {
-        if let Some(field) = key.strip_prefix(SET_ELEMENT_ORDER_PREFIX) {
-            if merge_with_element_order(&mut original, patch, field, order, path)? {
-                ordered_fields.push(field);
-            }
+        if let Some(field) = key.strip_prefix(SET_ELEMENT_ORDER_PREFIX)
+            && merge_with_element_order(&mut original, patch, field, order, path)?
+        {
+            ordered_fields.push(field);
         }
     }
 
@@ -292,7 +300,9 @@ fn merge_map(
         let child = path.field(key);
         let stored = original.get_mut(key).map(std::mem::take);
         let merged = match (stored, patch_value) {
-            (Some(Value::Object(o)), Value::Object(p)) => merge_map(o, p, &child)?.map(Value::Object),
+            (Some(Value::Object(o)), Value::Object(p)) => {
+                merge_map(o, p, &child)?.map(Value::Object)
+            }
             (Some(Value::Array(o)), Value::Array(p)) => Some(Value::Array(merge_list(
                 o,
                 p,
@@ -339,7 +349,10 @@ fn apply_retain_keys(
     let Value::Array(list) = retain else {
         return Err(invalid(
             path,
-            format!("$retainKeys must be a list of field names, got {}", json_kind(retain)),
+            format!(
+                "$retainKeys must be a list of field names, got {}",
+                json_kind(retain)
+            ),
         ));
     };
     let mut keep: Vec<&str> = Vec::with_capacity(list.len());
@@ -349,7 +362,10 @@ fn apply_retain_keys(
             None => {
                 return Err(invalid(
                     path,
-                    format!("$retainKeys must hold field names (strings), found {}", json_kind(v)),
+                    format!(
+                        "$retainKeys must hold field names (strings), found {}",
+                        json_kind(v)
+                    ),
                 ));
             }
         }
@@ -375,7 +391,10 @@ fn delete_from_primitive_list(
     path: &Path<'_>,
 ) -> Result<(), PatchError> {
     if field.is_empty() {
-        return Err(invalid(path, "$deleteFromPrimitiveList/ needs a field name after the slash"));
+        return Err(invalid(
+            path,
+            "$deleteFromPrimitiveList/ needs a field name after the slash",
+        ));
     }
     let Value::Array(to_delete) = values else {
         return Err(invalid(
@@ -393,7 +412,7 @@ fn delete_from_primitive_list(
 }
 
 /// The identity of a list element: its merge key's value, or the element itself for primitives.
-fn identity<'v>(element: &'v Value, strategy: ListStrategy) -> Option<&'v Value> {
+fn identity(element: &Value, strategy: ListStrategy) -> Option<&Value> {
     match strategy {
         ListStrategy::MergeByKey(key) => element.as_object().and_then(|m| m.get(key)),
         _ => Some(element),
@@ -410,13 +429,19 @@ fn merge_with_element_order(
     path: &Path<'_>,
 ) -> Result<bool, PatchError> {
     if field.is_empty() {
-        return Err(invalid(path, "$setElementOrder/ needs a field name after the slash"));
+        return Err(invalid(
+            path,
+            "$setElementOrder/ needs a field name after the slash",
+        ));
     }
     let child = path.field(field);
     let Value::Array(order) = order else {
         return Err(invalid(
             &child,
-            format!("$setElementOrder/{field} must be a list, got {}", json_kind(order)),
+            format!(
+                "$setElementOrder/{field} must be a list, got {}",
+                json_kind(order)
+            ),
         ));
     };
     let strategy = list_strategy(path, field);
@@ -432,7 +457,10 @@ fn merge_with_element_order(
         Some(other) => {
             return Err(invalid(
                 &child,
-                format!("must be a list when $setElementOrder/{field} is given, got {}", json_kind(other)),
+                format!(
+                    "must be a list when $setElementOrder/{field} is given, got {}",
+                    json_kind(other)
+                ),
             ));
         }
     };
@@ -452,7 +480,10 @@ fn merge_with_element_order(
             (ListStrategy::MergeByKey(key), other) => {
                 return Err(invalid(
                     &child,
-                    format!("$setElementOrder/{field} element {i} must be an object holding {key:?}, got {}", json_kind(other)),
+                    format!(
+                        "$setElementOrder/{field} element {i} must be an object holding {key:?}, got {}",
+                        json_kind(other)
+                    ),
                 ));
             }
             (_, Value::Object(_) | Value::Array(_)) => {
@@ -475,7 +506,12 @@ fn merge_with_element_order(
     };
     let server_order: Vec<Value> = stored
         .as_ref()
-        .map(|s| s.iter().filter_map(|e| identity(e, strategy)).cloned().collect())
+        .map(|s| {
+            s.iter()
+                .filter_map(|e| identity(e, strategy))
+                .cloned()
+                .collect()
+        })
         .unwrap_or_default();
     let merged = match (stored, patch_list) {
         (None, None) => return Ok(false),
@@ -499,7 +535,10 @@ fn check_patch_follows_order(
 ) -> Result<(), PatchError> {
     let mut next = 0;
     for element in patch_list {
-        if element.as_object().is_some_and(|m| m.contains_key(PATCH_DIRECTIVE)) {
+        if element
+            .as_object()
+            .is_some_and(|m| m.contains_key(PATCH_DIRECTIVE))
+        {
             continue;
         }
         let Some(id) = identity(element, strategy) else {
@@ -605,7 +644,9 @@ fn merge_keyed_list(
     if let Some(i) = original.iter().position(|v| !v.is_object()) {
         return Err(invalid(
             path,
-            format!("stored element {i} is not an object, so the list cannot merge by {key:?}; replace the whole list with a merge or json patch"),
+            format!(
+                "stored element {i} is not an object, so the list cannot merge by {key:?}; replace the whole list with a merge or json patch"
+            ),
         ));
     }
 
@@ -616,7 +657,10 @@ fn merge_keyed_list(
         let Value::Object(m) = element else {
             return Err(invalid(
                 &path.index(i),
-                format!("this list merges by {key:?}, so each element must be an object, got {}", json_kind(element)),
+                format!(
+                    "this list merges by {key:?}, so each element must be an object, got {}",
+                    json_kind(element)
+                ),
             ));
         };
         let Some(directive) = m.get(PATCH_DIRECTIVE) else {
@@ -628,19 +672,29 @@ fn merge_keyed_list(
                 let Some(id) = m.get(key) else {
                     return Err(invalid(
                         &path.index(i),
-                        format!("a $patch: delete element needs the merge key {key:?} to say which element to delete"),
+                        format!(
+                            "a $patch: delete element needs the merge key {key:?} to say which element to delete"
+                        ),
                     ));
                 };
-                original.retain(|o| !identity(o, ListStrategy::MergeByKey(key)).is_some_and(|oid| same_value(oid, id)));
+                original.retain(|o| {
+                    !identity(o, ListStrategy::MergeByKey(key))
+                        .is_some_and(|oid| same_value(oid, id))
+                });
             }
             Some("replace") => replace = true,
             Some("merge") => {
-                return Err(invalid(&path.index(i), "$patch: merge is not supported in lists"));
+                return Err(invalid(
+                    &path.index(i),
+                    "$patch: merge is not supported in lists",
+                ));
             }
             _ => {
                 return Err(invalid(
                     &path.index(i),
-                    format!("unknown $patch value {directive} in a list: use \"delete\" or \"replace\""),
+                    format!(
+                        "unknown $patch value {directive} in a list: use \"delete\" or \"replace\""
+                    ),
                 ));
             }
         }
@@ -781,10 +835,16 @@ mod tests {
     fn strategy_table_depends_on_field_and_place() {
         let root = Path::root();
         let spec = root.field("spec");
-        assert_eq!(list_strategy(&spec, "ports"), ListStrategy::MergeByKey("port"));
+        assert_eq!(
+            list_strategy(&spec, "ports"),
+            ListStrategy::MergeByKey("port")
+        );
         let containers = spec.field("containers");
         let c0 = containers.index(0);
-        assert_eq!(list_strategy(&c0, "ports"), ListStrategy::MergeByKey("containerPort"));
+        assert_eq!(
+            list_strategy(&c0, "ports"),
+            ListStrategy::MergeByKey("containerPort")
+        );
         let ingress = spec.field("ingress");
         let rule = ingress.index(0);
         assert_eq!(list_strategy(&rule, "ports"), ListStrategy::Replace);
@@ -792,9 +852,15 @@ mod tests {
         assert_eq!(list_strategy(&c0, "envFrom"), ListStrategy::Replace);
         assert_eq!(list_strategy(&spec, "tolerations"), ListStrategy::Replace);
         let meta = root.field("metadata");
-        assert_eq!(list_strategy(&meta, "finalizers"), ListStrategy::MergePrimitives);
+        assert_eq!(
+            list_strategy(&meta, "finalizers"),
+            ListStrategy::MergePrimitives
+        );
         assert_eq!(list_strategy(&spec, "finalizers"), ListStrategy::Replace);
-        assert_eq!(list_strategy(&meta, "ownerReferences"), ListStrategy::MergeByKey("uid"));
+        assert_eq!(
+            list_strategy(&meta, "ownerReferences"),
+            ListStrategy::MergeByKey("uid")
+        );
     }
 
     #[test]
