@@ -634,6 +634,16 @@ impl FieldSelector {
                     "term {part:?} has no field name before {op:?}"
                 )));
             }
+            // Field names are JSON paths like `spec.nodeName`; anything else is a typo (and
+            // would make the selector print ambiguously).
+            if let Some(bad) = field
+                .chars()
+                .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | '/')))
+            {
+                return Err(syntax(format!(
+                    "field name {field:?} contains {bad:?}; field names are dotted paths like spec.nodeName"
+                )));
+            }
             let value = unescape_field_value(part[at + op.len()..].trim())
                 .map_err(|reason| syntax(format!("term {part:?}: {reason}")))?;
             terms.push(FieldTerm {
@@ -1036,7 +1046,7 @@ mod tests {
                 .fields()
                 .eq(["a"])
         );
-        for bad in ["a", "=b", "a=b=c", r"a=\x", "a=b\\", "!=x"] {
+        for bad in ["a", "=b", "a=b=c", r"a=\x", "a=b\\", "!=x", "! =x", "a b=c"] {
             assert!(
                 matches!(
                     FieldSelector::parse(bad),

@@ -28,6 +28,8 @@
 //! patch (no `$setElementOrder`) puts it before the stored elements it cannot be placed against;
 //! `kubectl apply` always sends `$setElementOrder`, so applied lists keep the file's order.
 
+use std::collections::{HashMap, HashSet};
+
 use serde_json::{Map, Value};
 
 use super::{PatchError, json_kind};
@@ -218,19 +220,46 @@ fn is_known_directive(key: &str) -> bool {
         || key.starts_with(DELETE_FROM_PRIMITIVE_LIST_PREFIX)
 }
 
-/// Merge-key and set-membership equality. Go decodes every JSON number as float64, so `80` and
-/// `80.0` are the same key there; keep that.
-fn same_value(a: &Value, b: &Value) -> bool {
-    match (a, b) {
-        (Value::Number(x), Value::Number(y)) => {
-            x == y || (x.as_f64().is_some() && x.as_f64() == y.as_f64())
-        }
-        _ => a == b,
+/// The hashable identity of a merge-key value or a primitive list element, so that matching
+/// stays linear in the list sizes (Kubernetes scans lists quadratically; a large list in one
+/// request should not cost seconds). Go decodes every JSON number as float64, so `80` and `80.0`
+/// are the same key there; numbers are compared as f64 here too.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum IdKey {
+    Null,
+    Bool(bool),
+    Number(u64),
+    String(String),
+    /// Objects and arrays (never sensible keys, but they must not break anything).
+    Composite(String),
+}
+
+fn id_key(v: &Value) -> IdKey {
+    match v {
+        Value::Null => IdKey::Null,
+        Value::Bool(b) => IdKey::Bool(*b),
+        Value::Number(n) => match n.as_f64() {
+            // `+ 0.0` turns -0.0 into 0.0, which Go's == also treats as equal.
+            Some(f) => IdKey::Number((f + 0.0).to_bits()),
+            None => IdKey::Composite(n.to_string()),
+        },
+        Value::String(s) => IdKey::String(s.clone()),
+        composite => IdKey::Composite(composite.to_string()),
     }
 }
 
-fn position_of(ids: &[&Value], id: &Value) -> Option<usize> {
-    ids.iter().position(|candidate| same_value(candidate, id))
+#[cfg(test)]
+fn same_value(a: &Value, b: &Value) -> bool {
+    id_key(a) == id_key(b)
+}
+
+/// Where each identity first appears in `ids`.
+fn first_positions<'v>(ids: impl IntoIterator<Item = &'v Value>) -> HashMap<IdKey, usize> {
+    let mut index = HashMap::new();
+    for (i, id) in ids.into_iter().enumerate() {
+        index.entry(id_key(id)).or_insert(i);
+    }
+    index
 }
 
 /// Merges `patch` into `original`. `None` means the patch deletes this map (`$patch: delete`).
@@ -406,7 +435,8 @@ fn delete_from_primitive_list(
         ));
     };
     if let Some(Value::Array(stored)) = original.get_mut(field) {
-        stored.retain(|v| !to_delete.iter().any(|d| same_value(d, v)));
+        let to_delete: HashSet<IdKey> = to_delete.iter().map(id_key).collect();
+        stored.retain(|v| !to_delete.contains(&id_key(v)));
     }
     Ok(())
 }
@@ -533,7 +563,9 @@ fn check_patch_follows_order(
     field: &str,
     path: &Path<'_>,
 ) -> Result<(), PatchError> {
-    let mut next = 0;
+    // One walk over both lists, as Kubernetes does: each patch element must be found further on
+    // in the order list than the previous one.
+    let mut order = order_ids.iter();
     for element in patch_list {
         if element
             .as_object()
@@ -545,16 +577,14 @@ fn check_patch_follows_order(
             // Reported with a better message by the merge itself.
             continue;
         };
-        match order_ids[next..].iter().position(|o| same_value(o, id)) {
-            Some(offset) => next += offset + 1,
-            None => {
-                return Err(invalid(
-                    path,
-                    format!(
-                        "element {id} of the patch list is missing from $setElementOrder/{field} or out of its order"
-                    ),
-                ));
-            }
+        let wanted = id_key(id);
+        if !order.any(|o| id_key(o) == wanted) {
+            return Err(invalid(
+                path,
+                format!(
+                    "element {id} of the patch list is missing from $setElementOrder/{field} or out of its order"
+                ),
+            ));
         }
     }
     Ok(())
@@ -619,8 +649,9 @@ fn merge_primitive_list(
         ));
     }
     let server_order = original.clone();
+    let mut present: HashSet<IdKey> = original.iter().map(id_key).collect();
     for value in patch {
-        if !original.iter().any(|o| same_value(o, value)) {
+        if present.insert(id_key(value)) {
             original.push(value.clone());
         }
     }
@@ -652,6 +683,7 @@ fn merge_keyed_list(
 
     // First the special elements: deletions and the replace marker.
     let mut replace = false;
+    let mut to_delete: HashSet<IdKey> = HashSet::new();
     let mut elements: Vec<(usize, &Map<String, Value>)> = Vec::with_capacity(patch.len());
     for (i, element) in patch.iter().enumerate() {
         let Value::Object(m) = element else {
@@ -677,10 +709,7 @@ fn merge_keyed_list(
                         ),
                     ));
                 };
-                original.retain(|o| {
-                    !identity(o, ListStrategy::MergeByKey(key))
-                        .is_some_and(|oid| same_value(oid, id))
-                });
+                to_delete.insert(id_key(id));
             }
             Some("replace") => replace = true,
             Some("merge") => {
@@ -700,6 +729,13 @@ fn merge_keyed_list(
         }
     }
 
+    if !to_delete.is_empty() {
+        original.retain(|o| {
+            !identity(o, ListStrategy::MergeByKey(key))
+                .is_some_and(|id| to_delete.contains(&id_key(id)))
+        });
+    }
+
     if replace {
         // The list becomes exactly the patch's ordinary elements, in the patch's order.
         let mut out = Vec::with_capacity(elements.len());
@@ -711,11 +747,13 @@ fn merge_keyed_list(
         return Ok(out);
     }
 
+    let strategy = ListStrategy::MergeByKey(key);
     let server_order: Vec<Value> = original
         .iter()
-        .filter_map(|o| identity(o, ListStrategy::MergeByKey(key)))
+        .filter_map(|o| identity(o, strategy))
         .cloned()
         .collect();
+    let mut stored_at = first_positions(&server_order);
     let mut patch_ids: Vec<&Value> = Vec::with_capacity(elements.len());
     for (i, m) in elements {
         let element_path = path.index(i);
@@ -726,36 +764,29 @@ fn merge_keyed_list(
             ));
         };
         patch_ids.push(id);
-        let found = original.iter().position(|o| {
-            identity(o, ListStrategy::MergeByKey(key)).is_some_and(|oid| same_value(oid, id))
-        });
-        match found {
+        match stored_at.get(&id_key(id)).copied() {
             Some(pos) => {
                 let stored = match original.get_mut(pos) {
                     Some(Value::Object(o)) => std::mem::take(o),
                     _ => Map::new(),
                 };
-                match merge_map(stored, m, &element_path)? {
-                    Some(merged) => original[pos] = Value::Object(merged),
-                    None => {
-                        original.remove(pos);
-                    }
-                }
+                // `None` (delete) cannot come from an element without `$patch`; a Null
+                // placeholder keeps the positions in `stored_at` valid and is dropped below.
+                original[pos] =
+                    merge_map(stored, m, &element_path)?.map_or(Value::Null, Value::Object);
             }
             None => {
                 if let Some(fresh) = merge_map(Map::new(), m, &element_path)? {
+                    stored_at.insert(id_key(id), original.len());
                     original.push(Value::Object(fresh));
                 }
             }
         }
     }
+    // Every stored element is an object (checked above), so Null is only a placeholder.
+    original.retain(|v| !v.is_null());
     let server_ids: Vec<&Value> = server_order.iter().collect();
-    Ok(normalize_order(
-        original,
-        &patch_ids,
-        &server_ids,
-        ListStrategy::MergeByKey(key),
-    ))
+    Ok(normalize_order(original, &patch_ids, &server_ids, strategy))
 }
 
 /// Kubernetes `normalizeElementOrder`: elements named in `patch_order` are sorted by it, the
@@ -767,28 +798,42 @@ fn normalize_order(
     server_order: &[&Value],
     strategy: ListStrategy,
 ) -> Vec<Value> {
-    let index_in = |ids: &[&Value], element: &Value| {
-        identity(element, strategy).and_then(|id| position_of(ids, id))
-    };
-    let (mut patch_items, mut server_only): (Vec<Value>, Vec<Value>) = merged
-        .into_iter()
-        .partition(|e| index_in(patch_order, e).is_some());
+    let patch_index = first_positions(patch_order.iter().copied());
+    let server_index = first_positions(server_order.iter().copied());
+    let mut patch_items: Vec<Ranked> = Vec::new();
+    let mut server_only: Vec<Ranked> = Vec::new();
+    for element in merged {
+        let id = identity(&element, strategy).map(id_key);
+        let in_server = id.as_ref().and_then(|id| server_index.get(id).copied());
+        match id.as_ref().and_then(|id| patch_index.get(id).copied()) {
+            Some(in_patch) => patch_items.push(Ranked {
+                order: Some(in_patch),
+                in_server,
+                element,
+            }),
+            None => server_only.push(Ranked {
+                order: in_server,
+                in_server,
+                element,
+            }),
+        }
+    }
     // Stable sorts; an element not found sorts last and keeps its place among such elements.
-    patch_items.sort_by_key(|e| index_in(patch_order, e).unwrap_or(usize::MAX));
-    server_only.sort_by_key(|e| index_in(server_order, e).unwrap_or(usize::MAX));
-    merge_sorted(server_only, patch_items, server_order, strategy)
+    patch_items.sort_by_key(|r| r.order.unwrap_or(usize::MAX));
+    server_only.sort_by_key(|r| r.order.unwrap_or(usize::MAX));
+    merge_sorted(server_only, patch_items)
+}
+
+/// A list element with its sort position and its position in the stored list.
+struct Ranked {
+    order: Option<usize>,
+    in_server: Option<usize>,
+    element: Value,
 }
 
 /// Kubernetes `mergeSortedSlice`: walks both runs, taking the server-only element first only
 /// when both elements are in the stored list and the server-only one came first there.
-fn merge_sorted(
-    server_only: Vec<Value>,
-    patch_items: Vec<Value>,
-    server_order: &[&Value],
-    strategy: ListStrategy,
-) -> Vec<Value> {
-    let index_in_server =
-        |element: &Value| identity(element, strategy).and_then(|id| position_of(server_order, id));
+fn merge_sorted(server_only: Vec<Ranked>, patch_items: Vec<Ranked>) -> Vec<Value> {
     let mut out = Vec::with_capacity(server_only.len() + patch_items.len());
     let mut left = server_only.into_iter().peekable();
     let mut right = patch_items.into_iter().peekable();
@@ -797,14 +842,14 @@ fn merge_sorted(
             (None, None) => break,
             (Some(_), None) => true,
             (None, Some(_)) => false,
-            (Some(l), Some(r)) => match (index_in_server(l), index_in_server(r)) {
+            (Some(l), Some(r)) => match (l.in_server, r.in_server) {
                 (Some(li), Some(ri)) => li < ri,
                 _ => false,
             },
         };
         let next = if take_left { left.next() } else { right.next() };
-        if let Some(v) = next {
-            out.push(v);
+        if let Some(r) = next {
+            out.push(r.element);
         }
     }
     out
@@ -877,18 +922,51 @@ mod tests {
     }
 
     #[test]
-    fn merge_sorted_interleaves_server_only_elements_by_stored_position() {
-        let a = json!("a");
-        let x = json!("x");
-        let b = json!("b");
+    fn normalize_order_interleaves_server_only_elements_by_stored_position() {
+        let (a, x, b, n) = (json!("a"), json!("x"), json!("b"), json!("new"));
         let server = [&a, &x, &b];
-        let got = merge_sorted(
-            vec![x.clone()],
-            vec![a.clone(), b.clone()],
+        let merged = vec![a.clone(), x.clone(), b.clone(), n.clone()];
+        // Patch names b then a (and new): x stays before b because it was stored before b, and
+        // "new", unknown to the stored list, is placed before what it cannot be compared with.
+        let got = normalize_order(
+            merged.clone(),
+            &[&b, &a, &n],
             &server,
             ListStrategy::MergePrimitives,
         );
-        assert_eq!(got, vec![a.clone(), x.clone(), b.clone()]);
+        assert_eq!(got, vec![x.clone(), b.clone(), a.clone(), n.clone()]);
+        let got = normalize_order(
+            merged,
+            &[&n, &a, &b],
+            &server,
+            ListStrategy::MergePrimitives,
+        );
+        assert_eq!(got, vec![n.clone(), a.clone(), x.clone(), b.clone()]);
+    }
+
+    #[test]
+    fn big_lists_merge_in_linear_time() {
+        let n = 20_000;
+        let stored: Vec<Value> = (0..n)
+            .map(|i| json!({"name": format!("V{i}"), "value": "old"}))
+            .collect();
+        let patch: Vec<Value> = (0..n)
+            .rev()
+            .map(|i| json!({"name": format!("V{i}"), "value": "new"}))
+            .collect();
+        let started = std::time::Instant::now();
+        let got = smp(json!({"env": stored}), json!({"env": patch}));
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(10),
+            "took {:?}",
+            started.elapsed()
+        );
+        let env = got["env"].as_array().expect("list");
+        assert_eq!(env.len(), n);
+        assert_eq!(
+            env[0],
+            json!({"name": format!("V{}", n - 1), "value": "new"})
+        );
     }
 
     #[test]
