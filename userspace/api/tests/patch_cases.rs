@@ -778,3 +778,216 @@ fn failing_json_patch_leaves_the_object_unchanged() {
         "{err}"
     );
 }
+
+// ---- differential test against the real implementation ----
+
+mod common;
+use common::{kubectl_strategic_patch, without_nulls};
+
+/// Every successful strategic merge patch above, run through `kubectl patch --local`, which
+/// applies k8s.io/apimachinery's strategicpatch with the Go types' merge keys. Skipped (with a
+/// message) when kubectl 1.32 is missing, except under CI=true where that is a failure.
+#[test]
+fn strategic_merge_patch_agrees_with_kubectl() {
+    let Some(kubectl) = common::kubectl_or_skip("strategic_merge_patch_agrees_with_kubectl") else {
+        return;
+    };
+    let env_original = json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "e"},
+        "spec": {"selector": {"matchLabels": {"app": "e"}}, "template": {"spec": {"containers": [{
+        "name": "app",
+        "env": [{"name": "A", "value": "1"}, {"name": "X", "value": "server"}, {"name": "B", "value": "2"}]
+    }]}}}});
+    let replica_set = json!({"apiVersion": "apps/v1", "kind": "ReplicaSet", "metadata": {"name": "web-abc", "ownerReferences": [
+        {"apiVersion": "apps/v1", "kind": "Deployment", "name": "web", "uid": "u1", "controller": true}
+    ]}});
+    let containers = |list: Value| json!({"spec": {"template": {"spec": {"containers": list}}}});
+    let cases: Vec<(Value, Value)> = vec![
+        (deployment(), parse(KUBECTL_APPLY_CONTAINERS_PATCH)),
+        (deployment(), parse(KUBECTL_APPLY_STRATEGY_PATCH)),
+        (
+            deployment(),
+            json!({"metadata": {"labels": {"tier": "fe"}, "annotations": {"deployment.kubernetes.io/revision": null}}}),
+        ),
+        (
+            service(),
+            json!({"metadata": {"annotations": {"a": null, "b": "1"}}, "spec": {"externalName": null}}),
+        ),
+        (
+            deployment(),
+            json!({"spec": {"template": {"metadata": {"labels": {"$patch": "replace", "app": "web2"}}}}}),
+        ),
+        (
+            deployment(),
+            containers(json!([{"name": "sidecar", "image": "busybox:1.37"}])),
+        ),
+        (
+            deployment(),
+            containers(json!([{"image": "nginx:1.27", "name": "nginx"}])),
+        ),
+        (
+            deployment(),
+            json!({"spec": {"template": {"metadata": {"annotations": {"kubectl.kubernetes.io/restartedAt": "2026-11-22T23:00:00Z"}}}}}),
+        ),
+        (
+            deployment(),
+            json!({"spec": {"template": {"spec": {
+                "containers": [{"$patch": "delete", "name": "sidecar"}, {"$patch": "delete", "name": "not-there"}],
+                "initContainers": [{"$patch": "delete", "name": "init"}]
+            }}}}),
+        ),
+        (
+            deployment(),
+            json!({"spec": {"template": {"spec": {
+                "$setElementOrder/containers": [{"name": "nginx"}, {"name": "sidecar"}, {"name": "metrics"}],
+                "containers": [{"name": "metrics", "image": "prom/node-exporter"}]
+            }}}}),
+        ),
+        (
+            deployment(),
+            containers(json!([{"name": "metrics", "image": "m"}])),
+        ),
+        (
+            deployment(),
+            containers(json!([{"name": "nginx", "image": "n"}, {"name": "metrics", "image": "m"}])),
+        ),
+        (
+            deployment(),
+            containers(
+                json!([{"name": "metrics", "image": "m"}, {"name": "sidecar", "image": "s"}]),
+            ),
+        ),
+        (
+            env_original.clone(),
+            containers(json!([{
+                "name": "app", "$setElementOrder/env": [{"name": "A"}, {"name": "B"}], "env": [{"name": "B", "value": "new"}]
+            }])),
+        ),
+        (
+            env_original.clone(),
+            containers(
+                json!([{"name": "app", "$setElementOrder/env": [{"name": "B"}, {"name": "A"}]}]),
+            ),
+        ),
+        (
+            env_original.clone(),
+            containers(
+                json!([{"name": "app", "env": [{"name": "B", "value": "3"}, {"name": "C", "value": "4"}, {"name": "A", "value": "5"}]}]),
+            ),
+        ),
+        (
+            env_original.clone(),
+            containers(
+                json!([{"name": "app", "env": [{"name": "Z", "value": "1"}, {"$patch": "delete", "name": "X"}]}]),
+            ),
+        ),
+        (
+            deployment(),
+            containers(json!([{"$patch": "replace"}, {"name": "only", "image": "x"}])),
+        ),
+        (
+            deployment(),
+            containers(json!([{
+                "name": "nginx",
+                "$setElementOrder/ports": [{"containerPort": 80}, {"containerPort": 8443}],
+                "ports": [{"containerPort": 80, "name": "http"}, {"containerPort": 8443, "name": "https"}]
+            }])),
+        ),
+        (
+            service(),
+            json!({"spec": {"ports": [{"port": 80, "targetPort": 9090}]}}),
+        ),
+        (
+            service(),
+            json!({"spec": {"ports": [{"$patch": "delete", "port": 443}]}}),
+        ),
+        (
+            service(),
+            json!({"spec": {
+                "$setElementOrder/ports": [{"port": 80}, {"port": 9000}],
+                "ports": [{"name": "metrics", "port": 9000, "targetPort": 9000}, {"$patch": "delete", "port": 443}]
+            }}),
+        ),
+        (
+            deployment(),
+            json!({"spec": {"template": {"spec": {
+                "containers": [{
+                    "name": "nginx",
+                    "env": [{"name": "A", "value": "10"}],
+                    "volumeMounts": [{"mountPath": "/cache", "readOnly": true}, {"$patch": "delete", "mountPath": "/data"}]
+                }],
+                "volumes": [{"name": "data", "emptyDir": null, "configMap": {"name": "cfg"}}],
+                "imagePullSecrets": [{"name": "other"}],
+                "hostAliases": [{"ip": "10.0.0.1", "hostnames": ["db", "db.local"]}],
+                "topologySpreadConstraints": [{"topologyKey": "zone", "maxSkew": 2}]
+            }}}}),
+        ),
+        (
+            deployment(),
+            json!({"status": {"conditions": [{"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded"}]}}),
+        ),
+        (
+            replica_set,
+            json!({"metadata": {"ownerReferences": [
+                {"uid": "u1", "blockOwnerDeletion": true},
+                {"apiVersion": "v1", "kind": "ConfigMap", "name": "c", "uid": "u2"}
+            ]}}),
+        ),
+        (
+            deployment(),
+            json!({"spec": {"template": {"spec": {
+                "tolerations": [{"key": "c", "operator": "Exists"}],
+                "containers": [{"name": "nginx", "envFrom": [{"secretRef": {"name": "s"}}]}, {"name": "sidecar", "args": ["sleep", "1"]}]
+            }}}}),
+        ),
+        (
+            deployment(),
+            json!({"metadata": {
+                "$setElementOrder/finalizers": ["example.com/keep", "example.com/new"],
+                "finalizers": ["example.com/new"]
+            }}),
+        ),
+        (
+            deployment(),
+            json!({"metadata": {"finalizers": ["example.com/new"]}}),
+        ),
+        (
+            deployment(),
+            json!({"metadata": {"$deleteFromPrimitiveList/finalizers": ["example.com/keep", "absent"]}}),
+        ),
+        (
+            deployment(),
+            json!({"spec": {"template": {"spec": {"volumes": null, "containers": [{"name": "nginx", "volumeMounts": null}]}}}}),
+        ),
+        (
+            deployment(),
+            json!({"spec": {"strategy": "oops-not-a-map-but-kubernetes-takes-it", "paused": true}}),
+        ),
+        (
+            deployment(),
+            json!({"spec": {"template": {"spec": {"volumes": [
+                {"$retainKeys": ["configMap", "name"], "name": "data", "configMap": {"name": "cfg"}}
+            ]}}}}),
+        ),
+    ];
+
+    let dir = std::env::temp_dir().join(format!("skiff-smp-vs-kubectl-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let mut disagreements = Vec::new();
+    for (i, (original, patch)) in cases.iter().enumerate() {
+        let file = dir.join(format!("case{i}.json"));
+        let theirs = kubectl_strategic_patch(&kubectl, &file, original, patch)
+            .unwrap_or_else(|e| panic!("kubectl rejected case {i}: {e}\npatch: {patch}"));
+        let ours = strategic_merge_patch(original, patch).unwrap_or_else(|e| {
+            panic!("skiff rejected case {i} that kubectl accepts: {e}\npatch: {patch}")
+        });
+        if without_nulls(&ours) != without_nulls(&theirs) {
+            disagreements.push(format!(
+                "case {i}\npatch:   {patch}\nkubectl: {}\nskiff:   {}",
+                without_nulls(&theirs),
+                without_nulls(&ours)
+            ));
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(disagreements.is_empty(), "{}", disagreements.join("\n\n"));
+}

@@ -248,16 +248,18 @@ fn id_key(v: &Value) -> IdKey {
     }
 }
 
-#[cfg(test)]
-fn same_value(a: &Value, b: &Value) -> bool {
+fn same_id(a: &Value, b: &Value) -> bool {
     id_key(a) == id_key(b)
 }
 
-/// Where each identity first appears in `ids`.
-fn first_positions<'v>(ids: impl IntoIterator<Item = &'v Value>) -> HashMap<IdKey, usize> {
+/// Where each identity first appears in `ids` (`None`: an element without identity, which
+/// takes a position but matches nothing).
+fn first_positions<'v>(ids: impl IntoIterator<Item = Option<&'v Value>>) -> HashMap<IdKey, usize> {
     let mut index = HashMap::new();
     for (i, id) in ids.into_iter().enumerate() {
-        index.entry(id_key(id)).or_insert(i);
+        if let Some(id) = id {
+            index.entry(id_key(id)).or_insert(i);
+        }
     }
     index
 }
@@ -534,24 +536,84 @@ fn merge_with_element_order(
         Some(Value::Array(stored)) => Some(std::mem::take(stored)),
         _ => None,
     };
-    let server_order: Vec<Value> = stored
+    let stored_ids: Vec<Option<Value>> = stored
         .as_ref()
-        .map(|s| {
-            s.iter()
-                .filter_map(|e| identity(e, strategy))
-                .cloned()
-                .collect()
-        })
+        .map(|s| s.iter().map(|e| identity(e, strategy).cloned()).collect())
         .unwrap_or_default();
-    let merged = match (stored, patch_list) {
+    let (merged, server_ids) = match (stored, patch_list) {
         (None, None) => return Ok(false),
-        (Some(stored), None) => stored,
-        (stored, Some(p)) => merge_list(stored.unwrap_or_default(), p, strategy, &child)?,
+        (Some(stored), None) => (stored, stored_ids),
+        (None, Some(p)) => (merge_list(Vec::new(), p, strategy, &child)?, stored_ids),
+        (Some(stored), Some(p)) => {
+            let merged = merge_list(stored, p, strategy, &child)?;
+            let server_ids = match strategy {
+                ListStrategy::MergeByKey(key) => go_aliased_stored_order(stored_ids, p, key),
+                _ => stored_ids,
+            };
+            (merged, server_ids)
+        }
     };
-    let server_ids: Vec<&Value> = server_order.iter().collect();
+    let server_ids: Vec<Option<&Value>> = server_ids.iter().map(Option::as_ref).collect();
     let ordered = normalize_order(merged, &order_ids, &server_ids, strategy);
     original.insert(field.to_string(), Value::Array(ordered));
     Ok(true)
+}
+
+/// The stored order Kubernetes uses for `$setElementOrder`, including a Go slice aliasing effect
+/// that decides where server-only elements go. Kubernetes reads that order from the stored list
+/// *after* mergeSlice has edited its backing array in place: each `$patch: delete` shifts the
+/// later elements left (`append(s[:k], s[k+1:]...)`), and each new element is then appended
+/// into a slot freed that way, until the list is back to its stored length (the apiserver's
+/// lists have capacity == length, so a further append reallocates and is not seen). Reproduced
+/// so that a patch that deletes and adds elements next to server-only ones orders the list
+/// exactly as Kubernetes does (checked against kubectl in tests/smp_vs_kubectl.rs).
+fn go_aliased_stored_order(
+    stored_ids: Vec<Option<Value>>,
+    patch_list: &[Value],
+    key: &str,
+) -> Vec<Option<Value>> {
+    let stored_len = stored_ids.len();
+    let mut backing = stored_ids;
+    let mut len = stored_len;
+    let matches = |slot: &Option<Value>, id: &Value| slot.as_ref().is_some_and(|s| same_id(s, id));
+    let directive = |e: &Value| {
+        e.get(PATCH_DIRECTIVE)
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+    };
+    for element in patch_list {
+        if directive(element).as_deref() != Some("delete") {
+            continue;
+        }
+        let Some(id) = element.get(key) else { continue };
+        while let Some(k) = backing[..len].iter().position(|slot| matches(slot, id)) {
+            // Go's `copy` semantics: later elements move left by one; the slot past the new
+            // length keeps whatever it held.
+            for i in k..len - 1 {
+                backing[i] = backing[i + 1].clone();
+            }
+            len -= 1;
+        }
+    }
+    if patch_list
+        .iter()
+        .any(|e| directive(e).as_deref() == Some("replace"))
+    {
+        // The patch's elements become a new list; only the deletions touched the stored one.
+        return backing;
+    }
+    for element in patch_list.iter().filter(|e| directive(e).is_none()) {
+        let Some(id) = element.get(key) else { continue };
+        if backing[..len].iter().any(|slot| matches(slot, id)) {
+            continue;
+        }
+        if len == stored_len {
+            break;
+        }
+        backing[len] = Some(id.clone());
+        len += 1;
+    }
+    backing
 }
 
 /// The patch list's elements must appear in `$setElementOrder` and in the same relative order
@@ -656,7 +718,7 @@ fn merge_primitive_list(
         }
     }
     let patch_ids: Vec<&Value> = patch.iter().collect();
-    let server_ids: Vec<&Value> = server_order.iter().collect();
+    let server_ids: Vec<Option<&Value>> = server_order.iter().map(Some).collect();
     Ok(normalize_order(
         original,
         &patch_ids,
@@ -753,7 +815,7 @@ fn merge_keyed_list(
         .filter_map(|o| identity(o, strategy))
         .cloned()
         .collect();
-    let mut stored_at = first_positions(&server_order);
+    let mut stored_at = first_positions(server_order.iter().map(Some));
     let mut patch_ids: Vec<&Value> = Vec::with_capacity(elements.len());
     for (i, m) in elements {
         let element_path = path.index(i);
@@ -785,7 +847,7 @@ fn merge_keyed_list(
     }
     // Every stored element is an object (checked above), so Null is only a placeholder.
     original.retain(|v| !v.is_null());
-    let server_ids: Vec<&Value> = server_order.iter().collect();
+    let server_ids: Vec<Option<&Value>> = server_order.iter().map(Some).collect();
     Ok(normalize_order(original, &patch_ids, &server_ids, strategy))
 }
 
@@ -795,10 +857,10 @@ fn merge_keyed_list(
 fn normalize_order(
     merged: Vec<Value>,
     patch_order: &[&Value],
-    server_order: &[&Value],
+    server_order: &[Option<&Value>],
     strategy: ListStrategy,
 ) -> Vec<Value> {
-    let patch_index = first_positions(patch_order.iter().copied());
+    let patch_index = first_positions(patch_order.iter().copied().map(Some));
     let server_index = first_positions(server_order.iter().copied());
     let mut patch_items: Vec<Ranked> = Vec::new();
     let mut server_only: Vec<Ranked> = Vec::new();
@@ -924,7 +986,7 @@ mod tests {
     #[test]
     fn normalize_order_interleaves_server_only_elements_by_stored_position() {
         let (a, x, b, n) = (json!("a"), json!("x"), json!("b"), json!("new"));
-        let server = [&a, &x, &b];
+        let server = [Some(&a), Some(&x), Some(&b)];
         let merged = vec![a.clone(), x.clone(), b.clone(), n.clone()];
         // Patch names b then a (and new): x stays before b because it was stored before b, and
         // "new", unknown to the stored list, is placed before what it cannot be compared with.
@@ -971,7 +1033,7 @@ mod tests {
 
     #[test]
     fn numbers_compare_like_go_float64() {
-        assert!(same_value(&json!(80), &json!(80.0)));
-        assert!(!same_value(&json!(80), &json!("80")));
+        assert!(same_id(&json!(80), &json!(80.0)));
+        assert!(!same_id(&json!(80), &json!("80")));
     }
 }
