@@ -782,7 +782,7 @@ fn failing_json_patch_leaves_the_object_unchanged() {
 // ---- differential test against the real implementation ----
 
 mod common;
-use common::{kubectl_strategic_patch, without_nulls};
+use common::{kubectl_patch, kubectl_strategic_patch, without_nulls};
 
 /// Every successful strategic merge patch above, run through `kubectl patch --local`, which
 /// applies k8s.io/apimachinery's strategicpatch with the Go types' merge keys. Skipped (with a
@@ -990,4 +990,65 @@ fn strategic_merge_patch_agrees_with_kubectl() {
     }
     let _ = std::fs::remove_dir_all(&dir);
     assert!(disagreements.is_empty(), "{}", disagreements.join("\n\n"));
+}
+
+/// Merge patches and JSON patches against kubectl's (evanphx/json-patch, as the apiserver uses).
+#[test]
+fn merge_and_json_patches_agree_with_kubectl() {
+    let Some(kubectl) = common::kubectl_or_skip("merge_and_json_patches_agree_with_kubectl") else {
+        return;
+    };
+    let cases: Vec<(&str, Value, Value)> = vec![
+        ("merge", deployment(), json!({"spec": {"replicas": 5}})),
+        (
+            "merge",
+            deployment(),
+            json!({"metadata": {"labels": {"tier": "fe", "app": null}, "annotations": {"a": "b"}}}),
+        ),
+        (
+            "merge",
+            deployment(),
+            json!({"spec": {"template": {"spec": {"containers": [{"name": "nginx", "image": "x"}]}}}}),
+        ),
+        (
+            "merge",
+            service(),
+            json!({"spec": {"ports": null, "selector": {"app": "other", "extra": {"nested": null}}}}),
+        ),
+        (
+            "json",
+            deployment(),
+            json!([
+                {"op": "replace", "path": "/spec/template", "value": {"metadata": {"labels": {"app": "web"}}, "spec": {"containers": [{"name": "nginx", "image": "nginx:1.24"}]}}},
+                {"op": "replace", "path": "/metadata/annotations", "value": {"deployment.kubernetes.io/revision": "3"}}
+            ]),
+        ),
+        (
+            "json",
+            deployment(),
+            json!([
+                {"op": "add", "path": "/metadata/labels/tier", "value": "fe"},
+                {"op": "remove", "path": "/spec/template/spec/containers/1"},
+                {"op": "add", "path": "/spec/template/spec/containers/0/env/-", "value": {"name": "Z", "value": "26"}},
+                {"op": "copy", "from": "/metadata/labels", "path": "/spec/template/metadata/labels"},
+                {"op": "move", "from": "/spec/revisionHistoryLimit", "path": "/spec/minReadySeconds"},
+                {"op": "test", "path": "/spec/replicas", "value": 2},
+                {"op": "add", "path": "/metadata/labels/a~1b", "value": "escaped"}
+            ]),
+        ),
+    ];
+    let dir = std::env::temp_dir().join(format!("skiff-patch-vs-kubectl-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    for (i, (patch_type, original, patch)) in cases.iter().enumerate() {
+        let file = dir.join(format!("case{i}.json"));
+        let theirs = kubectl_patch(&kubectl, &file, patch_type, original, patch)
+            .unwrap_or_else(|e| panic!("kubectl rejected case {i}: {e}"));
+        let ours = match *patch_type {
+            "merge" => json_merge_patch(original, patch),
+            _ => json_patch(original, patch),
+        }
+        .unwrap_or_else(|e| panic!("skiff rejected case {i}: {e}"));
+        assert_eq!(ours, theirs, "case {i} ({patch_type}): {patch}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -63,19 +63,23 @@ pub fn kubectl_strategic_patch(
     original: &Value,
     patch: &Value,
 ) -> Result<Value, String> {
+    kubectl_patch(kubectl, file, "strategic", original, patch)
+}
+
+/// Runs `kubectl patch --local --type <patch_type>` (strategic, merge or json) on `original`
+/// written to `file`. `Err` holds kubectl's stderr.
+pub fn kubectl_patch(
+    kubectl: &Path,
+    file: &Path,
+    patch_type: &str,
+    original: &Value,
+    patch: &Value,
+) -> Result<Value, String> {
     std::fs::write(file, original.to_string())
         .map_err(|e| format!("write {}: {e}", file.display()))?;
     let home = file.parent().unwrap_or(Path::new("/tmp"));
     let output = std::process::Command::new(kubectl)
-        .args([
-            "patch",
-            "--local",
-            "--type",
-            "strategic",
-            "-o",
-            "json",
-            "-f",
-        ])
+        .args(["patch", "--local", "--type", patch_type, "-o", "json", "-f"])
         .arg(file)
         .arg("-p")
         .arg(patch.to_string())
