@@ -27,6 +27,15 @@
 //! over the patch order. A consequence Kubernetes users know: adding an element with a plain
 //! patch (no `$setElementOrder`) puts it before the stored elements it cannot be placed against;
 //! `kubectl apply` always sends `$setElementOrder`, so applied lists keep the file's order.
+//!
+//! Results are checked against kubectl 1.32's own implementation (`kubectl patch --local`) in
+//! tests/patch_cases.rs and tests/smp_vs_kubectl.rs. Where skiff differs on purpose:
+//! - `$patch: delete` on a map removes the field (Kubernetes leaves `{}`);
+//! - directives inside new elements, new fields and replaced lists are applied (against nothing)
+//!   and nulls there are dropped; Kubernetes stores some of them verbatim (a `$patch: delete`
+//!   element in a replaced env list would become an env var);
+//! - unknown `$`-keys are an error (Kubernetes keeps them as fields);
+//! - empty lists Kubernetes rejects with "no elements in any of the given slices" are accepted.
 
 use std::collections::{HashMap, HashSet};
 
