@@ -801,6 +801,12 @@ fn strategic_merge_patch_agrees_with_kubectl() {
         {"apiVersion": "apps/v1", "kind": "Deployment", "name": "web", "uid": "u1", "controller": true}
     ]}});
     let containers = |list: Value| json!({"spec": {"template": {"spec": {"containers": list}}}});
+    let pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"},
+        "spec": {"containers": [{"name": "c", "image": "i"}], "schedulingGates": [{"name": "g1"}, {"name": "g2"}]},
+        "status": {"podIPs": [{"ip": "10.0.0.5"}], "hostIPs": [{"ip": "192.168.1.1"}, {"ip": "192.168.1.2"}]}});
+    let node = json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "n1"},
+        "spec": {"podCIDRs": ["10.244.0.0/24"]},
+        "status": {"addresses": [{"type": "InternalIP", "address": "192.168.1.10"}, {"type": "ExternalIP", "address": "1.2.3.4"}]}});
     let cases: Vec<(Value, Value)> = vec![
         (deployment(), parse(KUBECTL_APPLY_CONTAINERS_PATCH)),
         (deployment(), parse(KUBECTL_APPLY_STRATEGY_PATCH)),
@@ -967,6 +973,30 @@ fn strategic_merge_patch_agrees_with_kubectl() {
             json!({"spec": {"template": {"spec": {"volumes": [
                 {"$retainKeys": ["configMap", "name"], "name": "data", "configMap": {"name": "cfg"}}
             ]}}}}),
+        ),
+        (
+            pod.clone(),
+            json!({"spec": {"schedulingGates": [{"$patch": "delete", "name": "g1"}, {"name": "g3"}]},
+            "status": {"podIPs": [{"ip": "10.0.0.9"}], "hostIPs": [{"$patch": "delete", "ip": "192.168.1.1"}],
+                "conditions": [{"type": "Ready", "status": "True"}]}}),
+        ),
+        (
+            node.clone(),
+            json!({"spec": {"podCIDRs": ["10.244.1.0/24"]},
+            "status": {"addresses": [{"type": "Hostname", "address": "n1.lab"}, {"$patch": "delete", "type": "ExternalIP"}]}}),
+        ),
+        (
+            node,
+            json!({"spec": {"$setElementOrder/podCIDRs": ["fd00::/64", "10.244.0.0/24"], "podCIDRs": ["fd00::/64"]}}),
+        ),
+        (
+            json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "sa"}, "secrets": [{"name": "a"}, {"name": "b"}]}),
+            json!({"secrets": [{"$patch": "delete", "name": "a"}, {"name": "c"}]}),
+        ),
+        (
+            json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "metadata": {"name": "s"}, "addressType": "IPv4",
+            "endpoints": [{"addresses": ["10.0.0.1"]}], "ports": [{"port": 80}]}),
+            json!({"endpoints": [{"addresses": ["10.0.0.2", "10.0.0.3"]}], "ports": [{"port": 81}]}),
         ),
     ];
 

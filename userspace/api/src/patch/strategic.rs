@@ -68,6 +68,13 @@ pub const MERGE_KEYS_BY_FIELD: &[(&str, &str)] = &[
     ("topologySpreadConstraints", "topologyKey"),
     ("ownerReferences", "uid"),
     ("conditions", "type"),
+    // Further merge keys of the Pod types skiff serves, so that kubectl apply's deletions in
+    // them work (a `$patch: delete` element in a replaced list is an error).
+    ("resourceClaims", "name"),
+    ("schedulingGates", "name"),
+    ("resourceClaimStatuses", "name"),
+    ("podIPs", "ip"),
+    ("hostIPs", "ip"),
 ];
 
 /// Fields holding container specs: their `ports` merge by `containerPort`.
@@ -103,6 +110,11 @@ fn list_strategy(parent: &Path<'_>, field: &str) -> ListStrategy {
             }
         }
         "finalizers" if parent.nearest_field() == Some("metadata") => ListStrategy::MergePrimitives,
+        // Names other kinds reuse with other meanings (EndpointSlice `addresses` are strings),
+        // so these apply only where Kubernetes declares them.
+        "addresses" if parent.is_top_level_field("status") => ListStrategy::MergeByKey("type"), // Node
+        "podCIDRs" if parent.is_top_level_field("spec") => ListStrategy::MergePrimitives, // Node
+        "secrets" if parent.is_root() => ListStrategy::MergeByKey("name"), // ServiceAccount
         _ => MERGE_KEYS_BY_FIELD
             .iter()
             .find(|(name, _)| *name == field)
@@ -177,6 +189,11 @@ impl<'a> Path<'a> {
             Seg::Index(_) => self.parent.and_then(|p| p.nearest_field()),
             Seg::Root => None,
         }
+    }
+
+    /// True for the object's root map.
+    fn is_root(&self) -> bool {
+        matches!(self.seg, Seg::Root)
     }
 
     /// True for the map at `.<name>` directly under the object's root.
