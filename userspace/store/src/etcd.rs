@@ -77,6 +77,13 @@ impl EtcdStore {
         &self.prefix
     }
 
+    /// The start of the etcd range holding every key under `prefix` (etcd refuses an empty
+    /// key; "\0" starts the whole keyspace).
+    fn range_start(&self, prefix: &str) -> Vec<u8> {
+        let full = self.full_key(prefix);
+        if full.is_empty() { vec![0] } else { full }
+    }
+
     fn full_key(&self, key: &str) -> Vec<u8> {
         let mut full = Vec::with_capacity(self.prefix.len() + key.len());
         full.extend_from_slice(self.prefix.as_bytes());
@@ -224,8 +231,8 @@ impl Store for EtcdStore {
     }
 
     async fn list(&self, prefix: &str) -> Result<ListResult> {
-        let full_prefix = self.full_key(prefix);
-        let range_end = crate::sqlite::prefix_end(&full_prefix).unwrap_or_else(|| vec![0]);
+        let full_prefix = self.range_start(prefix);
+        let range_end = crate::prefix_end(&self.full_key(prefix)).unwrap_or_else(|| vec![0]);
         let mut items = Vec::new();
         let mut revision: Revision = 0;
         let mut from = full_prefix.clone();
@@ -351,7 +358,7 @@ impl Store for EtcdStore {
         let response = self
             .range(
                 "reading the revision",
-                self.prefix.as_bytes().to_vec(),
+                self.range_start(""),
                 GetOptions::new().with_count_only(),
             )
             .await?;
@@ -362,7 +369,7 @@ impl Store for EtcdStore {
     }
 
     async fn watch(&self, prefix: &str, after: Revision) -> Result<WatchStream> {
-        let full_prefix = self.full_key(prefix);
+        let full_prefix = self.range_start(prefix);
         let start = after.saturating_add(1).max(1);
         // Ask up front whether `start` is still held, so a compacted watch fails at call time
         // (a range at a compacted revision is refused, one in the future means "not compacted").
@@ -385,7 +392,7 @@ impl Store for EtcdStore {
                 Err(e) => return Err(self.error("watch", e)),
             }
         }
-        let range_end = crate::sqlite::prefix_end(&full_prefix).unwrap_or_else(|| vec![0]);
+        let range_end = crate::prefix_end(&self.full_key(prefix)).unwrap_or_else(|| vec![0]);
         let options = WatchOptions::new()
             .with_range(range_end)
             .with_start_revision(start)

@@ -37,7 +37,11 @@ pub fn etcd_for_test(test: &str) -> Option<PathBuf> {
              CI=true forbids skipping; install it with `apt-get install -y etcd-server`"
         ),
         None => {
-            eprintln!(
+            // Straight to stderr, not eprintln!: the test harness captures the macros' output
+            // of passing tests, and a skip must be visible.
+            use std::io::Write;
+            let _ = writeln!(
+                std::io::stderr(),
                 "SKIPPED {test}: etcd is not installed (apt-get install -y etcd-server, or set \
                  SKIFF_ETCD_BIN)"
             );

@@ -330,19 +330,6 @@ fn lock_path(path: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
-/// The smallest byte string greater than every string starting with `prefix`; `None` when no
-/// such bound exists (empty prefix or all 0xff).
-pub(crate) fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
-    let mut end = prefix.to_vec();
-    while let Some(last) = end.pop() {
-        if last < 0xff {
-            end.push(last + 1);
-            return Some(end);
-        }
-    }
-    None
-}
-
 /// One row of the log.
 #[derive(Debug, Clone)]
 struct Row {
@@ -465,7 +452,7 @@ fn rows_between(
 ) -> rusqlite::Result<Vec<Row>> {
     // Prefix filtering happens in Rust when the prefix has no upper bound; otherwise in SQL, so
     // that a watcher on a small prefix does not read everyone's rows.
-    let rows = match prefix_end(prefix) {
+    let rows = match crate::prefix_end(prefix) {
         Some(end) => conn
             .prepare_cached(&format!(
                 "SELECT {ROW_COLUMNS} FROM log WHERE id > ?1 AND id <= ?2 \
@@ -771,14 +758,14 @@ impl Store for SqliteStore {
             let sql_latest = format!(
                 "SELECT {ROW_COLUMNS} FROM log WHERE id IN (SELECT MAX(id) FROM log \
                  WHERE name >= ?1 {} GROUP BY name) AND deleted = 0 ORDER BY name",
-                if prefix_end(&prefix).is_some() {
+                if crate::prefix_end(&prefix).is_some() {
                     "AND name < ?2"
                 } else {
                     ""
                 }
             );
             let mut statement = tx.prepare_cached(&sql_latest)?;
-            let rows = match prefix_end(&prefix) {
+            let rows = match crate::prefix_end(&prefix) {
                 Some(end) => statement.query_map(params![prefix, end], Row::from_sql)?,
                 None => statement.query_map(params![prefix], Row::from_sql)?,
             };
@@ -1020,14 +1007,6 @@ impl WatchState {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn prefix_end_bounds_every_key_with_the_prefix() {
-        assert_eq!(prefix_end(b"/a/"), Some(b"/a0".to_vec()));
-        assert_eq!(prefix_end(b"a\xff"), Some(b"b".to_vec()));
-        assert_eq!(prefix_end(b"\xff\xff"), None);
-        assert_eq!(prefix_end(b""), None);
-    }
 
     fn row(created: bool, deleted: bool) -> Row {
         Row {
