@@ -7,7 +7,7 @@
 //!   a copy so a failure changes nothing): the ratio engine/baseline is the engines' own cost.
 
 use std::hint::black_box;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use serde_json::{Value, json};
@@ -166,5 +166,71 @@ fn patch_benches(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, patch_benches);
+/// Prints each engine's time per patch as a ratio to the clone baseline, all measured in this
+/// run, for bench/results/patch.md: 10 rounds of 100 patches per engine, the engines taking
+/// turns within each round so that load from other processes hits them alike; the median round
+/// counts (1,000 patches per engine in all).
+fn ratios(_: &mut Criterion) {
+    const ROUNDS: usize = 10;
+    const PER_ROUND: u32 = 100;
+    let original = deployment();
+    let smp = kubectl_apply_patch();
+    let scale = json!({"spec": {"replicas": 5}});
+    let undo = rollout_undo_patch(&original);
+    let engines: [(&str, Box<dyn Fn()>); 4] = [
+        (
+            "baseline/clone",
+            Box::new(|| {
+                black_box(black_box(&original).clone());
+            }),
+        ),
+        (
+            "strategic/kubectl-apply",
+            Box::new(|| {
+                let _ = black_box(strategic_merge_patch(black_box(&original), black_box(&smp)));
+            }),
+        ),
+        (
+            "merge/scale",
+            Box::new(|| {
+                let _ = black_box(json_merge_patch(black_box(&original), black_box(&scale)));
+            }),
+        ),
+        (
+            "json/rollout-undo",
+            Box::new(|| {
+                let _ = black_box(json_patch(black_box(&original), black_box(&undo)));
+            }),
+        ),
+    ];
+    let mut rounds: Vec<Vec<Duration>> = vec![Vec::with_capacity(ROUNDS); engines.len()];
+    for _ in 0..ROUNDS {
+        for (i, (_, run)) in engines.iter().enumerate() {
+            let started = Instant::now();
+            for _ in 0..PER_ROUND {
+                run();
+            }
+            rounds[i].push(started.elapsed() / PER_ROUND);
+        }
+    }
+    let medians: Vec<Duration> = rounds
+        .iter_mut()
+        .map(|r| {
+            r.sort();
+            r[ROUNDS / 2]
+        })
+        .collect();
+    let baseline = medians[0].as_secs_f64().max(f64::MIN_POSITIVE);
+    println!(
+        "\npatch engines, median of {ROUNDS} rounds x {PER_ROUND} patches (Deployment: 3 containers x 20 env vars):"
+    );
+    for ((name, _), median) in engines.iter().zip(&medians) {
+        println!(
+            "  {name:<24} {median:>10.1?}  {:.2}x clone",
+            median.as_secs_f64() / baseline
+        );
+    }
+}
+
+criterion_group!(benches, patch_benches, ratios);
 criterion_main!(benches);
