@@ -163,6 +163,24 @@ impl LabelSelector {
         Ok(LabelSelector { requirements })
     }
 
+    /// A selector requiring exactly these labels, as a Service's `spec.selector` or a
+    /// ReplicationController's map selector means.
+    pub fn from_match_labels(labels: &BTreeMap<String, String>) -> Result<Self, SelectorError> {
+        let mut requirements = Vec::with_capacity(labels.len());
+        for (key, value) in labels {
+            validate_key(key)?;
+            validate_value(key, value)?;
+            requirements.push(Requirement::new(
+                key.clone(),
+                Op::In,
+                vec![value.clone()],
+                true,
+            ));
+        }
+        // BTreeMap iteration is already sorted by key.
+        Ok(LabelSelector { requirements })
+    }
+
     /// Converts a `metav1.LabelSelector` (as in Deployment `spec.selector`): `matchLabels` and
     /// `matchExpressions` (`In`, `NotIn`, `Exists`, `DoesNotExist`). An empty selector selects
     /// everything; whether a *missing* selector selects nothing is the caller's decision.
@@ -948,6 +966,21 @@ mod tests {
                 .expect("empty")
                 .is_empty()
         );
+    }
+
+    #[test]
+    fn from_service_selector_map() {
+        let sel = LabelSelector::from_match_labels(&labels(&[("tier", "fe"), ("app", "web")]))
+            .expect("valid");
+        assert_eq!(sel.to_string(), "app=web,tier=fe");
+        assert!(sel.matches(&labels(&[("app", "web"), ("tier", "fe"), ("x", "y")])));
+        assert!(!sel.matches(&labels(&[("app", "web")])));
+        assert!(
+            LabelSelector::from_match_labels(&BTreeMap::new())
+                .expect("empty")
+                .is_empty()
+        );
+        assert!(LabelSelector::from_match_labels(&labels(&[("app", "not valid")])).is_err());
     }
 
     #[test]
