@@ -13,6 +13,14 @@
 //!
 //! Invariant: no call returns `Ok` for a write before that write is durable (fsynced / committed by
 //! the etcd quorum).
+//!
+//! Opening one (both are cheap to clone and usable as `Arc<dyn Store>`):
+//! - `SqliteStore::open(data_dir.join("store.db")).await?`, then
+//!   `store.start_compaction(CompactionPolicy::default())` for automatic compaction;
+//! - `EtcdStore::connect(&endpoints, "/skiff/").await?`, then
+//!   `spawn_compactor(Arc::downgrade(&store), CompactionPolicy::default())`.
+//!
+//! [`etcd_server`] starts a throwaway etcd for tests and benchmarks.
 
 use std::pin::Pin;
 
