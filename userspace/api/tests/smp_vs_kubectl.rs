@@ -82,7 +82,14 @@ fn original(rng: &mut Rng) -> Value {
     if !finalizers.is_empty() {
         metadata["finalizers"] = json!(finalizers);
     }
-    json!({
+    let strategy = match rng.below(3) {
+        0 => json!({"type": "Recreate"}),
+        1 => {
+            json!({"type": "RollingUpdate", "rollingUpdate": {"maxSurge": "25%", "maxUnavailable": 1}})
+        }
+        _ => Value::Null,
+    };
+    let mut deployment = json!({
         "apiVersion": "apps/v1",
         "kind": "Deployment",
         "metadata": metadata,
@@ -90,7 +97,11 @@ fn original(rng: &mut Rng) -> Value {
             "selector": {"matchLabels": {"app": "web"}},
             "template": {"metadata": {"labels": {"app": "web"}}, "spec": {"containers": containers}}
         }
-    })
+    });
+    if !strategy.is_null() {
+        deployment["spec"]["strategy"] = strategy;
+    }
+    deployment
 }
 
 /// A patch of a keyed list as kubectl would build it: returns the `$setElementOrder` list (if
@@ -207,7 +218,26 @@ fn patch(rng: &mut Rng, original: &Value) -> Value {
             metadata.insert("$deleteFromPrimitiveList/finalizers".into(), json!(removed));
         }
     }
-    json!({"metadata": metadata, "spec": {"template": {"spec": spec}}})
+    let mut patch = json!({"metadata": metadata, "spec": {"template": {"spec": spec}}});
+    // What kubectl apply sends when the file switches the rollout strategy (the live object
+    // always has one: the apiserver defaults it). Kubernetes would store `$retainKeys` itself
+    // in a field that did not exist; skiff applies it (a deliberate difference).
+    let has_strategy = original["spec"].get("strategy").is_some();
+    match if has_strategy { rng.below(4) } else { 3 } {
+        0 => {
+            patch["spec"]["strategy"] =
+                json!({"$retainKeys": ["type"], "rollingUpdate": null, "type": "Recreate"})
+        }
+        1 => {
+            patch["spec"]["strategy"] = json!({
+                "$retainKeys": ["rollingUpdate", "type"],
+                "type": "RollingUpdate",
+                "rollingUpdate": {"maxSurge": rng.below(3), "maxUnavailable": null}
+            })
+        }
+        _ => {}
+    }
+    patch
 }
 
 #[test]
