@@ -109,7 +109,12 @@ fn json_patch_op() -> impl Strategy<Value = Value> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 512, .. ProptestConfig::default() })]
+    // 512 cases per property in the normal run; PROPTEST_CASES=N runs longer (a fuzzing stand-in
+    // where cargo-fuzz's nightly build is too heavy).
+    #![proptest_config(ProptestConfig {
+        cases: std::env::var("PROPTEST_CASES").ok().and_then(|n| n.parse().ok()).unwrap_or(512),
+        .. ProptestConfig::default()
+    })]
 
     #[test]
     fn strategic_merge_patch_never_panics(original in json_object(), patch in json_object()) {
