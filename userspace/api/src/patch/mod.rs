@@ -16,6 +16,7 @@ mod strategic;
 
 pub use strategic::strategic_merge_patch;
 
+use serde::Deserialize as _;
 use serde_json::Value;
 
 /// Kubernetes refuses JSON patches longer than this (apiserver `maxJSONPatchOperations`); so do
@@ -182,8 +183,6 @@ pub fn json_patch(original: &Value, patch: &Value) -> Result<Value, PatchError> 
     })?;
     Ok(doc)
 }
-
-use serde::Deserialize as _;
 
 fn op_name(op: &json_patch::PatchOperation) -> &'static str {
     use json_patch::PatchOperation as Op;
