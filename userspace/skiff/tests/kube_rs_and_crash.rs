@@ -136,9 +136,11 @@ async fn kill_9_loses_no_acknowledged_write_on_sqlite() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_loses_no_acknowledged_write_on_etcd() {
-    if !require("etcd (apt-get install etcd-server)", Etcd::binary().is_some()) {
+    let Some(binary) = skiff_store::etcd_server::etcd_for_test("kill_9_loses_no_acknowledged_write_on_etcd") else {
         return;
-    }
-    let etcd = Etcd::start();
-    no_acknowledged_write_is_lost(&["--store", "etcd", "--etcd-endpoints", &etcd.endpoint]).await;
+    };
+    let dir = tempfile::tempdir().expect("etcd dir");
+    let etcd = skiff_store::etcd_server::EtcdServer::start(&binary, dir.path()).await.expect("start etcd");
+    let endpoints = etcd.endpoints().join(",");
+    no_acknowledged_write_is_lost(&["--store", "etcd", "--etcd-endpoints", &endpoints]).await;
 }

@@ -220,8 +220,9 @@ fn kubectl_drives_the_whole_lifecycle() {
     // The initial state first, then the change.
     let first = rx.recv_timeout(Duration::from_secs(20)).expect("watch prints the current state");
     assert!(first.contains("NAME") || first.contains("web-config"), "{first}");
-    k.ok(&["create", "configmap", "later", "-n", "shop", "--from-literal=x=y", "--validate=false"])
-        .len();
+    // (`kubectl create configmap` sends protobuf, which skiff answers with 415: apply a file.)
+    let later = write_manifest(files.path(), "later.yaml", "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: later\n  namespace: shop\ndata:\n  x: y\n");
+    k.ok(&["apply", "-f", &later]);
     let seen = eventually("the watch to print the new configmap", Duration::from_secs(20), || {
         rx.try_recv().ok().filter(|l| l.contains("later"))
     });
