@@ -1,0 +1,559 @@
+//! Decoding checks, field validation, defaulting and the metadata rules of create and update
+//! (interim; TODO(skiff-api): `skiff_api::admission`).
+
+use serde_json::{Map, Value, json};
+
+use super::registry::ResourceInfo;
+use super::status::ApiError;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FieldValidation {
+    Strict,
+    Warn,
+    Ignore,
+}
+
+impl FieldValidation {
+    /// Kubernetes' default when the parameter is absent is `Warn`.
+    pub fn parse(s: Option<&str>) -> Result<FieldValidation, ApiError> {
+        match s.unwrap_or("") {
+            "" | "Warn" => Ok(FieldValidation::Warn),
+            "Strict" => Ok(FieldValidation::Strict),
+            "Ignore" => Ok(FieldValidation::Ignore),
+            other => Err(ApiError::bad_request(format!(
+                "fieldValidation {other:?} is not one of Strict, Warn, Ignore"
+            ))),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Admitted {
+    pub object: Value,
+    pub warnings: Vec<String>,
+}
+
+/// Decodes the object through its real k8s-openapi type and serializes it back: what disappears
+/// is a field the schema does not have (an unknown field), and a decode error is a wrong type.
+/// Reusing the generated types keeps the check equal to the real schemas without a hand copy.
+fn roundtrip(info: &ResourceInfo, v: &Value) -> Result<Value, String> {
+    use k8s_openapi::api::*;
+    macro_rules! rt {
+        ($t:ty) => {{
+            let typed: $t = serde_json::from_value(v.clone()).map_err(|e| e.to_string())?;
+            serde_json::to_value(&typed).map_err(|e| e.to_string())
+        }};
+    }
+    match (info.group, info.kind) {
+        ("", "Namespace") => rt!(core::v1::Namespace),
+        ("", "Node") => rt!(core::v1::Node),
+        ("", "Pod") => rt!(core::v1::Pod),
+        ("", "Service") => rt!(core::v1::Service),
+        ("", "Endpoints") => rt!(core::v1::Endpoints),
+        ("", "ConfigMap") => rt!(core::v1::ConfigMap),
+        ("", "Secret") => rt!(core::v1::Secret),
+        ("", "Event") => rt!(core::v1::Event),
+        ("", "ServiceAccount") => rt!(core::v1::ServiceAccount),
+        ("apps", "Deployment") => rt!(apps::v1::Deployment),
+        ("apps", "ReplicaSet") => rt!(apps::v1::ReplicaSet),
+        ("apps", "DaemonSet") => rt!(apps::v1::DaemonSet),
+        ("apps", "StatefulSet") => rt!(apps::v1::StatefulSet),
+        ("batch", "Job") => rt!(batch::v1::Job),
+        ("batch", "CronJob") => rt!(batch::v1::CronJob),
+        ("autoscaling", "HorizontalPodAutoscaler") => rt!(autoscaling::v2::HorizontalPodAutoscaler),
+        ("networking.k8s.io", "NetworkPolicy") => rt!(networking::v1::NetworkPolicy),
+        ("coordination.k8s.io", "Lease") => rt!(coordination::v1::Lease),
+        ("discovery.k8s.io", "EndpointSlice") => rt!(discovery::v1::EndpointSlice),
+        ("autoscaling", "Scale") => rt!(autoscaling::v1::Scale),
+        _ => Ok(v.clone()),
+    }
+}
+
+/// Paths (as lists of keys/indexes) present and non-null in `input` but missing in `output`.
+fn unknown_paths(input: &Value, output: &Value, path: &mut Vec<String>, out: &mut Vec<Vec<String>>) {
+    match (input, output) {
+        (Value::Object(a), Value::Object(b)) => {
+            for (k, v) in a {
+                if v.is_null() {
+                    continue;
+                }
+                path.push(k.clone());
+                match b.get(k) {
+                    None => out.push(path.clone()),
+                    Some(w) => unknown_paths(v, w, path, out),
+                }
+                path.pop();
+            }
+        }
+        (Value::Array(a), Value::Array(b)) if a.len() == b.len() => {
+            for (i, (v, w)) in a.iter().zip(b).enumerate() {
+                path.push(format!("[{i}]"));
+                unknown_paths(v, w, path, out);
+                path.pop();
+            }
+        }
+        _ => {}
+    }
+}
+
+fn path_text(p: &[String]) -> String {
+    let mut s = String::new();
+    for part in p {
+        if part.starts_with('[') {
+            s.push_str(part);
+        } else {
+            if !s.is_empty() {
+                s.push('.');
+            }
+            s.push_str(part);
+        }
+    }
+    s
+}
+
+fn remove_path(v: &mut Value, p: &[String]) {
+    let Some((last, parents)) = p.split_last() else {
+        return;
+    };
+    let mut cur = v;
+    for part in parents {
+        cur = if let Some(i) = part.strip_prefix('[').and_then(|s| s.strip_suffix(']')) {
+            match i.parse::<usize>().ok().and_then(|i| cur.get_mut(i)) {
+                Some(c) => c,
+                None => return,
+            }
+        } else {
+            match cur.get_mut(part.as_str()) {
+                Some(c) => c,
+                None => return,
+            }
+        };
+    }
+    if let Some(o) = cur.as_object_mut() {
+        o.remove(last.as_str());
+    }
+}
+
+/// Checks a decoded body against the resource: apiVersion/kind (inferred when absent, as for the
+/// Python client), namespace, types and unknown fields (by `mode`; unknown fields are pruned
+/// unless Strict rejects them, as Kubernetes does).
+pub fn admit(
+    info: &ResourceInfo,
+    namespace: Option<&str>,
+    body: Value,
+    mode: FieldValidation,
+) -> Result<Admitted, ApiError> {
+    let mut obj = match body {
+        Value::Object(m) => Value::Object(m),
+        other => {
+            return Err(ApiError::bad_request(format!(
+                "the request body must be a JSON or YAML object, got {}",
+                match other {
+                    Value::Null => "null",
+                    Value::Array(_) => "an array",
+                    _ => "a scalar",
+                }
+            )));
+        }
+    };
+    let api_version = info.api_version();
+    match obj.get("apiVersion") {
+        None | Some(Value::Null) => obj["apiVersion"] = json!(api_version),
+        Some(Value::String(s)) if *s == api_version => {}
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "the API version in the data ({}) does not match the expected API version ({api_version})",
+                other.as_str().unwrap_or("not a string")
+            )));
+        }
+    }
+    match obj.get("kind") {
+        None | Some(Value::Null) => obj["kind"] = json!(info.kind),
+        Some(Value::String(s)) if s == info.kind => {}
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "the kind in the data ({}) does not match the expected kind ({})",
+                other.as_str().unwrap_or("not a string"),
+                info.kind
+            )));
+        }
+    }
+    match obj.get("metadata") {
+        None | Some(Value::Null) => obj["metadata"] = json!({}),
+        Some(Value::Object(_)) => {}
+        Some(_) => return Err(ApiError::bad_request("metadata must be an object")),
+    }
+    if info.namespaced {
+        let ns = namespace.unwrap_or("");
+        match obj["metadata"].get("namespace") {
+            None | Some(Value::Null) => obj["metadata"]["namespace"] = json!(ns),
+            Some(Value::String(s)) if s.is_empty() || s == ns => {
+                obj["metadata"]["namespace"] = json!(ns)
+            }
+            Some(_) => {
+                return Err(ApiError::bad_request(
+                    "the namespace of the provided object does not match the namespace sent on the request",
+                ));
+            }
+        }
+    } else if let Some(m) = obj["metadata"].as_object_mut() {
+        m.remove("namespace");
+    }
+    let typed = roundtrip(info, &obj).map_err(|e| {
+        ApiError::bad_request(format!(
+            "{} in version \"{}\" cannot be handled as a {}: {e}",
+            info.kind, info.version, info.kind
+        ))
+    })?;
+    let mut unknown = Vec::new();
+    unknown_paths(&obj, &typed, &mut Vec::new(), &mut unknown);
+    let mut warnings = Vec::new();
+    if !unknown.is_empty() {
+        let texts: Vec<String> = unknown
+            .iter()
+            .map(|p| format!("unknown field \"{}\"", path_text(p)))
+            .collect();
+        match mode {
+            FieldValidation::Strict => {
+                return Err(ApiError::bad_request(format!(
+                    "strict decoding error: {}",
+                    texts.join(", ")
+                )));
+            }
+            FieldValidation::Warn => warnings = texts,
+            FieldValidation::Ignore => {}
+        }
+        for p in &unknown {
+            remove_path(&mut obj, p);
+        }
+    }
+    Ok(Admitted {
+        object: obj,
+        warnings,
+    })
+}
+
+fn is_dns1123_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+fn is_dns1123_subdomain(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 253 && s.split('.').all(is_dns1123_label)
+}
+
+/// Validates `metadata.name` the way Kubernetes does for the kind.
+pub fn validate_name(info: &ResourceInfo, name: &str) -> Result<(), ApiError> {
+    let label_kinds = ["Namespace", "Service"];
+    let (ok, what) = if label_kinds.contains(&info.kind) {
+        (
+            is_dns1123_label(name) && !name.starts_with(|c: char| c.is_ascii_digit() && info.kind == "Service"),
+            "a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', and must start and end with an alphanumeric character (e.g. 'my-name',  or '123-abc', regex used for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?')",
+        )
+    } else {
+        (
+            is_dns1123_subdomain(name),
+            "a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character (e.g. 'example.com', regex used for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*')",
+        )
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(
+            info.kind,
+            name,
+            &[(
+                "metadata.name".to_string(),
+                format!("Invalid value: \"{name}\": {what}"),
+            )],
+        ))
+    }
+}
+
+fn set_default(m: &mut Map<String, Value>, key: &str, v: Value) {
+    if m.get(key).is_none_or(Value::is_null) {
+        m.insert(key.to_string(), v);
+    }
+}
+
+fn default_ports(ports: Option<&mut Value>) {
+    if let Some(Value::Array(ports)) = ports {
+        for p in ports {
+            if let Some(p) = p.as_object_mut() {
+                set_default(p, "protocol", json!("TCP"));
+            }
+        }
+    }
+}
+
+fn default_pod_spec(spec: &mut Value, restart_default: bool) {
+    let Some(m) = spec.as_object_mut() else {
+        return;
+    };
+    if restart_default {
+        set_default(m, "restartPolicy", json!("Always"));
+    }
+    set_default(m, "dnsPolicy", json!("ClusterFirst"));
+    set_default(m, "schedulerName", json!("default-scheduler"));
+    set_default(m, "terminationGracePeriodSeconds", json!(30));
+    set_default(m, "securityContext", json!({}));
+    for list in ["containers", "initContainers"] {
+        if let Some(Value::Array(cs)) = m.get_mut(list) {
+            for c in cs {
+                let Some(c) = c.as_object_mut() else { continue };
+                set_default(c, "terminationMessagePath", json!("/dev/termination-log"));
+                set_default(c, "terminationMessagePolicy", json!("File"));
+                set_default(c, "resources", json!({}));
+                let image = c.get("image").and_then(Value::as_str).unwrap_or("");
+                let last = image.rsplit('/').next().unwrap_or("");
+                let pull = if !last.contains(':') || last.ends_with(":latest") {
+                    if image.contains('@') { "IfNotPresent" } else { "Always" }
+                } else {
+                    "IfNotPresent"
+                };
+                set_default(c, "imagePullPolicy", json!(pull));
+                default_ports(c.get_mut("ports"));
+            }
+        }
+    }
+}
+
+fn default_template(obj: &mut Value, restart_default: bool) {
+    if let Some(spec) = obj.pointer_mut("/spec/template/spec") {
+        default_pod_spec(spec, restart_default);
+    }
+}
+
+/// Kubernetes' defaults for the fields kubectl users see (tier 1 item 13 of kubectl-wire.md).
+pub fn apply_defaults(info: &ResourceInfo, obj: &mut Value) {
+    match (info.group, info.kind) {
+        ("", "Pod") => {
+            if let Some(spec) = obj.get_mut("spec") {
+                default_pod_spec(spec, true);
+                if let Some(m) = spec.as_object_mut() {
+                    set_default(m, "enableServiceLinks", json!(true));
+                }
+            }
+            if obj.pointer("/status/phase").is_none()
+                && let Some(m) = obj.as_object_mut()
+            {
+                let status = m.entry("status").or_insert_with(|| json!({}));
+                if let Some(s) = status.as_object_mut() {
+                    s.insert("phase".into(), json!("Pending"));
+                }
+            }
+        }
+        ("", "Service") => {
+            if let Some(m) = obj.get_mut("spec").and_then(Value::as_object_mut) {
+                set_default(m, "type", json!("ClusterIP"));
+                set_default(m, "sessionAffinity", json!("None"));
+                let ty = m.get("type").and_then(Value::as_str).unwrap_or("").to_string();
+                if ty != "ExternalName" {
+                    set_default(m, "internalTrafficPolicy", json!("Cluster"));
+                    set_default(m, "ipFamilies", json!(["IPv4"]));
+                    set_default(m, "ipFamilyPolicy", json!("SingleStack"));
+                }
+                if ty == "NodePort" || ty == "LoadBalancer" {
+                    set_default(m, "externalTrafficPolicy", json!("Cluster"));
+                }
+                if let Some(Value::Array(ports)) = m.get_mut("ports") {
+                    for p in ports {
+                        if let Some(p) = p.as_object_mut() {
+                            set_default(p, "protocol", json!("TCP"));
+                            if let Some(port) = p.get("port").cloned() {
+                                set_default(p, "targetPort", port);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        ("", "Secret") => {
+            if let Some(m) = obj.as_object_mut() {
+                set_default(m, "type", json!("Opaque"));
+                if let Some(Value::Object(string_data)) = m.remove("stringData") {
+                    use base64::Engine as _;
+                    let data = m.entry("data").or_insert_with(|| json!({}));
+                    if data.is_null() {
+                        *data = json!({});
+                    }
+                    if let Some(d) = data.as_object_mut() {
+                        for (k, v) in string_data {
+                            let text = v.as_str().unwrap_or_default();
+                            d.insert(
+                                k,
+                                json!(base64::engine::general_purpose::STANDARD.encode(text)),
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        ("", "Namespace") => {
+            if let Some(m) = obj.as_object_mut() {
+                let spec = m.entry("spec").or_insert_with(|| json!({}));
+                if let Some(s) = spec.as_object_mut() {
+                    set_default(s, "finalizers", json!(["kubernetes"]));
+                }
+                let status = m.entry("status").or_insert_with(|| json!({}));
+                if let Some(s) = status.as_object_mut() {
+                    set_default(s, "phase", json!("Active"));
+                }
+            }
+        }
+        ("apps", "Deployment") => {
+            if let Some(m) = obj.get_mut("spec").and_then(Value::as_object_mut) {
+                set_default(m, "replicas", json!(1));
+                set_default(m, "revisionHistoryLimit", json!(10));
+                set_default(m, "progressDeadlineSeconds", json!(600));
+                set_default(
+                    m,
+                    "strategy",
+                    json!({"type": "RollingUpdate", "rollingUpdate": {"maxSurge": "25%", "maxUnavailable": "25%"}}),
+                );
+                if let Some(s) = m.get_mut("strategy").and_then(Value::as_object_mut)
+                    && s.get("type").and_then(Value::as_str) == Some("RollingUpdate")
+                {
+                    set_default(s, "rollingUpdate", json!({"maxSurge": "25%", "maxUnavailable": "25%"}));
+                }
+            }
+            default_template(obj, true);
+        }
+        ("apps", "ReplicaSet") | ("apps", "StatefulSet") => {
+            if let Some(m) = obj.get_mut("spec").and_then(Value::as_object_mut) {
+                set_default(m, "replicas", json!(1));
+            }
+            default_template(obj, true);
+        }
+        ("apps", "DaemonSet") => {
+            if let Some(m) = obj.get_mut("spec").and_then(Value::as_object_mut) {
+                set_default(m, "revisionHistoryLimit", json!(10));
+                set_default(
+                    m,
+                    "updateStrategy",
+                    json!({"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}}),
+                );
+            }
+            default_template(obj, true);
+        }
+        ("batch", "Job") => {
+            if let Some(m) = obj.get_mut("spec").and_then(Value::as_object_mut) {
+                set_default(m, "parallelism", json!(1));
+                set_default(m, "completions", json!(1));
+                set_default(m, "backoffLimit", json!(6));
+                set_default(m, "completionMode", json!("NonIndexed"));
+                set_default(m, "suspend", json!(false));
+            }
+            // A Job's template must name its restartPolicy (Never or OnFailure): no default.
+            default_template(obj, false);
+        }
+        _ => {}
+    }
+}
+
+/// Server-set metadata on create: uid, creationTimestamp, generation; name from generateName.
+pub fn prepare_create(info: &ResourceInfo, obj: &mut Value, now: chrono::DateTime<chrono::Utc>) {
+    apply_defaults(info, obj);
+    if let Some(m) = obj.get_mut("metadata").and_then(Value::as_object_mut) {
+        m.insert("uid".into(), json!(uuid::Uuid::new_v4().to_string()));
+        m.insert(
+            "creationTimestamp".into(),
+            json!(now.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
+        );
+        m.insert("generation".into(), json!(1));
+        m.remove("resourceVersion");
+        m.remove("deletionTimestamp");
+        m.remove("deletionGracePeriodSeconds");
+        m.remove("selfLink");
+    }
+}
+
+fn without_meta_status(v: &Value) -> Value {
+    let mut v = v.clone();
+    if let Some(m) = v.as_object_mut() {
+        m.remove("metadata");
+        m.remove("status");
+    }
+    v
+}
+
+/// Update rules: identity metadata comes from `old`; the main resource cannot change status
+/// (when there is a status subresource), the status subresource changes only status;
+/// generation goes up when anything outside metadata and status changed.
+pub fn prepare_update(
+    info: &ResourceInfo,
+    old: &Value,
+    new: &mut Value,
+    subresource: Option<&str>,
+) -> Result<(), ApiError> {
+    if subresource == Some("status") {
+        let status = new.get("status").cloned();
+        let mut merged = old.clone();
+        if let Some(m) = merged.as_object_mut() {
+            match status {
+                Some(s) => m.insert("status".into(), s),
+                None => m.remove("status"),
+            };
+        }
+        *new = merged;
+        return Ok(());
+    }
+    apply_defaults(info, new);
+    for key in [
+        "uid",
+        "creationTimestamp",
+        "deletionTimestamp",
+        "deletionGracePeriodSeconds",
+        "generation",
+    ] {
+        let value = old.get("metadata").and_then(|m| m.get(key)).cloned();
+        if let Some(m) = new.get_mut("metadata").and_then(Value::as_object_mut) {
+            match value {
+                Some(v) => m.insert(key.into(), v),
+                None => m.remove(key),
+            };
+        }
+    }
+    if info.has_subresource("status")
+        && let Some(m) = new.as_object_mut()
+    {
+        match old.get("status") {
+            Some(s) => m.insert("status".into(), s.clone()),
+            None => m.remove("status"),
+        };
+    }
+    if without_meta_status(old) != without_meta_status(new) {
+        let generation = old.pointer("/metadata/generation").and_then(Value::as_i64).unwrap_or(0);
+        new["metadata"]["generation"] = json!(generation + 1);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::interim::registry;
+
+    #[test]
+    fn unknown_fields_are_found_and_pruned() {
+        let info = registry::find("apps", "v1", "deployments").expect("deployments");
+        let body = json!({"metadata": {"name": "a"}, "spec": {"replicas": 1, "bogus": 1, "selector": {}, "template": {}}});
+        let err = admit(info, Some("ns"), body.clone(), FieldValidation::Strict).unwrap_err();
+        assert_eq!(err.code, 400);
+        assert!(err.message.contains("unknown field \"spec.bogus\""), "{}", err.message);
+        let ok = admit(info, Some("ns"), body, FieldValidation::Warn).expect("warn admits");
+        assert_eq!(ok.warnings, vec!["unknown field \"spec.bogus\"".to_string()]);
+        assert!(ok.object.pointer("/spec/bogus").is_none());
+        assert_eq!(ok.object["metadata"]["namespace"], "ns");
+    }
+
+    #[test]
+    fn wrong_types_are_bad_requests() {
+        let info = registry::find("apps", "v1", "deployments").expect("deployments");
+        let body = json!({"metadata": {"name": "a"}, "spec": {"replicas": "three"}});
+        assert_eq!(admit(info, Some("ns"), body, FieldValidation::Ignore).unwrap_err().code, 400);
+    }
+}

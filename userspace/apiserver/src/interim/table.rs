@@ -1,0 +1,323 @@
+//! `meta.k8s.io/v1` Table output for `kubectl get` (interim; TODO(skiff-api): `skiff_api::table`).
+
+use serde_json::{Value, json};
+
+use super::registry::ResourceInfo;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IncludeObject {
+    None,
+    Metadata,
+    Object,
+}
+
+impl IncludeObject {
+    pub fn parse(s: Option<&str>) -> IncludeObject {
+        match s {
+            Some("None") => IncludeObject::None,
+            Some("Object") => IncludeObject::Object,
+            _ => IncludeObject::Metadata,
+        }
+    }
+}
+
+/// Kubernetes' `duration.HumanDuration`, which kubectl users read in the AGE column.
+pub fn human_duration(secs: i64) -> String {
+    let secs = secs.max(0);
+    let (m, h, d) = (secs / 60, secs / 3600, secs / 86400);
+    if secs < 120 {
+        format!("{secs}s")
+    } else if m < 10 {
+        let s = secs % 60;
+        if s == 0 { format!("{m}m") } else { format!("{m}m{s}s") }
+    } else if m < 180 {
+        format!("{m}m")
+    } else if h < 8 {
+        let mm = m % 60;
+        if mm == 0 { format!("{h}h") } else { format!("{h}h{mm}m") }
+    } else if h < 48 {
+        format!("{h}h")
+    } else if h < 24 * 8 {
+        let hh = h % 24;
+        if hh == 0 { format!("{d}d") } else { format!("{d}d{hh}h") }
+    } else if h < 24 * 365 * 2 {
+        format!("{d}d")
+    } else {
+        format!("{}y", d / 365)
+    }
+}
+
+fn age(obj: &Value, now: chrono::DateTime<chrono::Utc>) -> String {
+    obj.pointer("/metadata/creationTimestamp")
+        .and_then(Value::as_str)
+        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+        .map(|t| human_duration((now - t.with_timezone(&chrono::Utc)).num_seconds()))
+        .unwrap_or_else(|| "<unknown>".to_string())
+}
+
+fn s<'a>(obj: &'a Value, ptr: &str) -> &'a str {
+    obj.pointer(ptr).and_then(Value::as_str).unwrap_or("")
+}
+
+fn i(obj: &Value, ptr: &str) -> i64 {
+    obj.pointer(ptr).and_then(Value::as_i64).unwrap_or(0)
+}
+
+fn or_none(v: &str) -> String {
+    if v.is_empty() { "<none>".into() } else { v.into() }
+}
+
+fn selector_text(map: Option<&Value>) -> String {
+    match map.and_then(Value::as_object) {
+        Some(m) if !m.is_empty() => m
+            .iter()
+            .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
+            .collect::<Vec<_>>()
+            .join(","),
+        _ => "<none>".into(),
+    }
+}
+
+type Column = (&'static str, &'static str, i64);
+
+fn columns(info: &ResourceInfo) -> Vec<Column> {
+    match (info.group, info.kind) {
+        ("", "Pod") => vec![
+            ("Name", "string", 0),
+            ("Ready", "string", 0),
+            ("Status", "string", 0),
+            ("Restarts", "string", 0),
+            ("Age", "string", 0),
+            ("IP", "string", 1),
+            ("Node", "string", 1),
+            ("Nominated Node", "string", 1),
+            ("Readiness Gates", "string", 1),
+        ],
+        ("", "Service") => vec![
+            ("Name", "string", 0),
+            ("Type", "string", 0),
+            ("Cluster-IP", "string", 0),
+            ("External-IP", "string", 0),
+            ("Port(s)", "string", 0),
+            ("Age", "string", 0),
+            ("Selector", "string", 1),
+        ],
+        ("", "Namespace") => vec![("Name", "string", 0), ("Status", "string", 0), ("Age", "string", 0)],
+        ("", "Node") => vec![
+            ("Name", "string", 0),
+            ("Status", "string", 0),
+            ("Roles", "string", 0),
+            ("Age", "string", 0),
+            ("Version", "string", 0),
+        ],
+        ("", "ConfigMap") => vec![("Name", "string", 0), ("Data", "integer", 0), ("Age", "string", 0)],
+        ("", "Secret") => vec![
+            ("Name", "string", 0),
+            ("Type", "string", 0),
+            ("Data", "integer", 0),
+            ("Age", "string", 0),
+        ],
+        ("apps", "Deployment") => vec![
+            ("Name", "string", 0),
+            ("Ready", "string", 0),
+            ("Up-to-date", "integer", 0),
+            ("Available", "integer", 0),
+            ("Age", "string", 0),
+            ("Containers", "string", 1),
+            ("Images", "string", 1),
+            ("Selector", "string", 1),
+        ],
+        ("apps", "ReplicaSet") => vec![
+            ("Name", "string", 0),
+            ("Desired", "integer", 0),
+            ("Current", "integer", 0),
+            ("Ready", "integer", 0),
+            ("Age", "string", 0),
+        ],
+        _ => vec![("Name", "string", 0), ("Age", "string", 0)],
+    }
+}
+
+fn pod_status(obj: &Value) -> String {
+    if obj.pointer("/metadata/deletionTimestamp").is_some_and(|v| !v.is_null()) {
+        return "Terminating".into();
+    }
+    if let Some(Value::Array(cs)) = obj.pointer("/status/containerStatuses") {
+        for c in cs {
+            let waiting = s(c, "/state/waiting/reason");
+            if !waiting.is_empty() {
+                return waiting.into();
+            }
+            let term = s(c, "/state/terminated/reason");
+            if !term.is_empty() {
+                return term.into();
+            }
+        }
+    }
+    let reason = s(obj, "/status/reason");
+    if !reason.is_empty() {
+        return reason.into();
+    }
+    let phase = s(obj, "/status/phase");
+    if phase.is_empty() { "Pending".into() } else { phase.into() }
+}
+
+fn cells(info: &ResourceInfo, obj: &Value, now: chrono::DateTime<chrono::Utc>) -> Vec<Value> {
+    let name = json!(s(obj, "/metadata/name"));
+    let age = json!(age(obj, now));
+    match (info.group, info.kind) {
+        ("", "Pod") => {
+            let total = obj.pointer("/spec/containers").and_then(Value::as_array).map_or(0, Vec::len);
+            let statuses = obj.pointer("/status/containerStatuses").and_then(Value::as_array);
+            let ready = statuses.map_or(0, |cs| {
+                cs.iter().filter(|c| c.get("ready").and_then(Value::as_bool) == Some(true)).count()
+            });
+            let restarts: i64 = statuses.map_or(0, |cs| cs.iter().map(|c| i(c, "/restartCount")).sum());
+            vec![
+                name,
+                json!(format!("{ready}/{total}")),
+                json!(pod_status(obj)),
+                json!(restarts.to_string()),
+                age,
+                json!(or_none(s(obj, "/status/podIP"))),
+                json!(or_none(s(obj, "/spec/nodeName"))),
+                json!(or_none(s(obj, "/status/nominatedNodeName"))),
+                json!("<none>"),
+            ]
+        }
+        ("", "Service") => {
+            let ty = s(obj, "/spec/type");
+            let ports: Vec<String> = obj
+                .pointer("/spec/ports")
+                .and_then(Value::as_array)
+                .map(|ps| {
+                    ps.iter()
+                        .map(|p| {
+                            let proto = p.get("protocol").and_then(Value::as_str).unwrap_or("TCP");
+                            let port = i(p, "/port");
+                            match p.get("nodePort").and_then(Value::as_i64) {
+                                Some(np) => format!("{port}:{np}/{proto}"),
+                                None => format!("{port}/{proto}"),
+                            }
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            let external = match ty {
+                "ExternalName" => s(obj, "/spec/externalName").to_string(),
+                "LoadBalancer" => {
+                    let ips: Vec<String> = obj
+                        .pointer("/status/loadBalancer/ingress")
+                        .and_then(Value::as_array)
+                        .map(|a| a.iter().map(|x| s(x, "/ip").to_string()).collect())
+                        .unwrap_or_default();
+                    if ips.is_empty() { "<pending>".into() } else { ips.join(",") }
+                }
+                _ => "<none>".into(),
+            };
+            vec![
+                name,
+                json!(ty),
+                json!(or_none(s(obj, "/spec/clusterIP"))),
+                json!(external),
+                json!(if ports.is_empty() { "<none>".to_string() } else { ports.join(",") }),
+                age,
+                json!(selector_text(obj.pointer("/spec/selector"))),
+            ]
+        }
+        ("", "Namespace") => vec![name, json!(s(obj, "/status/phase")), age],
+        ("", "Node") => {
+            let ready = obj
+                .pointer("/status/conditions")
+                .and_then(Value::as_array)
+                .and_then(|cs| cs.iter().find(|c| s(c, "/type") == "Ready"))
+                .map(|c| s(c, "/status") == "True");
+            let status = match ready {
+                Some(true) => "Ready",
+                _ => "NotReady",
+            };
+            vec![name, json!(status), json!("<none>"), age, json!(s(obj, "/status/nodeInfo/kubeletVersion"))]
+        }
+        ("", "ConfigMap") => {
+            let n = obj.get("data").and_then(Value::as_object).map_or(0, |m| m.len())
+                + obj.get("binaryData").and_then(Value::as_object).map_or(0, |m| m.len());
+            vec![name, json!(n), age]
+        }
+        ("", "Secret") => {
+            let n = obj.get("data").and_then(Value::as_object).map_or(0, |m| m.len());
+            vec![name, json!(s(obj, "/type")), json!(n), age]
+        }
+        ("apps", "Deployment") => {
+            let containers = obj.pointer("/spec/template/spec/containers").and_then(Value::as_array);
+            let join = |field: &str| {
+                containers
+                    .map(|cs| cs.iter().map(|c| s(c, field).to_string()).collect::<Vec<_>>().join(","))
+                    .unwrap_or_default()
+            };
+            let sel = obj.pointer("/spec/selector/matchLabels");
+            vec![
+                name,
+                json!(format!("{}/{}", i(obj, "/status/readyReplicas"), i(obj, "/spec/replicas"))),
+                json!(i(obj, "/status/updatedReplicas")),
+                json!(i(obj, "/status/availableReplicas")),
+                age,
+                json!(join("/name")),
+                json!(join("/image")),
+                json!(selector_text(sel)),
+            ]
+        }
+        ("apps", "ReplicaSet") => vec![
+            name,
+            json!(i(obj, "/spec/replicas")),
+            json!(i(obj, "/status/replicas")),
+            json!(i(obj, "/status/readyReplicas")),
+            age,
+        ],
+        _ => vec![name, age],
+    }
+}
+
+fn partial_metadata(obj: &Value) -> Value {
+    json!({
+        "kind": "PartialObjectMetadata",
+        "apiVersion": "meta.k8s.io/v1",
+        "metadata": obj.get("metadata").cloned().unwrap_or_else(|| json!({})),
+    })
+}
+
+pub fn to_table(
+    info: &ResourceInfo,
+    objects: &[Value],
+    include: IncludeObject,
+    resource_version: &str,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Value {
+    let defs: Vec<Value> = columns(info)
+        .into_iter()
+        .map(|(name, ty, priority)| {
+            json!({
+                "name": name, "type": ty, "format": if name == "Name" { "name" } else { "" },
+                "description": "", "priority": priority,
+            })
+        })
+        .collect();
+    let rows: Vec<Value> = objects
+        .iter()
+        .map(|o| {
+            let mut row = json!({"cells": cells(info, o, now)});
+            match include {
+                IncludeObject::None => {}
+                IncludeObject::Metadata => row["object"] = partial_metadata(o),
+                IncludeObject::Object => row["object"] = o.clone(),
+            }
+            row
+        })
+        .collect();
+    json!({
+        "kind": "Table",
+        "apiVersion": "meta.k8s.io/v1",
+        "metadata": {"resourceVersion": resource_version},
+        "columnDefinitions": defs,
+        "rows": rows,
+    })
+}
