@@ -1,1 +1,339 @@
 #![no_std]
+//! Map keys and values shared by the eBPF programs (`ebpf/programs`) and the userspace loader
+//! (`userspace/datapath`). Every type is `#[repr(C)]`, has no implicit padding (explicit `_pad`
+//! fields, zeroed by whoever builds a key) and is `Copy`, so the kernel and userspace agree on
+//! every byte and hash keys compare equal.
+//!
+//! Byte order: addresses and ports are stored exactly as they appear on the wire (network byte
+//! order), read from the packet or from `bpf_sock_addr` as native integers. Userspace converts
+//! with [`ip4_to_raw`]/[`raw_to_ip4`] and [`port_to_raw`]/[`raw_to_port`].
+//!
+//! IPv6 readiness: every address is an [`Addr`] of 16 bytes. An IPv4 address lives in `w[0]`
+//! with `w[1..4]` zero (not the `::ffff:a.b.c.d` mapped form: the programs then compare one word
+//! and a zeroed tail, and an IPv6 program can use the same maps with all four words). The
+//! `family` is carried where a value must say which it is.
+
+/// Map names, shared so userspace finds them by the same string the object declares.
+pub mod map_names {
+    pub const SERVICES: &str = "SERVICES";
+    pub const BACKEND_SLOTS: &str = "BACKEND_SLOTS";
+    pub const BACKENDS: &str = "BACKENDS";
+    pub const CONNTRACK: &str = "CONNTRACK";
+    pub const SOCK_REVNAT: &str = "SOCK_REVNAT";
+    pub const AFFINITY: &str = "AFFINITY";
+    pub const ENDPOINTS: &str = "ENDPOINTS";
+    pub const COUNTERS: &str = "COUNTERS";
+    pub const ALL: [&str; 8] = [
+        SERVICES,
+        BACKEND_SLOTS,
+        BACKENDS,
+        CONNTRACK,
+        SOCK_REVNAT,
+        AFFINITY,
+        ENDPOINTS,
+        COUNTERS,
+    ];
+}
+
+/// Program names (the function names in ebpf/programs).
+pub mod program_names {
+    pub const CONNECT4: &str = "sock_connect4";
+    pub const SENDMSG4: &str = "sock_sendmsg4";
+    pub const RECVMSG4: &str = "sock_recvmsg4";
+    pub const GETPEERNAME4: &str = "sock_getpeername4";
+    pub const FROM_POD: &str = "from_pod";
+}
+
+/// Map sizes. Hash maps preallocate, so these are memory the node pays up front.
+pub const MAX_SERVICES: u32 = 65_536;
+pub const MAX_BACKENDS: u32 = 262_144;
+pub const MAX_BACKEND_SLOTS: u32 = 262_144;
+pub const MAX_CONNTRACK: u32 = 131_072;
+pub const MAX_SOCK_REVNAT: u32 = 65_536;
+pub const MAX_AFFINITY: u32 = 65_536;
+pub const MAX_ENDPOINTS: u32 = 16_384;
+
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+pub const FAMILY_V4: u8 = 4;
+pub const FAMILY_V6: u8 = 6;
+
+/// The source address a hairpinned flow (a backend reaching itself through its own Service via
+/// the tc layer) is SNATed to: without it the backend would receive a packet from its own address,
+/// which the kernel drops as a martian. Link-local, never routed off the node (Cilium uses the
+/// same idea with 169.254.42.1).
+pub const HAIRPIN_SNAT_V4: [u8; 4] = [169, 254, 42, 1];
+
+/// A 16-byte address: IPv4 in `w[0]` (network byte order), the rest zero; IPv6 uses all four.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Addr {
+    pub w: [u32; 4],
+}
+
+impl Addr {
+    pub const fn v4_raw(raw: u32) -> Self {
+        Addr { w: [raw, 0, 0, 0] }
+    }
+    pub const fn v4(octets: [u8; 4]) -> Self {
+        Addr::v4_raw(ip4_to_raw(octets))
+    }
+}
+
+/// IPv4 octets -> the u32 the kernel sees when it reads the address from a packet.
+pub const fn ip4_to_raw(octets: [u8; 4]) -> u32 {
+    u32::from_ne_bytes(octets)
+}
+pub const fn raw_to_ip4(raw: u32) -> [u8; 4] {
+    raw.to_ne_bytes()
+}
+/// Host-order port -> the u16 the kernel sees on the wire.
+pub const fn port_to_raw(port: u16) -> u16 {
+    port.to_be()
+}
+pub const fn raw_to_port(raw: u16) -> u16 {
+    u16::from_be(raw)
+}
+
+/// Which kind of frontend a service key is: ClusterIP traffic from inside the cluster, or
+/// external traffic (NodePort / LoadBalancer / externalIPs) whose eTP=Local view may differ.
+pub const SCOPE_INTERNAL: u8 = 0;
+pub const SCOPE_EXTERNAL: u8 = 1;
+
+/// SERVICES key: the frontend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceKey {
+    pub addr: Addr,
+    /// Network byte order.
+    pub port: u16,
+    pub proto: u8,
+    pub scope: u8,
+}
+
+/// ServiceValue.flags bits.
+pub const SVC_F_AFFINITY: u16 = 1 << 0;
+pub const SVC_F_ETP_LOCAL: u16 = 1 << 1;
+pub const SVC_F_ITP_LOCAL: u16 = 1 << 2;
+
+/// SERVICES value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceValue {
+    /// Identifies the service in BACKEND_SLOTS, AFFINITY and BACKENDS.service_id. Never 0.
+    pub service_id: u32,
+    /// Number of ACTIVE backends, in slots 0..backend_count. Terminating backends get no slot,
+    /// so new flows never pick them; their established flows find them by id in BACKENDS.
+    pub backend_count: u32,
+    pub flags: u16,
+    pub _pad: u16,
+    /// ClientIP affinity timeout in seconds (used when SVC_F_AFFINITY is set).
+    pub affinity_timeout_s: u32,
+}
+
+/// BACKEND_SLOTS key -> backend id (u32).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BackendSlotKey {
+    pub service_id: u32,
+    pub slot: u32,
+}
+
+pub const BACKEND_ACTIVE: u8 = 0;
+pub const BACKEND_TERMINATING: u8 = 1;
+
+/// BACKENDS value, keyed by backend id (u32, never 0). Backends are per service (the id is
+/// owned by `service_id`), which keeps removal and the diff simple at the cost of one entry per
+/// (service, endpoint) pair.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Backend {
+    pub addr: Addr,
+    /// Network byte order.
+    pub port: u16,
+    pub proto: u8,
+    /// BACKEND_ACTIVE or BACKEND_TERMINATING.
+    pub state: u8,
+    pub service_id: u32,
+}
+
+/// CONNTRACK key: a 5-tuple as seen on the wire at the tc hook.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CtKey {
+    pub src: Addr,
+    pub dst: Addr,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+/// CtValue.flags bits.
+/// Entry keyed by the client's original tuple (client -> VIP): DNAT to the backend.
+pub const CT_F_FORWARD: u16 = 1 << 0;
+/// Entry keyed by the backend's reply tuple (backend -> client): reverse NAT to the VIP.
+pub const CT_F_REPLY: u16 = 1 << 1;
+/// The flow is a hairpin (client == backend): source SNATed to HAIRPIN_SNAT_V4.
+pub const CT_F_HAIRPIN: u16 = 1 << 2;
+
+/// CONNTRACK value (LRU hash: the kernel evicts the least recently used entry when full).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtValue {
+    pub backend_id: u32,
+    pub flags: u16,
+    /// Original frontend port (network byte order).
+    pub orig_port: u16,
+    /// Original frontend address (the VIP).
+    pub orig_addr: Addr,
+    /// For hairpin reply entries: the client's own address to restore as destination.
+    pub client_addr: Addr,
+    /// bpf_ktime_get_ns() of the last packet.
+    pub last_seen_ns: u64,
+}
+
+/// SOCK_REVNAT key: a socket (by cookie) and the backend it was sent to. Keyed by backend too
+/// because an unconnected UDP socket (sendmsg) may talk to several services at once.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SockRevKey {
+    pub cookie: u64,
+    pub backend_addr: Addr,
+    pub backend_port: u16,
+    pub _pad: [u8; 6],
+}
+
+/// SOCK_REVNAT value: what the application asked for.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockRevValue {
+    pub orig_addr: Addr,
+    pub orig_port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+    pub service_id: u32,
+}
+
+/// AffinityKey.kind: who the client is.
+/// The socket layer does not know the source address at connect(); it uses the netns cookie,
+/// which identifies the pod (one pod = one netns = one client IP).
+pub const AFF_KIND_NETNS_COOKIE: u32 = 1;
+/// The tc layer uses the client's source address.
+pub const AFF_KIND_ADDR: u32 = 2;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AffinityKey {
+    pub service_id: u32,
+    pub kind: u32,
+    /// An Addr for AFF_KIND_ADDR; for AFF_KIND_NETNS_COOKIE the cookie in w[0] (low) and w[1].
+    pub client: Addr,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AffinityValue {
+    pub backend_id: u32,
+    pub _pad: u32,
+    pub last_used_ns: u64,
+}
+
+/// ENDPOINTS value, keyed by the pod's Addr: how to deliver to a pod on this node.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EndpointValue {
+    /// ifindex of the host side of the pod's veth (bpf_redirect_peer target).
+    pub host_ifindex: u32,
+    pub flags: u32,
+    /// The pod's MAC (destination of delivered frames).
+    pub pod_mac: [u8; 6],
+    /// The host-side veth's MAC (source of delivered frames).
+    pub host_mac: [u8; 6],
+}
+
+/// Per-CPU counters (COUNTERS is a PerCpuArray<u64> indexed by these).
+pub mod counter {
+    pub const PACKETS: u32 = 0;
+    pub const SVC_HIT: u32 = 1;
+    pub const DNAT: u32 = 2;
+    pub const REVNAT: u32 = 3;
+    pub const CT_CREATE: u32 = 4;
+    pub const NO_BACKEND: u32 = 5;
+    pub const REDIRECT_PEER: u32 = 6;
+    pub const REDIRECT_NEIGH: u32 = 7;
+    pub const FIB_PASS: u32 = 8;
+    pub const SOCK_XLATE: u32 = 9;
+    pub const SOCK_REVNAT: u32 = 10;
+    pub const HAIRPIN: u32 = 11;
+    pub const ERRORS: u32 = 12;
+    pub const COUNT: u32 = 16;
+    pub const NAMES: [&str; 13] = [
+        "packets",
+        "service_hit",
+        "dnat",
+        "reverse_nat",
+        "conntrack_create",
+        "no_backend",
+        "redirect_peer",
+        "redirect_neigh",
+        "fib_pass_to_stack",
+        "socket_translate",
+        "socket_reverse",
+        "hairpin",
+        "errors",
+    ];
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: every type is #[repr(C)], Copy, made only of integers and integer arrays with
+    // explicit padding fields, so any bit pattern is valid and there are no uninitialised bytes.
+    unsafe impl aya::Pod for Addr {}
+    unsafe impl aya::Pod for ServiceKey {}
+    unsafe impl aya::Pod for ServiceValue {}
+    unsafe impl aya::Pod for BackendSlotKey {}
+    unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for CtKey {}
+    unsafe impl aya::Pod for CtValue {}
+    unsafe impl aya::Pod for SockRevKey {}
+    unsafe impl aya::Pod for SockRevValue {}
+    unsafe impl aya::Pod for AffinityKey {}
+    unsafe impl aya::Pod for AffinityValue {}
+    unsafe impl aya::Pod for EndpointValue {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    // The layouts are the contract with the kernel side: a size change is a map format change
+    // (pinned maps from an older agent would no longer load), so it must be deliberate.
+    #[test]
+    fn layouts_have_no_hidden_padding() {
+        assert_eq!(size_of::<Addr>(), 16);
+        assert_eq!(size_of::<ServiceKey>(), 20);
+        assert_eq!(size_of::<ServiceValue>(), 16);
+        assert_eq!(size_of::<BackendSlotKey>(), 8);
+        assert_eq!(size_of::<Backend>(), 24);
+        assert_eq!(size_of::<CtKey>(), 40);
+        assert_eq!(size_of::<CtValue>(), 48);
+        assert_eq!(size_of::<SockRevKey>(), 32);
+        assert_eq!(size_of::<SockRevValue>(), 24);
+        assert_eq!(size_of::<AffinityKey>(), 24);
+        assert_eq!(size_of::<AffinityValue>(), 16);
+        assert_eq!(size_of::<EndpointValue>(), 20);
+    }
+
+    #[test]
+    fn byte_order_helpers_round_trip() {
+        let raw = ip4_to_raw([10, 96, 0, 1]);
+        assert_eq!(raw.to_ne_bytes(), [10, 96, 0, 1]);
+        assert_eq!(raw_to_ip4(raw), [10, 96, 0, 1]);
+        assert_eq!(port_to_raw(80).to_ne_bytes(), [0, 80]);
+        assert_eq!(raw_to_port(port_to_raw(8080)), 8080);
+    }
+}

@@ -1,1 +1,586 @@
-//! (being built)
+//! skiff-datapath: loads skiff's eBPF datapath (built from ebpf/programs by build.rs and carried
+//! inside this crate), pins its maps and links on a bpffs, attaches it to cgroups and pod veths,
+//! and programs Services into its maps with an incremental diff ([`plan`]).
+//!
+//! Lifecycle: [`Datapath::load`] loads the object once. Maps are pinned by name under the
+//! caller's directory (e.g. /sys/fs/bpf/skiff/<node>) and reused on the next load, so restarting
+//! the agent never flushes live state (services, conntrack, affinity). Links are pinned under
+//! `<dir>/links/`, so programs stay attached while no agent runs; attaching again over a pinned
+//! link attaches the new program first and then releases the old one (an upgrade in place).
+
+pub mod plan;
+
+use std::{
+    collections::BTreeMap,
+    ffi::CString,
+    fs::File,
+    net::{IpAddr, Ipv4Addr},
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader, include_bytes_aligned,
+    maps::{HashMap, MapData, MapError, PerCpuArray},
+    programs::{
+        CgroupAttachMode, CgroupSockAddr, ProgramError, SchedClassifier, TcAttachType,
+        links::{FdLink, LinkError, PinnedLink},
+    },
+};
+use skiff_ebpf_common::{
+    AffinityKey, AffinityValue, BACKEND_ACTIVE, Backend, BackendSlotKey, CT_F_HAIRPIN, CT_F_REPLY,
+    CtKey, CtValue, EndpointValue, PROTO_UDP, ServiceKey, ServiceValue, SockRevKey, SockRevValue,
+    counter, ip4_to_raw, map_names, program_names, raw_to_ip4, raw_to_port,
+};
+use tracing::{debug, info, warn};
+
+pub use plan::{BackendSpec, MapOp, MapState, Proto, ServiceSpec};
+
+/// The datapath object, built by build.rs from ebpf/programs.
+static DATAPATH_OBJECT: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/datapath"));
+
+/// The raw eBPF object (for tools that want to inspect it).
+pub fn object_bytes() -> &'static [u8] {
+    DATAPATH_OBJECT
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error("loading the eBPF object failed (is this root, with bpffs mounted and a kernel >= 6.6?): {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("eBPF program {name}: {source}")]
+    Program {
+        name: String,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("eBPF map {name}: {source}")]
+    Map {
+        name: String,
+        #[source]
+        source: MapError,
+    },
+    #[error("pinned link {path}: {source}")]
+    Link {
+        path: PathBuf,
+        #[source]
+        source: LinkError,
+    },
+    #[error("pinning link at {path} failed: {message}")]
+    Pin { path: PathBuf, message: String },
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0} is not on a bpffs: mount one (mount -t bpf bpf /sys/fs/bpf) and pin under it")]
+    NotBpffs(PathBuf),
+    #[error("the eBPF object has no {0}: the build of ebpf/programs is out of date")]
+    Missing(String),
+    #[error("invalid service: {0}")]
+    InvalidService(String),
+    #[error("no cgroup v2 mount found (looked at /sys/fs/cgroup and /sys/fs/cgroup/unified): mount cgroup2")]
+    NoCgroup2,
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DatapathError {
+    let what = what.into();
+    move |source| DatapathError::Io { what, source }
+}
+
+fn map_err(name: &str) -> impl FnOnce(MapError) -> DatapathError + '_ {
+    move |source| DatapathError::Map { name: name.to_string(), source }
+}
+
+fn prog_err(name: &str) -> impl FnOnce(ProgramError) -> DatapathError + '_ {
+    move |source| DatapathError::Program { name: name.to_string(), source }
+}
+
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+
+fn statfs_magic(path: &Path) -> Result<i64, DatapathError> {
+    let c = CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| DatapathError::InvalidService(format!("path {} contains a NUL byte", path.display())))?;
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: c is a valid C string and st a valid out-pointer.
+    let rc = unsafe { libc::statfs(c.as_ptr(), &mut st) };
+    if rc != 0 {
+        return Err(DatapathError::Io {
+            what: format!("statfs {}", path.display()),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    #[allow(clippy::unnecessary_cast)]
+    Ok(st.f_type as i64)
+}
+
+/// The cgroup v2 mount: /sys/fs/cgroup on a pure-v2 host, /sys/fs/cgroup/unified on a hybrid one.
+pub fn cgroup2_root() -> Result<PathBuf, DatapathError> {
+    for candidate in ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"] {
+        let p = Path::new(candidate);
+        if p.is_dir() && statfs_magic(p).ok() == Some(CGROUP2_SUPER_MAGIC) {
+            return Ok(p.to_path_buf());
+        }
+    }
+    Err(DatapathError::NoCgroup2)
+}
+
+/// How to reach a pod on this node (an ENDPOINTS entry).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EndpointSpec {
+    /// ifindex of the host side of the pod's veth, in the namespace the tc program runs in.
+    pub host_ifindex: u32,
+    pub pod_mac: [u8; 6],
+    pub host_mac: [u8; 6],
+}
+
+/// One service as `dump_services` reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceEntry {
+    pub vip: IpAddr,
+    pub port: u16,
+    pub proto: Proto,
+    pub service_id: u32,
+    /// Active backends in slot order (the ones that get new flows).
+    pub active_backends: Vec<u32>,
+    pub affinity_timeout: Option<u32>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendState {
+    Active,
+    Terminating,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackendEntry {
+    pub id: u32,
+    pub service_id: u32,
+    pub ip: IpAddr,
+    pub port: u16,
+    pub proto: Proto,
+    pub state: BackendState,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CtDirection {
+    /// Keyed by the client's tuple towards the VIP.
+    Forward,
+    /// Keyed by the backend's reply tuple.
+    Reply,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConntrackEntry {
+    pub src: IpAddr,
+    pub sport: u16,
+    pub dst: IpAddr,
+    pub dport: u16,
+    pub proto: u8,
+    pub direction: CtDirection,
+    pub hairpin: bool,
+    pub backend_id: u32,
+    pub vip: IpAddr,
+    pub vip_port: u16,
+    pub last_seen_ns: u64,
+}
+
+fn ip_of(addr: &skiff_ebpf_common::Addr) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::from(raw_to_ip4(addr.w[0])))
+}
+
+fn addr_of(ip: Ipv4Addr) -> skiff_ebpf_common::Addr {
+    skiff_ebpf_common::Addr::v4_raw(ip4_to_raw(ip.octets()))
+}
+
+/// Where the cgroup socket programs go.
+const CGROUP_PROGRAMS: [&str; 4] = [
+    program_names::CONNECT4,
+    program_names::SENDMSG4,
+    program_names::RECVMSG4,
+    program_names::GETPEERNAME4,
+];
+
+/// The loaded datapath and its (pinned) maps.
+pub struct Datapath {
+    ebpf: Ebpf,
+    pin_dir: PathBuf,
+    services: HashMap<MapData, ServiceKey, ServiceValue>,
+    slots: HashMap<MapData, BackendSlotKey, u32>,
+    backends: HashMap<MapData, u32, Backend>,
+    conntrack: HashMap<MapData, CtKey, CtValue>,
+    sock_revnat: HashMap<MapData, SockRevKey, SockRevValue>,
+    affinity: HashMap<MapData, AffinityKey, AffinityValue>,
+    endpoints: HashMap<MapData, skiff_ebpf_common::Addr, EndpointValue>,
+    counters: PerCpuArray<MapData, u64>,
+}
+
+impl Datapath {
+    /// Loads the datapath, pinning its maps under `pin_dir` (created if missing; must be on a
+    /// bpffs) or reusing the maps already pinned there, and loads every program into the kernel
+    /// (the verifier runs here).
+    pub fn load(pin_dir: &Path) -> Result<Datapath, DatapathError> {
+        std::fs::create_dir_all(pin_dir).map_err(io_err(format!("creating pin directory {}", pin_dir.display())))?;
+        if statfs_magic(pin_dir)? != BPF_FS_MAGIC {
+            return Err(DatapathError::NotBpffs(pin_dir.to_path_buf()));
+        }
+        let links = pin_dir.join("links");
+        std::fs::create_dir_all(&links).map_err(io_err(format!("creating {}", links.display())))?;
+        let reused = map_names::ALL.iter().filter(|n| pin_dir.join(n).exists()).count();
+        let mut ebpf = EbpfLoader::new().default_map_pin_directory(pin_dir).load(DATAPATH_OBJECT)?;
+        for name in CGROUP_PROGRAMS {
+            let p: &mut CgroupSockAddr = ebpf
+                .program_mut(name)
+                .ok_or_else(|| DatapathError::Missing(format!("program {name}")))?
+                .try_into()
+                .map_err(prog_err(name))?;
+            p.load().map_err(prog_err(name))?;
+        }
+        let tc: &mut SchedClassifier = ebpf
+            .program_mut(program_names::FROM_POD)
+            .ok_or_else(|| DatapathError::Missing(format!("program {}", program_names::FROM_POD)))?
+            .try_into()
+            .map_err(prog_err(program_names::FROM_POD))?;
+        tc.load().map_err(prog_err(program_names::FROM_POD))?;
+
+        fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DatapathError>
+        where
+            T: TryFrom<aya::maps::Map, Error = MapError>,
+        {
+            let map = ebpf.take_map(name).ok_or_else(|| DatapathError::Missing(format!("map {name}")))?;
+            T::try_from(map).map_err(map_err(name))
+        }
+        let dp = Datapath {
+            services: take(&mut ebpf, map_names::SERVICES)?,
+            slots: take(&mut ebpf, map_names::BACKEND_SLOTS)?,
+            backends: take(&mut ebpf, map_names::BACKENDS)?,
+            conntrack: take(&mut ebpf, map_names::CONNTRACK)?,
+            sock_revnat: take(&mut ebpf, map_names::SOCK_REVNAT)?,
+            affinity: take(&mut ebpf, map_names::AFFINITY)?,
+            endpoints: take(&mut ebpf, map_names::ENDPOINTS)?,
+            counters: take(&mut ebpf, map_names::COUNTERS)?,
+            ebpf,
+            pin_dir: pin_dir.to_path_buf(),
+        };
+        info!(pin_dir = %pin_dir.display(), reused_maps = reused, "datapath loaded");
+        Ok(dp)
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    /// Pins `link` at `path`, replacing (and thereby detaching) whatever link was pinned there
+    /// before. The new link is attached before the old one goes, so there is no gap.
+    fn pin_replacing(link: FdLink, path: &Path) -> Result<(), DatapathError> {
+        let old = if path.exists() {
+            match PinnedLink::from_pin(path) {
+                Ok(p) => Some(p.unpin().map_err(io_err(format!("unpinning {}", path.display())))?),
+                Err(e) => {
+                    warn!(path = %path.display(), error = %e, "removing unreadable link pin");
+                    std::fs::remove_file(path).map_err(io_err(format!("removing {}", path.display())))?;
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        link.pin(path).map_err(|e| DatapathError::Pin { path: path.to_path_buf(), message: e.to_string() })?;
+        drop(old); // releases the previous attachment
+        Ok(())
+    }
+
+    /// Attaches the socket-LB programs (connect4, sendmsg4, recvmsg4, getpeername4) to a cgroup
+    /// v2 directory; sockets of processes in it and below get socket-level ClusterIP LB. The
+    /// links are pinned, so they survive this process. Safe to call again (replaces).
+    pub fn attach_cgroup(&mut self, cgroup_dir: &Path) -> Result<(), DatapathError> {
+        if statfs_magic(cgroup_dir)? != CGROUP2_SUPER_MAGIC {
+            return Err(DatapathError::Io {
+                what: format!("{} is not a cgroup v2 directory", cgroup_dir.display()),
+                source: std::io::Error::from(std::io::ErrorKind::InvalidInput),
+            });
+        }
+        let tag = link_tag(cgroup_dir);
+        for name in CGROUP_PROGRAMS {
+            let dir = File::open(cgroup_dir).map_err(io_err(format!("opening cgroup {}", cgroup_dir.display())))?;
+            let p: &mut CgroupSockAddr = self
+                .ebpf
+                .program_mut(name)
+                .ok_or_else(|| DatapathError::Missing(format!("program {name}")))?
+                .try_into()
+                .map_err(prog_err(name))?;
+            // AllowMultiple: during a replace the old and new program are both attached for a
+            // moment; the second one sees an already-translated address and does nothing.
+            let id = p.attach(dir, CgroupAttachMode::AllowMultiple).map_err(prog_err(name))?;
+            let link = p.take_link(id).map_err(prog_err(name))?;
+            let fd_link: FdLink = link.try_into().map_err(|e| DatapathError::Pin {
+                path: cgroup_dir.to_path_buf(),
+                message: format!("cgroup link is not a bpf_link: {e}"),
+            })?;
+            Self::pin_replacing(fd_link, &self.pin_dir.join("links").join(format!("cg-{tag}-{name}")))?;
+        }
+        debug!(cgroup = %cgroup_dir.display(), "socket LB attached");
+        Ok(())
+    }
+
+    /// Detaches the socket-LB programs from a cgroup (removes their pinned links).
+    pub fn detach_cgroup(&mut self, cgroup_dir: &Path) -> Result<(), DatapathError> {
+        let tag = link_tag(cgroup_dir);
+        for name in CGROUP_PROGRAMS {
+            remove_link_pin(&self.pin_dir.join("links").join(format!("cg-{tag}-{name}")))?;
+        }
+        Ok(())
+    }
+
+    /// Attaches `from_pod` to the ingress of `iface` (the host side of a pod veth) in the
+    /// calling thread's network namespace, with TCX (kernel >= 6.6). The link is pinned as
+    /// `links/tc-<iface>-<ifindex>`.
+    ///
+    /// Kernels older than 6.6 would need a netlink cls_bpf attachment instead (aya's
+    /// `TcAttachOptions::Netlink` after `qdisc_add_clsact`); such attachments cannot be pinned
+    /// and belong in a separate `attach_tc_netlink` kept alive by the agent. Not done yet.
+    pub fn attach_tc(&mut self, iface: &str) -> Result<(), DatapathError> {
+        let ifindex = ifindex_of(iface)?;
+        let name = program_names::FROM_POD;
+        let p: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(name)
+            .ok_or_else(|| DatapathError::Missing(format!("program {name}")))?
+            .try_into()
+            .map_err(prog_err(name))?;
+        let id = p.attach(iface, TcAttachType::Ingress).map_err(prog_err(name))?;
+        let link = p.take_link(id).map_err(prog_err(name))?;
+        let fd_link: FdLink = link.try_into().map_err(|e| DatapathError::Pin {
+            path: PathBuf::from(iface),
+            message: format!("tc link is not a TCX bpf_link (kernel < 6.6?): {e}"),
+        })?;
+        Self::pin_replacing(fd_link, &self.tc_link_path(iface, ifindex))?;
+        debug!(iface, ifindex, "tc from_pod attached");
+        Ok(())
+    }
+
+    /// Detaches `from_pod` from `iface` (in the calling thread's network namespace).
+    pub fn detach_tc(&mut self, iface: &str) -> Result<(), DatapathError> {
+        let ifindex = ifindex_of(iface)?;
+        remove_link_pin(&self.tc_link_path(iface, ifindex))
+    }
+
+    fn tc_link_path(&self, iface: &str, ifindex: u32) -> PathBuf {
+        self.pin_dir.join("links").join(format!("tc-{iface}-{ifindex}"))
+    }
+
+    /// Registers a pod on this node for `bpf_redirect_peer` delivery.
+    pub fn upsert_endpoint(&mut self, ip: Ipv4Addr, ep: &EndpointSpec) -> Result<(), DatapathError> {
+        let v = EndpointValue { host_ifindex: ep.host_ifindex, flags: 0, pod_mac: ep.pod_mac, host_mac: ep.host_mac };
+        self.endpoints.insert(addr_of(ip), v, 0).map_err(map_err(map_names::ENDPOINTS))
+    }
+
+    pub fn delete_endpoint(&mut self, ip: Ipv4Addr) -> Result<(), DatapathError> {
+        match self.endpoints.remove(&addr_of(ip)) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(map_err(map_names::ENDPOINTS)(e)),
+        }
+    }
+
+    /// What SERVICES, BACKEND_SLOTS and BACKENDS hold now.
+    pub fn map_state(&self) -> Result<MapState, DatapathError> {
+        let mut st = MapState::default();
+        for kv in self.services.iter() {
+            let (k, v) = kv.map_err(map_err(map_names::SERVICES))?;
+            st.services.insert(k, v);
+        }
+        for kv in self.slots.iter() {
+            let (k, v) = kv.map_err(map_err(map_names::BACKEND_SLOTS))?;
+            st.slots.insert(k, v);
+        }
+        for kv in self.backends.iter() {
+            let (k, v) = kv.map_err(map_err(map_names::BACKENDS))?;
+            st.backends.insert(k, v);
+        }
+        Ok(st)
+    }
+
+    /// Makes the maps hold `spec`, changing only what differs. Returns the operations applied.
+    pub fn upsert_service(&mut self, spec: &ServiceSpec) -> Result<Vec<MapOp>, DatapathError> {
+        let ops = plan::plan_upsert(spec, &self.map_state()?)?;
+        self.apply(&ops)?;
+        Ok(ops)
+    }
+
+    /// Removes a service frontend and everything it owns (no-op if absent).
+    pub fn delete_service(&mut self, vip: IpAddr, port: u16, proto: Proto) -> Result<Vec<MapOp>, DatapathError> {
+        let key = plan::service_key(&ServiceSpec { vip, port, proto, backends: vec![], affinity_timeout: None })?;
+        let ops = plan::plan_delete(&key, &self.map_state()?);
+        self.apply(&ops)?;
+        Ok(ops)
+    }
+
+    /// Makes the maps hold exactly `desired` (deleting services not listed).
+    pub fn sync_services(&mut self, desired: &[ServiceSpec]) -> Result<Vec<MapOp>, DatapathError> {
+        let ops = plan::plan_sync(desired, &self.map_state()?)?;
+        self.apply(&ops)?;
+        Ok(ops)
+    }
+
+    /// Executes planned operations in order.
+    pub fn apply(&mut self, ops: &[MapOp]) -> Result<(), DatapathError> {
+        for op in ops {
+            let missing_ok = |r: Result<(), MapError>, name: &str| match r {
+                Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+                Err(e) => Err(map_err(name)(e)),
+            };
+            match op {
+                MapOp::PutBackend { id, backend } => {
+                    self.backends.insert(id, backend, 0).map_err(map_err(map_names::BACKENDS))?
+                }
+                MapOp::PutSlot { key, backend_id } => {
+                    self.slots.insert(key, backend_id, 0).map_err(map_err(map_names::BACKEND_SLOTS))?
+                }
+                MapOp::PutService { key, value } => {
+                    self.services.insert(key, value, 0).map_err(map_err(map_names::SERVICES))?
+                }
+                MapOp::DeleteSlot { key } => missing_ok(self.slots.remove(key), map_names::BACKEND_SLOTS)?,
+                MapOp::DeleteService { key } => missing_ok(self.services.remove(key), map_names::SERVICES)?,
+                MapOp::DeleteBackend { id } => missing_ok(self.backends.remove(id), map_names::BACKENDS)?,
+                MapOp::PurgeConntrack { backend_id } => {
+                    let n = self.purge_udp_conntrack(*backend_id)?;
+                    debug!(backend_id, purged = n, "udp conntrack purged");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes the UDP conntrack entries (both directions) and the affinity entries that point
+    /// at `backend_id`. Returns how many conntrack entries went. TCP entries are left to the
+    /// LRU: a TCP packet whose backend is gone finds no BACKENDS entry and is balanced again.
+    pub fn purge_udp_conntrack(&mut self, backend_id: u32) -> Result<usize, DatapathError> {
+        let mut doomed = Vec::new();
+        for kv in self.conntrack.iter() {
+            match kv {
+                Ok((k, v)) if v.backend_id == backend_id && k.proto == PROTO_UDP => doomed.push(k),
+                Ok(_) => {}
+                // An LRU entry can vanish between get_next_key and lookup: not an error.
+                Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(map_names::CONNTRACK)(e)),
+            }
+        }
+        for k in &doomed {
+            match self.conntrack.remove(k) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(map_names::CONNTRACK)(e)),
+            }
+        }
+        let aff: Vec<AffinityKey> =
+            self.affinity.iter().filter_map(|kv| kv.ok()).filter(|(_, v)| v.backend_id == backend_id).map(|(k, _)| k).collect();
+        for k in &aff {
+            let _ = self.affinity.remove(k);
+        }
+        Ok(doomed.len())
+    }
+
+    pub fn dump_services(&self) -> Result<Vec<ServiceEntry>, DatapathError> {
+        let st = self.map_state()?;
+        let mut out = Vec::new();
+        for (k, v) in &st.services {
+            let active_backends = (0..v.backend_count)
+                .filter_map(|slot| st.slots.get(&BackendSlotKey { service_id: v.service_id, slot }).copied())
+                .collect();
+            out.push(ServiceEntry {
+                vip: ip_of(&k.addr),
+                port: raw_to_port(k.port),
+                proto: Proto::from_number(k.proto).unwrap_or(Proto::Tcp),
+                service_id: v.service_id,
+                active_backends,
+                affinity_timeout: (v.flags & skiff_ebpf_common::SVC_F_AFFINITY != 0).then_some(v.affinity_timeout_s),
+            });
+        }
+        Ok(out)
+    }
+
+    pub fn dump_backends(&self) -> Result<Vec<BackendEntry>, DatapathError> {
+        let st = self.map_state()?;
+        Ok(st
+            .backends
+            .iter()
+            .map(|(id, b)| BackendEntry {
+                id: *id,
+                service_id: b.service_id,
+                ip: ip_of(&b.addr),
+                port: raw_to_port(b.port),
+                proto: Proto::from_number(b.proto).unwrap_or(Proto::Tcp),
+                state: if b.state == BACKEND_ACTIVE { BackendState::Active } else { BackendState::Terminating },
+            })
+            .collect())
+    }
+
+    pub fn dump_conntrack(&self) -> Result<Vec<ConntrackEntry>, DatapathError> {
+        let mut out = Vec::new();
+        for kv in self.conntrack.iter() {
+            let (k, v) = match kv {
+                Ok(kv) => kv,
+                Err(MapError::KeyNotFound) => continue,
+                Err(e) => return Err(map_err(map_names::CONNTRACK)(e)),
+            };
+            out.push(ConntrackEntry {
+                src: ip_of(&k.src),
+                sport: raw_to_port(k.sport),
+                dst: ip_of(&k.dst),
+                dport: raw_to_port(k.dport),
+                proto: k.proto,
+                direction: if v.flags & CT_F_REPLY != 0 { CtDirection::Reply } else { CtDirection::Forward },
+                hairpin: v.flags & CT_F_HAIRPIN != 0,
+                backend_id: v.backend_id,
+                vip: ip_of(&v.orig_addr),
+                vip_port: raw_to_port(v.orig_port),
+                last_seen_ns: v.last_seen_ns,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Per-CPU counters summed, by name.
+    pub fn counters(&self) -> Result<BTreeMap<&'static str, u64>, DatapathError> {
+        let mut out = BTreeMap::new();
+        for (i, name) in counter::NAMES.iter().enumerate() {
+            let values = self.counters.get(&(i as u32), 0).map_err(map_err(map_names::COUNTERS))?;
+            out.insert(*name, values.iter().copied().sum());
+        }
+        Ok(out)
+    }
+
+    /// Number of socket reverse-NAT entries (for tests and stats).
+    pub fn sock_revnat_len(&self) -> usize {
+        self.sock_revnat.keys().filter(|k| k.is_ok()).count()
+    }
+}
+
+/// A file-name-safe tag for a cgroup path.
+fn link_tag(path: &Path) -> String {
+    path.to_string_lossy().trim_matches('/').replace('/', "_")
+}
+
+fn remove_link_pin(path: &Path) -> Result<(), DatapathError> {
+    if !path.exists() {
+        return Ok(());
+    }
+    let link = PinnedLink::from_pin(path).map_err(|source| DatapathError::Link { path: path.to_path_buf(), source })?;
+    let fd = link.unpin().map_err(io_err(format!("unpinning {}", path.display())))?;
+    drop(fd);
+    Ok(())
+}
+
+fn ifindex_of(iface: &str) -> Result<u32, DatapathError> {
+    let c = CString::new(iface)
+        .map_err(|_| DatapathError::InvalidService(format!("interface name {iface:?} contains a NUL byte")))?;
+    // SAFETY: valid C string.
+    let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    if idx == 0 {
+        return Err(DatapathError::Io {
+            what: format!("interface {iface} not found in this network namespace"),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    Ok(idx)
+}

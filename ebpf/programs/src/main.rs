@@ -1,0 +1,379 @@
+//! skiff's eBPF datapath (kernel side). Built for bpfel-unknown-none by userspace/datapath's
+//! build.rs; the maps' keys and values come from skiff-ebpf-common.
+//!
+//! Two layers of ClusterIP load balancing:
+//! - socket level (cgroup v2 connect4/sendmsg4/recvmsg4/getpeername4): the VIP is replaced by a
+//!   backend at connect()/sendmsg() time, so established flows pay no per-packet NAT; the VIP is
+//!   remembered per socket cookie so getpeername()/recvmsg() show what the application asked for.
+//! - packet level (`from_pod`, tc ingress on the host side of every pod veth, i.e. packets leaving
+//!   a pod): what the socket layer did not translate (clients outside the cgroup) is DNATed with an
+//!   LRU conntrack entry. The backend's replies leave the backend pod through its own veth, so they
+//!   meet this same program on the backend's veth, where the reply entry reverses the NAT. (A
+//!   backend on another node would reply through that node's pipeline; the remote case needs the
+//!   same program on the client node's uplink/to-pod path and is not done yet.)
+//!
+//! Delivery: a destination that is a pod on this node (ENDPOINTS) gets `bpf_redirect_peer` to its
+//! host-side veth (straight into the pod's namespace); anything else goes through `bpf_fib_lookup`
+//! and `bpf_redirect_neigh`, and falls back to the stack (TC_ACT_OK) when the lookup fails.
+#![no_std]
+#![no_main]
+
+use core::{mem, ptr};
+
+use aya_ebpf::{
+    EbpfContext,
+    bindings::{
+        BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK, TC_ACT_SHOT,
+        bpf_fib_lookup, bpf_sock_addr,
+    },
+    helpers::generated as h,
+    macros::{cgroup_sock_addr, classifier, map},
+    maps::{HashMap, LruHashMap, PerCpuArray},
+    programs::{SockAddrContext, TcContext},
+};
+use skiff_ebpf_common::*;
+
+#[map]
+static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::pinned(MAX_SERVICES, 0);
+#[map]
+static BACKEND_SLOTS: HashMap<BackendSlotKey, u32> = HashMap::pinned(MAX_BACKEND_SLOTS, 0);
+#[map]
+static BACKENDS: HashMap<u32, Backend> = HashMap::pinned(MAX_BACKENDS, 0);
+#[map]
+static CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(MAX_CONNTRACK, 0);
+#[map]
+static SOCK_REVNAT: LruHashMap<SockRevKey, SockRevValue> = LruHashMap::pinned(MAX_SOCK_REVNAT, 0);
+#[map]
+static AFFINITY: LruHashMap<AffinityKey, AffinityValue> = LruHashMap::pinned(MAX_AFFINITY, 0);
+#[map]
+static ENDPOINTS: HashMap<Addr, EndpointValue> = HashMap::pinned(MAX_ENDPOINTS, 0);
+#[map]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(counter::COUNT, 0);
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP_RAW: u16 = 0x0800u16.to_be();
+const IP_CSUM_OFF: usize = ETH_HLEN + 10;
+const IP_SRC_OFF: usize = ETH_HLEN + 12;
+const IP_DST_OFF: usize = ETH_HLEN + 16;
+const AF_INET: u8 = 2;
+
+#[inline(always)]
+fn count(idx: u32) {
+    if let Some(p) = COUNTERS.get_ptr_mut(idx) {
+        // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
+        unsafe { *p += 1 };
+    }
+}
+
+#[inline(always)]
+fn now_ns() -> u64 {
+    // SAFETY: helper without arguments.
+    unsafe { h::bpf_ktime_get_ns() }
+}
+
+/// Picks a backend for a new flow: the affine one if ClientIP affinity holds and it is still
+/// active, otherwise a random active slot (terminating backends have no slot).
+#[inline(always)]
+fn select_backend(svc: &ServiceValue, aff_kind: u32, client: Addr, now: u64) -> Option<(u32, Backend)> {
+    let affinity = svc.flags & SVC_F_AFFINITY != 0;
+    let aff_key = AffinityKey { service_id: svc.service_id, kind: aff_kind, client };
+    if affinity {
+        if let Some(a) = AFFINITY.get_ptr_mut(&aff_key) {
+            // SAFETY: pointer from a map lookup, valid for this program run.
+            let a_val = unsafe { *a };
+            let timeout = svc.affinity_timeout_s as u64 * 1_000_000_000;
+            if now.wrapping_sub(a_val.last_used_ns) <= timeout {
+                if let Some(b) = unsafe { BACKENDS.get(&a_val.backend_id) } {
+                    if b.state == BACKEND_ACTIVE && b.service_id == svc.service_id {
+                        unsafe { (*a).last_used_ns = now };
+                        return Some((a_val.backend_id, *b));
+                    }
+                }
+            }
+        }
+    }
+    let n = svc.backend_count;
+    if n == 0 {
+        return None;
+    }
+    // SAFETY: helper without arguments.
+    let slot = unsafe { h::bpf_get_prandom_u32() } % n;
+    let id = unsafe { *BACKEND_SLOTS.get(&BackendSlotKey { service_id: svc.service_id, slot })? };
+    let b = unsafe { *BACKENDS.get(&id)? };
+    if affinity {
+        let _ = AFFINITY.insert(&aff_key, &AffinityValue { backend_id: id, _pad: 0, last_used_ns: now }, 0);
+    }
+    Some((id, b))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Socket layer
+// ---------------------------------------------------------------------------------------------
+
+/// connect()/sendmsg(): VIP -> backend. Returns false when the service has no backend (the
+/// syscall then fails with EPERM instead of sending into the void).
+#[inline(always)]
+fn sock_translate(ctx: &SockAddrContext) -> bool {
+    let sa: *mut bpf_sock_addr = ctx.sock_addr;
+    // Volatile reads: keep clang from merging adjacent u32 context fields into one u64 load,
+    // which the verifier rejects.
+    let (ip, port_raw, proto) = unsafe {
+        (
+            ptr::read_volatile(&(*sa).user_ip4),
+            ptr::read_volatile(&(*sa).user_port),
+            ptr::read_volatile(&(*sa).protocol),
+        )
+    };
+    let proto = proto as u8;
+    if proto != PROTO_TCP && proto != PROTO_UDP {
+        return true;
+    }
+    let port = port_raw as u16;
+    let key = ServiceKey { addr: Addr::v4_raw(ip), port, proto, scope: SCOPE_INTERNAL };
+    let Some(svc) = (unsafe { SERVICES.get(&key) }) else {
+        return true;
+    };
+    let svc = *svc;
+    // SAFETY: ctx pointer is the program's context, valid for these helpers.
+    let netns = unsafe { h::bpf_get_netns_cookie(ctx.as_ptr()) };
+    let client = Addr { w: [netns as u32, (netns >> 32) as u32, 0, 0] };
+    let Some((_id, b)) = select_backend(&svc, AFF_KIND_NETNS_COOKIE, client, now_ns()) else {
+        count(counter::NO_BACKEND);
+        return false;
+    };
+    unsafe {
+        ptr::write_volatile(&mut (*sa).user_ip4, b.addr.w[0]);
+        ptr::write_volatile(&mut (*sa).user_port, b.port as u32);
+    }
+    let cookie = unsafe { h::bpf_get_socket_cookie(ctx.as_ptr()) };
+    let rk = SockRevKey { cookie, backend_addr: b.addr, backend_port: b.port, _pad: [0; 6] };
+    let rv = SockRevValue { orig_addr: key.addr, orig_port: port, proto, _pad: 0, service_id: svc.service_id };
+    let _ = SOCK_REVNAT.insert(&rk, &rv, 0);
+    count(counter::SOCK_XLATE);
+    true
+}
+
+/// recvmsg()/getpeername(): backend -> the VIP the socket asked for.
+#[inline(always)]
+fn sock_reverse(ctx: &SockAddrContext) {
+    let sa: *mut bpf_sock_addr = ctx.sock_addr;
+    let (ip, port_raw) =
+        unsafe { (ptr::read_volatile(&(*sa).user_ip4), ptr::read_volatile(&(*sa).user_port)) };
+    let cookie = unsafe { h::bpf_get_socket_cookie(ctx.as_ptr()) };
+    let rk = SockRevKey { cookie, backend_addr: Addr::v4_raw(ip), backend_port: port_raw as u16, _pad: [0; 6] };
+    if let Some(v) = unsafe { SOCK_REVNAT.get(&rk) } {
+        let (addr, port) = (v.orig_addr.w[0], v.orig_port);
+        unsafe {
+            ptr::write_volatile(&mut (*sa).user_ip4, addr);
+            ptr::write_volatile(&mut (*sa).user_port, port as u32);
+        }
+        count(counter::SOCK_REVNAT);
+    }
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn sock_connect4(ctx: SockAddrContext) -> i32 {
+    if sock_translate(&ctx) { 1 } else { 0 }
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn sock_sendmsg4(ctx: SockAddrContext) -> i32 {
+    if sock_translate(&ctx) { 1 } else { 0 }
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn sock_recvmsg4(ctx: SockAddrContext) -> i32 {
+    sock_reverse(&ctx);
+    1
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn sock_getpeername4(ctx: SockAddrContext) -> i32 {
+    sock_reverse(&ctx);
+    1
+}
+
+// ---------------------------------------------------------------------------------------------
+// Packet layer
+// ---------------------------------------------------------------------------------------------
+
+#[inline(always)]
+fn l4_csum_off(l4: usize, proto: u8) -> (usize, u64) {
+    if proto == PROTO_TCP { (l4 + 16, 0) } else { (l4 + 6, BPF_F_MARK_MANGLED_0 as u64) }
+}
+
+/// Rewrites the IPv4 address at `ip_off` and fixes the IP and L4 (pseudo-header) checksums.
+#[inline(always)]
+fn rewrite_addr(ctx: &TcContext, ip_off: usize, l4: usize, proto: u8, old: u32, new: u32) -> Result<(), i64> {
+    if old == new {
+        return Ok(());
+    }
+    ctx.store(ip_off, &new, 0)?;
+    ctx.l3_csum_replace(IP_CSUM_OFF, old as u64, new as u64, 4)?;
+    if proto == PROTO_TCP || proto == PROTO_UDP {
+        let (off, extra) = l4_csum_off(l4, proto);
+        ctx.l4_csum_replace(off, old as u64, new as u64, BPF_F_PSEUDO_HDR as u64 | extra | 4)?;
+    }
+    Ok(())
+}
+
+/// Rewrites the L4 port at `port_off` and fixes the L4 checksum.
+#[inline(always)]
+fn rewrite_port(ctx: &TcContext, port_off: usize, l4: usize, proto: u8, old: u16, new: u16) -> Result<(), i64> {
+    if old == new {
+        return Ok(());
+    }
+    ctx.store(port_off, &new, 0)?;
+    let (off, extra) = l4_csum_off(l4, proto);
+    ctx.l4_csum_replace(off, old as u64, new as u64, extra | 2)?;
+    Ok(())
+}
+
+#[classifier]
+pub fn from_pod(ctx: TcContext) -> i32 {
+    match try_from_pod(&ctx) {
+        Ok(verdict) => verdict,
+        Err(_) => {
+            count(counter::ERRORS);
+            TC_ACT_OK
+        }
+    }
+}
+
+#[inline(always)]
+fn try_from_pod(ctx: &TcContext) -> Result<i32, i64> {
+    count(counter::PACKETS);
+    let eth_proto: u16 = ctx.load(12)?;
+    if eth_proto != ETH_P_IP_RAW {
+        return Ok(TC_ACT_OK);
+    }
+    let vihl: u8 = ctx.load(ETH_HLEN)?;
+    if vihl >> 4 != 4 {
+        return Ok(TC_ACT_OK);
+    }
+    let ihl = ((vihl & 0x0f) as usize) * 4;
+    if ihl < 20 {
+        return Ok(TC_ACT_OK);
+    }
+    let frag: u16 = ctx.load(ETH_HLEN + 6)?;
+    let proto: u8 = ctx.load(ETH_HLEN + 9)?;
+    let saddr: u32 = ctx.load(IP_SRC_OFF)?;
+    let daddr: u32 = ctx.load(IP_DST_OFF)?;
+    let l4 = ETH_HLEN + ihl;
+    // Only unfragmented TCP/UDP is translated (a non-first fragment carries no ports).
+    let nat_capable = (proto == PROTO_TCP || proto == PROTO_UDP) && (u16::from_be(frag) & 0x3fff) == 0;
+
+    let mut final_dst = daddr;
+    if nat_capable {
+        let sport: u16 = ctx.load(l4)?;
+        let dport: u16 = ctx.load(l4 + 2)?;
+        let now = now_ns();
+        let key = CtKey { src: Addr::v4_raw(saddr), dst: Addr::v4_raw(daddr), sport, dport, proto, _pad: [0; 3] };
+        let mut handled = false;
+        if let Some(ct) = CONNTRACK.get_ptr_mut(&key) {
+            // SAFETY: pointer from a map lookup, valid for this program run.
+            let ct_val = unsafe { *ct };
+            unsafe { (*ct).last_seen_ns = now };
+            let hairpin = ct_val.flags & CT_F_HAIRPIN != 0;
+            if ct_val.flags & CT_F_REPLY != 0 {
+                // Reply from a backend: source back to the VIP.
+                rewrite_addr(ctx, IP_SRC_OFF, l4, proto, saddr, ct_val.orig_addr.w[0])?;
+                rewrite_port(ctx, l4, l4, proto, sport, ct_val.orig_port)?;
+                if hairpin {
+                    final_dst = ct_val.client_addr.w[0];
+                    rewrite_addr(ctx, IP_DST_OFF, l4, proto, daddr, final_dst)?;
+                }
+                count(counter::REVNAT);
+                handled = true;
+            } else if let Some(b) = unsafe { BACKENDS.get(&ct_val.backend_id) } {
+                // Established flow: same backend, even if it is now terminating.
+                final_dst = b.addr.w[0];
+                rewrite_addr(ctx, IP_DST_OFF, l4, proto, daddr, final_dst)?;
+                rewrite_port(ctx, l4 + 2, l4, proto, dport, b.port)?;
+                if hairpin {
+                    rewrite_addr(ctx, IP_SRC_OFF, l4, proto, saddr, ip4_to_raw(HAIRPIN_SNAT_V4))?;
+                }
+                count(counter::DNAT);
+                handled = true;
+            } else {
+                // Its backend is gone: forget the flow and pick again below.
+                let _ = CONNTRACK.remove(&key);
+            }
+        }
+        if !handled {
+            let skey = ServiceKey { addr: Addr::v4_raw(daddr), port: dport, proto, scope: SCOPE_INTERNAL };
+            if let Some(svc) = unsafe { SERVICES.get(&skey) } {
+                let svc = *svc;
+                count(counter::SVC_HIT);
+                let Some((id, b)) = select_backend(&svc, AFF_KIND_ADDR, Addr::v4_raw(saddr), now) else {
+                    count(counter::NO_BACKEND);
+                    return Ok(TC_ACT_SHOT);
+                };
+                let hairpin = b.addr.w[0] == saddr;
+                let new_src = if hairpin { ip4_to_raw(HAIRPIN_SNAT_V4) } else { saddr };
+                let hp_flag = if hairpin { CT_F_HAIRPIN } else { 0 };
+                let fwd = CtValue {
+                    backend_id: id,
+                    flags: CT_F_FORWARD | hp_flag,
+                    orig_port: dport,
+                    orig_addr: Addr::v4_raw(daddr),
+                    client_addr: Addr::v4_raw(saddr),
+                    last_seen_ns: now,
+                };
+                let rkey = CtKey { src: b.addr, dst: Addr::v4_raw(new_src), sport: b.port, dport: sport, proto, _pad: [0; 3] };
+                let rev = CtValue { flags: CT_F_REPLY | hp_flag, ..fwd };
+                let _ = CONNTRACK.insert(&rkey, &rev, 0);
+                let _ = CONNTRACK.insert(&key, &fwd, 0);
+                count(counter::CT_CREATE);
+                final_dst = b.addr.w[0];
+                rewrite_addr(ctx, IP_DST_OFF, l4, proto, daddr, final_dst)?;
+                rewrite_port(ctx, l4 + 2, l4, proto, dport, b.port)?;
+                if hairpin {
+                    rewrite_addr(ctx, IP_SRC_OFF, l4, proto, saddr, new_src)?;
+                    count(counter::HAIRPIN);
+                }
+                count(counter::DNAT);
+            }
+        }
+    }
+
+    // Delivery.
+    if let Some(ep) = unsafe { ENDPOINTS.get(&Addr::v4_raw(final_dst)) } {
+        let ep = *ep;
+        if ep.pod_mac != [0u8; 6] {
+            ctx.store(0, &ep.pod_mac, 0)?;
+            ctx.store(6, &ep.host_mac, 0)?;
+        }
+        count(counter::REDIRECT_PEER);
+        // SAFETY: helper taking plain integers.
+        return Ok(unsafe { h::bpf_redirect_peer(ep.host_ifindex, 0) } as i32);
+    }
+    let src_now: u32 = ctx.load(IP_SRC_OFF)?;
+    // SAFETY: all-zero is a valid bpf_fib_lookup (plain integers and unions of integers).
+    let mut fib: bpf_fib_lookup = unsafe { mem::zeroed() };
+    fib.family = AF_INET;
+    fib.l4_protocol = proto;
+    // tot_len stays 0: with it set, 64 KB GSO packets get FRAG_NEEDED (ebpf-here.md gotcha 3).
+    fib.ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
+    fib.__bindgen_anon_3.ipv4_src = src_now;
+    fib.__bindgen_anon_4.ipv4_dst = final_dst;
+    let rc = unsafe {
+        h::bpf_fib_lookup(ctx.as_ptr(), &mut fib, mem::size_of::<bpf_fib_lookup>() as i32, 0)
+    };
+    if rc == BPF_FIB_LKUP_RET_SUCCESS as i64 {
+        count(counter::REDIRECT_NEIGH);
+        return Ok(unsafe { h::bpf_redirect_neigh(fib.ifindex, ptr::null_mut(), 0, 0) } as i32);
+    }
+    count(counter::FIB_PASS);
+    Ok(TC_ACT_OK)
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

@@ -1,0 +1,450 @@
+//! The service diff: desired services vs what the maps hold -> the list of map operations that
+//! turns one into the other. Pure (no kernel, no clock), so it is unit-tested here and the
+//! `Datapath` only executes what it returns.
+//!
+//! Operation order is part of the contract, so that a packet or connect() racing with an update
+//! never finds a dangling reference: backends are written before the slots that name them, slots
+//! before the service count that exposes them; the count shrinks before the slots beyond it are
+//! deleted, and backends are deleted last (then their UDP conntrack entries are purged).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use skiff_ebpf_common::{
+    Addr, BACKEND_ACTIVE, BACKEND_TERMINATING, Backend, BackendSlotKey, PROTO_TCP, PROTO_UDP,
+    SCOPE_INTERNAL, SVC_F_AFFINITY, ServiceKey, ServiceValue, ip4_to_raw, port_to_raw,
+};
+
+use crate::DatapathError;
+
+/// L4 protocol of a service port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+impl Proto {
+    pub fn number(self) -> u8 {
+        match self {
+            Proto::Tcp => PROTO_TCP,
+            Proto::Udp => PROTO_UDP,
+        }
+    }
+    pub fn from_number(n: u8) -> Option<Proto> {
+        match n {
+            PROTO_TCP => Some(Proto::Tcp),
+            PROTO_UDP => Some(Proto::Udp),
+            _ => None,
+        }
+    }
+}
+
+/// One endpoint of a service, as an EndpointSlice gives it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackendSpec {
+    pub ip: IpAddr,
+    pub port: u16,
+    /// conditions.ready
+    pub ready: bool,
+    /// conditions.terminating
+    pub terminating: bool,
+}
+
+/// One service frontend (VIP, port, protocol) and its endpoints.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceSpec {
+    pub vip: IpAddr,
+    pub port: u16,
+    pub proto: Proto,
+    pub backends: Vec<BackendSpec>,
+    /// sessionAffinity: ClientIP with this timeout in seconds; None = no affinity.
+    pub affinity_timeout: Option<u32>,
+}
+
+/// What the SERVICES, BACKEND_SLOTS and BACKENDS maps hold (read from the kernel, or built by
+/// applying operations in tests).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MapState {
+    pub services: BTreeMap<ServiceKey, ServiceValue>,
+    pub slots: BTreeMap<BackendSlotKey, u32>,
+    pub backends: BTreeMap<u32, Backend>,
+}
+
+/// One map operation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MapOp {
+    PutBackend { id: u32, backend: Backend },
+    PutSlot { key: BackendSlotKey, backend_id: u32 },
+    PutService { key: ServiceKey, value: ServiceValue },
+    DeleteSlot { key: BackendSlotKey },
+    DeleteService { key: ServiceKey },
+    DeleteBackend { id: u32 },
+    /// Delete the UDP conntrack and affinity entries that point at a removed backend, so a
+    /// UDP client (DNS!) is not black-holed towards a backend that is gone.
+    PurgeConntrack { backend_id: u32 },
+}
+
+impl MapState {
+    /// Applies one operation (what the kernel maps do, minus conntrack).
+    pub fn apply(&mut self, op: &MapOp) {
+        match op {
+            MapOp::PutBackend { id, backend } => {
+                self.backends.insert(*id, *backend);
+            }
+            MapOp::PutSlot { key, backend_id } => {
+                self.slots.insert(*key, *backend_id);
+            }
+            MapOp::PutService { key, value } => {
+                self.services.insert(*key, *value);
+            }
+            MapOp::DeleteSlot { key } => {
+                self.slots.remove(key);
+            }
+            MapOp::DeleteService { key } => {
+                self.services.remove(key);
+            }
+            MapOp::DeleteBackend { id } => {
+                self.backends.remove(id);
+            }
+            MapOp::PurgeConntrack { .. } => {}
+        }
+    }
+}
+
+fn v4(ip: IpAddr, what: &str) -> Result<Addr, DatapathError> {
+    match ip {
+        IpAddr::V4(v) => Ok(Addr::v4_raw(ip4_to_raw(v.octets()))),
+        IpAddr::V6(_) => Err(DatapathError::InvalidService(format!(
+            "{what} {ip} is IPv6, which the datapath does not program yet: use an IPv4 address"
+        ))),
+    }
+}
+
+/// The SERVICES key of a spec.
+pub fn service_key(spec: &ServiceSpec) -> Result<ServiceKey, DatapathError> {
+    Ok(ServiceKey {
+        addr: v4(spec.vip, "service address")?,
+        port: port_to_raw(spec.port),
+        proto: spec.proto.number(),
+        scope: SCOPE_INTERNAL,
+    })
+}
+
+/// Lowest id >= 1 not in `used`.
+fn lowest_free(used: &BTreeSet<u32>) -> Result<u32, DatapathError> {
+    let mut candidate = 1u32;
+    for &id in used.range(1..) {
+        if id != candidate {
+            break;
+        }
+        candidate = candidate
+            .checked_add(1)
+            .ok_or_else(|| DatapathError::InvalidService("no free id left in the maps".into()))?;
+    }
+    Ok(candidate)
+}
+
+/// Operations that make the maps hold `spec` (creating the service or updating it in place).
+pub fn plan_upsert(spec: &ServiceSpec, state: &MapState) -> Result<Vec<MapOp>, DatapathError> {
+    let key = service_key(spec)?;
+    if spec.port == 0 {
+        return Err(DatapathError::InvalidService(format!("service {}: port 0 is not a valid port", spec.vip)));
+    }
+    if spec.affinity_timeout == Some(0) {
+        return Err(DatapathError::InvalidService(format!(
+            "service {}:{}: affinity timeout must be at least 1 second",
+            spec.vip, spec.port
+        )));
+    }
+    // Validate every backend before planning anything: bad input changes nothing.
+    let mut desired: BTreeMap<(Addr, u16), u8> = BTreeMap::new();
+    for b in &spec.backends {
+        let addr = v4(b.ip, "backend address")?;
+        if b.port == 0 {
+            return Err(DatapathError::InvalidService(format!(
+                "service {}:{}: backend {} has port 0",
+                spec.vip, spec.port, b.ip
+            )));
+        }
+        // Only Ready endpoints get new flows. A terminating (or not ready) endpoint stays in
+        // BACKENDS so its established flows keep working, but gets no slot.
+        let state_byte = if b.ready && !b.terminating { BACKEND_ACTIVE } else { BACKEND_TERMINATING };
+        if desired.insert((addr, port_to_raw(b.port)), state_byte).is_some() {
+            return Err(DatapathError::InvalidService(format!(
+                "service {}:{}: backend {}:{} is listed twice",
+                spec.vip, spec.port, b.ip, b.port
+            )));
+        }
+    }
+
+    let existing = state.services.get(&key).copied();
+    let service_id = match existing {
+        Some(v) => v.service_id,
+        None => lowest_free(&state.services.values().map(|v| v.service_id).collect())?,
+    };
+    let proto = spec.proto.number();
+
+    // This service's backends now in the maps, by (addr, port).
+    let current: BTreeMap<(Addr, u16), (u32, Backend)> = state
+        .backends
+        .iter()
+        .filter(|(_, b)| b.service_id == service_id)
+        .map(|(id, b)| ((b.addr, b.port), (*id, *b)))
+        .collect();
+    let mut used_ids: BTreeSet<u32> = state.backends.keys().copied().collect();
+
+    let mut ops = Vec::new();
+    let mut active_ids = Vec::new();
+    for (&(addr, port), &state_byte) in &desired {
+        let backend = Backend { addr, port, proto, state: state_byte, service_id };
+        let id = match current.get(&(addr, port)) {
+            Some(&(id, old)) => {
+                if old != backend {
+                    ops.push(MapOp::PutBackend { id, backend });
+                }
+                id
+            }
+            None => {
+                let id = lowest_free(&used_ids)?;
+                used_ids.insert(id);
+                ops.push(MapOp::PutBackend { id, backend });
+                id
+            }
+        };
+        if state_byte == BACKEND_ACTIVE {
+            active_ids.push(id);
+        }
+    }
+
+    for (slot, &backend_id) in active_ids.iter().enumerate() {
+        let key = BackendSlotKey { service_id, slot: slot as u32 };
+        if state.slots.get(&key) != Some(&backend_id) {
+            ops.push(MapOp::PutSlot { key, backend_id });
+        }
+    }
+
+    let value = ServiceValue {
+        service_id,
+        backend_count: active_ids.len() as u32,
+        flags: if spec.affinity_timeout.is_some() { SVC_F_AFFINITY } else { 0 },
+        _pad: 0,
+        affinity_timeout_s: spec.affinity_timeout.unwrap_or(0),
+    };
+    if existing != Some(value) {
+        ops.push(MapOp::PutService { key, value });
+    }
+
+    for slot_key in state.slots.keys().filter(|k| k.service_id == service_id && k.slot as usize >= active_ids.len()) {
+        ops.push(MapOp::DeleteSlot { key: *slot_key });
+    }
+    for (addr_port, (id, _)) in &current {
+        if !desired.contains_key(addr_port) {
+            ops.push(MapOp::DeleteBackend { id: *id });
+            ops.push(MapOp::PurgeConntrack { backend_id: *id });
+        }
+    }
+    Ok(ops)
+}
+
+/// Operations that remove a service (no-op if it is not there).
+pub fn plan_delete(key: &ServiceKey, state: &MapState) -> Vec<MapOp> {
+    let Some(value) = state.services.get(key) else {
+        return Vec::new();
+    };
+    let service_id = value.service_id;
+    let mut ops = vec![MapOp::DeleteService { key: *key }];
+    for slot_key in state.slots.keys().filter(|k| k.service_id == service_id) {
+        ops.push(MapOp::DeleteSlot { key: *slot_key });
+    }
+    for (id, _) in state.backends.iter().filter(|(_, b)| b.service_id == service_id) {
+        ops.push(MapOp::DeleteBackend { id: *id });
+        ops.push(MapOp::PurgeConntrack { backend_id: *id });
+    }
+    ops
+}
+
+/// Operations that make the maps hold exactly `desired` (services not in it are deleted).
+pub fn plan_sync(desired: &[ServiceSpec], state: &MapState) -> Result<Vec<MapOp>, DatapathError> {
+    let mut keys = BTreeSet::new();
+    for spec in desired {
+        if !keys.insert(service_key(spec)?) {
+            return Err(DatapathError::InvalidService(format!(
+                "service {}:{}/{:?} is listed twice",
+                spec.vip, spec.port, spec.proto
+            )));
+        }
+    }
+    let mut working = state.clone();
+    let mut ops = Vec::new();
+    // Deletes first so their ids are free for the services that follow.
+    let stale: Vec<ServiceKey> = working.services.keys().filter(|k| !keys.contains(k)).copied().collect();
+    for key in stale {
+        for op in plan_delete(&key, &working) {
+            working.apply(&op);
+            ops.push(op);
+        }
+    }
+    for spec in desired {
+        for op in plan_upsert(spec, &working)? {
+            working.apply(&op);
+            ops.push(op);
+        }
+    }
+    Ok(ops)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+
+    fn b(last: u8, port: u16, ready: bool, terminating: bool) -> BackendSpec {
+        BackendSpec { ip: IpAddr::V4(Ipv4Addr::new(10, 244, 0, last)), port, ready, terminating }
+    }
+
+    fn svc(backends: Vec<BackendSpec>) -> ServiceSpec {
+        ServiceSpec {
+            vip: IpAddr::V4(Ipv4Addr::new(10, 96, 0, 10)),
+            port: 80,
+            proto: Proto::Tcp,
+            backends,
+            affinity_timeout: None,
+        }
+    }
+
+    fn applied(state: &MapState, ops: &[MapOp]) -> MapState {
+        let mut s = state.clone();
+        for op in ops {
+            s.apply(op);
+        }
+        s
+    }
+
+    /// The active backends a datapath would pick from, as (addr last octet, port).
+    fn active(state: &MapState, spec: &ServiceSpec) -> Vec<(u8, u16)> {
+        let Ok(key) = service_key(spec) else { return vec![] };
+        let Some(v) = state.services.get(&key) else { return vec![] };
+        let mut out: Vec<(u8, u16)> = (0..v.backend_count)
+            .map(|slot| {
+                let id = state.slots[&BackendSlotKey { service_id: v.service_id, slot }];
+                let be = state.backends[&id];
+                (skiff_ebpf_common::raw_to_ip4(be.addr.w[0])[3], skiff_ebpf_common::raw_to_port(be.port))
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn new_service_gets_backends_slots_then_service() {
+        let spec = svc(vec![b(11, 8080, true, false), b(12, 8080, true, false)]);
+        let ops = plan_upsert(&spec, &MapState::default()).expect("valid spec");
+        let kinds: Vec<&str> = ops
+            .iter()
+            .map(|o| match o {
+                MapOp::PutBackend { .. } => "backend",
+                MapOp::PutSlot { .. } => "slot",
+                MapOp::PutService { .. } => "service",
+                _ => "other",
+            })
+            .collect();
+        assert_eq!(kinds, ["backend", "backend", "slot", "slot", "service"]);
+        let s = applied(&MapState::default(), &ops);
+        assert_eq!(active(&s, &spec), vec![(11, 8080), (12, 8080)]);
+    }
+
+    #[test]
+    fn same_spec_twice_is_a_no_op() {
+        let spec = svc(vec![b(11, 8080, true, false), b(12, 8080, true, false)]);
+        let s = applied(&MapState::default(), &plan_upsert(&spec, &MapState::default()).expect("valid"));
+        assert_eq!(plan_upsert(&spec, &s).expect("valid"), vec![]);
+    }
+
+    #[test]
+    fn terminating_backend_keeps_its_entry_but_loses_its_slot() {
+        let before = svc(vec![b(11, 80, true, false), b(12, 80, true, false)]);
+        let s1 = applied(&MapState::default(), &plan_upsert(&before, &MapState::default()).expect("valid"));
+        let after = svc(vec![b(11, 80, true, false), b(12, 80, false, true)]);
+        let ops = plan_upsert(&after, &s1).expect("valid");
+        let s2 = applied(&s1, &ops);
+        assert_eq!(active(&s2, &after), vec![(11, 80)]);
+        assert_eq!(s2.backends.len(), 2, "terminating backend stays for established flows");
+        assert!(!ops.iter().any(|o| matches!(o, MapOp::PurgeConntrack { .. })));
+        // The count shrinks before the extra slot is deleted.
+        let svc_pos = ops.iter().position(|o| matches!(o, MapOp::PutService { .. }));
+        let del_pos = ops.iter().position(|o| matches!(o, MapOp::DeleteSlot { .. }));
+        assert!(svc_pos < del_pos && del_pos.is_some());
+    }
+
+    #[test]
+    fn removed_backend_is_deleted_and_its_conntrack_purged() {
+        let before = svc(vec![b(11, 53, true, false), b(12, 53, true, false)]);
+        let s1 = applied(&MapState::default(), &plan_upsert(&before, &MapState::default()).expect("valid"));
+        let removed_id = s1
+            .backends
+            .iter()
+            .find(|(_, be)| skiff_ebpf_common::raw_to_ip4(be.addr.w[0])[3] == 12)
+            .map(|(id, _)| *id)
+            .expect("backend 12 present");
+        let ops = plan_upsert(&svc(vec![b(11, 53, true, false)]), &s1).expect("valid");
+        assert!(ops.contains(&MapOp::DeleteBackend { id: removed_id }));
+        assert!(ops.contains(&MapOp::PurgeConntrack { backend_id: removed_id }));
+        let s2 = applied(&s1, &ops);
+        assert_eq!(s2.backends.len(), 1);
+        assert_eq!(s2.slots.len(), 1);
+    }
+
+    #[test]
+    fn ids_do_not_collide_across_services() {
+        let a = svc(vec![b(11, 80, true, false)]);
+        let mut c = svc(vec![b(11, 80, true, false), b(13, 80, true, false)]);
+        c.vip = IpAddr::V4(Ipv4Addr::new(10, 96, 0, 11));
+        let ops = plan_sync(&[a.clone(), c.clone()], &MapState::default()).expect("valid");
+        let s = applied(&MapState::default(), &ops);
+        assert_eq!(s.services.len(), 2);
+        assert_eq!(s.backends.len(), 3);
+        let ids: BTreeSet<u32> = s.services.values().map(|v| v.service_id).collect();
+        assert_eq!(ids.len(), 2);
+        assert_eq!(active(&s, &c), vec![(11, 80), (13, 80)]);
+        // Syncing to only `c` deletes `a` and everything it owned.
+        let s2 = applied(&s, &plan_sync(&[c.clone()], &s).expect("valid"));
+        assert_eq!(s2.services.len(), 1);
+        assert_eq!(s2.backends.len(), 2);
+        assert_eq!(active(&s2, &c), vec![(11, 80), (13, 80)]);
+    }
+
+    #[test]
+    fn delete_removes_everything_the_service_owned() {
+        let spec = svc(vec![b(11, 80, true, false), b(12, 80, false, true)]);
+        let s = applied(&MapState::default(), &plan_upsert(&spec, &MapState::default()).expect("valid"));
+        let s2 = applied(&s, &plan_delete(&service_key(&spec).expect("v4"), &s));
+        assert_eq!(s2, MapState::default());
+    }
+
+    #[test]
+    fn affinity_sets_flag_and_timeout() {
+        let mut spec = svc(vec![b(11, 80, true, false)]);
+        spec.affinity_timeout = Some(30);
+        let ops = plan_upsert(&spec, &MapState::default()).expect("valid");
+        let Some(MapOp::PutService { value, .. }) = ops.iter().find(|o| matches!(o, MapOp::PutService { .. })) else {
+            panic!("no service op in {ops:?}");
+        };
+        assert_eq!(value.flags & SVC_F_AFFINITY, SVC_F_AFFINITY);
+        assert_eq!(value.affinity_timeout_s, 30);
+    }
+
+    #[test]
+    fn bad_input_is_rejected_before_any_op() {
+        let mut v6 = svc(vec![b(11, 80, true, false)]);
+        v6.vip = "fd00::1".parse().expect("literal");
+        assert!(matches!(plan_upsert(&v6, &MapState::default()), Err(DatapathError::InvalidService(_))));
+        let dup = svc(vec![b(11, 80, true, false), b(11, 80, true, false)]);
+        assert!(plan_upsert(&dup, &MapState::default()).is_err());
+        let port0 = svc(vec![b(11, 0, true, false)]);
+        assert!(plan_upsert(&port0, &MapState::default()).is_err());
+        let mut aff0 = svc(vec![]);
+        aff0.affinity_timeout = Some(0);
+        assert!(plan_upsert(&aff0, &MapState::default()).is_err());
+    }
+}

@@ -1,0 +1,366 @@
+//! A lab of network namespaces for datapath tests with real packets.
+//!
+//! Topology (all names carry the test name and the pid, so parallel tests never collide):
+//! ```text
+//!   <p>-p0 (pod)            <p>-node                       <p>-p1 (pod)
+//!   eth0 10.244.1.10/32 --- h0   [tc from_pod ingress]  h1 --- eth0 10.244.1.11/32
+//!   default via 10.244.1.1       lo: 10.244.1.1/32 (the pods' gateway), ip_forward=1
+//! ```
+//! The host sides of the pod veths live in a "node" namespace, so nothing is attached in the root
+//! namespace. TCX attachment resolves the interface in the *calling thread's* namespace, so the
+//! tests attach from a thread that has setns()'d into the node namespace ([`Lab::in_node`]).
+//! Safety: the node namespace has no interface leading out of the lab, so no lab packet (pods
+//! 10.244.1.0/24, VIPs 10.96.0.0/16) can leave the machine; no route in the root namespace is
+//! touched. The Drop guard deletes by name everything the lab created.
+#![allow(dead_code)]
+
+use std::{
+    fs::File,
+    io::{BufRead, BufReader, Write},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+    process::Command,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use skiff_datapath::{Datapath, EndpointSpec};
+
+/// Checks what real-packet tests need. Under CI=true a missing piece fails the test; otherwise
+/// the test is skipped with a printed reason (returns false).
+pub fn require_privileges(test: &str) -> bool {
+    let mut missing = Vec::new();
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        missing.push("root".to_string());
+    }
+    if !Path::new("/sys/fs/bpf").is_dir() {
+        missing.push("bpffs at /sys/fs/bpf".to_string());
+    }
+    if !Path::new("/sys/kernel/btf/vmlinux").exists() {
+        missing.push("kernel BTF (eBPF support)".to_string());
+    }
+    if Command::new("ip").arg("-V").output().map(|o| !o.status.success()).unwrap_or(true) {
+        missing.push("iproute2 (`ip`) for network namespaces".to_string());
+    }
+    if missing.is_empty() {
+        return true;
+    }
+    let msg = format!("{test}: needs {}", missing.join(", "));
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("{msg} (CI=true: real-packet tests must run, not skip)");
+    }
+    eprintln!("SKIPPED {msg}");
+    false
+}
+
+pub fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("running ip");
+    assert!(
+        out.status.success(),
+        "ip {} failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Runs `f` on a thread that has joined network namespace `netns`.
+pub fn in_netns<T: Send>(netns: &str, f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            enter_netns(netns);
+            f()
+        })
+        .join()
+        .expect("netns thread panicked")
+    })
+}
+
+/// Moves the calling thread into `netns` (setns affects only this thread).
+pub fn enter_netns(netns: &str) {
+    let f = File::open(format!("/run/netns/{netns}")).expect("opening netns");
+    // SAFETY: a valid netns fd; CLONE_NEWNET only changes this thread's network namespace.
+    let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+    assert_eq!(rc, 0, "setns {netns}: {}", std::io::Error::last_os_error());
+}
+
+pub struct Pod {
+    pub netns: String,
+    pub ip: Ipv4Addr,
+    pub host_if: String,
+    pub host_ifindex: u32,
+    pub pod_mac: [u8; 6],
+    pub host_mac: [u8; 6],
+}
+
+pub struct Lab {
+    pub prefix: String,
+    pub node: String,
+    pub pods: Vec<Pod>,
+    pub pin_dir: PathBuf,
+    netns: Vec<String>,
+    cgroups: Vec<PathBuf>,
+    original_cgroup: Option<PathBuf>,
+}
+
+pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 1);
+
+pub fn pod_ip(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 244, 1, 10 + i as u8)
+}
+
+fn mac_str(m: &[u8; 6]) -> String {
+    m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+}
+
+impl Lab {
+    /// Creates the node namespace and `pods` pod namespaces wired to it.
+    pub fn new(test: &str, pods: usize) -> Lab {
+        let prefix = format!("sk-{test}-{}", std::process::id());
+        let node = format!("{prefix}-node");
+        let mut lab = Lab {
+            pin_dir: PathBuf::from(format!("/sys/fs/bpf/skiff-test/{prefix}")),
+            prefix: prefix.clone(),
+            node: node.clone(),
+            pods: Vec::new(),
+            netns: Vec::new(),
+            cgroups: Vec::new(),
+            original_cgroup: None,
+        };
+        ip(&["netns", "add", &node]);
+        lab.netns.push(node.clone());
+        ip(&["-n", &node, "link", "set", "lo", "up"]);
+        ip(&["-n", &node, "addr", "add", &format!("{GATEWAY}/32"), "dev", "lo"]);
+        ip(&["netns", "exec", &node, "sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+        for i in 0..pods {
+            lab.add_pod(i);
+        }
+        lab
+    }
+
+    fn add_pod(&mut self, i: usize) {
+        let netns = format!("{}-p{i}", self.prefix);
+        ip(&["netns", "add", &netns]);
+        self.netns.push(netns.clone());
+        let host_if = format!("h{i}");
+        let pod_mac = [0x02, 0, 0, 0x02, 0, i as u8];
+        let host_mac = [0x02, 0, 0, 0x01, 0, i as u8];
+        let node = self.node.clone();
+        ip(&[
+            "-n", &node, "link", "add", &host_if, "address", &mac_str(&host_mac), "type", "veth", "peer", "name",
+            "eth0", "address", &mac_str(&pod_mac), "netns", &netns,
+        ]);
+        ip(&["-n", &node, "link", "set", &host_if, "up"]);
+        let pip = pod_ip(i);
+        ip(&["-n", &node, "route", "add", &format!("{pip}/32"), "dev", &host_if]);
+        ip(&["-n", &netns, "link", "set", "lo", "up"]);
+        ip(&["-n", &netns, "link", "set", "eth0", "up"]);
+        ip(&["-n", &netns, "addr", "add", &format!("{pip}/32"), "dev", "eth0"]);
+        ip(&["-n", &netns, "route", "add", &format!("{GATEWAY}"), "dev", "eth0", "scope", "link"]);
+        ip(&["-n", &netns, "route", "add", "default", "via", &format!("{GATEWAY}"), "dev", "eth0"]);
+        let host_ifindex = in_netns(&node, || {
+            let c = std::ffi::CString::new(host_if.clone()).expect("no NUL");
+            // SAFETY: valid C string.
+            unsafe { libc::if_nametoindex(c.as_ptr()) }
+        });
+        assert_ne!(host_ifindex, 0, "ifindex of {host_if}");
+        self.pods.push(Pod { netns, ip: pip, host_if, host_ifindex, pod_mac, host_mac });
+    }
+
+    /// Loads (or reloads from the pins) the datapath, attaches from_pod to every pod veth and
+    /// registers every pod as a local endpoint.
+    pub fn datapath(&self) -> Datapath {
+        let mut dp = Datapath::load(&self.pin_dir).expect("loading the datapath");
+        self.in_node(|| {
+            for p in &self.pods {
+                dp.attach_tc(&p.host_if).expect("attaching tc");
+            }
+        });
+        for p in &self.pods {
+            dp.upsert_endpoint(
+                p.ip,
+                &EndpointSpec { host_ifindex: p.host_ifindex, pod_mac: p.pod_mac, host_mac: p.host_mac },
+            )
+            .expect("endpoint");
+        }
+        dp
+    }
+
+    pub fn in_node<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        in_netns(&self.node, f)
+    }
+
+    /// Creates a cgroup v2 directory for this test (removed on drop).
+    pub fn cgroup(&mut self) -> PathBuf {
+        let root = skiff_datapath::cgroup2_root().expect("cgroup2 mount");
+        let dir = root.join(&self.prefix);
+        std::fs::create_dir_all(&dir).expect("creating cgroup");
+        self.cgroups.push(dir.clone());
+        dir
+    }
+
+    /// Moves this whole test process into `cgroup` (moved back on drop).
+    pub fn enter_cgroup(&mut self, cgroup: &Path) {
+        if self.original_cgroup.is_none() {
+            let own = std::fs::read_to_string("/proc/self/cgroup").expect("reading /proc/self/cgroup");
+            let rel = own.lines().find_map(|l| l.strip_prefix("0::")).unwrap_or("/").to_string();
+            let root = skiff_datapath::cgroup2_root().expect("cgroup2 mount");
+            self.original_cgroup = Some(root.join(rel.trim_start_matches('/')));
+        }
+        std::fs::write(cgroup.join("cgroup.procs"), std::process::id().to_string()).expect("joining cgroup");
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if let Some(orig) = &self.original_cgroup {
+            let _ = std::fs::write(orig.join("cgroup.procs"), std::process::id().to_string());
+        }
+        for c in self.cgroups.iter().rev() {
+            let _ = std::fs::remove_dir(c);
+        }
+        for n in self.netns.iter().rev() {
+            let _ = Command::new("ip").args(["netns", "del", n]).output();
+        }
+        let _ = std::fs::remove_dir_all(&self.pin_dir);
+    }
+}
+
+/// A TCP and UDP server in a pod that answers every line / datagram with its own IP.
+pub struct Server {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Server {
+    pub fn start(netns: &str, ip: Ipv4Addr, port: u16) -> Server {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut threads = Vec::new();
+        {
+            let (stop, netns, tx) = (stop.clone(), netns.to_string(), tx.clone());
+            threads.push(std::thread::spawn(move || {
+                enter_netns(&netns);
+                let l = TcpListener::bind(SocketAddrV4::new(ip, port)).expect("bind tcp");
+                l.set_nonblocking(true).expect("nonblocking");
+                tx.send(()).expect("ready");
+                let mut conns: Vec<JoinHandle<()>> = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    match l.accept() {
+                        Ok((s, _)) if conns.len() < 2000 => {
+                            let stop = stop.clone();
+                            conns.push(std::thread::spawn(move || serve_tcp(s, ip, stop)));
+                        }
+                        Ok(_) => {}
+                        Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                    }
+                    conns.retain(|h| !h.is_finished());
+                }
+                for c in conns {
+                    let _ = c.join();
+                }
+            }));
+        }
+        {
+            let (stop, netns) = (stop.clone(), netns.to_string());
+            threads.push(std::thread::spawn(move || {
+                enter_netns(&netns);
+                let u = UdpSocket::bind(SocketAddrV4::new(ip, port)).expect("bind udp");
+                u.set_read_timeout(Some(Duration::from_millis(50))).expect("timeout");
+                tx.send(()).expect("ready");
+                let mut buf = [0u8; 512];
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok((_, from)) = u.recv_from(&mut buf) {
+                        let _ = u.send_to(ip.to_string().as_bytes(), from);
+                    }
+                }
+            }));
+        }
+        for _ in 0..2 {
+            rx.recv_timeout(Duration::from_secs(5)).expect("server ready");
+        }
+        Server { stop, threads }
+    }
+}
+
+fn serve_tcp(s: TcpStream, ip: Ipv4Addr, stop: Arc<AtomicBool>) {
+    let _ = s.set_read_timeout(Some(Duration::from_millis(200)));
+    let mut w = match s.try_clone() {
+        Ok(w) => w,
+        Err(_) => return,
+    };
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+        line.clear();
+        match r.read_line(&mut line) {
+            Ok(0) => return,
+            Ok(_) => {
+                if w.write_all(format!("{ip}\n").as_bytes()).is_err() {
+                    return;
+                }
+            }
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(_) => return,
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// One TCP request: connect, send a line, read who answered. Returns (answering IP, peer_addr).
+pub fn tcp_ask(dst: SocketAddr) -> std::io::Result<(String, SocketAddr)> {
+    let s = TcpStream::connect_timeout(&dst, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let peer = s.peer_addr()?;
+    let mut w = s.try_clone()?;
+    w.write_all(b"who\n")?;
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line)?;
+    Ok((line.trim().to_string(), peer))
+}
+
+/// One UDP request from a fresh unconnected socket: returns (answering IP, reply source).
+pub fn udp_ask(dst: SocketAddr) -> std::io::Result<(String, SocketAddr)> {
+    let u = UdpSocket::bind("0.0.0.0:0")?;
+    u.set_read_timeout(Some(Duration::from_secs(2)))?;
+    u.send_to(b"who", dst)?;
+    let mut buf = [0u8; 64];
+    let (n, from) = u.recv_from(&mut buf)?;
+    Ok((String::from_utf8_lossy(&buf[..n]).to_string(), from))
+}
+
+/// A persistent TCP connection for tests that keep a flow open across changes.
+pub struct Conn {
+    w: TcpStream,
+    r: BufReader<TcpStream>,
+}
+
+impl Conn {
+    pub fn open(dst: SocketAddr) -> std::io::Result<Conn> {
+        let s = TcpStream::connect_timeout(&dst, Duration::from_secs(2))?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        Ok(Conn { w: s.try_clone()?, r: BufReader::new(s) })
+    }
+    pub fn ask(&mut self) -> std::io::Result<String> {
+        self.w.write_all(b"who\n")?;
+        let mut line = String::new();
+        if self.r.read_line(&mut line)? == 0 {
+            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "connection closed"));
+        }
+        Ok(line.trim().to_string())
+    }
+}
