@@ -457,27 +457,22 @@ pub fn apply_defaults(info: &ResourceInfo, obj: &mut Value) {
 /// Server-set metadata on create: uid, creationTimestamp, generation; name from generateName.
 pub fn prepare_create(info: &ResourceInfo, obj: &mut Value, now: chrono::DateTime<chrono::Utc>) {
     apply_defaults(info, obj);
+    // Kubernetes tracks generation only for objects with a spec (not ConfigMaps, Secrets, ...).
+    let has_spec = obj.get("spec").is_some_and(|s| !s.is_null());
     if let Some(m) = obj.get_mut("metadata").and_then(Value::as_object_mut) {
+        if has_spec {
+            m.insert("generation".into(), json!(1));
+        }
         m.insert("uid".into(), json!(uuid::Uuid::new_v4().to_string()));
         m.insert(
             "creationTimestamp".into(),
             json!(now.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
         );
-        m.insert("generation".into(), json!(1));
         m.remove("resourceVersion");
         m.remove("deletionTimestamp");
         m.remove("deletionGracePeriodSeconds");
         m.remove("selfLink");
     }
-}
-
-fn without_meta_status(v: &Value) -> Value {
-    let mut v = v.clone();
-    if let Some(m) = v.as_object_mut() {
-        m.remove("metadata");
-        m.remove("status");
-    }
-    v
 }
 
 /// Update rules: identity metadata comes from `old`; the main resource cannot change status
@@ -525,7 +520,7 @@ pub fn prepare_update(
             None => m.remove("status"),
         };
     }
-    if without_meta_status(old) != without_meta_status(new) {
+    if new.get("spec").is_some() && old.get("spec") != new.get("spec") {
         let generation = old.pointer("/metadata/generation").and_then(Value::as_i64).unwrap_or(0);
         new["metadata"]["generation"] = json!(generation + 1);
     }
