@@ -555,10 +555,15 @@ impl ClusterSnapshot {
     /// affinity and ports count from now on. Assuming a pod that is already in the snapshot moves
     /// it.
     pub fn assume(&mut self, pod: &Pod, node: &str) -> Result<(), SnapshotError> {
+        self.assume_info(PodInfo::new(pod), node)
+    }
+
+    /// [`ClusterSnapshot::assume`] for a pod already parsed (as [`crate::Scheduler::schedule_info`]
+    /// takes it), so a controller parses each pod once.
+    pub fn assume_info(&mut self, mut info: PodInfo, node: &str) -> Result<(), SnapshotError> {
         if !self.index.contains_key(node) {
             return Err(SnapshotError::UnknownNode(node.to_string()));
         }
-        let mut info = PodInfo::new(pod);
         info.node_name = Some(node.to_string());
         self.remove_pod(&info.namespace.clone(), &info.name.clone());
         self.add_pod_info(info, node)
