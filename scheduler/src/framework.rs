@@ -177,22 +177,22 @@ impl Scheduler {
         pod: &Pod,
         snapshot: &ClusterSnapshot,
     ) -> Result<ScheduleResult, ScheduleError> {
-        let info = PodInfo::new(pod);
-        if !info.problems.is_empty() {
-            return Err(ScheduleError::InvalidPod {
-                pod: info.key(),
-                problems: info.problems.join("; "),
-            });
-        }
-        self.schedule_info(&info, snapshot)
+        self.schedule_info(&PodInfo::new(pod), snapshot)
     }
 
-    /// [`Scheduler::schedule`] for a pod already parsed (and checked for problems).
+    /// [`Scheduler::schedule`] for a pod already parsed, so that a controller parses each pod
+    /// once and hands the same [`PodInfo`] to [`ClusterSnapshot::assume_info`].
     pub fn schedule_info(
         &self,
         pod: &PodInfo,
         snapshot: &ClusterSnapshot,
     ) -> Result<ScheduleResult, ScheduleError> {
+        if !pod.problems.is_empty() {
+            return Err(ScheduleError::InvalidPod {
+                pod: pod.key(),
+                problems: pod.problems.join("; "),
+            });
+        }
         let nodes = snapshot.nodes();
         if nodes.is_empty() {
             return Err(ScheduleError::Unschedulable(Unschedulable::new(

@@ -11,6 +11,12 @@
 //! PodTopologySpread, InterPodAffinity filter; TaintToleration, NodeAffinity, NodeResourcesFit
 //! (LeastAllocated), PodTopologySpread, InterPodAffinity, NodeResourcesBalancedAllocation score.
 //!
+//! Not implemented (kube-scheduler has them): preemption (the message leaves out its
+//! "preemption: ..." part), the volume plugins (VolumeBinding, VolumeZone, NodeVolumeLimits,
+//! VolumeRestrictions), ImageLocality, dynamic resource allocation, pod-level resources, scoring
+//! strategies other than LeastAllocated, the system default topology spreading (it needs the
+//! pod's Services and ReplicaSets), and percentageOfNodesToScore (every feasible node is scored).
+//!
 //! ```
 //! use skiff_scheduler::{ClusterSnapshot, Scheduler, fixtures::{node, pod}};
 //! let nodes = [node("n1").allocatable("4", "8Gi", 110).build()];

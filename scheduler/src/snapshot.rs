@@ -617,3 +617,117 @@ impl ClusterSnapshot {
         self.pod_nodes.len()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fixtures::{HOSTNAME, labels, node, pod, term};
+
+    fn two_nodes() -> Vec<Node> {
+        vec![
+            node("a").allocatable("4", "8Gi", 110).build(),
+            node("b").allocatable("4", "8Gi", 110).build(),
+        ]
+    }
+
+    #[test]
+    fn new_counts_bound_running_pods_only() {
+        let pods = vec![
+            pod("d", "running")
+                .request("1", "1Gi")
+                .node_name("a")
+                .build(),
+            pod("d", "pending").request("1", "1Gi").build(),
+            pod("d", "done")
+                .request("1", "1Gi")
+                .node_name("a")
+                .phase("Succeeded")
+                .build(),
+            pod("d", "failed")
+                .request("1", "1Gi")
+                .node_name("a")
+                .phase("Failed")
+                .build(),
+            pod("d", "elsewhere")
+                .request("1", "1Gi")
+                .node_name("gone")
+                .build(),
+        ];
+        let s = ClusterSnapshot::new(&two_nodes(), &pods);
+        assert_eq!(s.pod_count(), 1);
+        let a = s.node("a").expect("a");
+        assert_eq!((a.requested.milli_cpu, a.requested.memory), (1000, 1 << 30));
+        assert_eq!(a.non_zero_milli_cpu, 1000);
+        assert_eq!(s.node("b").map(|n| n.pods.len()), Some(0));
+    }
+
+    #[test]
+    fn assume_moves_a_pod_already_present_and_tracks_affinity() {
+        let mut s = ClusterSnapshot::new(&two_nodes(), &[]);
+        let p = pod("d", "p")
+            .label("app", "x")
+            .request("1", "")
+            .pod_anti_affinity(term(labels(&[("app", "x")]), HOSTNAME))
+            .build();
+        s.assume(&p, "a").expect("a exists");
+        assert!(s.any_pod_has_affinity());
+        s.assume(&p, "b").expect("b exists");
+        assert_eq!(s.pod_count(), 1);
+        assert_eq!(s.node("a").map(|n| n.requested.milli_cpu), Some(0));
+        assert_eq!(
+            s.node("b")
+                .map(|n| n.pods_with_required_anti_affinity.len()),
+            Some(1)
+        );
+        assert_eq!(s.remove_pod("d", "p"), Some("b".to_string()));
+        assert!(!s.any_pod_has_affinity());
+        assert_eq!(s.remove_pod("d", "p"), None);
+        assert_eq!(
+            s.assume(&p, "zzz"),
+            Err(SnapshotError::UnknownNode("zzz".to_string()))
+        );
+        assert_eq!(s.pod_count(), 0, "a refused assume changes nothing");
+    }
+
+    #[test]
+    fn upsert_node_keeps_its_pods_and_remove_node_forgets_them() {
+        let mut s = ClusterSnapshot::new(
+            &two_nodes(),
+            &[pod("d", "p").request("1", "").node_name("a").build()],
+        );
+        s.upsert_node(
+            &node("a")
+                .allocatable("8", "8Gi", 110)
+                .unschedulable()
+                .build(),
+        );
+        let a = s.node("a").expect("a");
+        assert!(a.unschedulable);
+        assert_eq!(
+            (a.allocatable.milli_cpu, a.requested.milli_cpu, a.pods.len()),
+            (8000, 1000, 1)
+        );
+        assert!(s.remove_node("a"));
+        assert!(!s.remove_node("a"));
+        assert_eq!(s.pod_count(), 0);
+        assert_eq!(s.nodes().len(), 1);
+        // The index still finds the remaining node after the removal shifted it.
+        assert!(s.node("b").is_some());
+        s.assume(&pod("d", "q").build(), "b").expect("b exists");
+        assert_eq!(s.remove_pod("d", "q"), Some("b".to_string()));
+    }
+
+    #[test]
+    fn bad_quantities_are_reported_not_panicked_on() {
+        let bad_node = node("n").allocatable("lots", "8Gi", 110).build();
+        let info = NodeInfo::new(&bad_node);
+        assert_eq!(
+            info.allocatable.milli_cpu, 0,
+            "a bad allocatable counts as zero"
+        );
+        assert_eq!(info.problems.len(), 1);
+        let bad_pod = pod("d", "p").request("1", "8 GB").build();
+        let p = PodInfo::new(&bad_pod);
+        assert!(p.problems[0].contains("\"8 GB\""), "{:?}", p.problems);
+    }
+}
