@@ -310,9 +310,10 @@ impl Datapath {
                 .ok_or_else(|| DatapathError::Missing(format!("program {name}")))?
                 .try_into()
                 .map_err(prog_err(name))?;
-            // AllowMultiple: during a replace the old and new program are both attached for a
-            // moment; the second one sees an already-translated address and does nothing.
-            let id = p.attach(dir, CgroupAttachMode::AllowMultiple).map_err(prog_err(name))?;
+            // Single = no flags: bpf_link_create on a cgroup rejects flags, and cgroup bpf_links
+            // always coexist (multi) anyway. During a replace the old and new program are both
+            // attached for a moment; the second sees an already-translated address: no-op.
+            let id = p.attach(dir, CgroupAttachMode::Single).map_err(prog_err(name))?;
             let link = p.take_link(id).map_err(prog_err(name))?;
             let fd_link: FdLink = link.try_into().map_err(|e| DatapathError::Pin {
                 path: cgroup_dir.to_path_buf(),

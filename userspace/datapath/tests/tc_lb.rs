@@ -52,8 +52,11 @@ fn clusterip_tcp_and_udp_via_tc() {
     if !require_privileges("clusterip_tcp_and_udp_via_tc") {
         return;
     }
-    let lab = Lab::new("tc", 3);
+    let mut lab = Lab::new("tc", 3);
     let mut dp = lab.datapath();
+    // Socket LB is attached to a cgroup this process is NOT in: it must not see these clients.
+    let cg = lab.cgroup();
+    dp.attach_cgroup(&cg).expect("attach socket LB elsewhere");
     let _s1 = Server::start(&lab.pods[1].netns, lab.pods[1].ip, 8080);
     let _s2 = Server::start(&lab.pods[2].netns, lab.pods[2].ip, 8080);
     dp.upsert_service(&spec(&lab, &[1, 2], 8080, Proto::Tcp)).expect("tcp service");
@@ -88,6 +91,7 @@ fn clusterip_tcp_and_udp_via_tc() {
     let c = dp.counters().expect("counters");
     assert!(c["dnat"] >= 200 && c["reverse_nat"] >= 200, "counters: {c:?}");
     assert!(c["redirect_peer"] > 0, "same-node delivery used bpf_redirect_peer: {c:?}");
+    assert_eq!(c["socket_translate"], 0, "clients outside the cgroup are not socket-translated: {c:?}");
 }
 
 fn backend_id_of(dp: &Datapath, ip: Ipv4Addr, proto: Proto) -> u32 {

@@ -1,0 +1,139 @@
+//! Socket-level load balancing: the cgroup v2 connect4/sendmsg4/recvmsg4/getpeername4 programs.
+//! A socket belongs to the cgroup of the process that creates it and cgroup v2 moves whole
+//! processes, so these tests move this test binary's process into the lab's cgroup (and back on
+//! drop); they run one at a time (SERIAL) and live in their own test binary.
+mod lab;
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket},
+    sync::Mutex,
+    time::Duration,
+};
+
+use lab::{Lab, Server, in_netns, require_privileges, tcp_ask, udp_ask};
+use skiff_datapath::{BackendSpec, Proto, ServiceSpec};
+
+static SERIAL: Mutex<()> = Mutex::new(());
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 1, 20);
+
+fn spec(lab: &Lab, backends: &[usize], proto: Proto, affinity: Option<u32>) -> ServiceSpec {
+    ServiceSpec {
+        vip: IpAddr::V4(VIP),
+        port: 80,
+        proto,
+        backends: backends
+            .iter()
+            .map(|&i| BackendSpec { ip: IpAddr::V4(lab.pods[i].ip), port: 8080, ready: true, terminating: false })
+            .collect(),
+        affinity_timeout: affinity,
+    }
+}
+
+fn tally(results: impl IntoIterator<Item = String>) -> BTreeMap<String, usize> {
+    let mut m = BTreeMap::new();
+    for r in results {
+        *m.entry(r).or_insert(0) += 1;
+    }
+    m
+}
+
+#[test]
+fn clusterip_tcp_and_udp_via_socket_layer() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !require_privileges("clusterip_tcp_and_udp_via_socket_layer") {
+        return;
+    }
+    let mut lab = Lab::new("sock", 3);
+    let mut dp = lab.datapath();
+    let cg = lab.cgroup();
+    dp.attach_cgroup(&cg).expect("attach socket LB");
+    lab.enter_cgroup(&cg);
+    let _s1 = Server::start(&lab.pods[1].netns, lab.pods[1].ip, 8080);
+    let _s2 = Server::start(&lab.pods[2].netns, lab.pods[2].ip, 8080);
+    dp.upsert_service(&spec(&lab, &[1, 2], Proto::Tcp, None)).expect("tcp");
+    dp.upsert_service(&spec(&lab, &[1, 2], Proto::Udp, None)).expect("udp");
+    let vip = SocketAddr::from((VIP, 80));
+
+    let (tcp, udp, connected_udp) = in_netns(&lab.pods[0].netns, || {
+        let tcp: Vec<_> = (0..100).map(|_| tcp_ask(vip).expect("tcp via VIP")).collect();
+        // Unconnected UDP: sendmsg4 translates, recvmsg4 shows the VIP as the source.
+        let udp: Vec<_> = (0..100).map(|_| udp_ask(vip).expect("udp via VIP")).collect();
+        // Connected UDP: connect4 translates, getpeername4 shows the VIP.
+        let u = UdpSocket::bind("0.0.0.0:0").expect("bind");
+        u.set_read_timeout(Some(Duration::from_secs(2))).expect("timeout");
+        u.connect(vip).expect("connect");
+        u.send(b"who").expect("send");
+        let mut buf = [0u8; 64];
+        let n = u.recv(&mut buf).expect("recv");
+        (tcp, udp, (u.peer_addr().expect("peer"), String::from_utf8_lossy(&buf[..n]).to_string()))
+    });
+    for (_, peer) in &tcp {
+        assert_eq!(*peer, vip, "getpeername returns the VIP");
+    }
+    let counts = tally(tcp.into_iter().map(|(w, _)| w));
+    assert_eq!(counts.len(), 2, "both backends answered tcp: {counts:?}");
+    for (_, from) in &udp {
+        assert_eq!(*from, vip, "recvfrom returns the VIP");
+    }
+    assert_eq!(tally(udp.into_iter().map(|(w, _)| w)).len(), 2, "both backends answered udp");
+    assert_eq!(connected_udp.0, vip, "connected udp: getpeername returns the VIP");
+    assert!(connected_udp.1 == lab.pods[1].ip.to_string() || connected_udp.1 == lab.pods[2].ip.to_string());
+
+    // The socket layer did the work: tc saw backend addresses, so it created no conntrack entry.
+    assert!(
+        !dp.dump_conntrack().expect("ct").iter().any(|e| e.vip == IpAddr::V4(VIP)),
+        "no per-packet NAT for socket-translated flows"
+    );
+    let c = dp.counters().expect("counters");
+    assert!(c["socket_translate"] >= 201 && c["socket_reverse"] >= 201, "{c:?}");
+    assert_eq!(c["dnat"], 0, "{c:?}");
+
+    // No agent: the pinned cgroup links keep translating. Then a reload replaces them in place.
+    drop(dp);
+    let (who, peer) = in_netns(&lab.pods[0].netns, || tcp_ask(vip).expect("tcp with no agent"));
+    assert_eq!(peer, vip);
+    assert!(who == lab.pods[1].ip.to_string() || who == lab.pods[2].ip.to_string());
+    let mut dp = lab.datapath();
+    dp.attach_cgroup(&cg).expect("re-attach socket LB");
+    let answers = in_netns(&lab.pods[0].netns, || (0..20).map(|_| tcp_ask(vip).expect("tcp after reload").0).collect::<Vec<_>>());
+    assert_eq!(tally(answers).len(), 2);
+    let links = std::fs::read_dir(lab.pin_dir.join("links")).expect("links dir").count();
+    assert_eq!(links, 3 + 4, "one pinned link per veth and per socket hook, none left over");
+}
+
+#[test]
+fn socket_layer_affinity_and_ready_only() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !require_privileges("socket_layer_affinity_and_ready_only") {
+        return;
+    }
+    let mut lab = Lab::new("sockaff", 4);
+    let mut dp = lab.datapath();
+    let cg = lab.cgroup();
+    dp.attach_cgroup(&cg).expect("attach socket LB");
+    lab.enter_cgroup(&cg);
+    let _s1 = Server::start(&lab.pods[1].netns, lab.pods[1].ip, 8080);
+    let _s2 = Server::start(&lab.pods[2].netns, lab.pods[2].ip, 8080);
+    let _s3 = Server::start(&lab.pods[3].netns, lab.pods[3].ip, 8080);
+    let vip = SocketAddr::from((VIP, 80));
+
+    dp.upsert_service(&spec(&lab, &[1, 2, 3], Proto::Tcp, Some(60))).expect("tcp");
+    let answers = in_netns(&lab.pods[0].netns, || (0..40).map(|_| tcp_ask(vip).expect("tcp").0).collect::<Vec<_>>());
+    assert_eq!(tally(answers).len(), 1, "affinity: one backend for this client");
+
+    // Only Ready endpoints get new flows: pod1 not ready, pod2 terminating.
+    let mut s = spec(&lab, &[1, 2, 3], Proto::Tcp, None);
+    s.backends[0].ready = false;
+    s.backends[1].ready = false;
+    s.backends[1].terminating = true;
+    dp.upsert_service(&s).expect("tcp");
+    let answers = in_netns(&lab.pods[0].netns, || (0..40).map(|_| tcp_ask(vip).expect("tcp").0).collect::<Vec<_>>());
+    assert_eq!(tally(answers).keys().cloned().collect::<Vec<_>>(), vec![lab.pods[3].ip.to_string()]);
+
+    // No ready endpoint at all: connect() fails at once instead of hanging.
+    s.backends[2].ready = false;
+    dp.upsert_service(&s).expect("tcp");
+    let r = in_netns(&lab.pods[0].netns, || tcp_ask(vip));
+    assert!(r.is_err(), "connect to a service without endpoints fails: {r:?}");
+}
