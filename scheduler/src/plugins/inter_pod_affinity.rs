@@ -522,4 +522,31 @@ mod tests {
         assert_eq!(sc[2], ("b1".into(), 100));
         assert!(sc.iter().filter(|(n, _)| n != "b1").all(|(_, v)| *v == 0));
     }
+
+    #[test]
+    fn existing_pods_required_affinity_pulls_with_weight_one() {
+        let s = cluster(vec![
+            pod("d", "friend")
+                .pod_affinity(term(labels(&[("app", "web")]), HOSTNAME))
+                .node_name("b1")
+                .build(),
+        ]);
+        let web = pod("d", "web").label("app", "web").build();
+        assert_eq!(
+            scores(&InterPodAffinity, &web, &s),
+            vec![
+                ("a1".into(), 0),
+                ("a2".into(), 0),
+                ("b1".into(), 100),
+                ("nozone".into(), 0)
+            ]
+        );
+        // A pod the term does not select gets no pull.
+        let db = pod("d", "db").label("app", "db").build();
+        assert!(
+            scores(&InterPodAffinity, &db, &s)
+                .iter()
+                .all(|(_, v)| *v == 0)
+        );
+    }
 }

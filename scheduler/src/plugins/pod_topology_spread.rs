@@ -486,4 +486,18 @@ mod tests {
         let sc = scores(&PodTopologySpread, &web(false).build(), &s);
         assert_eq!(sc, vec![("a1".into(), 100), ("bare".into(), 0)]);
     }
+
+    #[test]
+    fn schedule_anyway_by_hostname_counts_each_node() {
+        let s = zones(&[("a1", 2), ("b1", 0), ("c1", 1)]);
+        let p = pod("d", "new")
+            .label("app", "web")
+            .spread(1, HOSTNAME, labels(&[("app", "web")]), false)
+            .build();
+        // 3 nodes: weight ln(5); raw a1 = round(3.2) = 3, b1 = 0, c1 = round(1.6) = 2.
+        assert_eq!(
+            scores(&PodTopologySpread, &p, &s),
+            vec![("a1".into(), 0), ("b1".into(), 100), ("c1".into(), 33)]
+        );
+    }
 }
