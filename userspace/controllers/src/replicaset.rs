@@ -251,3 +251,7 @@ pub fn pods_to_delete(claimed: &[Pod], diff: usize) -> Vec<&Pod> {
     }
     ranked.into_iter().take(diff).map(|(p, _)| p).collect()
 }
+
+#[cfg(test)]
+#[path = "replicaset_tests.rs"]
+mod tests;
