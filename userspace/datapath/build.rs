@@ -57,18 +57,27 @@ fn clean_command(program: &str) -> Command {
 }
 
 fn check_toolchain() {
-    let nightly = clean_command("rustup").args(["run", "nightly", "rustc", "--version"]).output();
+    let nightly = clean_command("rustup")
+        .args(["run", "nightly", "rustc", "--version"])
+        .output();
     match nightly {
         Ok(o) if o.status.success() => {}
-        Ok(_) => fail("the nightly Rust toolchain is not installed (rustup toolchain install nightly)"),
+        Ok(_) => {
+            fail("the nightly Rust toolchain is not installed (rustup toolchain install nightly)")
+        }
         Err(e) => fail(&format!("rustup not found ({e})")),
     }
     let src = clean_command("rustup")
         .args(["component", "list", "--toolchain", "nightly", "--installed"])
         .output();
     match src {
-        Ok(o) if String::from_utf8_lossy(&o.stdout).lines().any(|l| l.starts_with("rust-src")) => {}
-        _ => fail("the rust-src component of nightly is missing (rustup component add rust-src --toolchain nightly)"),
+        Ok(o)
+            if String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .any(|l| l.starts_with("rust-src")) => {}
+        _ => fail(
+            "the rust-src component of nightly is missing (rustup component add rust-src --toolchain nightly)",
+        ),
     }
     match clean_command("bpf-linker").arg("--version").output() {
         Ok(o) if String::from_utf8_lossy(&o.stdout).contains("0.10.3") => {}
@@ -76,7 +85,9 @@ fn check_toolchain() {
             "bpf-linker 0.10.3 is required (it loads nightly's own LLVM), found `{}`",
             String::from_utf8_lossy(&o.stdout).trim()
         )),
-        Err(_) => fail("bpf-linker is not on PATH (cargo install bpf-linker --version 0.10.3 --locked)"),
+        Err(_) => {
+            fail("bpf-linker is not on PATH (cargo install bpf-linker --version 0.10.3 --locked)")
+        }
     }
 }
 
@@ -99,7 +110,8 @@ fn rerun_if_changed_dir(dir: &Path) {
 }
 
 fn main() {
-    let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    let manifest_dir =
+        PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
     let out_dir = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
     let ebpf_root = manifest_dir.join("../../ebpf");
     let programs = ebpf_root.join("programs");
@@ -113,7 +125,15 @@ fn main() {
     let target_dir = out_dir.join("ebpf-target");
     let status = clean_command("cargo")
         .current_dir(&programs)
-        .args(["+nightly", "build", "--release", "--target", "bpfel-unknown-none", "-Z", "build-std=core"])
+        .args([
+            "+nightly",
+            "build",
+            "--release",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+        ])
         .arg("--target-dir")
         .arg(&target_dir)
         .status();
@@ -128,6 +148,9 @@ fn main() {
     }
     let object = target_dir.join("bpfel-unknown-none/release/datapath");
     if let Err(e) = std::fs::copy(&object, out_dir.join("datapath")) {
-        fail(&format!("the build did not produce {}: {e}", object.display()));
+        fail(&format!(
+            "the build did not produce {}: {e}",
+            object.display()
+        ));
     }
 }

@@ -74,9 +74,18 @@ fn now_ns() -> u64 {
 /// Picks a backend for a new flow: the affine one if ClientIP affinity holds and it is still
 /// active, otherwise a random active slot (terminating backends have no slot).
 #[inline(always)]
-fn select_backend(svc: &ServiceValue, aff_kind: u32, client: Addr, now: u64) -> Option<(u32, Backend)> {
+fn select_backend(
+    svc: &ServiceValue,
+    aff_kind: u32,
+    client: Addr,
+    now: u64,
+) -> Option<(u32, Backend)> {
     let affinity = svc.flags & SVC_F_AFFINITY != 0;
-    let aff_key = AffinityKey { service_id: svc.service_id, kind: aff_kind, client };
+    let aff_key = AffinityKey {
+        service_id: svc.service_id,
+        kind: aff_kind,
+        client,
+    };
     if affinity {
         if let Some(a) = AFFINITY.get_ptr_mut(&aff_key) {
             // SAFETY: pointer from a map lookup, valid for this program run.
@@ -98,10 +107,23 @@ fn select_backend(svc: &ServiceValue, aff_kind: u32, client: Addr, now: u64) -> 
     }
     // SAFETY: helper without arguments.
     let slot = unsafe { h::bpf_get_prandom_u32() } % n;
-    let id = unsafe { *BACKEND_SLOTS.get(&BackendSlotKey { service_id: svc.service_id, slot })? };
+    let id = unsafe {
+        *BACKEND_SLOTS.get(&BackendSlotKey {
+            service_id: svc.service_id,
+            slot,
+        })?
+    };
     let b = unsafe { *BACKENDS.get(&id)? };
     if affinity {
-        let _ = AFFINITY.insert(&aff_key, &AffinityValue { backend_id: id, _pad: 0, last_used_ns: now }, 0);
+        let _ = AFFINITY.insert(
+            &aff_key,
+            &AffinityValue {
+                backend_id: id,
+                _pad: 0,
+                last_used_ns: now,
+            },
+            0,
+        );
     }
     Some((id, b))
 }
@@ -129,14 +151,21 @@ fn sock_translate(ctx: &SockAddrContext) -> bool {
         return true;
     }
     let port = port_raw as u16;
-    let key = ServiceKey { addr: Addr::v4_raw(ip), port, proto, scope: SCOPE_INTERNAL };
+    let key = ServiceKey {
+        addr: Addr::v4_raw(ip),
+        port,
+        proto,
+        scope: SCOPE_INTERNAL,
+    };
     let Some(svc) = (unsafe { SERVICES.get(&key) }) else {
         return true;
     };
     let svc = *svc;
     // SAFETY: ctx pointer is the program's context, valid for these helpers.
     let netns = unsafe { h::bpf_get_netns_cookie(ctx.as_ptr()) };
-    let client = Addr { w: [netns as u32, (netns >> 32) as u32, 0, 0] };
+    let client = Addr {
+        w: [netns as u32, (netns >> 32) as u32, 0, 0],
+    };
     let Some((_id, b)) = select_backend(&svc, AFF_KIND_NETNS_COOKIE, client, now_ns()) else {
         count(counter::NO_BACKEND);
         return false;
@@ -146,8 +175,19 @@ fn sock_translate(ctx: &SockAddrContext) -> bool {
         ptr::write_volatile(&mut (*sa).user_port, b.port as u32);
     }
     let cookie = unsafe { h::bpf_get_socket_cookie(ctx.as_ptr()) };
-    let rk = SockRevKey { cookie, backend_addr: b.addr, backend_port: b.port, _pad: [0; 6] };
-    let rv = SockRevValue { orig_addr: key.addr, orig_port: port, proto, _pad: 0, service_id: svc.service_id };
+    let rk = SockRevKey {
+        cookie,
+        backend_addr: b.addr,
+        backend_port: b.port,
+        _pad: [0; 6],
+    };
+    let rv = SockRevValue {
+        orig_addr: key.addr,
+        orig_port: port,
+        proto,
+        _pad: 0,
+        service_id: svc.service_id,
+    };
     let _ = SOCK_REVNAT.insert(&rk, &rv, 0);
     count(counter::SOCK_XLATE);
     true
@@ -157,10 +197,19 @@ fn sock_translate(ctx: &SockAddrContext) -> bool {
 #[inline(always)]
 fn sock_reverse(ctx: &SockAddrContext) {
     let sa: *mut bpf_sock_addr = ctx.sock_addr;
-    let (ip, port_raw) =
-        unsafe { (ptr::read_volatile(&(*sa).user_ip4), ptr::read_volatile(&(*sa).user_port)) };
+    let (ip, port_raw) = unsafe {
+        (
+            ptr::read_volatile(&(*sa).user_ip4),
+            ptr::read_volatile(&(*sa).user_port),
+        )
+    };
     let cookie = unsafe { h::bpf_get_socket_cookie(ctx.as_ptr()) };
-    let rk = SockRevKey { cookie, backend_addr: Addr::v4_raw(ip), backend_port: port_raw as u16, _pad: [0; 6] };
+    let rk = SockRevKey {
+        cookie,
+        backend_addr: Addr::v4_raw(ip),
+        backend_port: port_raw as u16,
+        _pad: [0; 6],
+    };
     if let Some(v) = unsafe { SOCK_REVNAT.get(&rk) } {
         let (addr, port) = (v.orig_addr.w[0], v.orig_port);
         unsafe {
@@ -199,12 +248,23 @@ pub fn sock_getpeername4(ctx: SockAddrContext) -> i32 {
 
 #[inline(always)]
 fn l4_csum_off(l4: usize, proto: u8) -> (usize, u64) {
-    if proto == PROTO_TCP { (l4 + 16, 0) } else { (l4 + 6, BPF_F_MARK_MANGLED_0 as u64) }
+    if proto == PROTO_TCP {
+        (l4 + 16, 0)
+    } else {
+        (l4 + 6, BPF_F_MARK_MANGLED_0 as u64)
+    }
 }
 
 /// Rewrites the IPv4 address at `ip_off` and fixes the IP and L4 (pseudo-header) checksums.
 #[inline(always)]
-fn rewrite_addr(ctx: &TcContext, ip_off: usize, l4: usize, proto: u8, old: u32, new: u32) -> Result<(), i64> {
+fn rewrite_addr(
+    ctx: &TcContext,
+    ip_off: usize,
+    l4: usize,
+    proto: u8,
+    old: u32,
+    new: u32,
+) -> Result<(), i64> {
     if old == new {
         return Ok(());
     }
@@ -212,14 +272,26 @@ fn rewrite_addr(ctx: &TcContext, ip_off: usize, l4: usize, proto: u8, old: u32, 
     ctx.l3_csum_replace(IP_CSUM_OFF, old as u64, new as u64, 4)?;
     if proto == PROTO_TCP || proto == PROTO_UDP {
         let (off, extra) = l4_csum_off(l4, proto);
-        ctx.l4_csum_replace(off, old as u64, new as u64, BPF_F_PSEUDO_HDR as u64 | extra | 4)?;
+        ctx.l4_csum_replace(
+            off,
+            old as u64,
+            new as u64,
+            BPF_F_PSEUDO_HDR as u64 | extra | 4,
+        )?;
     }
     Ok(())
 }
 
 /// Rewrites the L4 port at `port_off` and fixes the L4 checksum.
 #[inline(always)]
-fn rewrite_port(ctx: &TcContext, port_off: usize, l4: usize, proto: u8, old: u16, new: u16) -> Result<(), i64> {
+fn rewrite_port(
+    ctx: &TcContext,
+    port_off: usize,
+    l4: usize,
+    proto: u8,
+    old: u16,
+    new: u16,
+) -> Result<(), i64> {
     if old == new {
         return Ok(());
     }
@@ -261,14 +333,22 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, i64> {
     let daddr: u32 = ctx.load(IP_DST_OFF)?;
     let l4 = ETH_HLEN + ihl;
     // Only unfragmented TCP/UDP is translated (a non-first fragment carries no ports).
-    let nat_capable = (proto == PROTO_TCP || proto == PROTO_UDP) && (u16::from_be(frag) & 0x3fff) == 0;
+    let nat_capable =
+        (proto == PROTO_TCP || proto == PROTO_UDP) && (u16::from_be(frag) & 0x3fff) == 0;
 
     let mut final_dst = daddr;
     if nat_capable {
         let sport: u16 = ctx.load(l4)?;
         let dport: u16 = ctx.load(l4 + 2)?;
         let now = now_ns();
-        let key = CtKey { src: Addr::v4_raw(saddr), dst: Addr::v4_raw(daddr), sport, dport, proto, _pad: [0; 3] };
+        let key = CtKey {
+            src: Addr::v4_raw(saddr),
+            dst: Addr::v4_raw(daddr),
+            sport,
+            dport,
+            proto,
+            _pad: [0; 3],
+        };
         let mut handled = false;
         if let Some(ct) = CONNTRACK.get_ptr_mut(&key) {
             // SAFETY: pointer from a map lookup, valid for this program run.
@@ -291,7 +371,14 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, i64> {
                 rewrite_addr(ctx, IP_DST_OFF, l4, proto, daddr, final_dst)?;
                 rewrite_port(ctx, l4 + 2, l4, proto, dport, b.port)?;
                 if hairpin {
-                    rewrite_addr(ctx, IP_SRC_OFF, l4, proto, saddr, ip4_to_raw(HAIRPIN_SNAT_V4))?;
+                    rewrite_addr(
+                        ctx,
+                        IP_SRC_OFF,
+                        l4,
+                        proto,
+                        saddr,
+                        ip4_to_raw(HAIRPIN_SNAT_V4),
+                    )?;
                 }
                 count(counter::DNAT);
                 handled = true;
@@ -301,16 +388,26 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, i64> {
             }
         }
         if !handled {
-            let skey = ServiceKey { addr: Addr::v4_raw(daddr), port: dport, proto, scope: SCOPE_INTERNAL };
+            let skey = ServiceKey {
+                addr: Addr::v4_raw(daddr),
+                port: dport,
+                proto,
+                scope: SCOPE_INTERNAL,
+            };
             if let Some(svc) = unsafe { SERVICES.get(&skey) } {
                 let svc = *svc;
                 count(counter::SVC_HIT);
-                let Some((id, b)) = select_backend(&svc, AFF_KIND_ADDR, Addr::v4_raw(saddr), now) else {
+                let Some((id, b)) = select_backend(&svc, AFF_KIND_ADDR, Addr::v4_raw(saddr), now)
+                else {
                     count(counter::NO_BACKEND);
                     return Ok(TC_ACT_SHOT);
                 };
                 let hairpin = b.addr.w[0] == saddr;
-                let new_src = if hairpin { ip4_to_raw(HAIRPIN_SNAT_V4) } else { saddr };
+                let new_src = if hairpin {
+                    ip4_to_raw(HAIRPIN_SNAT_V4)
+                } else {
+                    saddr
+                };
                 let hp_flag = if hairpin { CT_F_HAIRPIN } else { 0 };
                 let fwd = CtValue {
                     backend_id: id,
@@ -320,8 +417,18 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, i64> {
                     client_addr: Addr::v4_raw(saddr),
                     last_seen_ns: now,
                 };
-                let rkey = CtKey { src: b.addr, dst: Addr::v4_raw(new_src), sport: b.port, dport: sport, proto, _pad: [0; 3] };
-                let rev = CtValue { flags: CT_F_REPLY | hp_flag, ..fwd };
+                let rkey = CtKey {
+                    src: b.addr,
+                    dst: Addr::v4_raw(new_src),
+                    sport: b.port,
+                    dport: sport,
+                    proto,
+                    _pad: [0; 3],
+                };
+                let rev = CtValue {
+                    flags: CT_F_REPLY | hp_flag,
+                    ..fwd
+                };
                 let _ = CONNTRACK.insert(&rkey, &rev, 0);
                 let _ = CONNTRACK.insert(&key, &fwd, 0);
                 count(counter::CT_CREATE);
@@ -358,7 +465,12 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, i64> {
     fib.__bindgen_anon_3.ipv4_src = src_now;
     fib.__bindgen_anon_4.ipv4_dst = final_dst;
     let rc = unsafe {
-        h::bpf_fib_lookup(ctx.as_ptr(), &mut fib, mem::size_of::<bpf_fib_lookup>() as i32, 0)
+        h::bpf_fib_lookup(
+            ctx.as_ptr(),
+            &mut fib,
+            mem::size_of::<bpf_fib_lookup>() as i32,
+            0,
+        )
     };
     if rc == BPF_FIB_LKUP_RET_SUCCESS as i64 {
         count(counter::REDIRECT_NEIGH);

@@ -45,7 +45,9 @@ pub fn object_bytes() -> &'static [u8] {
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
-    #[error("loading the eBPF object failed (is this root, with bpffs mounted and a kernel >= 6.6?): {0}")]
+    #[error(
+        "loading the eBPF object failed (is this root, with bpffs mounted and a kernel >= 6.6?): {0}"
+    )]
     Load(#[from] aya::EbpfError),
     #[error("eBPF program {name}: {source}")]
     Program {
@@ -79,7 +81,9 @@ pub enum DatapathError {
     Missing(String),
     #[error("invalid service: {0}")]
     InvalidService(String),
-    #[error("no cgroup v2 mount found (looked at /sys/fs/cgroup and /sys/fs/cgroup/unified): mount cgroup2")]
+    #[error(
+        "no cgroup v2 mount found (looked at /sys/fs/cgroup and /sys/fs/cgroup/unified): mount cgroup2"
+    )]
     NoCgroup2,
 }
 
@@ -89,19 +93,26 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DatapathErr
 }
 
 fn map_err(name: &str) -> impl FnOnce(MapError) -> DatapathError + '_ {
-    move |source| DatapathError::Map { name: name.to_string(), source }
+    move |source| DatapathError::Map {
+        name: name.to_string(),
+        source,
+    }
 }
 
 fn prog_err(name: &str) -> impl FnOnce(ProgramError) -> DatapathError + '_ {
-    move |source| DatapathError::Program { name: name.to_string(), source }
+    move |source| DatapathError::Program {
+        name: name.to_string(),
+        source,
+    }
 }
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
 
 fn statfs_magic(path: &Path) -> Result<i64, DatapathError> {
-    let c = CString::new(path.as_os_str().as_encoded_bytes())
-        .map_err(|_| DatapathError::InvalidService(format!("path {} contains a NUL byte", path.display())))?;
+    let c = CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| {
+        DatapathError::InvalidService(format!("path {} contains a NUL byte", path.display()))
+    })?;
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: c is a valid C string and st a valid out-pointer.
     let rc = unsafe { libc::statfs(c.as_ptr(), &mut st) };
@@ -221,14 +232,22 @@ impl Datapath {
     /// bpffs) or reusing the maps already pinned there, and loads every program into the kernel
     /// (the verifier runs here).
     pub fn load(pin_dir: &Path) -> Result<Datapath, DatapathError> {
-        std::fs::create_dir_all(pin_dir).map_err(io_err(format!("creating pin directory {}", pin_dir.display())))?;
+        std::fs::create_dir_all(pin_dir).map_err(io_err(format!(
+            "creating pin directory {}",
+            pin_dir.display()
+        )))?;
         if statfs_magic(pin_dir)? != BPF_FS_MAGIC {
             return Err(DatapathError::NotBpffs(pin_dir.to_path_buf()));
         }
         let links = pin_dir.join("links");
         std::fs::create_dir_all(&links).map_err(io_err(format!("creating {}", links.display())))?;
-        let reused = map_names::ALL.iter().filter(|n| pin_dir.join(n).exists()).count();
-        let mut ebpf = EbpfLoader::new().default_map_pin_directory(pin_dir).load(DATAPATH_OBJECT)?;
+        let reused = map_names::ALL
+            .iter()
+            .filter(|n| pin_dir.join(n).exists())
+            .count();
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(pin_dir)
+            .load(DATAPATH_OBJECT)?;
         for name in CGROUP_PROGRAMS {
             let p: &mut CgroupSockAddr = ebpf
                 .program_mut(name)
@@ -248,7 +267,9 @@ impl Datapath {
         where
             T: TryFrom<aya::maps::Map, Error = MapError>,
         {
-            let map = ebpf.take_map(name).ok_or_else(|| DatapathError::Missing(format!("map {name}")))?;
+            let map = ebpf
+                .take_map(name)
+                .ok_or_else(|| DatapathError::Missing(format!("map {name}")))?;
             T::try_from(map).map_err(map_err(name))
         }
         let dp = Datapath {
@@ -276,17 +297,24 @@ impl Datapath {
     fn pin_replacing(link: FdLink, path: &Path) -> Result<(), DatapathError> {
         let old = if path.exists() {
             match PinnedLink::from_pin(path) {
-                Ok(p) => Some(p.unpin().map_err(io_err(format!("unpinning {}", path.display())))?),
+                Ok(p) => Some(
+                    p.unpin()
+                        .map_err(io_err(format!("unpinning {}", path.display())))?,
+                ),
                 Err(e) => {
                     warn!(path = %path.display(), error = %e, "removing unreadable link pin");
-                    std::fs::remove_file(path).map_err(io_err(format!("removing {}", path.display())))?;
+                    std::fs::remove_file(path)
+                        .map_err(io_err(format!("removing {}", path.display())))?;
                     None
                 }
             }
         } else {
             None
         };
-        link.pin(path).map_err(|e| DatapathError::Pin { path: path.to_path_buf(), message: e.to_string() })?;
+        link.pin(path).map_err(|e| DatapathError::Pin {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
         drop(old); // releases the previous attachment
         Ok(())
     }
@@ -303,7 +331,8 @@ impl Datapath {
         }
         let tag = link_tag(cgroup_dir);
         for name in CGROUP_PROGRAMS {
-            let dir = File::open(cgroup_dir).map_err(io_err(format!("opening cgroup {}", cgroup_dir.display())))?;
+            let dir = File::open(cgroup_dir)
+                .map_err(io_err(format!("opening cgroup {}", cgroup_dir.display())))?;
             let p: &mut CgroupSockAddr = self
                 .ebpf
                 .program_mut(name)
@@ -313,13 +342,18 @@ impl Datapath {
             // Single = no flags: bpf_link_create on a cgroup rejects flags, and cgroup bpf_links
             // always coexist (multi) anyway. During a replace the old and new program are both
             // attached for a moment; the second sees an already-translated address: no-op.
-            let id = p.attach(dir, CgroupAttachMode::Single).map_err(prog_err(name))?;
+            let id = p
+                .attach(dir, CgroupAttachMode::Single)
+                .map_err(prog_err(name))?;
             let link = p.take_link(id).map_err(prog_err(name))?;
             let fd_link: FdLink = link.try_into().map_err(|e| DatapathError::Pin {
                 path: cgroup_dir.to_path_buf(),
                 message: format!("cgroup link is not a bpf_link: {e}"),
             })?;
-            Self::pin_replacing(fd_link, &self.pin_dir.join("links").join(format!("cg-{tag}-{name}")))?;
+            Self::pin_replacing(
+                fd_link,
+                &self.pin_dir.join("links").join(format!("cg-{tag}-{name}")),
+            )?;
         }
         debug!(cgroup = %cgroup_dir.display(), "socket LB attached");
         Ok(())
@@ -350,7 +384,9 @@ impl Datapath {
             .ok_or_else(|| DatapathError::Missing(format!("program {name}")))?
             .try_into()
             .map_err(prog_err(name))?;
-        let id = p.attach(iface, TcAttachType::Ingress).map_err(prog_err(name))?;
+        let id = p
+            .attach(iface, TcAttachType::Ingress)
+            .map_err(prog_err(name))?;
         let link = p.take_link(id).map_err(prog_err(name))?;
         let fd_link: FdLink = link.try_into().map_err(|e| DatapathError::Pin {
             path: PathBuf::from(iface),
@@ -368,13 +404,26 @@ impl Datapath {
     }
 
     fn tc_link_path(&self, iface: &str, ifindex: u32) -> PathBuf {
-        self.pin_dir.join("links").join(format!("tc-{iface}-{ifindex}"))
+        self.pin_dir
+            .join("links")
+            .join(format!("tc-{iface}-{ifindex}"))
     }
 
     /// Registers a pod on this node for `bpf_redirect_peer` delivery.
-    pub fn upsert_endpoint(&mut self, ip: Ipv4Addr, ep: &EndpointSpec) -> Result<(), DatapathError> {
-        let v = EndpointValue { host_ifindex: ep.host_ifindex, flags: 0, pod_mac: ep.pod_mac, host_mac: ep.host_mac };
-        self.endpoints.insert(addr_of(ip), v, 0).map_err(map_err(map_names::ENDPOINTS))
+    pub fn upsert_endpoint(
+        &mut self,
+        ip: Ipv4Addr,
+        ep: &EndpointSpec,
+    ) -> Result<(), DatapathError> {
+        let v = EndpointValue {
+            host_ifindex: ep.host_ifindex,
+            flags: 0,
+            pod_mac: ep.pod_mac,
+            host_mac: ep.host_mac,
+        };
+        self.endpoints
+            .insert(addr_of(ip), v, 0)
+            .map_err(map_err(map_names::ENDPOINTS))
     }
 
     pub fn delete_endpoint(&mut self, ip: Ipv4Addr) -> Result<(), DatapathError> {
@@ -410,8 +459,19 @@ impl Datapath {
     }
 
     /// Removes a service frontend and everything it owns (no-op if absent).
-    pub fn delete_service(&mut self, vip: IpAddr, port: u16, proto: Proto) -> Result<Vec<MapOp>, DatapathError> {
-        let key = plan::service_key(&ServiceSpec { vip, port, proto, backends: vec![], affinity_timeout: None })?;
+    pub fn delete_service(
+        &mut self,
+        vip: IpAddr,
+        port: u16,
+        proto: Proto,
+    ) -> Result<Vec<MapOp>, DatapathError> {
+        let key = plan::service_key(&ServiceSpec {
+            vip,
+            port,
+            proto,
+            backends: vec![],
+            affinity_timeout: None,
+        })?;
         let ops = plan::plan_delete(&key, &self.map_state()?);
         self.apply(&ops)?;
         Ok(ops)
@@ -432,18 +492,27 @@ impl Datapath {
                 Err(e) => Err(map_err(name)(e)),
             };
             match op {
-                MapOp::PutBackend { id, backend } => {
-                    self.backends.insert(id, backend, 0).map_err(map_err(map_names::BACKENDS))?
+                MapOp::PutBackend { id, backend } => self
+                    .backends
+                    .insert(id, backend, 0)
+                    .map_err(map_err(map_names::BACKENDS))?,
+                MapOp::PutSlot { key, backend_id } => self
+                    .slots
+                    .insert(key, backend_id, 0)
+                    .map_err(map_err(map_names::BACKEND_SLOTS))?,
+                MapOp::PutService { key, value } => self
+                    .services
+                    .insert(key, value, 0)
+                    .map_err(map_err(map_names::SERVICES))?,
+                MapOp::DeleteSlot { key } => {
+                    missing_ok(self.slots.remove(key), map_names::BACKEND_SLOTS)?
                 }
-                MapOp::PutSlot { key, backend_id } => {
-                    self.slots.insert(key, backend_id, 0).map_err(map_err(map_names::BACKEND_SLOTS))?
+                MapOp::DeleteService { key } => {
+                    missing_ok(self.services.remove(key), map_names::SERVICES)?
                 }
-                MapOp::PutService { key, value } => {
-                    self.services.insert(key, value, 0).map_err(map_err(map_names::SERVICES))?
+                MapOp::DeleteBackend { id } => {
+                    missing_ok(self.backends.remove(id), map_names::BACKENDS)?
                 }
-                MapOp::DeleteSlot { key } => missing_ok(self.slots.remove(key), map_names::BACKEND_SLOTS)?,
-                MapOp::DeleteService { key } => missing_ok(self.services.remove(key), map_names::SERVICES)?,
-                MapOp::DeleteBackend { id } => missing_ok(self.backends.remove(id), map_names::BACKENDS)?,
                 MapOp::PurgeConntrack { backend_id } => {
                     let n = self.purge_udp_conntrack(*backend_id)?;
                     debug!(backend_id, purged = n, "udp conntrack purged");
@@ -473,8 +542,13 @@ impl Datapath {
                 Err(e) => return Err(map_err(map_names::CONNTRACK)(e)),
             }
         }
-        let aff: Vec<AffinityKey> =
-            self.affinity.iter().filter_map(|kv| kv.ok()).filter(|(_, v)| v.backend_id == backend_id).map(|(k, _)| k).collect();
+        let aff: Vec<AffinityKey> = self
+            .affinity
+            .iter()
+            .filter_map(|kv| kv.ok())
+            .filter(|(_, v)| v.backend_id == backend_id)
+            .map(|(k, _)| k)
+            .collect();
         for k in &aff {
             let _ = self.affinity.remove(k);
         }
@@ -486,7 +560,14 @@ impl Datapath {
         let mut out = Vec::new();
         for (k, v) in &st.services {
             let active_backends = (0..v.backend_count)
-                .filter_map(|slot| st.slots.get(&BackendSlotKey { service_id: v.service_id, slot }).copied())
+                .filter_map(|slot| {
+                    st.slots
+                        .get(&BackendSlotKey {
+                            service_id: v.service_id,
+                            slot,
+                        })
+                        .copied()
+                })
                 .collect();
             out.push(ServiceEntry {
                 vip: ip_of(&k.addr),
@@ -494,7 +575,8 @@ impl Datapath {
                 proto: Proto::from_number(k.proto).unwrap_or(Proto::Tcp),
                 service_id: v.service_id,
                 active_backends,
-                affinity_timeout: (v.flags & skiff_ebpf_common::SVC_F_AFFINITY != 0).then_some(v.affinity_timeout_s),
+                affinity_timeout: (v.flags & skiff_ebpf_common::SVC_F_AFFINITY != 0)
+                    .then_some(v.affinity_timeout_s),
             });
         }
         Ok(out)
@@ -511,7 +593,11 @@ impl Datapath {
                 ip: ip_of(&b.addr),
                 port: raw_to_port(b.port),
                 proto: Proto::from_number(b.proto).unwrap_or(Proto::Tcp),
-                state: if b.state == BACKEND_ACTIVE { BackendState::Active } else { BackendState::Terminating },
+                state: if b.state == BACKEND_ACTIVE {
+                    BackendState::Active
+                } else {
+                    BackendState::Terminating
+                },
             })
             .collect())
     }
@@ -530,7 +616,11 @@ impl Datapath {
                 dst: ip_of(&k.dst),
                 dport: raw_to_port(k.dport),
                 proto: k.proto,
-                direction: if v.flags & CT_F_REPLY != 0 { CtDirection::Reply } else { CtDirection::Forward },
+                direction: if v.flags & CT_F_REPLY != 0 {
+                    CtDirection::Reply
+                } else {
+                    CtDirection::Forward
+                },
                 hairpin: v.flags & CT_F_HAIRPIN != 0,
                 backend_id: v.backend_id,
                 vip: ip_of(&v.orig_addr),
@@ -545,7 +635,10 @@ impl Datapath {
     pub fn counters(&self) -> Result<BTreeMap<&'static str, u64>, DatapathError> {
         let mut out = BTreeMap::new();
         for (i, name) in counter::NAMES.iter().enumerate() {
-            let values = self.counters.get(&(i as u32), 0).map_err(map_err(map_names::COUNTERS))?;
+            let values = self
+                .counters
+                .get(&(i as u32), 0)
+                .map_err(map_err(map_names::COUNTERS))?;
             out.insert(*name, values.iter().copied().sum());
         }
         Ok(out)
@@ -566,15 +659,21 @@ fn remove_link_pin(path: &Path) -> Result<(), DatapathError> {
     if !path.exists() {
         return Ok(());
     }
-    let link = PinnedLink::from_pin(path).map_err(|source| DatapathError::Link { path: path.to_path_buf(), source })?;
-    let fd = link.unpin().map_err(io_err(format!("unpinning {}", path.display())))?;
+    let link = PinnedLink::from_pin(path).map_err(|source| DatapathError::Link {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let fd = link
+        .unpin()
+        .map_err(io_err(format!("unpinning {}", path.display())))?;
     drop(fd);
     Ok(())
 }
 
 fn ifindex_of(iface: &str) -> Result<u32, DatapathError> {
-    let c = CString::new(iface)
-        .map_err(|_| DatapathError::InvalidService(format!("interface name {iface:?} contains a NUL byte")))?;
+    let c = CString::new(iface).map_err(|_| {
+        DatapathError::InvalidService(format!("interface name {iface:?} contains a NUL byte"))
+    })?;
     // SAFETY: valid C string.
     let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
     if idx == 0 {

@@ -74,15 +74,32 @@ pub struct MapState {
 /// One map operation.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum MapOp {
-    PutBackend { id: u32, backend: Backend },
-    PutSlot { key: BackendSlotKey, backend_id: u32 },
-    PutService { key: ServiceKey, value: ServiceValue },
-    DeleteSlot { key: BackendSlotKey },
-    DeleteService { key: ServiceKey },
-    DeleteBackend { id: u32 },
+    PutBackend {
+        id: u32,
+        backend: Backend,
+    },
+    PutSlot {
+        key: BackendSlotKey,
+        backend_id: u32,
+    },
+    PutService {
+        key: ServiceKey,
+        value: ServiceValue,
+    },
+    DeleteSlot {
+        key: BackendSlotKey,
+    },
+    DeleteService {
+        key: ServiceKey,
+    },
+    DeleteBackend {
+        id: u32,
+    },
     /// Delete the UDP conntrack and affinity entries that point at a removed backend, so a
     /// UDP client (DNS!) is not black-holed towards a backend that is gone.
-    PurgeConntrack { backend_id: u32 },
+    PurgeConntrack {
+        backend_id: u32,
+    },
 }
 
 impl MapState {
@@ -149,7 +166,10 @@ fn lowest_free(used: &BTreeSet<u32>) -> Result<u32, DatapathError> {
 pub fn plan_upsert(spec: &ServiceSpec, state: &MapState) -> Result<Vec<MapOp>, DatapathError> {
     let key = service_key(spec)?;
     if spec.port == 0 {
-        return Err(DatapathError::InvalidService(format!("service {}: port 0 is not a valid port", spec.vip)));
+        return Err(DatapathError::InvalidService(format!(
+            "service {}: port 0 is not a valid port",
+            spec.vip
+        )));
     }
     if spec.affinity_timeout == Some(0) {
         return Err(DatapathError::InvalidService(format!(
@@ -169,8 +189,15 @@ pub fn plan_upsert(spec: &ServiceSpec, state: &MapState) -> Result<Vec<MapOp>, D
         }
         // Only Ready endpoints get new flows. A terminating (or not ready) endpoint stays in
         // BACKENDS so its established flows keep working, but gets no slot.
-        let state_byte = if b.ready && !b.terminating { BACKEND_ACTIVE } else { BACKEND_TERMINATING };
-        if desired.insert((addr, port_to_raw(b.port)), state_byte).is_some() {
+        let state_byte = if b.ready && !b.terminating {
+            BACKEND_ACTIVE
+        } else {
+            BACKEND_TERMINATING
+        };
+        if desired
+            .insert((addr, port_to_raw(b.port)), state_byte)
+            .is_some()
+        {
             return Err(DatapathError::InvalidService(format!(
                 "service {}:{}: backend {}:{} is listed twice",
                 spec.vip, spec.port, b.ip, b.port
@@ -197,7 +224,13 @@ pub fn plan_upsert(spec: &ServiceSpec, state: &MapState) -> Result<Vec<MapOp>, D
     let mut ops = Vec::new();
     let mut active_ids = Vec::new();
     for (&(addr, port), &state_byte) in &desired {
-        let backend = Backend { addr, port, proto, state: state_byte, service_id };
+        let backend = Backend {
+            addr,
+            port,
+            proto,
+            state: state_byte,
+            service_id,
+        };
         let id = match current.get(&(addr, port)) {
             Some(&(id, old)) => {
                 if old != backend {
@@ -218,7 +251,10 @@ pub fn plan_upsert(spec: &ServiceSpec, state: &MapState) -> Result<Vec<MapOp>, D
     }
 
     for (slot, &backend_id) in active_ids.iter().enumerate() {
-        let key = BackendSlotKey { service_id, slot: slot as u32 };
+        let key = BackendSlotKey {
+            service_id,
+            slot: slot as u32,
+        };
         if state.slots.get(&key) != Some(&backend_id) {
             ops.push(MapOp::PutSlot { key, backend_id });
         }
@@ -227,7 +263,11 @@ pub fn plan_upsert(spec: &ServiceSpec, state: &MapState) -> Result<Vec<MapOp>, D
     let value = ServiceValue {
         service_id,
         backend_count: active_ids.len() as u32,
-        flags: if spec.affinity_timeout.is_some() { SVC_F_AFFINITY } else { 0 },
+        flags: if spec.affinity_timeout.is_some() {
+            SVC_F_AFFINITY
+        } else {
+            0
+        },
         _pad: 0,
         affinity_timeout_s: spec.affinity_timeout.unwrap_or(0),
     };
@@ -235,7 +275,11 @@ pub fn plan_upsert(spec: &ServiceSpec, state: &MapState) -> Result<Vec<MapOp>, D
         ops.push(MapOp::PutService { key, value });
     }
 
-    for slot_key in state.slots.keys().filter(|k| k.service_id == service_id && k.slot as usize >= active_ids.len()) {
+    for slot_key in state
+        .slots
+        .keys()
+        .filter(|k| k.service_id == service_id && k.slot as usize >= active_ids.len())
+    {
         ops.push(MapOp::DeleteSlot { key: *slot_key });
     }
     for (addr_port, (id, _)) in &current {
@@ -257,7 +301,11 @@ pub fn plan_delete(key: &ServiceKey, state: &MapState) -> Vec<MapOp> {
     for slot_key in state.slots.keys().filter(|k| k.service_id == service_id) {
         ops.push(MapOp::DeleteSlot { key: *slot_key });
     }
-    for (id, _) in state.backends.iter().filter(|(_, b)| b.service_id == service_id) {
+    for (id, _) in state
+        .backends
+        .iter()
+        .filter(|(_, b)| b.service_id == service_id)
+    {
         ops.push(MapOp::DeleteBackend { id: *id });
         ops.push(MapOp::PurgeConntrack { backend_id: *id });
     }
@@ -278,7 +326,12 @@ pub fn plan_sync(desired: &[ServiceSpec], state: &MapState) -> Result<Vec<MapOp>
     let mut working = state.clone();
     let mut ops = Vec::new();
     // Deletes first so their ids are free for the services that follow.
-    let stale: Vec<ServiceKey> = working.services.keys().filter(|k| !keys.contains(k)).copied().collect();
+    let stale: Vec<ServiceKey> = working
+        .services
+        .keys()
+        .filter(|k| !keys.contains(k))
+        .copied()
+        .collect();
     for key in stale {
         for op in plan_delete(&key, &working) {
             working.apply(&op);
@@ -300,7 +353,12 @@ mod tests {
     use std::net::Ipv4Addr;
 
     fn b(last: u8, port: u16, ready: bool, terminating: bool) -> BackendSpec {
-        BackendSpec { ip: IpAddr::V4(Ipv4Addr::new(10, 244, 0, last)), port, ready, terminating }
+        BackendSpec {
+            ip: IpAddr::V4(Ipv4Addr::new(10, 244, 0, last)),
+            port,
+            ready,
+            terminating,
+        }
     }
 
     fn svc(backends: Vec<BackendSpec>) -> ServiceSpec {
@@ -323,13 +381,23 @@ mod tests {
 
     /// The active backends a datapath would pick from, as (addr last octet, port).
     fn active(state: &MapState, spec: &ServiceSpec) -> Vec<(u8, u16)> {
-        let Ok(key) = service_key(spec) else { return vec![] };
-        let Some(v) = state.services.get(&key) else { return vec![] };
+        let Ok(key) = service_key(spec) else {
+            return vec![];
+        };
+        let Some(v) = state.services.get(&key) else {
+            return vec![];
+        };
         let mut out: Vec<(u8, u16)> = (0..v.backend_count)
             .map(|slot| {
-                let id = state.slots[&BackendSlotKey { service_id: v.service_id, slot }];
+                let id = state.slots[&BackendSlotKey {
+                    service_id: v.service_id,
+                    slot,
+                }];
                 let be = state.backends[&id];
-                (skiff_ebpf_common::raw_to_ip4(be.addr.w[0])[3], skiff_ebpf_common::raw_to_port(be.port))
+                (
+                    skiff_ebpf_common::raw_to_ip4(be.addr.w[0])[3],
+                    skiff_ebpf_common::raw_to_port(be.port),
+                )
             })
             .collect();
         out.sort();
@@ -357,30 +425,50 @@ mod tests {
     #[test]
     fn same_spec_twice_is_a_no_op() {
         let spec = svc(vec![b(11, 8080, true, false), b(12, 8080, true, false)]);
-        let s = applied(&MapState::default(), &plan_upsert(&spec, &MapState::default()).expect("valid"));
+        let s = applied(
+            &MapState::default(),
+            &plan_upsert(&spec, &MapState::default()).expect("valid"),
+        );
         assert_eq!(plan_upsert(&spec, &s).expect("valid"), vec![]);
     }
 
     #[test]
     fn terminating_backend_keeps_its_entry_but_loses_its_slot() {
         let before = svc(vec![b(11, 80, true, false), b(12, 80, true, false)]);
-        let s1 = applied(&MapState::default(), &plan_upsert(&before, &MapState::default()).expect("valid"));
+        let s1 = applied(
+            &MapState::default(),
+            &plan_upsert(&before, &MapState::default()).expect("valid"),
+        );
         let after = svc(vec![b(11, 80, true, false), b(12, 80, false, true)]);
         let ops = plan_upsert(&after, &s1).expect("valid");
         let s2 = applied(&s1, &ops);
         assert_eq!(active(&s2, &after), vec![(11, 80)]);
-        assert_eq!(s2.backends.len(), 2, "terminating backend stays for established flows");
-        assert!(!ops.iter().any(|o| matches!(o, MapOp::PurgeConntrack { .. })));
+        assert_eq!(
+            s2.backends.len(),
+            2,
+            "terminating backend stays for established flows"
+        );
+        assert!(
+            !ops.iter()
+                .any(|o| matches!(o, MapOp::PurgeConntrack { .. }))
+        );
         // The count shrinks before the extra slot is deleted.
-        let svc_pos = ops.iter().position(|o| matches!(o, MapOp::PutService { .. }));
-        let del_pos = ops.iter().position(|o| matches!(o, MapOp::DeleteSlot { .. }));
+        let svc_pos = ops
+            .iter()
+            .position(|o| matches!(o, MapOp::PutService { .. }));
+        let del_pos = ops
+            .iter()
+            .position(|o| matches!(o, MapOp::DeleteSlot { .. }));
         assert!(svc_pos < del_pos && del_pos.is_some());
     }
 
     #[test]
     fn removed_backend_is_deleted_and_its_conntrack_purged() {
         let before = svc(vec![b(11, 53, true, false), b(12, 53, true, false)]);
-        let s1 = applied(&MapState::default(), &plan_upsert(&before, &MapState::default()).expect("valid"));
+        let s1 = applied(
+            &MapState::default(),
+            &plan_upsert(&before, &MapState::default()).expect("valid"),
+        );
         let removed_id = s1
             .backends
             .iter()
@@ -389,7 +477,9 @@ mod tests {
             .expect("backend 12 present");
         let ops = plan_upsert(&svc(vec![b(11, 53, true, false)]), &s1).expect("valid");
         assert!(ops.contains(&MapOp::DeleteBackend { id: removed_id }));
-        assert!(ops.contains(&MapOp::PurgeConntrack { backend_id: removed_id }));
+        assert!(ops.contains(&MapOp::PurgeConntrack {
+            backend_id: removed_id
+        }));
         let s2 = applied(&s1, &ops);
         assert_eq!(s2.backends.len(), 1);
         assert_eq!(s2.slots.len(), 1);
@@ -417,7 +507,10 @@ mod tests {
     #[test]
     fn delete_removes_everything_the_service_owned() {
         let spec = svc(vec![b(11, 80, true, false), b(12, 80, false, true)]);
-        let s = applied(&MapState::default(), &plan_upsert(&spec, &MapState::default()).expect("valid"));
+        let s = applied(
+            &MapState::default(),
+            &plan_upsert(&spec, &MapState::default()).expect("valid"),
+        );
         let s2 = applied(&s, &plan_delete(&service_key(&spec).expect("v4"), &s));
         assert_eq!(s2, MapState::default());
     }
@@ -427,7 +520,9 @@ mod tests {
         let mut spec = svc(vec![b(11, 80, true, false)]);
         spec.affinity_timeout = Some(30);
         let ops = plan_upsert(&spec, &MapState::default()).expect("valid");
-        let Some(MapOp::PutService { value, .. }) = ops.iter().find(|o| matches!(o, MapOp::PutService { .. })) else {
+        let Some(MapOp::PutService { value, .. }) =
+            ops.iter().find(|o| matches!(o, MapOp::PutService { .. }))
+        else {
             panic!("no service op in {ops:?}");
         };
         assert_eq!(value.flags & SVC_F_AFFINITY, SVC_F_AFFINITY);
@@ -438,7 +533,10 @@ mod tests {
     fn bad_input_is_rejected_before_any_op() {
         let mut v6 = svc(vec![b(11, 80, true, false)]);
         v6.vip = "fd00::1".parse().expect("literal");
-        assert!(matches!(plan_upsert(&v6, &MapState::default()), Err(DatapathError::InvalidService(_))));
+        assert!(matches!(
+            plan_upsert(&v6, &MapState::default()),
+            Err(DatapathError::InvalidService(_))
+        ));
         let dup = svc(vec![b(11, 80, true, false), b(11, 80, true, false)]);
         assert!(plan_upsert(&dup, &MapState::default()).is_err());
         let port0 = svc(vec![b(11, 0, true, false)]);

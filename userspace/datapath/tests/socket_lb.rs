@@ -24,7 +24,12 @@ fn spec(lab: &Lab, backends: &[usize], proto: Proto, affinity: Option<u32>) -> S
         proto,
         backends: backends
             .iter()
-            .map(|&i| BackendSpec { ip: IpAddr::V4(lab.pods[i].ip), port: 8080, ready: true, terminating: false })
+            .map(|&i| BackendSpec {
+                ip: IpAddr::V4(lab.pods[i].ip),
+                port: 8080,
+                ready: true,
+                terminating: false,
+            })
             .collect(),
         affinity_timeout: affinity,
     }
@@ -51,22 +56,36 @@ fn clusterip_tcp_and_udp_via_socket_layer() {
     lab.enter_cgroup(&cg);
     let _s1 = Server::start(&lab.pods[1].netns, lab.pods[1].ip, 8080);
     let _s2 = Server::start(&lab.pods[2].netns, lab.pods[2].ip, 8080);
-    dp.upsert_service(&spec(&lab, &[1, 2], Proto::Tcp, None)).expect("tcp");
-    dp.upsert_service(&spec(&lab, &[1, 2], Proto::Udp, None)).expect("udp");
+    dp.upsert_service(&spec(&lab, &[1, 2], Proto::Tcp, None))
+        .expect("tcp");
+    dp.upsert_service(&spec(&lab, &[1, 2], Proto::Udp, None))
+        .expect("udp");
     let vip = SocketAddr::from((VIP, 80));
 
     let (tcp, udp, connected_udp) = in_netns(&lab.pods[0].netns, || {
-        let tcp: Vec<_> = (0..100).map(|_| tcp_ask(vip).expect("tcp via VIP")).collect();
+        let tcp: Vec<_> = (0..100)
+            .map(|_| tcp_ask(vip).expect("tcp via VIP"))
+            .collect();
         // Unconnected UDP: sendmsg4 translates, recvmsg4 shows the VIP as the source.
-        let udp: Vec<_> = (0..100).map(|_| udp_ask(vip).expect("udp via VIP")).collect();
+        let udp: Vec<_> = (0..100)
+            .map(|_| udp_ask(vip).expect("udp via VIP"))
+            .collect();
         // Connected UDP: connect4 translates, getpeername4 shows the VIP.
         let u = UdpSocket::bind("0.0.0.0:0").expect("bind");
-        u.set_read_timeout(Some(Duration::from_secs(2))).expect("timeout");
+        u.set_read_timeout(Some(Duration::from_secs(2)))
+            .expect("timeout");
         u.connect(vip).expect("connect");
         u.send(b"who").expect("send");
         let mut buf = [0u8; 64];
         let n = u.recv(&mut buf).expect("recv");
-        (tcp, udp, (u.peer_addr().expect("peer"), String::from_utf8_lossy(&buf[..n]).to_string()))
+        (
+            tcp,
+            udp,
+            (
+                u.peer_addr().expect("peer"),
+                String::from_utf8_lossy(&buf[..n]).to_string(),
+            ),
+        )
     });
     for (_, peer) in &tcp {
         assert_eq!(*peer, vip, "getpeername returns the VIP");
@@ -76,30 +95,58 @@ fn clusterip_tcp_and_udp_via_socket_layer() {
     for (_, from) in &udp {
         assert_eq!(*from, vip, "recvfrom returns the VIP");
     }
-    assert_eq!(tally(udp.into_iter().map(|(w, _)| w)).len(), 2, "both backends answered udp");
-    assert_eq!(connected_udp.0, vip, "connected udp: getpeername returns the VIP");
-    assert!(connected_udp.1 == lab.pods[1].ip.to_string() || connected_udp.1 == lab.pods[2].ip.to_string());
+    assert_eq!(
+        tally(udp.into_iter().map(|(w, _)| w)).len(),
+        2,
+        "both backends answered udp"
+    );
+    assert_eq!(
+        connected_udp.0, vip,
+        "connected udp: getpeername returns the VIP"
+    );
+    assert!(
+        connected_udp.1 == lab.pods[1].ip.to_string()
+            || connected_udp.1 == lab.pods[2].ip.to_string()
+    );
 
     // The socket layer did the work: tc saw backend addresses, so it created no conntrack entry.
     assert!(
-        !dp.dump_conntrack().expect("ct").iter().any(|e| e.vip == IpAddr::V4(VIP)),
+        !dp.dump_conntrack()
+            .expect("ct")
+            .iter()
+            .any(|e| e.vip == IpAddr::V4(VIP)),
         "no per-packet NAT for socket-translated flows"
     );
     let c = dp.counters().expect("counters");
-    assert!(c["socket_translate"] >= 201 && c["socket_reverse"] >= 201, "{c:?}");
+    assert!(
+        c["socket_translate"] >= 201 && c["socket_reverse"] >= 201,
+        "{c:?}"
+    );
     assert_eq!(c["dnat"], 0, "{c:?}");
 
     // No agent: the pinned cgroup links keep translating. Then a reload replaces them in place.
     drop(dp);
-    let (who, peer) = in_netns(&lab.pods[0].netns, || tcp_ask(vip).expect("tcp with no agent"));
+    let (who, peer) = in_netns(&lab.pods[0].netns, || {
+        tcp_ask(vip).expect("tcp with no agent")
+    });
     assert_eq!(peer, vip);
     assert!(who == lab.pods[1].ip.to_string() || who == lab.pods[2].ip.to_string());
     let mut dp = lab.datapath();
     dp.attach_cgroup(&cg).expect("re-attach socket LB");
-    let answers = in_netns(&lab.pods[0].netns, || (0..20).map(|_| tcp_ask(vip).expect("tcp after reload").0).collect::<Vec<_>>());
+    let answers = in_netns(&lab.pods[0].netns, || {
+        (0..20)
+            .map(|_| tcp_ask(vip).expect("tcp after reload").0)
+            .collect::<Vec<_>>()
+    });
     assert_eq!(tally(answers).len(), 2);
-    let links = std::fs::read_dir(lab.pin_dir.join("links")).expect("links dir").count();
-    assert_eq!(links, 3 + 4, "one pinned link per veth and per socket hook, none left over");
+    let links = std::fs::read_dir(lab.pin_dir.join("links"))
+        .expect("links dir")
+        .count();
+    assert_eq!(
+        links,
+        3 + 4,
+        "one pinned link per veth and per socket hook, none left over"
+    );
 }
 
 #[test]
@@ -118,9 +165,18 @@ fn socket_layer_affinity_and_ready_only() {
     let _s3 = Server::start(&lab.pods[3].netns, lab.pods[3].ip, 8080);
     let vip = SocketAddr::from((VIP, 80));
 
-    dp.upsert_service(&spec(&lab, &[1, 2, 3], Proto::Tcp, Some(60))).expect("tcp");
-    let answers = in_netns(&lab.pods[0].netns, || (0..40).map(|_| tcp_ask(vip).expect("tcp").0).collect::<Vec<_>>());
-    assert_eq!(tally(answers).len(), 1, "affinity: one backend for this client");
+    dp.upsert_service(&spec(&lab, &[1, 2, 3], Proto::Tcp, Some(60)))
+        .expect("tcp");
+    let answers = in_netns(&lab.pods[0].netns, || {
+        (0..40)
+            .map(|_| tcp_ask(vip).expect("tcp").0)
+            .collect::<Vec<_>>()
+    });
+    assert_eq!(
+        tally(answers).len(),
+        1,
+        "affinity: one backend for this client"
+    );
 
     // Only Ready endpoints get new flows: pod1 not ready, pod2 terminating.
     let mut s = spec(&lab, &[1, 2, 3], Proto::Tcp, None);
@@ -128,12 +184,22 @@ fn socket_layer_affinity_and_ready_only() {
     s.backends[1].ready = false;
     s.backends[1].terminating = true;
     dp.upsert_service(&s).expect("tcp");
-    let answers = in_netns(&lab.pods[0].netns, || (0..40).map(|_| tcp_ask(vip).expect("tcp").0).collect::<Vec<_>>());
-    assert_eq!(tally(answers).keys().cloned().collect::<Vec<_>>(), vec![lab.pods[3].ip.to_string()]);
+    let answers = in_netns(&lab.pods[0].netns, || {
+        (0..40)
+            .map(|_| tcp_ask(vip).expect("tcp").0)
+            .collect::<Vec<_>>()
+    });
+    assert_eq!(
+        tally(answers).keys().cloned().collect::<Vec<_>>(),
+        vec![lab.pods[3].ip.to_string()]
+    );
 
     // No ready endpoint at all: connect() fails at once instead of hanging.
     s.backends[2].ready = false;
     dp.upsert_service(&s).expect("tcp");
     let r = in_netns(&lab.pods[0].netns, || tcp_ask(vip));
-    assert!(r.is_err(), "connect to a service without endpoints fails: {r:?}");
+    assert!(
+        r.is_err(),
+        "connect to a service without endpoints fails: {r:?}"
+    );
 }

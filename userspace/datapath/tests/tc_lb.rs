@@ -19,7 +19,12 @@ fn spec(lab: &Lab, backends: &[usize], port: u16, proto: Proto) -> ServiceSpec {
         proto,
         backends: backends
             .iter()
-            .map(|&i| BackendSpec { ip: IpAddr::V4(lab.pods[i].ip), port, ready: true, terminating: false })
+            .map(|&i| BackendSpec {
+                ip: IpAddr::V4(lab.pods[i].ip),
+                port,
+                ready: true,
+                terminating: false,
+            })
             .collect(),
         affinity_timeout: None,
     }
@@ -59,12 +64,16 @@ fn clusterip_tcp_and_udp_via_tc() {
     dp.attach_cgroup(&cg).expect("attach socket LB elsewhere");
     let _s1 = Server::start(&lab.pods[1].netns, lab.pods[1].ip, 8080);
     let _s2 = Server::start(&lab.pods[2].netns, lab.pods[2].ip, 8080);
-    dp.upsert_service(&spec(&lab, &[1, 2], 8080, Proto::Tcp)).expect("tcp service");
-    dp.upsert_service(&spec(&lab, &[1, 2], 8080, Proto::Udp)).expect("udp service");
+    dp.upsert_service(&spec(&lab, &[1, 2], 8080, Proto::Tcp))
+        .expect("tcp service");
+    dp.upsert_service(&spec(&lab, &[1, 2], 8080, Proto::Udp))
+        .expect("udp service");
     let vip = SocketAddr::from((VIP, 80));
 
     let tcp = in_netns(&lab.pods[0].netns, || {
-        (0..100).map(|_| tcp_ask(vip).expect("tcp via VIP")).collect::<Vec<_>>()
+        (0..100)
+            .map(|_| tcp_ask(vip).expect("tcp via VIP"))
+            .collect::<Vec<_>>()
     });
     for (_, peer) in &tcp {
         assert_eq!(*peer, vip, "the client sees the VIP, not the backend");
@@ -72,26 +81,52 @@ fn clusterip_tcp_and_udp_via_tc() {
     let counts = tally(tcp.into_iter().map(|(who, _)| who).collect());
     assert_eq!(counts.len(), 2, "both backends answered: {counts:?}");
     for b in [&lab.pods[1].ip, &lab.pods[2].ip] {
-        assert!(counts.get(&b.to_string()).copied().unwrap_or(0) >= 10, "{b} got a fair share: {counts:?}");
+        assert!(
+            counts.get(&b.to_string()).copied().unwrap_or(0) >= 10,
+            "{b} got a fair share: {counts:?}"
+        );
     }
 
     let udp = in_netns(&lab.pods[0].netns, || {
-        (0..100).map(|_| udp_ask(vip).expect("udp via VIP")).collect::<Vec<_>>()
+        (0..100)
+            .map(|_| udp_ask(vip).expect("udp via VIP"))
+            .collect::<Vec<_>>()
     });
     for (_, from) in &udp {
-        assert_eq!(*from, vip, "udp replies come back from the VIP (reverse NAT)");
+        assert_eq!(
+            *from, vip,
+            "udp replies come back from the VIP (reverse NAT)"
+        );
     }
     let counts = tally(udp.into_iter().map(|(who, _)| who).collect());
     assert_eq!(counts.len(), 2, "both backends answered udp: {counts:?}");
 
     let ct = dp.dump_conntrack().expect("conntrack");
-    let fwd = ct.iter().filter(|e| e.direction == CtDirection::Forward && e.vip == IpAddr::V4(VIP)).count();
-    let rev = ct.iter().filter(|e| e.direction == CtDirection::Reply).count();
-    assert!(fwd >= 100 && rev >= 100, "conntrack holds both directions: {fwd} forward, {rev} reply");
+    let fwd = ct
+        .iter()
+        .filter(|e| e.direction == CtDirection::Forward && e.vip == IpAddr::V4(VIP))
+        .count();
+    let rev = ct
+        .iter()
+        .filter(|e| e.direction == CtDirection::Reply)
+        .count();
+    assert!(
+        fwd >= 100 && rev >= 100,
+        "conntrack holds both directions: {fwd} forward, {rev} reply"
+    );
     let c = dp.counters().expect("counters");
-    assert!(c["dnat"] >= 200 && c["reverse_nat"] >= 200, "counters: {c:?}");
-    assert!(c["redirect_peer"] > 0, "same-node delivery used bpf_redirect_peer: {c:?}");
-    assert_eq!(c["socket_translate"], 0, "clients outside the cgroup are not socket-translated: {c:?}");
+    assert!(
+        c["dnat"] >= 200 && c["reverse_nat"] >= 200,
+        "counters: {c:?}"
+    );
+    assert!(
+        c["redirect_peer"] > 0,
+        "same-node delivery used bpf_redirect_peer: {c:?}"
+    );
+    assert_eq!(
+        c["socket_translate"], 0,
+        "clients outside the cgroup are not socket-translated: {c:?}"
+    );
 }
 
 fn backend_id_of(dp: &Datapath, ip: Ipv4Addr, proto: Proto) -> u32 {
@@ -116,14 +151,30 @@ fn client_ip_affinity_via_tc() {
     s.affinity_timeout = Some(60);
     dp.upsert_service(&s).expect("service");
     let vip = SocketAddr::from((VIP, 80));
-    let answers = in_netns(&lab.pods[0].netns, || (0..40).map(|_| tcp_ask(vip).expect("tcp").0).collect::<Vec<_>>());
+    let answers = in_netns(&lab.pods[0].netns, || {
+        (0..40)
+            .map(|_| tcp_ask(vip).expect("tcp").0)
+            .collect::<Vec<_>>()
+    });
     let counts = tally(answers);
-    assert_eq!(counts.len(), 1, "ClientIP affinity keeps one client on one backend: {counts:?}");
+    assert_eq!(
+        counts.len(),
+        1,
+        "ClientIP affinity keeps one client on one backend: {counts:?}"
+    );
     // Dropping affinity spreads the same client again.
     s.affinity_timeout = None;
     dp.upsert_service(&s).expect("service");
-    let answers = in_netns(&lab.pods[0].netns, || (0..60).map(|_| tcp_ask(vip).expect("tcp").0).collect::<Vec<_>>());
-    assert_eq!(tally(answers).len(), 2, "without affinity both backends answer");
+    let answers = in_netns(&lab.pods[0].netns, || {
+        (0..60)
+            .map(|_| tcp_ask(vip).expect("tcp").0)
+            .collect::<Vec<_>>()
+    });
+    assert_eq!(
+        tally(answers).len(),
+        2,
+        "without affinity both backends answer"
+    );
 }
 
 #[test]
@@ -150,11 +201,17 @@ fn terminating_backend_keeps_established_flows_and_gets_no_new_ones() {
                 if cmd == "stop" {
                     break;
                 }
-                to_test.send(conn.ask().unwrap_or_else(|e| format!("error: {e}"))).expect("send");
+                to_test
+                    .send(conn.ask().unwrap_or_else(|e| format!("error: {e}")))
+                    .expect("send");
             }
         });
         let pinned = from_client.recv().expect("first answer");
-        let (term_idx, other_idx) = if pinned == lab.pods[1].ip.to_string() { (1, 2) } else { (2, 1) };
+        let (term_idx, other_idx) = if pinned == lab.pods[1].ip.to_string() {
+            (1, 2)
+        } else {
+            (2, 1)
+        };
         // The backend the open connection uses starts terminating.
         for b in &mut s.backends {
             if b.ip == IpAddr::V4(lab.pods[term_idx].ip) {
@@ -165,9 +222,17 @@ fn terminating_backend_keeps_established_flows_and_gets_no_new_ones() {
         dp.upsert_service(&s).expect("service update");
         for _ in 0..5 {
             to_client.send("ask").expect("send");
-            assert_eq!(from_client.recv().expect("answer"), pinned, "established flow keeps its terminating backend");
+            assert_eq!(
+                from_client.recv().expect("answer"),
+                pinned,
+                "established flow keeps its terminating backend"
+            );
         }
-        let fresh = in_netns(&lab.pods[0].netns, || (0..40).map(|_| tcp_ask(vip).expect("tcp").0).collect::<Vec<_>>());
+        let fresh = in_netns(&lab.pods[0].netns, || {
+            (0..40)
+                .map(|_| tcp_ask(vip).expect("tcp").0)
+                .collect::<Vec<_>>()
+        });
         let counts = tally(fresh);
         assert_eq!(
             counts.keys().cloned().collect::<Vec<_>>(),
@@ -188,13 +253,15 @@ fn udp_conntrack_purged_when_backend_removed() {
     let mut dp = lab.datapath();
     let _s1 = Server::start(&lab.pods[1].netns, lab.pods[1].ip, 5353);
     let _s2 = Server::start(&lab.pods[2].netns, lab.pods[2].ip, 5353);
-    dp.upsert_service(&spec(&lab, &[1, 2], 5353, Proto::Udp)).expect("service");
+    dp.upsert_service(&spec(&lab, &[1, 2], 5353, Proto::Udp))
+        .expect("service");
     let vip = SocketAddr::from((VIP, 80));
     // One socket with a fixed source port: every datagram is the same 5-tuple (like a resolver).
     let pod0 = lab.pods[0].netns.clone();
     let sock = in_netns(&pod0, || {
         let u = std::net::UdpSocket::bind((lab.pods[0].ip, 40000)).expect("bind");
-        u.set_read_timeout(Some(std::time::Duration::from_secs(2))).expect("timeout");
+        u.set_read_timeout(Some(std::time::Duration::from_secs(2)))
+            .expect("timeout");
         u
     });
     let ask = |u: &std::net::UdpSocket| {
@@ -208,15 +275,37 @@ fn udp_conntrack_purged_when_backend_removed() {
     for _ in 0..5 {
         assert_eq!(ask(&sock), first, "one 5-tuple, one backend");
     }
-    let gone = if first == lab.pods[1].ip.to_string() { 1 } else { 2 };
+    let gone = if first == lab.pods[1].ip.to_string() {
+        1
+    } else {
+        2
+    };
     let stays = 3 - gone;
     let gone_id = backend_id_of(&dp, lab.pods[gone].ip, Proto::Udp);
-    let before = dp.dump_conntrack().expect("ct").iter().filter(|e| e.backend_id == gone_id).count();
+    let before = dp
+        .dump_conntrack()
+        .expect("ct")
+        .iter()
+        .filter(|e| e.backend_id == gone_id)
+        .count();
     assert_eq!(before, 2, "forward and reply entries point at the backend");
-    dp.upsert_service(&spec(&lab, &[stays], 5353, Proto::Udp)).expect("remove backend");
-    let after = dp.dump_conntrack().expect("ct").iter().filter(|e| e.backend_id == gone_id).count();
-    assert_eq!(after, 0, "removing the backend purged its UDP conntrack entries");
-    assert_eq!(ask(&sock), lab.pods[stays].ip.to_string(), "the same 5-tuple now reaches the remaining backend");
+    dp.upsert_service(&spec(&lab, &[stays], 5353, Proto::Udp))
+        .expect("remove backend");
+    let after = dp
+        .dump_conntrack()
+        .expect("ct")
+        .iter()
+        .filter(|e| e.backend_id == gone_id)
+        .count();
+    assert_eq!(
+        after, 0,
+        "removing the backend purged its UDP conntrack entries"
+    );
+    assert_eq!(
+        ask(&sock),
+        lab.pods[stays].ip.to_string(),
+        "the same 5-tuple now reaches the remaining backend"
+    );
 }
 
 #[test]
@@ -227,11 +316,16 @@ fn hairpin_backend_reaches_itself_through_the_vip() {
     let lab = Lab::new("hairpin", 2);
     let mut dp = lab.datapath();
     let _s1 = Server::start(&lab.pods[1].netns, lab.pods[1].ip, 8080);
-    dp.upsert_service(&spec(&lab, &[1], 8080, Proto::Tcp)).expect("tcp");
-    dp.upsert_service(&spec(&lab, &[1], 8080, Proto::Udp)).expect("udp");
+    dp.upsert_service(&spec(&lab, &[1], 8080, Proto::Tcp))
+        .expect("tcp");
+    dp.upsert_service(&spec(&lab, &[1], 8080, Proto::Udp))
+        .expect("udp");
     let vip = SocketAddr::from((VIP, 80));
     let (tcp, udp) = in_netns(&lab.pods[1].netns, || {
-        (tcp_ask(vip).expect("hairpin tcp"), udp_ask(vip).expect("hairpin udp"))
+        (
+            tcp_ask(vip).expect("hairpin tcp"),
+            udp_ask(vip).expect("hairpin udp"),
+        )
     });
     assert_eq!(tcp, (lab.pods[1].ip.to_string(), vip));
     assert_eq!(udp, (lab.pods[1].ip.to_string(), vip));
@@ -265,21 +359,38 @@ fn restart_keeps_open_connections_and_services() {
                 if cmd == "stop" {
                     break;
                 }
-                to_test.send(conn.ask().unwrap_or_else(|e| format!("error: {e}"))).expect("send");
+                to_test
+                    .send(conn.ask().unwrap_or_else(|e| format!("error: {e}")))
+                    .expect("send");
             }
         });
         let pinned = from_client.recv().expect("first answer");
         // The agent goes away: programs stay attached through their pinned links.
         drop(dp);
         to_client.send("ask").expect("send");
-        assert_eq!(from_client.recv().expect("answer"), pinned, "connection works with no agent");
+        assert_eq!(
+            from_client.recv().expect("answer"),
+            pinned,
+            "connection works with no agent"
+        );
         // The agent comes back: maps come from the pins, links are replaced in place.
         let dp2 = lab.datapath();
         to_client.send("ask").expect("send");
-        assert_eq!(from_client.recv().expect("answer"), pinned, "connection works after reload");
-        assert_eq!(dp2.dump_services().expect("dump"), services_before, "services survived the restart");
+        assert_eq!(
+            from_client.recv().expect("answer"),
+            pinned,
+            "connection works after reload"
+        );
+        assert_eq!(
+            dp2.dump_services().expect("dump"),
+            services_before,
+            "services survived the restart"
+        );
         assert!(
-            dp2.dump_conntrack().expect("ct").iter().any(|e| e.vip == IpAddr::V4(VIP)),
+            dp2.dump_conntrack()
+                .expect("ct")
+                .iter()
+                .any(|e| e.vip == IpAddr::V4(VIP)),
             "conntrack survived the restart"
         );
         // Reloading the same spec changes nothing.
@@ -311,6 +422,12 @@ fn pod_to_pod_delivery_peer_and_fib_fallback() {
     assert_eq!(a.0, lab.pods[1].ip.to_string());
     assert_eq!(b.0, lab.pods[2].ip.to_string());
     let after = dp.counters().expect("counters");
-    assert!(after["redirect_peer"] > before["redirect_peer"], "{after:?}");
-    assert!(after["redirect_neigh"] > before["redirect_neigh"], "{after:?}");
+    assert!(
+        after["redirect_peer"] > before["redirect_peer"],
+        "{after:?}"
+    );
+    assert!(
+        after["redirect_neigh"] > before["redirect_neigh"],
+        "{after:?}"
+    );
 }

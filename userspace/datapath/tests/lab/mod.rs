@@ -45,7 +45,12 @@ pub fn require_privileges(test: &str) -> bool {
     if !Path::new("/sys/kernel/btf/vmlinux").exists() {
         missing.push("kernel BTF (eBPF support)".to_string());
     }
-    if Command::new("ip").arg("-V").output().map(|o| !o.status.success()).unwrap_or(true) {
+    if Command::new("ip")
+        .arg("-V")
+        .output()
+        .map(|o| !o.status.success())
+        .unwrap_or(true)
+    {
         missing.push("iproute2 (`ip`) for network namespaces".to_string());
     }
     if missing.is_empty() {
@@ -115,7 +120,10 @@ pub fn pod_ip(i: usize) -> Ipv4Addr {
 }
 
 fn mac_str(m: &[u8; 6]) -> String {
-    m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 impl Lab {
@@ -135,8 +143,23 @@ impl Lab {
         ip(&["netns", "add", &node]);
         lab.netns.push(node.clone());
         ip(&["-n", &node, "link", "set", "lo", "up"]);
-        ip(&["-n", &node, "addr", "add", &format!("{GATEWAY}/32"), "dev", "lo"]);
-        ip(&["netns", "exec", &node, "sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+        ip(&[
+            "-n",
+            &node,
+            "addr",
+            "add",
+            &format!("{GATEWAY}/32"),
+            "dev",
+            "lo",
+        ]);
+        ip(&[
+            "netns",
+            "exec",
+            &node,
+            "sysctl",
+            "-qw",
+            "net.ipv4.ip_forward=1",
+        ]);
         for i in 0..pods {
             lab.add_pod(i);
         }
@@ -152,24 +175,81 @@ impl Lab {
         let host_mac = [0x02, 0, 0, 0x01, 0, i as u8];
         let node = self.node.clone();
         ip(&[
-            "-n", &node, "link", "add", &host_if, "address", &mac_str(&host_mac), "type", "veth", "peer", "name",
-            "eth0", "address", &mac_str(&pod_mac), "netns", &netns,
+            "-n",
+            &node,
+            "link",
+            "add",
+            &host_if,
+            "address",
+            &mac_str(&host_mac),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "address",
+            &mac_str(&pod_mac),
+            "netns",
+            &netns,
         ]);
         ip(&["-n", &node, "link", "set", &host_if, "up"]);
         let pip = pod_ip(i);
-        ip(&["-n", &node, "route", "add", &format!("{pip}/32"), "dev", &host_if]);
+        ip(&[
+            "-n",
+            &node,
+            "route",
+            "add",
+            &format!("{pip}/32"),
+            "dev",
+            &host_if,
+        ]);
         ip(&["-n", &netns, "link", "set", "lo", "up"]);
         ip(&["-n", &netns, "link", "set", "eth0", "up"]);
-        ip(&["-n", &netns, "addr", "add", &format!("{pip}/32"), "dev", "eth0"]);
-        ip(&["-n", &netns, "route", "add", &format!("{GATEWAY}"), "dev", "eth0", "scope", "link"]);
-        ip(&["-n", &netns, "route", "add", "default", "via", &format!("{GATEWAY}"), "dev", "eth0"]);
+        ip(&[
+            "-n",
+            &netns,
+            "addr",
+            "add",
+            &format!("{pip}/32"),
+            "dev",
+            "eth0",
+        ]);
+        ip(&[
+            "-n",
+            &netns,
+            "route",
+            "add",
+            &format!("{GATEWAY}"),
+            "dev",
+            "eth0",
+            "scope",
+            "link",
+        ]);
+        ip(&[
+            "-n",
+            &netns,
+            "route",
+            "add",
+            "default",
+            "via",
+            &format!("{GATEWAY}"),
+            "dev",
+            "eth0",
+        ]);
         let host_ifindex = in_netns(&node, || {
             let c = std::ffi::CString::new(host_if.clone()).expect("no NUL");
             // SAFETY: valid C string.
             unsafe { libc::if_nametoindex(c.as_ptr()) }
         });
         assert_ne!(host_ifindex, 0, "ifindex of {host_if}");
-        self.pods.push(Pod { netns, ip: pip, host_if, host_ifindex, pod_mac, host_mac });
+        self.pods.push(Pod {
+            netns,
+            ip: pip,
+            host_if,
+            host_ifindex,
+            pod_mac,
+            host_mac,
+        });
     }
 
     /// Loads (or reloads from the pins) the datapath, attaches from_pod to every pod veth and
@@ -184,7 +264,11 @@ impl Lab {
         for p in &self.pods {
             dp.upsert_endpoint(
                 p.ip,
-                &EndpointSpec { host_ifindex: p.host_ifindex, pod_mac: p.pod_mac, host_mac: p.host_mac },
+                &EndpointSpec {
+                    host_ifindex: p.host_ifindex,
+                    pod_mac: p.pod_mac,
+                    host_mac: p.host_mac,
+                },
             )
             .expect("endpoint");
         }
@@ -207,12 +291,18 @@ impl Lab {
     /// Moves this whole test process into `cgroup` (moved back on drop).
     pub fn enter_cgroup(&mut self, cgroup: &Path) {
         if self.original_cgroup.is_none() {
-            let own = std::fs::read_to_string("/proc/self/cgroup").expect("reading /proc/self/cgroup");
-            let rel = own.lines().find_map(|l| l.strip_prefix("0::")).unwrap_or("/").to_string();
+            let own =
+                std::fs::read_to_string("/proc/self/cgroup").expect("reading /proc/self/cgroup");
+            let rel = own
+                .lines()
+                .find_map(|l| l.strip_prefix("0::"))
+                .unwrap_or("/")
+                .to_string();
             let root = skiff_datapath::cgroup2_root().expect("cgroup2 mount");
             self.original_cgroup = Some(root.join(rel.trim_start_matches('/')));
         }
-        std::fs::write(cgroup.join("cgroup.procs"), std::process::id().to_string()).expect("joining cgroup");
+        std::fs::write(cgroup.join("cgroup.procs"), std::process::id().to_string())
+            .expect("joining cgroup");
     }
 }
 
@@ -271,7 +361,8 @@ impl Server {
             threads.push(std::thread::spawn(move || {
                 enter_netns(&netns);
                 let u = UdpSocket::bind(SocketAddrV4::new(ip, port)).expect("bind udp");
-                u.set_read_timeout(Some(Duration::from_millis(50))).expect("timeout");
+                u.set_read_timeout(Some(Duration::from_millis(50)))
+                    .expect("timeout");
                 tx.send(()).expect("ready");
                 let mut buf = [0u8; 512];
                 while !stop.load(Ordering::Relaxed) {
@@ -282,7 +373,8 @@ impl Server {
             }));
         }
         for _ in 0..2 {
-            rx.recv_timeout(Duration::from_secs(5)).expect("server ready");
+            rx.recv_timeout(Duration::from_secs(5))
+                .expect("server ready");
         }
         Server { stop, threads }
     }
@@ -306,7 +398,11 @@ fn serve_tcp(s: TcpStream, ip: Ipv4Addr, stop: Arc<AtomicBool>) {
                     return;
                 }
             }
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
             Err(_) => return,
         }
     }
@@ -353,13 +449,19 @@ impl Conn {
     pub fn open(dst: SocketAddr) -> std::io::Result<Conn> {
         let s = TcpStream::connect_timeout(&dst, Duration::from_secs(2))?;
         s.set_read_timeout(Some(Duration::from_secs(2)))?;
-        Ok(Conn { w: s.try_clone()?, r: BufReader::new(s) })
+        Ok(Conn {
+            w: s.try_clone()?,
+            r: BufReader::new(s),
+        })
     }
     pub fn ask(&mut self) -> std::io::Result<String> {
         self.w.write_all(b"who\n")?;
         let mut line = String::new();
         if self.r.read_line(&mut line)? == 0 {
-            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "connection closed"));
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "connection closed",
+            ));
         }
         Ok(line.trim().to_string())
     }
