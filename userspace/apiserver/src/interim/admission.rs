@@ -393,6 +393,19 @@ pub fn apply_defaults(info: &ResourceInfo, obj: &mut Value) {
             }
         }
         ("", "Namespace") => {
+            // Kubernetes labels every namespace with its own name (for namespaceSelectors).
+            let name = obj.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("").to_string();
+            if let Some(meta) = obj.get_mut("metadata").and_then(Value::as_object_mut) {
+                let labels = meta.entry("labels").or_insert_with(|| json!({}));
+                if labels.is_null() {
+                    *labels = json!({});
+                }
+                if let Some(l) = labels.as_object_mut()
+                    && !name.is_empty()
+                {
+                    l.insert("kubernetes.io/metadata.name".into(), json!(name));
+                }
+            }
             if let Some(m) = obj.as_object_mut() {
                 let spec = m.entry("spec").or_insert_with(|| json!({}));
                 if let Some(s) = spec.as_object_mut() {
