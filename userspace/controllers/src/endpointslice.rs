@@ -651,3 +651,7 @@ pub fn endpoints(
     }
     Ok(outcome)
 }
+
+#[cfg(test)]
+#[path = "endpointslice_tests.rs"]
+mod tests;
