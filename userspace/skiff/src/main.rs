@@ -6,6 +6,8 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+mod datapath_cli;
+
 #[derive(Parser)]
 #[command(name = "skiff", version, about = "A container orchestrator whose Services run in eBPF")]
 struct Cli {
@@ -23,6 +25,14 @@ enum Command {
     Kubeconfig {
         #[arg(long, default_value = "/var/lib/skiff")]
         data_dir: PathBuf,
+    },
+    /// Print a node's eBPF maps (services, backends, conntrack, stats).
+    Datapath {
+        /// The bpffs directory the node's datapath pins its maps in.
+        #[arg(long, default_value = "/sys/fs/bpf/skiff")]
+        pin_dir: PathBuf,
+        #[command(subcommand)]
+        command: datapath_cli::DatapathCommand,
     },
 }
 
@@ -99,7 +109,18 @@ async fn shutdown_signal() {
     }
 }
 
-fn main() -> Result<()> {
+fn main() -> std::process::ExitCode {
+    match real_main() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // One line with the whole cause chain: the message says what failed and what to do.
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -118,6 +139,7 @@ fn main() -> Result<()> {
             print!("{}", skiff_apiserver::kubeconfig(&data_dir)?);
             Ok(())
         }
+        Command::Datapath { pin_dir, command } => datapath_cli::run(&pin_dir, command),
     }
 }
 
