@@ -31,6 +31,7 @@ pub mod fixtures;
 mod framework;
 pub mod plugins;
 pub mod quantity;
+pub mod queue;
 pub mod resources;
 mod snapshot;
 
