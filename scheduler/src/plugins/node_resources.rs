@@ -118,8 +118,9 @@ impl ScorePlugin for NodeResourcesBalancedAllocation {
     }
 
     /// `(1 - |cpu fraction - memory fraction| / 2) * 100` with the real requests (fractions
-    /// capped at 1). Skipped (all 0) for a pod that requests neither, as kube-scheduler skips
-    /// best-effort pods so they do not all pile on one node.
+    /// capped at 1). Skipped (all 0) for a pod that requests neither, as kube-scheduler releases
+    /// after the fix for kubernetes/kubernetes#129138 do, so that best-effort pods do not all
+    /// pile on one node (a deliberate step past 1.32, which may still score them).
     fn score(&self, pod: &PodInfo, _: &ClusterSnapshot, nodes: &[&NodeInfo]) -> Vec<i64> {
         let want = &pod.requests.requests;
         if want.milli_cpu == 0 && want.memory == 0 {
