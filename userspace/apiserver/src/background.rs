@@ -53,6 +53,10 @@ async fn reap_once(state: &State) -> Result<(), ApiError> {
     for info in registry::all() {
         let listed = state.store.list(&prefix(info, None)).await.map_err(store_error)?;
         for kv in &listed.items {
+            // Only objects marked for deletion can be due; skip decoding the rest.
+            if !contains(&kv.value, b"deletionTimestamp") {
+                continue;
+            }
             let obj = decode_kv(kv)?;
             if ready_to_remove(info, &obj, now) && !(info.kind == "Namespace" && info.group.is_empty()) {
                 match state.store.delete(&kv.key, Some(kv.mod_revision)).await {
@@ -104,6 +108,10 @@ async fn reap_once(state: &State) -> Result<(), ApiError> {
     Ok(())
 }
 
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
 pub async fn reaper_loop(state: Arc<State>) {
     loop {
         if let Err(error) = reap_once(&state).await {
@@ -114,7 +122,7 @@ pub async fn reaper_loop(state: Arc<State>) {
                 // Let a burst of deletions land before scanning again.
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
         }
     }
 }

@@ -467,6 +467,13 @@ pub async fn write_update(
     }
 }
 
+/// An update may have removed the last finalizer of an object being deleted: let the reaper look.
+fn wake_reaper_if_deleting(state: &State, obj: &Value) {
+    if obj.pointer("/metadata/deletionTimestamp").is_some_and(|v| !v.is_null()) {
+        state.reaper_wake.notify_one();
+    }
+}
+
 fn conflict(info: &ResourceInfo, name: &str) -> ApiError {
     ApiError::conflict(
         info.plural,
@@ -523,7 +530,7 @@ async fn update(
         admission::prepare_update(info, &old, &mut new, sub)?;
         match write_update(state, info, &key, &current, new, dry_run).await {
             Ok(obj) => {
-                state.reaper_wake.notify_one();
+                wake_reaper_if_deleting(state, &obj);
                 return Ok(single_response(ctx, info, 200, &obj, &admitted.warnings));
             }
             Err(WriteFail::Api(e)) => return Err(e),
@@ -606,7 +613,7 @@ async fn patch_object(
         admission::prepare_update(info, &old, &mut new, sub)?;
         match write_update(state, info, &key, &current, new, dry_run).await {
             Ok(obj) => {
-                state.reaper_wake.notify_one();
+                wake_reaper_if_deleting(state, &obj);
                 return Ok(single_response(ctx, info, 200, &obj, &admitted.warnings));
             }
             Err(WriteFail::Api(e)) => return Err(e),

@@ -134,8 +134,52 @@ fn columns(info: &ResourceInfo) -> Vec<Column> {
             ("Ready", "integer", 0),
             ("Age", "string", 0),
         ],
+        ("batch", "Job") => vec![
+            ("Name", "string", 0),
+            ("Status", "string", 0),
+            ("Completions", "string", 0),
+            ("Duration", "string", 0),
+            ("Age", "string", 0),
+            ("Containers", "string", 1),
+            ("Images", "string", 1),
+        ],
+        ("batch", "CronJob") => vec![
+            ("Name", "string", 0),
+            ("Schedule", "string", 0),
+            ("Suspend", "boolean", 0),
+            ("Active", "integer", 0),
+            ("Last Schedule", "string", 0),
+            ("Age", "string", 0),
+        ],
+        ("apps", "DaemonSet") => vec![
+            ("Name", "string", 0),
+            ("Desired", "integer", 0),
+            ("Current", "integer", 0),
+            ("Ready", "integer", 0),
+            ("Up-to-date", "integer", 0),
+            ("Available", "integer", 0),
+            ("Age", "string", 0),
+        ],
+        ("apps", "StatefulSet") => vec![("Name", "string", 0), ("Ready", "string", 0), ("Age", "string", 0)],
+        ("", "Event") => vec![
+            ("Last Seen", "string", 0),
+            ("Type", "string", 0),
+            ("Reason", "string", 0),
+            ("Object", "string", 0),
+            ("Message", "string", 0),
+        ],
+        ("", "Endpoints") => vec![("Name", "string", 0), ("Endpoints", "string", 0), ("Age", "string", 0)],
+        ("coordination.k8s.io", "Lease") => vec![("Name", "string", 0), ("Holder", "string", 0), ("Age", "string", 0)],
         _ => vec![("Name", "string", 0), ("Age", "string", 0)],
     }
+}
+
+fn since(obj: &Value, ptr: &str, now: chrono::DateTime<chrono::Utc>) -> String {
+    obj.pointer(ptr)
+        .and_then(Value::as_str)
+        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+        .map(|t| human_duration((now - t.with_timezone(&chrono::Utc)).num_seconds()))
+        .unwrap_or_else(|| "<none>".to_string())
 }
 
 fn pod_status(obj: &Value) -> String {
@@ -273,6 +317,98 @@ fn cells(info: &ResourceInfo, obj: &Value, now: chrono::DateTime<chrono::Utc>) -
             json!(i(obj, "/status/readyReplicas")),
             age,
         ],
+        ("batch", "Job") => {
+            let conditions = obj.pointer("/status/conditions").and_then(Value::as_array);
+            let has = |ty: &str| {
+                conditions.is_some_and(|cs| cs.iter().any(|c| s(c, "/type") == ty && s(c, "/status") == "True"))
+            };
+            let status = if has("Complete") {
+                "Complete"
+            } else if has("Failed") {
+                "Failed"
+            } else if obj.pointer("/spec/suspend").and_then(Value::as_bool) == Some(true) {
+                "Suspended"
+            } else {
+                "Running"
+            };
+            let duration = match (
+                obj.pointer("/status/startTime").and_then(Value::as_str).and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok()),
+                obj.pointer("/status/completionTime").and_then(Value::as_str).and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok()),
+            ) {
+                (Some(start), Some(end)) => human_duration((end - start).num_seconds()),
+                (Some(start), None) => human_duration((now - start.with_timezone(&chrono::Utc)).num_seconds()),
+                _ => String::new(),
+            };
+            let containers = obj.pointer("/spec/template/spec/containers").and_then(Value::as_array);
+            let join = |field: &str| {
+                containers
+                    .map(|cs| cs.iter().map(|c| s(c, field).to_string()).collect::<Vec<_>>().join(","))
+                    .unwrap_or_default()
+            };
+            vec![
+                name,
+                json!(status),
+                json!(format!("{}/{}", i(obj, "/status/succeeded"), obj.pointer("/spec/completions").and_then(Value::as_i64).unwrap_or(1))),
+                json!(duration),
+                age,
+                json!(join("/name")),
+                json!(join("/image")),
+            ]
+        }
+        ("batch", "CronJob") => vec![
+            name,
+            json!(s(obj, "/spec/schedule")),
+            json!(obj.pointer("/spec/suspend").and_then(Value::as_bool).unwrap_or(false)),
+            json!(obj.pointer("/status/active").and_then(Value::as_array).map_or(0, Vec::len)),
+            json!(since(obj, "/status/lastScheduleTime", now)),
+            age,
+        ],
+        ("apps", "DaemonSet") => vec![
+            name,
+            json!(i(obj, "/status/desiredNumberScheduled")),
+            json!(i(obj, "/status/currentNumberScheduled")),
+            json!(i(obj, "/status/numberReady")),
+            json!(i(obj, "/status/updatedNumberScheduled")),
+            json!(i(obj, "/status/numberAvailable")),
+            age,
+        ],
+        ("apps", "StatefulSet") => vec![
+            name,
+            json!(format!("{}/{}", i(obj, "/status/readyReplicas"), i(obj, "/spec/replicas"))),
+            age,
+        ],
+        ("", "Event") => {
+            let last = ["/lastTimestamp", "/eventTime", "/metadata/creationTimestamp"]
+                .into_iter()
+                .find(|p| obj.pointer(p).and_then(Value::as_str).is_some())
+                .map(|p| since(obj, p, now))
+                .unwrap_or_else(|| "<unknown>".into());
+            let kind = s(obj, "/involvedObject/kind").to_ascii_lowercase();
+            vec![
+                json!(last),
+                json!(s(obj, "/type")),
+                json!(s(obj, "/reason")),
+                json!(format!("{kind}/{}", s(obj, "/involvedObject/name"))),
+                json!(s(obj, "/message")),
+            ]
+        }
+        ("", "Endpoints") => {
+            let mut eps = Vec::new();
+            for subset in obj.get("subsets").and_then(Value::as_array).into_iter().flatten() {
+                let ports: Vec<i64> = subset.get("ports").and_then(Value::as_array).into_iter().flatten().map(|p| i(p, "/port")).collect();
+                for a in subset.get("addresses").and_then(Value::as_array).into_iter().flatten() {
+                    let ip = s(a, "/ip");
+                    if ports.is_empty() {
+                        eps.push(ip.to_string());
+                    }
+                    for p in &ports {
+                        eps.push(format!("{ip}:{p}"));
+                    }
+                }
+            }
+            vec![name, json!(if eps.is_empty() { "<none>".to_string() } else { eps.join(",") }), age]
+        }
+        ("coordination.k8s.io", "Lease") => vec![name, json!(s(obj, "/spec/holderIdentity")), age],
         _ => vec![name, age],
     }
 }
