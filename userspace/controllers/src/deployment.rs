@@ -1267,9 +1267,9 @@ impl<'a> Sync<'a> {
                     self.rss[idx].clone(),
                 ))));
             }
-            if let Some(annotations) = self.deployment_annotations.take() {
+            if let Some(annotations) = &self.deployment_annotations {
                 let mut d = self.d.clone();
-                d.metadata.annotations = Some(annotations);
+                d.metadata.annotations = Some(annotations.clone());
                 actions.push(Action::Update(Object::Deployment(Box::new(d))));
             }
             actions.append(&mut self.events);
@@ -1280,6 +1280,13 @@ impl<'a> Sync<'a> {
         if self.status != observed {
             let mut d = self.d.clone();
             d.status = Some(self.status.clone());
+            // Kubernetes writes the revision annotation through the status update; carrying it
+            // here too keeps a whole-object PUT to /status from reverting it.
+            if let Some(annotations) = &self.deployment_annotations
+                && !self.status_only
+            {
+                d.metadata.annotations = Some(annotations.clone());
+            }
             actions.push(Action::UpdateStatus(Object::Deployment(Box::new(d))));
         }
         outcome.actions = actions;

@@ -33,6 +33,7 @@ use serde_json::Value;
 
 pub mod deployment;
 pub mod endpointslice;
+pub mod gc;
 pub mod hash;
 pub mod pod_util;
 pub mod replicaset;
