@@ -76,7 +76,7 @@ fn build_node(i: usize, s: &NodeShape) -> Node {
         b = b.taint(
             "dedicated",
             "x",
-            if i % 2 == 0 {
+            if i.is_multiple_of(2) {
                 "NoSchedule"
             } else {
                 "NoExecute"
