@@ -486,8 +486,9 @@ impl ClusterSnapshot {
             }
             let info = PodInfo::new(pod);
             if let Some(node) = info.node_name.clone() {
-                // A pod on a node the snapshot does not know yet is ignored, as in new().
-                let _ = snapshot.add_pod_info(info, &node);
+                // A pod on a node the snapshot does not know is ignored (documented above); a
+                // pod listed twice counts once, the last listing winning.
+                let _ = snapshot.assume_info(info, &node);
             }
         }
         snapshot
