@@ -72,7 +72,7 @@ pub struct Unschedulable {
 }
 
 impl Unschedulable {
-    /// Formats as kube-scheduler's `FitError.Error()`: "<count> <reason>" strings sorted as
+    /// Formats as kube-scheduler's `FitError.Error()`: `"<count> <reason>"` strings sorted as
     /// strings, joined with ", ".
     pub fn new(nodes: usize, reasons: BTreeMap<String, usize>) -> Unschedulable {
         let message = if nodes == 0 {
