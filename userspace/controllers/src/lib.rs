@@ -35,6 +35,7 @@ pub mod deployment;
 pub mod endpointslice;
 pub mod gc;
 pub mod hash;
+pub mod job;
 pub mod pod_util;
 pub mod replicaset;
 #[cfg(test)]
