@@ -1,7 +1,12 @@
-//! The OpenAPI v3 documents kubectl needs for default `apply` validation (interim and minimal:
-//! paths with a `patch` operation carrying `x-kubernetes-group-version-kind` and the
-//! `fieldValidation` parameter, so kubectl leaves validation to the server).
-//! TODO(skiff-api): `skiff_api::openapi` with the real schemas (for `kubectl explain`).
+//! The OpenAPI v3 documents kubectl needs (interim; TODO(skiff-api): `skiff_api::openapi`):
+//! - default `apply` validation: paths with a `patch` operation carrying
+//!   `x-kubernetes-group-version-kind` and the `fieldValidation` parameter, so kubectl leaves
+//!   validation to the server;
+//! - `kubectl explain`: the real schemas, generated from k8s-openapi's schemars impls.
+//!
+//! The `patch` operations deliberately have no `requestBody`: kubectl then computes apply patches
+//! from its built-in types (with merge keys) rather than from these schemas, which carry no
+//! `x-kubernetes-patch-merge-key` extensions.
 
 use serde_json::{Map, Value, json};
 
@@ -15,7 +20,56 @@ fn schema_name(r: &registry::ResourceInfo) -> String {
     format!("io.k8s.api.{group}.{}.{}", r.version, r.kind)
 }
 
+/// Adds the schema of a served kind (and everything it references) to the generator.
+fn add_schema(generator: &mut k8s_openapi::schemars::SchemaGenerator, group: &str, kind: &str) {
+    use k8s_openapi::api::*;
+    macro_rules! add {
+        ($t:ty) => {{
+            generator.subschema_for::<$t>();
+        }};
+    }
+    match (group, kind) {
+        ("", "Namespace") => add!(core::v1::Namespace),
+        ("", "Node") => add!(core::v1::Node),
+        ("", "Pod") => add!(core::v1::Pod),
+        ("", "Service") => add!(core::v1::Service),
+        ("", "Endpoints") => add!(core::v1::Endpoints),
+        ("", "ConfigMap") => add!(core::v1::ConfigMap),
+        ("", "Secret") => add!(core::v1::Secret),
+        ("", "Event") => add!(core::v1::Event),
+        ("", "ServiceAccount") => add!(core::v1::ServiceAccount),
+        ("apps", "Deployment") => add!(apps::v1::Deployment),
+        ("apps", "ReplicaSet") => add!(apps::v1::ReplicaSet),
+        ("apps", "DaemonSet") => add!(apps::v1::DaemonSet),
+        ("apps", "StatefulSet") => add!(apps::v1::StatefulSet),
+        ("batch", "Job") => add!(batch::v1::Job),
+        ("batch", "CronJob") => add!(batch::v1::CronJob),
+        ("autoscaling", "HorizontalPodAutoscaler") => add!(autoscaling::v2::HorizontalPodAutoscaler),
+        ("networking.k8s.io", "NetworkPolicy") => add!(networking::v1::NetworkPolicy),
+        ("coordination.k8s.io", "Lease") => add!(coordination::v1::Lease),
+        ("discovery.k8s.io", "EndpointSlice") => add!(discovery::v1::EndpointSlice),
+        _ => {}
+    }
+}
+
+/// Every group-version document, built once (schema generation walks thousands of types).
+fn documents() -> &'static std::collections::BTreeMap<(String, String), Value> {
+    static DOCS: std::sync::OnceLock<std::collections::BTreeMap<(String, String), Value>> =
+        std::sync::OnceLock::new();
+    DOCS.get_or_init(|| {
+        let mut gvs = vec![("", "v1")];
+        gvs.extend(registry::groups());
+        gvs.into_iter()
+            .filter_map(|(g, v)| build_group_version(g, v).map(|doc| ((g.to_string(), v.to_string()), doc)))
+            .collect()
+    })
+}
+
 pub fn v3_group_version(group: &str, version: &str) -> Option<Value> {
+    documents().get(&(group.to_string(), version.to_string())).cloned()
+}
+
+fn build_group_version(group: &str, version: &str) -> Option<Value> {
     let resources: Vec<&registry::ResourceInfo> = registry::all()
         .iter()
         .filter(|r| r.group == group && r.version == version)
@@ -29,7 +83,11 @@ pub fn v3_group_version(group: &str, version: &str) -> Option<Value> {
         format!("/apis/{group}/{version}")
     };
     let mut paths = Map::new();
-    let mut schemas = Map::new();
+    let mut generator = k8s_openapi::schemars::generate::SchemaSettings::openapi3().into_generator();
+    for r in &resources {
+        add_schema(&mut generator, r.group, r.kind);
+    }
+    let mut schemas = generator.take_definitions(true);
     for r in resources {
         let gvk = json!({"group": r.group, "version": r.version, "kind": r.kind});
         let item = if r.namespaced {
@@ -55,13 +113,12 @@ pub fn v3_group_version(group: &str, version: &str) -> Option<Value> {
             item,
             json!({"get": op("get"), "put": op("put"), "patch": op("patch"), "delete": op("delete")}),
         );
-        schemas.insert(
-            schema_name(r),
-            json!({
-                "type": "object",
-                "x-kubernetes-group-version-kind": [gvk],
-            }),
-        );
+        let schema = schemas
+            .entry(schema_name(r))
+            .or_insert_with(|| json!({"type": "object"}));
+        if let Some(m) = schema.as_object_mut() {
+            m.insert("x-kubernetes-group-version-kind".into(), json!([gvk]));
+        }
     }
     Some(json!({
         "openapi": "3.0.0",
@@ -77,7 +134,7 @@ pub fn v3_root(hash_fn: impl Fn(&Value) -> String) -> Value {
     gvs.extend(registry::groups());
     let mut paths = Map::new();
     for (g, v) in gvs {
-        let Some(doc) = v3_group_version(g, v) else { continue };
+        let Some(doc) = documents().get(&(g.to_string(), v.to_string())) else { continue };
         let path = if g.is_empty() {
             format!("api/{v}")
         } else {
@@ -85,7 +142,7 @@ pub fn v3_root(hash_fn: impl Fn(&Value) -> String) -> Value {
         };
         paths.insert(
             path.clone(),
-            json!({"serverRelativeURL": format!("/openapi/v3/{path}?hash={}", hash_fn(&doc))}),
+            json!({"serverRelativeURL": format!("/openapi/v3/{path}?hash={}", hash_fn(doc))}),
         );
     }
     json!({"paths": paths})
