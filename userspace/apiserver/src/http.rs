@@ -467,3 +467,66 @@ mod tests {
         assert_eq!(aggregated_version("application/json"), None);
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    use proptest::prelude::*;
+    use serde_json::Value;
+
+    use super::decode;
+    use crate::interim::{admission, registry};
+
+    fn json_value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(|n| Value::Number(n.into())),
+            "[a-zA-Z0-9:./-]{0,12}".prop_map(Value::String),
+        ];
+        leaf.prop_recursive(4, 48, 6, |inner| {
+            let keys = prop_oneof![
+                Just("metadata".to_string()),
+                Just("spec".to_string()),
+                Just("status".to_string()),
+                Just("name".to_string()),
+                Just("apiVersion".to_string()),
+                Just("kind".to_string()),
+                Just("containers".to_string()),
+                Just("ports".to_string()),
+                "[a-z]{1,8}",
+            ];
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                proptest::collection::btree_map(keys, inner, 0..5)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        /// Request bodies come from anyone: decoding never panics, whatever the bytes.
+        #[test]
+        fn decoding_any_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            for ct in ["", "application/json", "application/yaml", "application/vnd.kubernetes.protobuf"] {
+                let _ = decode(ct, &bytes);
+            }
+        }
+
+        /// Admission of any JSON shape for any served kind answers Ok or a 4xx, never panics.
+        #[test]
+        fn admitting_any_json_never_panics(body in json_value()) {
+            for info in registry::all() {
+                for mode in [admission::FieldValidation::Strict, admission::FieldValidation::Ignore] {
+                    match admission::admit(info, Some("default"), body.clone(), mode) {
+                        Ok(mut admitted) => {
+                            admission::prepare_create(info, &mut admitted.object, chrono::Utc::now());
+                            let old = admitted.object.clone();
+                            let _ = admission::prepare_update(info, &old, &mut admitted.object, None);
+                        }
+                        Err(e) => prop_assert!((400..500).contains(&e.code), "{e}"),
+                    }
+                }
+            }
+        }
+    }
+}
