@@ -236,6 +236,7 @@ pub fn reconcile(
     pods: &[Pod],
     now: Timestamp,
 ) -> Result<Outcome, ReconcileError> {
+    let now = crate::whole_seconds(now);
     let namespace = namespace_of(&d.metadata);
     let name = name_of(&d.metadata);
     let missing = |field: &'static str| ReconcileError::MissingField {

@@ -694,3 +694,27 @@ fn hash_collision_bumps_collision_count_and_nothing_else() {
         hash
     );
 }
+
+#[test]
+fn sub_second_now_does_not_make_the_status_churn_after_a_json_round_trip() {
+    let mut c = Cluster::new();
+    c.add_deployment(deployment(2, "nginx:1.25", Int(1), Int(0)));
+    converge(&mut c, 20, |_| {});
+    set_image(&mut c, "nginx:1.26");
+    let now = ts(c.now + 1)
+        .checked_add(k8s_openapi::jiff::SignedDuration::from_millis(750))
+        .unwrap();
+    let out = reconcile(c.deployment(), &c.replica_sets, &c.pods, now).unwrap();
+    let written = out
+        .actions
+        .iter()
+        .find_map(|a| match a {
+            Action::UpdateStatus(Object::Deployment(d)) => Some(d.clone()),
+            _ => None,
+        })
+        .unwrap();
+    // What the apiserver stores and the watch delivers back.
+    let stored: Deployment =
+        serde_json::from_value(serde_json::to_value(&*written).unwrap()).unwrap();
+    assert_eq!(stored.status, written.status, "times are whole seconds");
+}

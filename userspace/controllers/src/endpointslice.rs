@@ -252,15 +252,34 @@ fn slice_labels(svc: &Service) -> BTreeMap<String, String> {
     labels
 }
 
-/// Whether a slice is one this controller manages for this Service.
+/// Whether a slice is one this controller manages for this Service: our labels, and owned by
+/// this very Service (a slice left by a deleted namesake is the garbage collector's, not ours to
+/// rewrite).
 pub fn is_managed_slice(svc: &Service, slice: &EndpointSlice) -> bool {
     let labels = slice.metadata.labels.as_ref();
-    namespace_of(&slice.metadata) == namespace_of(&svc.metadata)
+    let owned = match svc.metadata.uid.as_deref() {
+        Some(uid) => slice
+            .metadata
+            .owner_references
+            .iter()
+            .flatten()
+            .any(|r| r.uid == uid),
+        None => true,
+    };
+    owned
+        && namespace_of(&slice.metadata) == namespace_of(&svc.metadata)
         && labels.and_then(|l| l.get(SERVICE_NAME_LABEL)) == svc.metadata.name.as_ref()
         && labels
             .and_then(|l| l.get(MANAGED_BY_LABEL))
             .map(String::as_str)
             == Some(MANAGED_BY)
+}
+
+/// Whether the Service (with a selector) selects this pod: the shell maps pod events to the
+/// Services to reconcile with it.
+pub fn selects(svc: &Service, pod: &Pod) -> bool {
+    namespace_of(&svc.metadata) == namespace_of(&pod.metadata)
+        && matches!(service_selector(svc), Ok(Some(sel)) if sel.matches(&labels_of(&pod.metadata)))
 }
 
 /// The endpoints the Service should have, grouped by slice key.

@@ -513,3 +513,41 @@ fn endpoints_v1_splits_ready_and_not_ready_and_drops_terminating() {
     );
     assert!(main.not_ready_addresses.is_none());
 }
+
+#[test]
+fn slices_of_a_deleted_namesake_service_are_not_rewritten() {
+    let svc = service(vec![http_port()]);
+    let pods = [pod("a", "10.244.1.2", "n1", true, Some(8080))];
+    let mut store = Vec::new();
+    apply(
+        &mut store,
+        &reconcile(&svc, &pods, &[], &[], &mut SeededSuffixes::new(1)).unwrap(),
+    );
+    // The Service is deleted and recreated: same name, new uid.
+    let mut recreated = svc.clone();
+    recreated.metadata.uid = Some("svc-uid-2".into());
+    let out = reconcile(&recreated, &pods, &[], &store, &mut SeededSuffixes::new(2)).unwrap();
+    assert_eq!(out.actions.len(), 1);
+    let Action::Create(Object::EndpointSlice(s)) = &out.actions[0] else {
+        panic!("{:?}", out.actions);
+    };
+    assert_eq!(
+        s.metadata.owner_references.as_ref().unwrap()[0].uid,
+        "svc-uid-2"
+    );
+}
+
+#[test]
+fn selects_matches_pods_of_the_service_namespace_only() {
+    let svc = service(vec![http_port()]);
+    let mut p = pod("a", "10.244.1.2", "n1", true, Some(8080));
+    assert!(selects(&svc, &p));
+    p.metadata.namespace = Some("other".into());
+    assert!(!selects(&svc, &p));
+    let mut no_selector = svc.clone();
+    no_selector.spec.as_mut().unwrap().selector = None;
+    assert!(!selects(
+        &no_selector,
+        &pod("b", "10.244.1.3", "n1", true, None)
+    ));
+}

@@ -145,6 +145,7 @@ pub fn reconcile(
     names: &mut dyn SuffixSource,
     now: Timestamp,
 ) -> Result<Outcome, ReconcileError> {
+    let now = crate::whole_seconds(now);
     let namespace = namespace_of(&job.metadata);
     let name = name_of(&job.metadata);
     let object = format!("Job {namespace}/{name}");

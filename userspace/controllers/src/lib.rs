@@ -19,7 +19,12 @@
 //! - Like Kubernetes' "expectations", the shell must not reconcile an object again before its own
 //!   previous writes are visible in its cache, or it may create pods twice.
 //! - [`Outcome::requeue_after`] asks for a reconcile after that many seconds even without a watch
-//!   event (minReadySeconds elapsing, progress deadlines).
+//!   event (minReadySeconds elapsing, progress deadlines, Job back-off and TTL).
+//! - Triggers, as kube-rs `Controller::owns`/`watches` express them: a Deployment reconciles on
+//!   changes to itself, its ReplicaSets and (for Recreate) their pods; a ReplicaSet or Job on
+//!   itself and its pods; a Service's EndpointSlices/Endpoints on the Service, its slices, and
+//!   every pod [`endpointslice::selects`] (plus Nodes, for zones).
+//! - Deletes are Background propagation unless [`gc::GcAction::Delete`] says otherwise.
 
 use std::collections::BTreeMap;
 
@@ -293,6 +298,12 @@ fn labels_of(meta: &ObjectMeta) -> BTreeMap<String, String> {
 
 fn time(ts: Timestamp) -> Time {
     Time(ts)
+}
+
+/// `now` without its fraction: the API stores times in whole seconds, so a status computed with
+/// sub-second times would never compare equal to its stored self and be rewritten forever.
+fn whole_seconds(now: Timestamp) -> Timestamp {
+    Timestamp::from_second(now.as_second()).unwrap_or(now)
 }
 
 /// Creation time in seconds; objects without one sort as the newest (Kubernetes sorts empty

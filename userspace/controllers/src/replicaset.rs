@@ -29,6 +29,7 @@ pub fn reconcile(
     names: &mut dyn SuffixSource,
     now: Timestamp,
 ) -> Result<Outcome, ReconcileError> {
+    let now = crate::whole_seconds(now);
     let namespace = namespace_of(&rs.metadata);
     let name = name_of(&rs.metadata);
     let missing = |field: &'static str| ReconcileError::MissingField {
