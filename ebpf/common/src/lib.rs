@@ -23,7 +23,9 @@ pub mod map_names {
     pub const AFFINITY: &str = "AFFINITY";
     pub const ENDPOINTS: &str = "ENDPOINTS";
     pub const COUNTERS: &str = "COUNTERS";
-    pub const ALL: [&str; 8] = [
+    pub const MAGLEV: &str = "MAGLEV";
+    pub const NODE_CONFIG: &str = "NODE_CONFIG";
+    pub const ALL: [&str; 10] = [
         SERVICES,
         BACKEND_SLOTS,
         BACKENDS,
@@ -32,6 +34,8 @@ pub mod map_names {
         AFFINITY,
         ENDPOINTS,
         COUNTERS,
+        MAGLEV,
+        NODE_CONFIG,
     ];
 }
 
@@ -42,6 +46,7 @@ pub mod program_names {
     pub const RECVMSG4: &str = "sock_recvmsg4";
     pub const GETPEERNAME4: &str = "sock_getpeername4";
     pub const FROM_POD: &str = "from_pod";
+    pub const NODEPORT: &str = "nodeport";
 }
 
 /// Map sizes. Hash maps preallocate, so these are memory the node pays up front.
@@ -52,6 +57,48 @@ pub const MAX_CONNTRACK: u32 = 131_072;
 pub const MAX_SOCK_REVNAT: u32 = 65_536;
 pub const MAX_AFFINITY: u32 = 65_536;
 pub const MAX_ENDPOINTS: u32 = 16_384;
+/// Services with a Maglev table (NodePort / LoadBalancer frontends): each costs 4 KB.
+pub const MAX_MAGLEV_SERVICES: u32 = 2_048;
+
+/// Maglev lookup table size: a prime, > 100 x the backends of a service for < 1% reshuffle
+/// when one changes (Cilium's rule), so good up to ~10 backends per external service; larger
+/// tables are a map-format change (Cilium's default is 16381).
+pub const MAGLEV_M: usize = 1021;
+
+/// MAGLEV value: slot -> backend id, built by userspace from the service's active backends.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MaglevTable {
+    pub ids: [u32; MAGLEV_M],
+    pub _pad: u32,
+}
+
+/// The flow hash the NodePort program feeds to Maglev (murmur3 finaliser over the 5-tuple, raw
+/// wire-order values). Shared so userspace and tests can predict a flow's slot.
+#[inline(always)]
+pub fn flow_hash(saddr: u32, daddr: u32, sport: u16, dport: u16, proto: u8) -> u32 {
+    let mut h =
+        saddr ^ daddr.rotate_left(16) ^ (((sport as u32) << 16) | dport as u32) ^ proto as u32;
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^= h >> 16;
+    h
+}
+
+/// NODE_CONFIG[0]: per-node settings the programs read.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NodeConfig {
+    /// Source address NodePort traffic is SNATed to before it reaches a backend. Replies come
+    /// back through the pod's veth, where `from_pod` reverses the NAT before any routing, so the
+    /// address need not be assigned to an interface (an assigned one would make the forwarded
+    /// packet a martian on the uplink). Zero disables NodePort.
+    pub nodeport_snat: Addr,
+    pub flags: u32,
+    pub _pad: u32,
+}
 
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
@@ -177,6 +224,9 @@ pub const CT_F_FORWARD: u16 = 1 << 0;
 pub const CT_F_REPLY: u16 = 1 << 1;
 /// The flow is a hairpin (client == backend): source SNATed to HAIRPIN_SNAT_V4.
 pub const CT_F_HAIRPIN: u16 = 1 << 2;
+/// The flow's source was SNATed (NodePort): replies get their destination restored to
+/// CtValue.client_addr (and their source to orig_addr:orig_port).
+pub const CT_F_SNAT: u16 = 1 << 3;
 
 /// CONNTRACK value (LRU hash: the kernel evicts the least recently used entry when full).
 #[repr(C)]
@@ -268,8 +318,9 @@ pub mod counter {
     pub const SOCK_REVNAT: u32 = 10;
     pub const HAIRPIN: u32 = 11;
     pub const ERRORS: u32 = 12;
+    pub const NODEPORT: u32 = 13;
     pub const COUNT: u32 = 16;
-    pub const NAMES: [&str; 13] = [
+    pub const NAMES: [&str; 14] = [
         "packets",
         "service_hit",
         "dnat",
@@ -283,6 +334,7 @@ pub mod counter {
         "socket_reverse",
         "hairpin",
         "errors",
+        "nodeport_dnat",
     ];
 }
 
@@ -303,6 +355,8 @@ mod pod {
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityValue {}
     unsafe impl aya::Pod for EndpointValue {}
+    unsafe impl aya::Pod for MaglevTable {}
+    unsafe impl aya::Pod for NodeConfig {}
 }
 
 #[cfg(test)]
@@ -326,6 +380,8 @@ mod tests {
         assert_eq!(size_of::<AffinityKey>(), 24);
         assert_eq!(size_of::<AffinityValue>(), 16);
         assert_eq!(size_of::<EndpointValue>(), 20);
+        assert_eq!(size_of::<MaglevTable>(), 4 * MAGLEV_M + 4);
+        assert_eq!(size_of::<NodeConfig>(), 24);
     }
 
     #[test]

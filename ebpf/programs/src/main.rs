@@ -24,12 +24,12 @@ use aya_ebpf::{
     EbpfContext,
     bindings::{
         BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK, TC_ACT_SHOT,
-        bpf_fib_lookup, bpf_sock_addr,
+        bpf_fib_lookup, bpf_sock_addr, xdp_action,
     },
     helpers::generated as h,
-    macros::{cgroup_sock_addr, classifier, map},
-    maps::{HashMap, LruHashMap, PerCpuArray},
-    programs::{SockAddrContext, TcContext},
+    macros::{cgroup_sock_addr, classifier, map, xdp},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    programs::{SockAddrContext, TcContext, XdpContext},
 };
 use skiff_ebpf_common::*;
 
@@ -49,6 +49,10 @@ static AFFINITY: LruHashMap<AffinityKey, AffinityValue> = LruHashMap::pinned(MAX
 static ENDPOINTS: HashMap<Addr, EndpointValue> = HashMap::pinned(MAX_ENDPOINTS, 0);
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(counter::COUNT, 0);
+#[map]
+static MAGLEV: HashMap<u32, MaglevTable> = HashMap::pinned(MAX_MAGLEV_SERVICES, 0);
+#[map]
+static NODE_CONFIG: Array<NodeConfig> = Array::pinned(1, 0);
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP_RAW: u16 = 0x0800u16.to_be();
@@ -355,11 +359,12 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, i64> {
             let ct_val = unsafe { *ct };
             unsafe { (*ct).last_seen_ns = now };
             let hairpin = ct_val.flags & CT_F_HAIRPIN != 0;
+            let restore_client = ct_val.flags & (CT_F_HAIRPIN | CT_F_SNAT) != 0;
             if ct_val.flags & CT_F_REPLY != 0 {
                 // Reply from a backend: source back to the VIP.
                 rewrite_addr(ctx, IP_SRC_OFF, l4, proto, saddr, ct_val.orig_addr.w[0])?;
                 rewrite_port(ctx, l4, l4, proto, sport, ct_val.orig_port)?;
-                if hairpin {
+                if restore_client {
                     final_dst = ct_val.client_addr.w[0];
                     rewrite_addr(ctx, IP_DST_OFF, l4, proto, daddr, final_dst)?;
                 }
@@ -478,6 +483,190 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, i64> {
     }
     count(counter::FIB_PASS);
     Ok(TC_ACT_OK)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Node uplink: NodePort with XDP
+// ---------------------------------------------------------------------------------------------
+//
+// Client -> node_ip:node_port arrives on the uplink. The backend is chosen by Maglev over the
+// flow's 5-tuple (every node computes the same table, so a flow lands on the same backend
+// whichever node an external balancer sends it to), remembered in CONNTRACK, and the packet is
+// DNATed to the backend and SNATed to NODE_CONFIG.nodeport_snat, then passed to the stack, which
+// forwards it to the pod. The backend's reply leaves through its veth, where `from_pod` finds
+// the reply entry (CT_F_SNAT) and restores node_ip:node_port -> client, then sends it out by
+// FIB lookup. XDP has no checksum helpers: checksums are updated incrementally (RFC 1624),
+// which is correct for packets with a complete checksum, as a NIC delivers them. (A veth whose
+// sender offloads checksums delivers CHECKSUM_PARTIAL packets; the lab turns that off.)
+
+const XDP_PASS: u32 = xdp_action::XDP_PASS;
+const XDP_DROP: u32 = xdp_action::XDP_DROP;
+
+#[inline(always)]
+fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Option<*mut T> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + off + mem::size_of::<T>() > end {
+        return None;
+    }
+    Some((start + off) as *mut T)
+}
+
+#[inline(always)]
+fn csum_fold(mut s: u32) -> u16 {
+    s = (s & 0xffff) + (s >> 16);
+    s = (s & 0xffff) + (s >> 16);
+    s as u16
+}
+
+/// RFC 1624 incremental update for a 32-bit field (byte-order agnostic: the one's complement
+/// sum is the same whichever order the words are read in, as long as it is consistent).
+#[inline(always)]
+fn csum_replace4(csum: u16, old: u32, new: u32) -> u16 {
+    let mut s = (!csum) as u32;
+    s += (!old & 0xffff) + (!old >> 16);
+    s += (new & 0xffff) + (new >> 16);
+    !csum_fold(s)
+}
+
+#[inline(always)]
+fn csum_replace2(csum: u16, old: u16, new: u16) -> u16 {
+    let s = (!csum) as u32 + (!old) as u32 + new as u32;
+    !csum_fold(s)
+}
+
+#[xdp]
+pub fn nodeport(ctx: XdpContext) -> u32 {
+    try_nodeport(&ctx).unwrap_or(XDP_PASS)
+}
+
+#[inline(always)]
+fn try_nodeport(ctx: &XdpContext) -> Option<u32> {
+    let eth_proto = unsafe { *ptr_at::<u16>(ctx, 12)? };
+    if eth_proto != ETH_P_IP_RAW {
+        return Some(XDP_PASS);
+    }
+    // Only option-less IPv4 headers: the fixed offsets keep the verifier simple.
+    let vihl = unsafe { *ptr_at::<u8>(ctx, ETH_HLEN)? };
+    if vihl != 0x45 {
+        return Some(XDP_PASS);
+    }
+    let frag = unsafe { *ptr_at::<u16>(ctx, ETH_HLEN + 6)? };
+    let proto = unsafe { *ptr_at::<u8>(ctx, ETH_HLEN + 9)? };
+    if (proto != PROTO_TCP && proto != PROTO_UDP) || (u16::from_be(frag) & 0x3fff) != 0 {
+        return Some(XDP_PASS);
+    }
+    let saddr_p = ptr_at::<u32>(ctx, IP_SRC_OFF)?;
+    let daddr_p = ptr_at::<u32>(ctx, IP_DST_OFF)?;
+    let ipcsum_p = ptr_at::<u16>(ctx, IP_CSUM_OFF)?;
+    let l4 = ETH_HLEN + 20;
+    let sport_p = ptr_at::<u16>(ctx, l4)?;
+    let dport_p = ptr_at::<u16>(ctx, l4 + 2)?;
+    let l4csum_p = if proto == PROTO_TCP {
+        ptr_at::<u16>(ctx, l4 + 16)?
+    } else {
+        ptr_at::<u16>(ctx, l4 + 6)?
+    };
+    let (saddr, daddr, sport, dport) = unsafe { (*saddr_p, *daddr_p, *sport_p, *dport_p) };
+
+    let cfg = NODE_CONFIG.get(0)?;
+    let snat = cfg.nodeport_snat.w[0];
+    if snat == 0 {
+        return Some(XDP_PASS);
+    }
+    let now = now_ns();
+    let key = CtKey {
+        src: Addr::v4_raw(saddr),
+        dst: Addr::v4_raw(daddr),
+        sport,
+        dport,
+        proto,
+        _pad: [0; 3],
+    };
+    let mut chosen: Option<Backend> = None;
+    if let Some(ct) = CONNTRACK.get_ptr_mut(&key) {
+        let ct_val = unsafe { *ct };
+        if ct_val.flags & CT_F_FORWARD != 0 {
+            if let Some(b) = unsafe { BACKENDS.get(&ct_val.backend_id) } {
+                unsafe { (*ct).last_seen_ns = now };
+                chosen = Some(*b);
+            }
+        }
+    }
+    let b = match chosen {
+        Some(b) => b,
+        None => {
+            let skey = ServiceKey {
+                addr: Addr::v4_raw(daddr),
+                port: dport,
+                proto,
+                scope: SCOPE_INTERNAL,
+            };
+            let svc = unsafe { *SERVICES.get(&skey)? };
+            let table = MAGLEV.get_ptr(&svc.service_id)?;
+            if svc.backend_count == 0 {
+                count(counter::NO_BACKEND);
+                return Some(XDP_DROP);
+            }
+            let idx = (flow_hash(saddr, daddr, sport, dport, proto) as usize) % MAGLEV_M;
+            // LLVM turns `% M` into multiply-and-shift, whose range the verifier cannot follow,
+            // and then drops the bounds check it can prove redundant; a volatile read hides the
+            // value so the explicit check stays and bounds the map-value access.
+            let idx = unsafe { ptr::read_volatile(&idx) };
+            if idx >= MAGLEV_M {
+                return None;
+            }
+            let id = unsafe { *(*table).ids.get(idx)? };
+            let b = unsafe { *BACKENDS.get(&id)? };
+            let fwd = CtValue {
+                backend_id: id,
+                flags: CT_F_FORWARD | CT_F_SNAT,
+                orig_port: dport,
+                orig_addr: Addr::v4_raw(daddr),
+                client_addr: Addr::v4_raw(saddr),
+                last_seen_ns: now,
+            };
+            let rkey = CtKey {
+                src: b.addr,
+                dst: Addr::v4_raw(snat),
+                sport: b.port,
+                dport: sport,
+                proto,
+                _pad: [0; 3],
+            };
+            let rev = CtValue {
+                flags: CT_F_REPLY | CT_F_SNAT,
+                ..fwd
+            };
+            let _ = CONNTRACK.insert(&rkey, &rev, 0);
+            let _ = CONNTRACK.insert(&key, &fwd, 0);
+            count(counter::CT_CREATE);
+            b
+        }
+    };
+    let new_daddr = b.addr.w[0];
+    unsafe {
+        let mut ipc = *ipcsum_p;
+        ipc = csum_replace4(ipc, daddr, new_daddr);
+        ipc = csum_replace4(ipc, saddr, snat);
+        *ipcsum_p = ipc;
+        let old_l4 = *l4csum_p;
+        // UDP checksum 0 means "none": leave it.
+        if !(proto == PROTO_UDP && old_l4 == 0) {
+            let mut c = csum_replace4(old_l4, daddr, new_daddr);
+            c = csum_replace4(c, saddr, snat);
+            c = csum_replace2(c, dport, b.port);
+            if proto == PROTO_UDP && c == 0 {
+                c = 0xffff;
+            }
+            *l4csum_p = c;
+        }
+        *daddr_p = new_daddr;
+        *saddr_p = snat;
+        *dport_p = b.port;
+    }
+    count(counter::NODEPORT);
+    Some(XDP_PASS)
 }
 
 #[cfg(not(test))]

@@ -8,6 +8,7 @@
 //! `<dir>/links/`, so programs stay attached while no agent runs; attaching again over a pinned
 //! link attaches the new program first and then releases the old one (an upgrade in place).
 
+pub mod nodeport;
 pub mod plan;
 
 use std::{
@@ -20,16 +21,18 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader, include_bytes_aligned,
-    maps::{HashMap, MapData, MapError, PerCpuArray},
+    maps::{Array, HashMap, MapData, MapError, PerCpuArray},
     programs::{
-        CgroupAttachMode, CgroupSockAddr, ProgramError, SchedClassifier, TcAttachType,
+        CgroupAttachMode, CgroupSockAddr, ProgramError, SchedClassifier, TcAttachType, Xdp,
+        XdpMode,
         links::{FdLink, LinkError, PinnedLink},
     },
 };
 use skiff_ebpf_common::{
     AffinityKey, AffinityValue, BACKEND_ACTIVE, Backend, BackendSlotKey, CT_F_HAIRPIN, CT_F_REPLY,
-    CtKey, CtValue, EndpointValue, PROTO_UDP, ServiceKey, ServiceValue, SockRevKey, SockRevValue,
-    counter, ip4_to_raw, map_names, program_names, raw_to_ip4, raw_to_port,
+    CtKey, CtValue, EndpointValue, MaglevTable, NodeConfig, PROTO_UDP, ServiceKey, ServiceValue,
+    SockRevKey, SockRevValue, counter, ip4_to_raw, map_names, program_names, raw_to_ip4,
+    raw_to_port,
 };
 use tracing::{debug, info, warn};
 
@@ -92,7 +95,7 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DatapathErr
     move |source| DatapathError::Io { what, source }
 }
 
-fn map_err(name: &str) -> impl FnOnce(MapError) -> DatapathError + '_ {
+pub(crate) fn map_err(name: &str) -> impl FnOnce(MapError) -> DatapathError + '_ {
     move |source| DatapathError::Map {
         name: name.to_string(),
         source,
@@ -201,7 +204,7 @@ fn ip_of(addr: &skiff_ebpf_common::Addr) -> IpAddr {
     IpAddr::V4(Ipv4Addr::from(raw_to_ip4(addr.w[0])))
 }
 
-fn addr_of(ip: Ipv4Addr) -> skiff_ebpf_common::Addr {
+pub(crate) fn addr_of(ip: Ipv4Addr) -> skiff_ebpf_common::Addr {
     skiff_ebpf_common::Addr::v4_raw(ip4_to_raw(ip.octets()))
 }
 
@@ -225,6 +228,8 @@ pub struct Datapath {
     affinity: HashMap<MapData, AffinityKey, AffinityValue>,
     endpoints: HashMap<MapData, skiff_ebpf_common::Addr, EndpointValue>,
     counters: PerCpuArray<MapData, u64>,
+    maglev: HashMap<MapData, u32, MaglevTable>,
+    node_config: Array<MapData, NodeConfig>,
 }
 
 impl Datapath {
@@ -262,6 +267,12 @@ impl Datapath {
             .try_into()
             .map_err(prog_err(program_names::FROM_POD))?;
         tc.load().map_err(prog_err(program_names::FROM_POD))?;
+        let xdp: &mut Xdp = ebpf
+            .program_mut(program_names::NODEPORT)
+            .ok_or_else(|| DatapathError::Missing(format!("program {}", program_names::NODEPORT)))?
+            .try_into()
+            .map_err(prog_err(program_names::NODEPORT))?;
+        xdp.load().map_err(prog_err(program_names::NODEPORT))?;
 
         fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DatapathError>
         where
@@ -281,6 +292,8 @@ impl Datapath {
             affinity: take(&mut ebpf, map_names::AFFINITY)?,
             endpoints: take(&mut ebpf, map_names::ENDPOINTS)?,
             counters: take(&mut ebpf, map_names::COUNTERS)?,
+            maglev: take(&mut ebpf, map_names::MAGLEV)?,
+            node_config: take(&mut ebpf, map_names::NODE_CONFIG)?,
             ebpf,
             pin_dir: pin_dir.to_path_buf(),
         };
@@ -401,6 +414,49 @@ impl Datapath {
     pub fn detach_tc(&mut self, iface: &str) -> Result<(), DatapathError> {
         let ifindex = ifindex_of(iface)?;
         remove_link_pin(&self.tc_link_path(iface, ifindex))
+    }
+
+    /// Attaches the NodePort XDP program to `iface` (the node's uplink) in the calling thread's
+    /// network namespace (native mode where the driver has it). Pinned as `links/xdp-<iface>-<ifindex>`.
+    pub fn attach_xdp(&mut self, iface: &str) -> Result<(), DatapathError> {
+        let ifindex = ifindex_of(iface)?;
+        let name = program_names::NODEPORT;
+        let p: &mut Xdp = self
+            .ebpf
+            .program_mut(name)
+            .ok_or_else(|| DatapathError::Missing(format!("program {name}")))?
+            .try_into()
+            .map_err(prog_err(name))?;
+        let path = self
+            .pin_dir
+            .join("links")
+            .join(format!("xdp-{iface}-{ifindex}"));
+        // One XDP program per interface: over a link pinned by an earlier agent, swap the
+        // program inside the link (bpf_link_update: no gap); the pin keeps pointing at it.
+        if path.exists() {
+            if let Ok(pinned) = PinnedLink::from_pin(&path) {
+                let fd_link: FdLink = pinned.into();
+                if let Ok(xdp_link) = aya::programs::xdp::XdpLink::try_from(fd_link) {
+                    if let Ok(id) = p.attach_to_link(xdp_link) {
+                        // Forget our handle; the pin holds the link.
+                        let link = p.take_link(id).map_err(prog_err(name))?;
+                        std::mem::drop(link);
+                        return Ok(());
+                    }
+                }
+            }
+            remove_link_pin(&path)?;
+        }
+        let id = p
+            .attach(iface, XdpMode::default())
+            .map_err(prog_err(name))?;
+        let link = p.take_link(id).map_err(prog_err(name))?;
+        let fd_link: FdLink = link.try_into().map_err(|e| DatapathError::Pin {
+            path: PathBuf::from(iface),
+            message: format!("xdp link is not a bpf_link: {e}"),
+        })?;
+        Self::pin_replacing(fd_link, &path)?;
+        Ok(())
     }
 
     fn tc_link_path(&self, iface: &str, ifindex: u32) -> PathBuf {

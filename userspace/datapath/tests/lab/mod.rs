@@ -114,6 +114,46 @@ pub struct Lab {
 }
 
 pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 1);
+pub const UPLINK_NODE: Ipv4Addr = Ipv4Addr::new(10, 244, 250, 1);
+pub const UPLINK_CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 250, 2);
+
+/// Turns transmit checksum offload on or off (ETHTOOL_STXCSUM through SIOCETHTOOL) in the
+/// calling thread's namespace. Hand-written: the `ethtool` tool is not installed here and this
+/// is one ioctl.
+pub fn set_tx_checksum(iface: &str, on: bool) {
+    #[repr(C)]
+    struct EthtoolValue {
+        cmd: u32,
+        data: u32,
+    }
+    #[repr(C)]
+    struct Ifreq {
+        name: [u8; 16],
+        data: *mut EthtoolValue,
+        _pad: [u8; 16],
+    }
+    const SIOCETHTOOL: libc::c_ulong = 0x8946;
+    const ETHTOOL_STXCSUM: u32 = 0x17;
+    let mut value = EthtoolValue {
+        cmd: ETHTOOL_STXCSUM,
+        data: on as u32,
+    };
+    let mut ifr = Ifreq {
+        name: [0; 16],
+        data: &mut value,
+        _pad: [0; 16],
+    };
+    ifr.name[..iface.len()].copy_from_slice(iface.as_bytes());
+    // SAFETY: plain socket + ioctl with properly laid out arguments that outlive the call.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0);
+        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        let rc = libc::ioctl(fd, SIOCETHTOOL, &mut ifr);
+        let err = std::io::Error::last_os_error();
+        libc::close(fd);
+        assert_eq!(rc, 0, "ETHTOOL_STXCSUM on {iface}: {err}");
+    }
+}
 
 pub fn pod_ip(i: usize) -> Ipv4Addr {
     Ipv4Addr::new(10, 244, 1, 10 + i as u8)
@@ -250,6 +290,44 @@ impl Lab {
             pod_mac,
             host_mac,
         });
+    }
+
+    /// Adds an "external" namespace `<p>-ext` wired to the node by the veth `up0` (the node's
+    /// uplink, UPLINK_NODE/24) <-> `eth0` (the client, UPLINK_CLIENT/24). The client's transmit
+    /// checksum offload is turned off so its packets carry complete checksums, as packets from a
+    /// real NIC do (XDP cannot fix up CHECKSUM_PARTIAL packets). Returns the netns name.
+    pub fn add_uplink(&mut self) -> String {
+        let ext = format!("{}-ext", self.prefix);
+        ip(&["netns", "add", &ext]);
+        self.netns.push(ext.clone());
+        let node = self.node.clone();
+        ip(&[
+            "-n", &node, "link", "add", "up0", "type", "veth", "peer", "name", "eth0", "netns",
+            &ext,
+        ]);
+        ip(&[
+            "-n",
+            &node,
+            "addr",
+            "add",
+            &format!("{UPLINK_NODE}/24"),
+            "dev",
+            "up0",
+        ]);
+        ip(&["-n", &node, "link", "set", "up0", "up"]);
+        ip(&["-n", &ext, "link", "set", "lo", "up"]);
+        ip(&[
+            "-n",
+            &ext,
+            "addr",
+            "add",
+            &format!("{UPLINK_CLIENT}/24"),
+            "dev",
+            "eth0",
+        ]);
+        ip(&["-n", &ext, "link", "set", "eth0", "up"]);
+        in_netns(&ext, || set_tx_checksum("eth0", false));
+        ext
     }
 
     /// Loads (or reloads from the pins) the datapath, attaches from_pod to every pod veth and
