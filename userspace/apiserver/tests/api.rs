@@ -735,3 +735,47 @@ async fn pods_without_a_node_go_at_once() {
     assert_eq!(r.status, StatusCode::OK, "{}", r.text);
     assert_status(&s.get("/api/v1/namespaces/default/pods/u").await, 404, "NotFound");
 }
+
+#[tokio::test]
+async fn bodies_that_contradict_the_url_are_refused() {
+    let s = start().await;
+    s.namespace("other").await;
+    // Namespace in the body differs from the path.
+    let r = s
+        .post(
+            "/api/v1/namespaces/default/configmaps",
+            &json!({"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"x","namespace":"other"}}),
+        )
+        .await;
+    assert_status(&r, 400, "BadRequest");
+    // Kind of another resource.
+    let r = s
+        .post(
+            "/api/v1/namespaces/default/configmaps",
+            &json!({"apiVersion":"v1","kind":"Secret","metadata":{"name":"x"}}),
+        )
+        .await;
+    assert_status(&r, 400, "BadRequest");
+    // PUT whose body names another object.
+    s.configmap("default", "x1", json!({})).await;
+    let r = s
+        .put(
+            "/api/v1/namespaces/default/configmaps/x1",
+            &json!({"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"x2"}}),
+        )
+        .await;
+    assert_status(&r, 400, "BadRequest");
+    // PUT of something that does not exist.
+    let r = s
+        .put(
+            "/api/v1/namespaces/default/configmaps/ghost",
+            &json!({"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"ghost"}}),
+        )
+        .await;
+    assert_status(&r, 404, "NotFound");
+    for name in ["x", "x2", "ghost"] {
+        for ns in ["default", "other"] {
+            assert_status(&s.get(&format!("/api/v1/namespaces/{ns}/configmaps/{name}")).await, 404, "NotFound");
+        }
+    }
+}

@@ -84,3 +84,44 @@ async fn node_ports_come_from_the_range_and_are_released() {
     let r = s.post(SVC, &service("np6", json!({"type":"NodePort","ports":[{"port":80,"nodePort":free}]}))).await;
     assert_eq!(r.status, StatusCode::CREATED, "released on delete: {}", r.text);
 }
+
+#[tokio::test]
+async fn a_replace_without_node_ports_keeps_the_allocated_ones() {
+    let s = start().await;
+    let r = s.post(SVC, &service("keep", json!({"type":"NodePort","selector":{"app":"k"},"ports":[{"name":"http","port":80}]}))).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    let node_port = r.body["spec"]["ports"][0]["nodePort"].as_i64().expect("nodePort");
+    let cluster_ip = r.body["spec"]["clusterIP"].clone();
+    // `kubectl replace -f` of the original manifest: no clusterIP, no nodePort, no resourceVersion.
+    let r = s
+        .put(&format!("{SVC}/keep"), &service("keep", json!({"type":"NodePort","selector":{"app":"k"},"ports":[{"name":"http","port":80}]})))
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(r.body["spec"]["ports"][0]["nodePort"], node_port, "{}", r.text);
+    assert_eq!(r.body["spec"]["clusterIP"], cluster_ip);
+    // Changing an allocated clusterIP is refused (it is immutable), and nothing changes.
+    let r = s
+        .patch(&format!("{SVC}/keep"), "application/merge-patch+json", r#"{"spec":{"clusterIP":"10.96.0.250","clusterIPs":["10.96.0.250"]}}"#)
+        .await;
+    assert_status(&r, 422, "Invalid");
+    assert_eq!(s.get(&format!("{SVC}/keep")).await.body["spec"]["clusterIP"], cluster_ip);
+}
+
+#[tokio::test]
+async fn concurrent_creates_never_share_an_ip() {
+    let s = std::sync::Arc::new(start_with(|c| c.service_cidr = "10.201.0.0/28".parse().expect("cidr")).await);
+    let mut tasks = Vec::new();
+    for i in 0..10 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            let r = s.post(SVC, &service(&format!("c{i}"), json!({"ports":[{"port":80}]}))).await;
+            assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+            r.body["spec"]["clusterIP"].as_str().expect("ip").to_string()
+        }));
+    }
+    let mut ips = std::collections::BTreeSet::new();
+    for t in tasks {
+        assert!(ips.insert(t.await.expect("task")), "an IP was handed out twice: {ips:?}");
+    }
+    assert_eq!(ips.len(), 10);
+}
