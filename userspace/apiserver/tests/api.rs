@@ -779,3 +779,34 @@ async fn bodies_that_contradict_the_url_are_refused() {
         }
     }
 }
+
+#[tokio::test]
+async fn limit_counts_only_selected_items_and_pages_survive_deletions() {
+    let s = start().await;
+    for i in 0..6 {
+        let app = if i % 2 == 0 { "even" } else { "odd" };
+        s.post(
+            "/api/v1/namespaces/default/configmaps",
+            &json!({"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":format!("p{i}"),"labels":{"app":app}}}),
+        )
+        .await;
+    }
+    let r = s.get("/api/v1/namespaces/default/configmaps?labelSelector=app%3Deven&limit=2").await;
+    let names = |r: &Reply| -> Vec<String> {
+        r.body["items"].as_array().expect("items").iter().filter_map(|i| i["metadata"]["name"].as_str().map(String::from)).collect()
+    };
+    assert_eq!(names(&r), vec!["p0", "p2"]);
+    let token = r.body["metadata"]["continue"].as_str().expect("a continue token").to_string();
+    // An object of the first page goes away between pages: the next page is still right.
+    s.delete("/api/v1/namespaces/default/configmaps/p0").await;
+    let r = s
+        .get(&format!("/api/v1/namespaces/default/configmaps?labelSelector=app%3Deven&limit=2&continue={}", urlencode(&token)))
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(names(&r), vec!["p4"]);
+    assert!(r.body["metadata"]["continue"].as_str().is_none_or(str::is_empty), "last page: {}", r.text);
+    // A token that was never issued is a 400, not a crash or an empty list.
+    let r = s.get("/api/v1/namespaces/default/configmaps?limit=2&continue=garbage!!").await;
+    assert!(matches!(r.status.as_u16(), 400 | 410), "{}", r.text);
+    assert_eq!(r.body["kind"], "Status");
+}
