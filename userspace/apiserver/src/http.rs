@@ -180,7 +180,13 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Resp {
         Ok(resp) => resp,
         Err(err) => error_response(&err),
     };
-    tracing::debug!(%method, %path, status = resp.status().as_u16(), elapsed_ms = started.elapsed().as_millis() as u64, "request");
+    let status = resp.status().as_u16();
+    let elapsed_ms = started.elapsed().as_millis() as u64;
+    if status >= 500 {
+        tracing::warn!(%method, %path, status, elapsed_ms, "request failed in the server");
+    } else {
+        tracing::debug!(%method, %path, status, elapsed_ms, "request");
+    }
     resp
 }
 

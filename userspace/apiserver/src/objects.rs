@@ -153,6 +153,7 @@ pub async fn dispatch(state: &Arc<State>, ctx: &Ctx, target: Target) -> Result<R
                 ("scale", &Method::GET) => scale_get(state, info, ns, name).await,
                 ("scale", &Method::PUT | &Method::PATCH) => scale_write(state, ctx, info, ns, name).await,
                 ("binding", &Method::POST) => bind(state, ctx, info, ns, name).await,
+                ("finalize", &Method::PUT) => update(state, ctx, info, ns, name, Some("finalize")).await,
                 ("log" | "exec" | "attach" | "portforward", _) => Err(ApiError::bad_request(format!(
                     "pods/{sub} for {name:?}: logs are served by the node agent, which is not connected yet"
                 ))),
@@ -526,8 +527,34 @@ async fn update(
             return Err(conflict(info, name));
         }
         let old = decode_kv(&current)?;
+        let body_uid = admitted.object.pointer("/metadata/uid").and_then(Value::as_str).filter(|u| !u.is_empty());
+        let old_uid = old.pointer("/metadata/uid").and_then(Value::as_str).unwrap_or("");
+        if let Some(uid) = body_uid
+            && uid != old_uid
+        {
+            return Err(ApiError::conflict(
+                info.plural,
+                name,
+                &format!("Precondition failed: UID in precondition: {uid}, UID in object meta: {old_uid}"),
+            ));
+        }
         let mut new = admitted.object.clone();
-        admission::prepare_update(info, &old, &mut new, sub)?;
+        if sub == Some("finalize") {
+            // namespaces/finalize changes only spec.finalizers (how stuck namespaces are freed).
+            let finalizers = new.pointer("/spec/finalizers").cloned();
+            new = old.clone();
+            if let Some(m) = new.as_object_mut() {
+                let spec = m.entry("spec").or_insert_with(|| json!({}));
+                if let Some(spec) = spec.as_object_mut() {
+                    match finalizers {
+                        Some(f) => spec.insert("finalizers".into(), f),
+                        None => spec.remove("finalizers"),
+                    };
+                }
+            }
+        } else {
+            admission::prepare_update(info, &old, &mut new, sub)?;
+        }
         match write_update(state, info, &key, &current, new, dry_run).await {
             Ok(obj) => {
                 wake_reaper_if_deleting(state, &obj);

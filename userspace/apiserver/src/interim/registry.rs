@@ -63,7 +63,7 @@ macro_rules! res {
 }
 
 static RESOURCES: &[ResourceInfo] = &[
-    res!("", "v1", "Namespace", "namespaces", "namespace", false, &["ns"], NONE, &["status"]),
+    res!("", "v1", "Namespace", "namespaces", "namespace", false, &["ns"], NONE, &["status", "finalize"]),
     res!("", "v1", "Node", "nodes", "node", false, &["no"], NONE, &["status"]),
     res!("", "v1", "Pod", "pods", "pod", true, &["po"], ALL, &["status", "binding", "log", "exec"]),
     res!("", "v1", "Service", "services", "service", true, &["svc"], ALL, &["status"]),
@@ -138,6 +138,7 @@ fn legacy_resource_entries(r: &ResourceInfo) -> Vec<Value> {
             "binding" => ("Binding", &["create"], None, None),
             "log" => ("Pod", &["get"], None, None),
             "exec" => ("PodExecOptions", &["create", "get"], None, None),
+            "finalize" => (r.kind, &["update"], None, None),
             _ => (r.kind, &["get", "patch", "update"], None, None),
         };
         let mut e = json!({"name": format!("{}/{}", r.plural, sub), "singularName": "", "namespaced": r.namespaced, "kind": kind, "verbs": verbs});
@@ -190,6 +191,7 @@ pub fn discovery_aggregated(core: bool, api_version: &str) -> Value {
                                 "binding" => (json!({"group": "", "version": "v1", "kind": "Binding"}), &["create"]),
                                 "log" => (json!({"group": "", "version": "v1", "kind": "Pod"}), &["get"]),
                                 "exec" => (json!({"group": "", "version": "v1", "kind": "PodExecOptions"}), &["create", "get"]),
+                                "finalize" => (json!({"group": "", "version": "v1", "kind": "Namespace"}), &["update"]),
                                 _ => (json!({"group": r.group, "version": r.version, "kind": r.kind}), &["get", "patch", "update"]),
                             };
                             json!({"subresource": sub, "responseKind": gvk, "verbs": verbs})
