@@ -25,7 +25,9 @@ pub mod map_names {
     pub const COUNTERS: &str = "COUNTERS";
     pub const MAGLEV: &str = "MAGLEV";
     pub const NODE_CONFIG: &str = "NODE_CONFIG";
-    pub const ALL: [&str; 10] = [
+    pub const POLICY: &str = "POLICY";
+    pub const POLICY_CT: &str = "POLICY_CT";
+    pub const ALL: [&str; 12] = [
         SERVICES,
         BACKEND_SLOTS,
         BACKENDS,
@@ -36,6 +38,8 @@ pub mod map_names {
         COUNTERS,
         MAGLEV,
         NODE_CONFIG,
+        POLICY,
+        POLICY_CT,
     ];
 }
 
@@ -303,6 +307,43 @@ pub struct EndpointValue {
     pub host_mac: [u8; 6],
 }
 
+/// EndpointValue.flags: NetworkPolicy isolation of a local pod. An isolated pod accepts (ingress)
+/// or sends (egress) new flows only where POLICY allows them.
+pub const EP_F_INGRESS_ISOLATED: u32 = 1 << 0;
+pub const EP_F_EGRESS_ISOLATED: u32 = 1 << 1;
+
+pub const MAX_POLICY_RULES: u32 = 65_536;
+pub const MAX_POLICY_CT: u32 = 65_536;
+
+pub const POLICY_INGRESS: u8 = 1;
+pub const POLICY_EGRESS: u8 = 2;
+
+/// POLICY (an LPM trie) key data. The trie matches bit by bit from the first field, so the
+/// exact fields come first and the peer address last: the key's prefix length is
+/// POLICY_FIXED_BITS + the peer CIDR's length. `proto` 0 / `port` 0 mean "any" (the program
+/// looks up (proto, port), then (proto, 0), then (0, 0)). IPv4 only: IPv6 peers need a second
+/// trie with a 128-bit tail.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyKey {
+    /// POLICY_INGRESS or POLICY_EGRESS
+    pub direction: u8,
+    pub proto: u8,
+    /// Network byte order; the port on the policed pod's side for ingress, the remote port for egress.
+    pub port: u16,
+    /// The policed (local) pod.
+    pub endpoint: u32,
+    /// The peer, significant up to (prefix_len - POLICY_FIXED_BITS) bits.
+    pub peer: u32,
+}
+
+pub const POLICY_FIXED_BITS: u32 = 64;
+
+/// POLICY values: the longest matching prefix decides, so an ipBlock `except` is a DENY entry
+/// longer than the ALLOW entry it carves out of.
+pub const POLICY_ALLOW: u8 = 1;
+pub const POLICY_DENY: u8 = 2;
+
 /// Per-CPU counters (COUNTERS is a PerCpuArray<u64> indexed by these).
 pub mod counter {
     pub const PACKETS: u32 = 0;
@@ -319,8 +360,9 @@ pub mod counter {
     pub const HAIRPIN: u32 = 11;
     pub const ERRORS: u32 = 12;
     pub const NODEPORT: u32 = 13;
+    pub const POLICY_DENIED: u32 = 14;
     pub const COUNT: u32 = 16;
-    pub const NAMES: [&str; 14] = [
+    pub const NAMES: [&str; 15] = [
         "packets",
         "service_hit",
         "dnat",
@@ -335,6 +377,7 @@ pub mod counter {
         "hairpin",
         "errors",
         "nodeport_dnat",
+        "policy_denied",
     ];
 }
 
@@ -357,6 +400,7 @@ mod pod {
     unsafe impl aya::Pod for EndpointValue {}
     unsafe impl aya::Pod for MaglevTable {}
     unsafe impl aya::Pod for NodeConfig {}
+    unsafe impl aya::Pod for PolicyKey {}
 }
 
 #[cfg(test)]
@@ -382,6 +426,7 @@ mod tests {
         assert_eq!(size_of::<EndpointValue>(), 20);
         assert_eq!(size_of::<MaglevTable>(), 4 * MAGLEV_M + 4);
         assert_eq!(size_of::<NodeConfig>(), 24);
+        assert_eq!(size_of::<PolicyKey>() as u32 * 8, POLICY_FIXED_BITS + 32);
     }
 
     #[test]

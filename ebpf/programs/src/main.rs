@@ -28,7 +28,10 @@ use aya_ebpf::{
     },
     helpers::generated as h,
     macros::{cgroup_sock_addr, classifier, map, xdp},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{
+        Array, HashMap, LruHashMap, PerCpuArray,
+        lpm_trie::{Key as LpmKey, LpmTrie},
+    },
     programs::{SockAddrContext, TcContext, XdpContext},
 };
 use skiff_ebpf_common::*;
@@ -53,6 +56,11 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(counter::COUNT, 0);
 static MAGLEV: HashMap<u32, MaglevTable> = HashMap::pinned(MAX_MAGLEV_SERVICES, 0);
 #[map]
 static NODE_CONFIG: Array<NodeConfig> = Array::pinned(1, 0);
+#[map]
+static POLICY: LpmTrie<PolicyKey, u8> = LpmTrie::pinned(MAX_POLICY_RULES, 0);
+/// UDP flows NetworkPolicy already allowed, both directions (TCP uses the SYN flag instead).
+#[map]
+static POLICY_CT: LruHashMap<CtKey, u8> = LruHashMap::pinned(MAX_POLICY_CT, 0);
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP_RAW: u16 = 0x0800u16.to_be();
@@ -305,6 +313,30 @@ fn rewrite_port(
     Ok(())
 }
 
+/// Whether POLICY allows `endpoint` to talk to `peer` on (proto, port): any of the (proto,
+/// port), (proto, any), (any, any) entries whose longest matching peer prefix says ALLOW.
+#[inline(always)]
+fn policy_allows(direction: u8, endpoint: u32, peer: u32, proto: u8, port: u16) -> bool {
+    for (p, pt) in [(proto, port), (proto, 0), (0, 0)] {
+        let key = LpmKey::new(
+            POLICY_FIXED_BITS + 32,
+            PolicyKey {
+                direction,
+                proto: p,
+                port: pt,
+                endpoint,
+                peer,
+            },
+        );
+        if let Some(v) = POLICY.get(&key) {
+            if *v == POLICY_ALLOW {
+                return true;
+            }
+        }
+    }
+    false
+}
+
 #[classifier]
 pub fn from_pod(ctx: TcContext) -> i32 {
     match try_from_pod(&ctx) {
@@ -445,6 +477,63 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, i64> {
                     count(counter::HAIRPIN);
                 }
                 count(counter::DNAT);
+            }
+        }
+    }
+
+    // NetworkPolicy, on the translated packet (policies name pods, not VIPs). Only new flows
+    // are judged: a TCP SYN, or a UDP tuple not yet in POLICY_CT; replies and later packets of
+    // an allowed flow pass. Egress is judged for the sending pod here; ingress for a receiving
+    // pod on this node (a receiver on another node is judged by that node's from_pod... once a
+    // to-pod hook exists: not yet). Other protocols are not policed.
+    if nat_capable {
+        let src_now: u32 = ctx.load(IP_SRC_OFF)?;
+        let sport_now: u16 = ctx.load(l4)?;
+        let dport_now: u16 = ctx.load(l4 + 2)?;
+        let src_flags = unsafe { ENDPOINTS.get(&Addr::v4_raw(src_now)) }
+            .map(|e| e.flags)
+            .unwrap_or(0);
+        let dst_flags = unsafe { ENDPOINTS.get(&Addr::v4_raw(final_dst)) }
+            .map(|e| e.flags)
+            .unwrap_or(0);
+        let egress_iso = src_flags & EP_F_EGRESS_ISOLATED != 0;
+        let ingress_iso = dst_flags & EP_F_INGRESS_ISOLATED != 0;
+        if egress_iso || ingress_iso {
+            let tuple = CtKey {
+                src: Addr::v4_raw(src_now),
+                dst: Addr::v4_raw(final_dst),
+                sport: sport_now,
+                dport: dport_now,
+                proto,
+                _pad: [0; 3],
+            };
+            let new_flow = if proto == PROTO_TCP {
+                let tcp_flags: u8 = ctx.load(l4 + 13)?;
+                tcp_flags & 0x12 == 0x02 // SYN without ACK
+            } else {
+                unsafe { POLICY_CT.get(&tuple) }.is_none()
+            };
+            if new_flow {
+                if (egress_iso
+                    && !policy_allows(POLICY_EGRESS, src_now, final_dst, proto, dport_now))
+                    || (ingress_iso
+                        && !policy_allows(POLICY_INGRESS, final_dst, src_now, proto, dport_now))
+                {
+                    count(counter::POLICY_DENIED);
+                    return Ok(TC_ACT_SHOT);
+                }
+                if proto == PROTO_UDP {
+                    let reply = CtKey {
+                        src: tuple.dst,
+                        dst: tuple.src,
+                        sport: tuple.dport,
+                        dport: tuple.sport,
+                        proto,
+                        _pad: [0; 3],
+                    };
+                    let _ = POLICY_CT.insert(&tuple, &1, 0);
+                    let _ = POLICY_CT.insert(&reply, &1, 0);
+                }
             }
         }
     }

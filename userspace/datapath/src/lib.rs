@@ -10,6 +10,7 @@
 
 pub mod nodeport;
 pub mod plan;
+pub mod policy;
 
 use std::{
     collections::BTreeMap,
@@ -230,6 +231,7 @@ pub struct Datapath {
     counters: PerCpuArray<MapData, u64>,
     maglev: HashMap<MapData, u32, MaglevTable>,
     node_config: Array<MapData, NodeConfig>,
+    policy: aya::maps::lpm_trie::LpmTrie<MapData, skiff_ebpf_common::PolicyKey, u8>,
 }
 
 impl Datapath {
@@ -294,6 +296,7 @@ impl Datapath {
             counters: take(&mut ebpf, map_names::COUNTERS)?,
             maglev: take(&mut ebpf, map_names::MAGLEV)?,
             node_config: take(&mut ebpf, map_names::NODE_CONFIG)?,
+            policy: take(&mut ebpf, map_names::POLICY)?,
             ebpf,
             pin_dir: pin_dir.to_path_buf(),
         };
@@ -471,9 +474,15 @@ impl Datapath {
         ip: Ipv4Addr,
         ep: &EndpointSpec,
     ) -> Result<(), DatapathError> {
+        // Keep the policy isolation flags an earlier set_policy wrote.
+        let flags = self
+            .endpoints
+            .get(&addr_of(ip), 0)
+            .map(|v| v.flags)
+            .unwrap_or(0);
         let v = EndpointValue {
             host_ifindex: ep.host_ifindex,
-            flags: 0,
+            flags,
             pod_mac: ep.pod_mac,
             host_mac: ep.host_mac,
         };
