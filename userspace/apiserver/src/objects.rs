@@ -381,6 +381,7 @@ pub async fn create_object(
         check_namespace(state, info, ns.unwrap_or(""), &name).await?;
     }
     admission::prepare_create(info, &mut obj, now());
+    admission::validate(info, &obj)?;
     let key = key(info, ns, &name);
     let _guard = if services::is_service(info) {
         let guard = state.service_lock.lock().await;
@@ -554,6 +555,9 @@ async fn update(
             }
         } else {
             admission::prepare_update(info, &old, &mut new, sub)?;
+            if sub.is_none() {
+                admission::validate(info, &new)?;
+            }
         }
         match write_update(state, info, &key, &current, new, dry_run).await {
             Ok(obj) => {
@@ -638,6 +642,9 @@ async fn patch_object(
             )));
         }
         admission::prepare_update(info, &old, &mut new, sub)?;
+        if sub.is_none() {
+            admission::validate(info, &new)?;
+        }
         match write_update(state, info, &key, &current, new, dry_run).await {
             Ok(obj) => {
                 wake_reaper_if_deleting(state, &obj);

@@ -559,9 +559,135 @@ mod tests {
     }
 
     #[test]
+    fn validation_finds_missing_and_out_of_range_fields() {
+        let pods = registry::find("", "v1", "pods").expect("pods");
+        let err = validate(pods, &json!({"metadata": {"name": "p"}, "spec": {"containers": []}})).unwrap_err();
+        assert_eq!(err.code, 422);
+        assert!(err.message.contains("spec.containers: Required value"), "{}", err.message);
+        let deploys = registry::find("apps", "v1", "deployments").expect("deployments");
+        let good = json!({"metadata": {"name": "d"}, "spec": {"selector": {"matchLabels": {"app": "a"}},
+            "template": {"metadata": {"labels": {"app": "a"}}, "spec": {"containers": [{"name": "c", "image": "i"}]}}}});
+        assert!(validate(deploys, &good).is_ok());
+        let mut bad = good.clone();
+        bad["spec"]["template"]["metadata"]["labels"]["app"] = json!("b");
+        assert!(validate(deploys, &bad).unwrap_err().message.contains("selector` does not match"));
+        let services = registry::find("", "v1", "services").expect("services");
+        let err = validate(services, &json!({"metadata": {"name": "s"}, "spec": {"type": "ClusterIP", "ports": [{"port": 70000}]}})).unwrap_err();
+        assert!(err.message.contains("spec.ports[0].port"), "{}", err.message);
+        assert!(validate(services, &json!({"metadata": {"name": "s"}, "spec": {"type": "ClusterIP", "clusterIP": "None"}})).is_ok());
+    }
+
+    #[test]
     fn wrong_types_are_bad_requests() {
         let info = registry::find("apps", "v1", "deployments").expect("deployments");
         let body = json!({"metadata": {"name": "a"}, "spec": {"replicas": "three"}});
         assert_eq!(admit(info, Some("ns"), body, FieldValidation::Ignore).unwrap_err().code, 400);
+    }
+}
+
+/// Field checks Kubernetes makes on the objects kubectl users write most (required fields, port
+/// ranges, selectors that match their template). Returns 422 Invalid with one cause per problem.
+pub fn validate(info: &ResourceInfo, obj: &Value) -> Result<(), ApiError> {
+    let mut causes: Vec<(String, String)> = Vec::new();
+    fn require(causes: &mut Vec<(String, String)>, ok: bool, field: &str, msg: &str) {
+        if !ok {
+            causes.push((field.to_string(), msg.to_string()));
+        }
+    }
+    let str_at = |ptr: &str| obj.pointer(ptr).and_then(Value::as_str).unwrap_or("");
+    let pod_spec = |spec: &Value, base: &str, causes: &mut Vec<(String, String)>| {
+        let containers = spec.get("containers").and_then(Value::as_array);
+        if containers.is_none_or(Vec::is_empty) {
+            causes.push((format!("{base}.containers"), "Required value".into()));
+        }
+        for list in ["containers", "initContainers"] {
+            for (i, c) in spec.get(list).and_then(Value::as_array).into_iter().flatten().enumerate() {
+                let name = c.get("name").and_then(Value::as_str).unwrap_or("");
+                if name.is_empty() {
+                    causes.push((format!("{base}.{list}[{i}].name"), "Required value".into()));
+                } else if !is_dns1123_label(name) {
+                    causes.push((format!("{base}.{list}[{i}].name"), format!("Invalid value: \"{name}\": a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', and must start and end with an alphanumeric character")));
+                }
+                if c.get("image").and_then(Value::as_str).unwrap_or("").trim().is_empty() {
+                    causes.push((format!("{base}.{list}[{i}].image"), "Required value".into()));
+                }
+                for (j, p) in c.get("ports").and_then(Value::as_array).into_iter().flatten().enumerate() {
+                    let port = p.get("containerPort").and_then(Value::as_i64).unwrap_or(0);
+                    if !(1..=65535).contains(&port) {
+                        causes.push((format!("{base}.{list}[{i}].ports[{j}].containerPort"), format!("Invalid value: {port}: must be between 1 and 65535, inclusive")));
+                    }
+                }
+            }
+        }
+    };
+    match (info.group, info.kind) {
+        ("", "Pod") => match obj.get("spec") {
+            Some(spec) => pod_spec(spec, "spec", &mut causes),
+            None => require(&mut causes, false, "spec", "Required value"),
+        },
+        ("apps", "Deployment" | "ReplicaSet" | "DaemonSet" | "StatefulSet") | ("batch", "Job") => {
+            let selector = obj.pointer("/spec/selector");
+            let labels = obj.pointer("/spec/template/metadata/labels").and_then(Value::as_object);
+            if info.group == "apps" {
+                require(&mut causes, selector.is_some_and(|s| !s.is_null()), "spec.selector", "Required value");
+            }
+            if let Some(Value::Object(match_labels)) = obj.pointer("/spec/selector/matchLabels") {
+                let matches = match_labels
+                    .iter()
+                    .all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v));
+                require(&mut causes, matches, "spec.template.metadata.labels", "Invalid value: `selector` does not match template `labels`");
+            }
+            match obj.pointer("/spec/template/spec") {
+                Some(spec) => pod_spec(spec, "spec.template.spec", &mut causes),
+                None => causes.push(("spec.template.spec".into(), "Required value".into())),
+            }
+            if info.kind == "Job" {
+                let policy = str_at("/spec/template/spec/restartPolicy");
+                require(
+                    &mut causes,
+                    policy == "Never" || policy == "OnFailure",
+                    "spec.template.spec.restartPolicy",
+                    &format!("Unsupported value: \"{policy}\": supported values: \"OnFailure\", \"Never\""),
+                );
+            }
+            if let Some(r) = obj.pointer("/spec/replicas").and_then(Value::as_i64) {
+                require(&mut causes, r >= 0, "spec.replicas", "Invalid value: must be greater than or equal to 0");
+            }
+        }
+        ("", "Service") => {
+            let ty = str_at("/spec/type");
+            let ports = obj.pointer("/spec/ports").and_then(Value::as_array);
+            let headless = str_at("/spec/clusterIP") == "None";
+            if ty != "ExternalName" && !headless {
+                require(&mut causes, ports.is_some_and(|p| !p.is_empty()), "spec.ports", "Required value");
+            }
+            if ty == "ExternalName" {
+                require(&mut causes, !str_at("/spec/externalName").is_empty(), "spec.externalName", "Required value");
+            }
+            if !matches!(ty, "ClusterIP" | "NodePort" | "LoadBalancer" | "ExternalName") {
+                causes.push(("spec.type".into(), format!("Unsupported value: \"{ty}\": supported values: \"ClusterIP\", \"ExternalName\", \"LoadBalancer\", \"NodePort\"")));
+            }
+            let count = ports.map_or(0, Vec::len);
+            for (i, p) in ports.into_iter().flatten().enumerate() {
+                let port = p.get("port").and_then(Value::as_i64).unwrap_or(0);
+                if !(1..=65535).contains(&port) {
+                    causes.push((format!("spec.ports[{i}].port"), format!("Invalid value: {port}: must be between 1 and 65535, inclusive")));
+                }
+                if count > 1 && p.get("name").and_then(Value::as_str).unwrap_or("").is_empty() {
+                    causes.push((format!("spec.ports[{i}].name"), "Required value".into()));
+                }
+                let proto = p.get("protocol").and_then(Value::as_str).unwrap_or("TCP");
+                if !matches!(proto, "TCP" | "UDP" | "SCTP") {
+                    causes.push((format!("spec.ports[{i}].protocol"), format!("Unsupported value: \"{proto}\": supported values: \"SCTP\", \"TCP\", \"UDP\"")));
+                }
+            }
+        }
+        _ => {}
+    }
+    if causes.is_empty() {
+        Ok(())
+    } else {
+        let name = str_at("/metadata/name");
+        Err(ApiError::invalid(info.kind, name, &causes))
     }
 }
