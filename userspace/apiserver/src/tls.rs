@@ -76,9 +76,13 @@ pub fn serving_sans(bind: SocketAddr, extra: &[String]) -> Vec<String> {
             }
         }
     }
+    // A host name that is not a valid DNS name (it happens in containers) is left out rather
+    // than failing the start; names the operator asked for are checked strictly below.
     if let Ok(name) = hostname::get()
         && let Some(name) = name.to_str()
         && !name.is_empty()
+        && name.len() <= 253
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
     {
         sans.push(name.to_string());
     }
