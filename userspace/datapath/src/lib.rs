@@ -219,7 +219,8 @@ const CGROUP_PROGRAMS: [&str; 4] = [
 
 /// The loaded datapath and its (pinned) maps.
 pub struct Datapath {
-    ebpf: Ebpf,
+    /// None when opened from pins only (`open_pinned`).
+    ebpf: Option<Ebpf>,
     pin_dir: PathBuf,
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     slots: HashMap<MapData, BackendSlotKey, u32>,
@@ -276,32 +277,59 @@ impl Datapath {
             .map_err(prog_err(program_names::NODEPORT))?;
         xdp.load().map_err(prog_err(program_names::NODEPORT))?;
 
-        fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DatapathError>
-        where
-            T: TryFrom<aya::maps::Map, Error = MapError>,
-        {
-            let map = ebpf
-                .take_map(name)
-                .ok_or_else(|| DatapathError::Missing(format!("map {name}")))?;
-            T::try_from(map).map_err(map_err(name))
-        }
+        let dp = Self::assemble(Some(&mut ebpf), pin_dir)?;
         let dp = Datapath {
-            services: take(&mut ebpf, map_names::SERVICES)?,
-            slots: take(&mut ebpf, map_names::BACKEND_SLOTS)?,
-            backends: take(&mut ebpf, map_names::BACKENDS)?,
-            conntrack: take(&mut ebpf, map_names::CONNTRACK)?,
-            sock_revnat: take(&mut ebpf, map_names::SOCK_REVNAT)?,
-            affinity: take(&mut ebpf, map_names::AFFINITY)?,
-            endpoints: take(&mut ebpf, map_names::ENDPOINTS)?,
-            counters: take(&mut ebpf, map_names::COUNTERS)?,
-            maglev: take(&mut ebpf, map_names::MAGLEV)?,
-            node_config: take(&mut ebpf, map_names::NODE_CONFIG)?,
-            policy: take(&mut ebpf, map_names::POLICY)?,
-            ebpf,
-            pin_dir: pin_dir.to_path_buf(),
+            ebpf: Some(ebpf),
+            ..dp
         };
         info!(pin_dir = %pin_dir.display(), reused_maps = reused, "datapath loaded");
         Ok(dp)
+    }
+
+    /// Opens the maps an agent pinned under `pin_dir`, read-write, without loading any program
+    /// (for inspection tools such as `skiff datapath ...`). Attaching is not possible on such a
+    /// handle; changing services through it is (the pinned maps are the live ones).
+    pub fn open_pinned(pin_dir: &Path) -> Result<Datapath, DatapathError> {
+        if statfs_magic(pin_dir)? != BPF_FS_MAGIC {
+            return Err(DatapathError::NotBpffs(pin_dir.to_path_buf()));
+        }
+        Self::assemble(None, pin_dir)
+    }
+
+    /// Builds the typed map handles, from a freshly loaded object or from the pins.
+    fn assemble(mut ebpf: Option<&mut Ebpf>, pin_dir: &Path) -> Result<Datapath, DatapathError> {
+        let mut take = |name: &'static str| -> Result<aya::maps::Map, DatapathError> {
+            match ebpf.as_deref_mut() {
+                Some(e) => e
+                    .take_map(name)
+                    .ok_or_else(|| DatapathError::Missing(format!("map {name}"))),
+                None => {
+                    let data = MapData::from_pin(pin_dir.join(name)).map_err(map_err(name))?;
+                    aya::maps::Map::from_map_data(data).map_err(map_err(name))
+                }
+            }
+        };
+        fn typed<T: TryFrom<aya::maps::Map, Error = MapError>>(
+            map: aya::maps::Map,
+            name: &'static str,
+        ) -> Result<T, DatapathError> {
+            T::try_from(map).map_err(map_err(name))
+        }
+        Ok(Datapath {
+            services: typed(take(map_names::SERVICES)?, map_names::SERVICES)?,
+            slots: typed(take(map_names::BACKEND_SLOTS)?, map_names::BACKEND_SLOTS)?,
+            backends: typed(take(map_names::BACKENDS)?, map_names::BACKENDS)?,
+            conntrack: typed(take(map_names::CONNTRACK)?, map_names::CONNTRACK)?,
+            sock_revnat: typed(take(map_names::SOCK_REVNAT)?, map_names::SOCK_REVNAT)?,
+            affinity: typed(take(map_names::AFFINITY)?, map_names::AFFINITY)?,
+            endpoints: typed(take(map_names::ENDPOINTS)?, map_names::ENDPOINTS)?,
+            counters: typed(take(map_names::COUNTERS)?, map_names::COUNTERS)?,
+            maglev: typed(take(map_names::MAGLEV)?, map_names::MAGLEV)?,
+            node_config: typed(take(map_names::NODE_CONFIG)?, map_names::NODE_CONFIG)?,
+            policy: typed(take(map_names::POLICY)?, map_names::POLICY)?,
+            ebpf: None,
+            pin_dir: pin_dir.to_path_buf(),
+        })
     }
 
     pub fn pin_dir(&self) -> &Path {
@@ -351,6 +379,8 @@ impl Datapath {
                 .map_err(io_err(format!("opening cgroup {}", cgroup_dir.display())))?;
             let p: &mut CgroupSockAddr = self
                 .ebpf
+                .as_mut()
+                .ok_or_else(no_object)?
                 .program_mut(name)
                 .ok_or_else(|| DatapathError::Missing(format!("program {name}")))?
                 .try_into()
@@ -396,6 +426,8 @@ impl Datapath {
         let name = program_names::FROM_POD;
         let p: &mut SchedClassifier = self
             .ebpf
+            .as_mut()
+            .ok_or_else(no_object)?
             .program_mut(name)
             .ok_or_else(|| DatapathError::Missing(format!("program {name}")))?
             .try_into()
@@ -426,6 +458,8 @@ impl Datapath {
         let name = program_names::NODEPORT;
         let p: &mut Xdp = self
             .ebpf
+            .as_mut()
+            .ok_or_else(no_object)?
             .program_mut(name)
             .ok_or_else(|| DatapathError::Missing(format!("program {name}")))?
             .try_into()
@@ -620,6 +654,68 @@ impl Datapath {
         Ok(doomed.len())
     }
 
+    /// Conntrack garbage collection: deletes flows idle longer than the timeout of their
+    /// protocol. A forward entry goes when it is idle; a reply entry goes when it is idle and
+    /// its forward entry is gone or idle too (a one-way UDP stream keeps its reply entry). The
+    /// LRU map already evicts under pressure; this keeps idle flows from holding backends.
+    pub fn gc_conntrack(
+        &mut self,
+        udp_idle: std::time::Duration,
+        tcp_idle: std::time::Duration,
+    ) -> Result<GcStats, DatapathError> {
+        let now = monotonic_ns()?;
+        let idle = |k: &CtKey, v: &CtValue| {
+            let limit = if k.proto == PROTO_UDP {
+                udp_idle
+            } else {
+                tcp_idle
+            };
+            now.saturating_sub(v.last_seen_ns) > limit.as_nanos() as u64
+        };
+        let mut entries = std::collections::HashMap::new();
+        for kv in self.conntrack.iter() {
+            match kv {
+                Ok((k, v)) => {
+                    entries.insert(k, v);
+                }
+                Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(map_names::CONNTRACK)(e)),
+            }
+        }
+        let mut doomed = Vec::new();
+        for (k, v) in &entries {
+            if !idle(k, v) {
+                continue;
+            }
+            if v.flags & CT_F_REPLY == 0 {
+                doomed.push(*k);
+                continue;
+            }
+            let forward = CtKey {
+                src: v.client_addr,
+                dst: v.orig_addr,
+                sport: k.dport,
+                dport: v.orig_port,
+                proto: k.proto,
+                _pad: [0; 3],
+            };
+            match entries.get(&forward) {
+                Some(fv) if !idle(&forward, fv) => {}
+                _ => doomed.push(*k),
+            }
+        }
+        for k in &doomed {
+            match self.conntrack.remove(k) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(map_names::CONNTRACK)(e)),
+            }
+        }
+        Ok(GcStats {
+            scanned: entries.len(),
+            deleted: doomed.len(),
+        })
+    }
+
     pub fn dump_services(&self) -> Result<Vec<ServiceEntry>, DatapathError> {
         let st = self.map_state()?;
         let mut out = Vec::new();
@@ -713,6 +809,34 @@ impl Datapath {
     pub fn sock_revnat_len(&self) -> usize {
         self.sock_revnat.keys().filter(|k| k.is_ok()).count()
     }
+}
+
+/// What one conntrack GC pass did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GcStats {
+    pub scanned: usize,
+    pub deleted: usize,
+}
+
+/// CLOCK_MONOTONIC in ns: the clock bpf_ktime_get_ns() reads.
+fn monotonic_ns() -> Result<u64, DatapathError> {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid out-pointer.
+    if unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) } != 0 {
+        return Err(io_err("clock_gettime(CLOCK_MONOTONIC)")(
+            std::io::Error::last_os_error(),
+        ));
+    }
+    Ok(ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64)
+}
+
+fn no_object() -> DatapathError {
+    DatapathError::Missing(
+        "loaded program (opened from pins only: use Datapath::load to attach)".into(),
+    )
 }
 
 /// A file-name-safe tag for a cgroup path.

@@ -431,3 +431,66 @@ fn pod_to_pod_delivery_peer_and_fib_fallback() {
         "{after:?}"
     );
 }
+
+#[test]
+fn conntrack_gc_removes_idle_flows_only() {
+    if !require_privileges("conntrack_gc_removes_idle_flows_only") {
+        return;
+    }
+    let lab = Lab::new("gc", 2);
+    let mut dp = lab.datapath();
+    let _s1 = Server::start(&lab.pods[1].netns, lab.pods[1].ip, 8080);
+    dp.upsert_service(&spec(&lab, &[1], 8080, Proto::Udp))
+        .expect("udp");
+    let vip = SocketAddr::from((VIP, 80));
+    in_netns(&lab.pods[0].netns, || {
+        for _ in 0..10 {
+            udp_ask(vip).expect("udp");
+        }
+    });
+    let n = dp.dump_conntrack().expect("ct").len();
+    assert_eq!(n, 20, "10 flows, two entries each");
+    let long = std::time::Duration::from_secs(3600);
+    let kept = dp.gc_conntrack(long, long).expect("gc");
+    assert_eq!(kept.deleted, 0, "fresh flows stay");
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    let short = std::time::Duration::from_millis(10);
+    let gone = dp.gc_conntrack(short, long).expect("gc");
+    assert_eq!(
+        (gone.scanned, gone.deleted),
+        (20, 20),
+        "idle udp flows go, both directions"
+    );
+    assert!(dp.dump_conntrack().expect("ct").is_empty());
+    // The service still works: a new flow gets new entries.
+    in_netns(&lab.pods[0].netns, || udp_ask(vip).expect("udp after gc"));
+    assert_eq!(dp.dump_conntrack().expect("ct").len(), 2);
+}
+
+#[test]
+fn open_pinned_sees_the_live_maps_without_loading_programs() {
+    if !require_privileges("open_pinned_sees_the_live_maps_without_loading_programs") {
+        return;
+    }
+    let lab = Lab::new("pins", 2);
+    let mut dp = lab.datapath();
+    dp.upsert_service(&spec(&lab, &[1], 8080, Proto::Tcp))
+        .expect("tcp");
+    let mut view = Datapath::open_pinned(&lab.pin_dir).expect("open pins");
+    assert_eq!(
+        view.dump_services().expect("dump"),
+        dp.dump_services().expect("dump")
+    );
+    let err = lab
+        .in_node(|| view.attach_tc("h0"))
+        .expect_err("a pins-only handle cannot attach");
+    assert!(err.to_string().contains("opened from pins only"), "{err}");
+    // Writes through the view land in the live maps.
+    view.delete_service(IpAddr::V4(VIP), 80, Proto::Tcp)
+        .expect("delete");
+    assert!(dp.dump_services().expect("dump").is_empty());
+    assert!(
+        Datapath::open_pinned(std::path::Path::new("/tmp")).is_err(),
+        "not a bpffs"
+    );
+}
