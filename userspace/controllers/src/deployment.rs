@@ -798,9 +798,11 @@ impl<'a> Sync<'a> {
             return;
         }
         if let Some(idx) = active_or_latest {
-            if rs_replicas(&self.rss[idx]) != self.replicas {
-                self.scale_to(idx, self.replicas);
-            }
+            // Kubernetes returns here without touching the ReplicaSet when its size is already
+            // right; if its desired-replicas annotation is stale, that makes every later sync
+            // a "scaling event" again and the rollout never resumes (found by
+            // random_edits_scaling_and_pauses_converge). Refreshing the annotations fixes it.
+            self.scale_to(idx, self.replicas);
             return;
         }
         if let Some(n) = self.new_rs
@@ -956,7 +958,10 @@ impl<'a> Sync<'a> {
                 break;
             }
             let (replicas, available) = (rs_replicas(&self.rss[i]), rs_available(&self.rss[i]));
-            if replicas == 0 || replicas == available {
+            // A stale status can report more available pods than the new size; Kubernetes
+            // refuses that case with an error ("invalid request to scale down"), skipping it is
+            // the same outcome without the error.
+            if replicas == 0 || available >= replicas {
                 continue;
             }
             let down = (max_scaled_down - cleaned).min(replicas - available);
@@ -964,9 +969,13 @@ impl<'a> Sync<'a> {
             cleaned += down;
         }
 
-        // scaleDownOldReplicaSetsForRollingUpdate.
+        // scaleDownOldReplicaSetsForRollingUpdate. Deliberately safer than Kubernetes: a
+        // ReplicaSet counts at most its spec.replicas as available. Right after a scale-down its
+        // status still reports the pods it is about to delete, and Kubernetes would count them,
+        // scaling other ReplicaSets below minAvailable (found by
+        // random_rollouts_keep_bounds_and_converge).
         let available: i32 = (0..self.rss.len())
-            .map(|i| rs_available(&self.rss[i]))
+            .map(|i| rs_available(&self.rss[i]).min(rs_replicas(&self.rss[i])))
             .sum();
         let mut scaled = 0;
         if available > min_available {

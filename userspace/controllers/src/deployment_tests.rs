@@ -718,3 +718,202 @@ fn sub_second_now_does_not_make_the_status_churn_after_a_json_round_trip() {
         serde_json::from_value(serde_json::to_value(&*written).unwrap()).unwrap();
     assert_eq!(stored.status, written.status, "times are whole seconds");
 }
+
+/// Random rollouts: random sizes and fenceposts, template edits at random moments (also in the
+/// middle of a rollout), pods that become ready at random times. After the first rollout the
+/// surge and availability bounds must hold after every controller pass, and every run must end
+/// fully rolled out to the last template with the history limit respected.
+#[test]
+fn random_rollouts_keep_bounds_and_converge() {
+    for seed in 0..300u64 {
+        let mut rng = crate::SeededSuffixes::new(seed);
+        let mut pick = |n: u64| rng.next_u64() % n;
+        let replicas = 1 + pick(6) as i32;
+        let fencepost = |v: u64| match v % 4 {
+            0 => Int(0),
+            1 => Int(1),
+            2 => Int(2),
+            _ => Pct("25%".into()),
+        };
+        let (mut surge, unavailable) = (fencepost(pick(4)), fencepost(pick(4)));
+        if is_zero(&surge) && is_zero(&unavailable) {
+            surge = Int(1);
+        }
+        let (max_surge, max_unavailable) =
+            resolve_fenceposts(&surge, &unavailable, replicas).unwrap();
+        let max_unavailable = max_unavailable.min(replicas);
+        let mut c = Cluster::new();
+        c.names = crate::SeededSuffixes::new(seed + 1000);
+        c.flaky_readiness = Some(crate::SeededSuffixes::new(seed + 2000));
+        let mut d = deployment(replicas, "app:0", surge.clone(), unavailable.clone());
+        d.spec.as_mut().unwrap().revision_history_limit = Some(2);
+        c.add_deployment(d);
+        converge(&mut c, 100, |_| {});
+
+        let context = format!(
+            "seed {seed}: {replicas} replicas, surge {surge:?}, unavailable {unavailable:?}"
+        );
+        let check = |c: &Cluster| {
+            let total = spec_sum(c);
+            assert!(
+                total <= replicas + max_surge,
+                "{context}: sizes sum to {total}"
+            );
+            let ready = ready_active(c) as i32;
+            if ready < replicas - max_unavailable {
+                for rs in &c.replica_sets {
+                    eprintln!(
+                        "rs {} rev {} spec {} status {:?}",
+                        name_of(&rs.metadata),
+                        revision(rs),
+                        rs_replicas(rs),
+                        rs.status
+                    );
+                }
+                for p in &c.pods {
+                    eprintln!(
+                        "pod {} owner {} active {} ready {}",
+                        name_of(&p.metadata),
+                        controller_of(&p.metadata)
+                            .map(|o| o.name.clone())
+                            .unwrap_or_default(),
+                        crate::pod_util::is_active(p),
+                        crate::pod_util::is_ready(p)
+                    );
+                }
+                for e in &c.events {
+                    eprintln!("event {}", e.message);
+                }
+            }
+            assert!(
+                ready >= replicas - max_unavailable,
+                "{context}: {ready} ready"
+            );
+        };
+        let edits = 1 + pick(4);
+        let mut version = 0;
+        for _ in 0..edits {
+            version += 1;
+            set_image(&mut c, &format!("app:{version}"));
+            for _ in 0..pick(6) {
+                c.now += 1;
+                c.reconcile_deployments();
+                check(&c);
+                c.reconcile_replica_sets();
+                check(&c);
+                c.kubelet();
+                check(&c);
+            }
+        }
+        converge(&mut c, 400, check);
+        c.step();
+        let image = format!("app:{version}");
+        assert_eq!(ready_active(&c) as i32, replicas, "{context}");
+        assert!(
+            c.pods
+                .iter()
+                .all(|p| p.spec.as_ref().unwrap().containers[0].image.as_deref()
+                    == Some(image.as_str())),
+            "{context}: every pod runs the last template"
+        );
+        assert!(
+            c.replica_sets.len() <= 3,
+            "{context}: {} replicasets",
+            c.replica_sets.len()
+        );
+        // Edits made before any reconcile saw them get no revision, so only relative order is
+        // fixed: the replicaset of the last template has the highest revision, which the
+        // deployment carries.
+        let newest = c.replica_sets.iter().max_by_key(|rs| revision(rs)).unwrap();
+        assert_eq!(rs_replicas(newest), replicas, "{context}");
+        assert_eq!(
+            annotation(&c.deployment().metadata, REVISION_ANNOTATION),
+            Some(revision(newest).to_string().as_str()),
+            "{context}"
+        );
+        assert!(revision(newest) >= 2, "{context}");
+    }
+}
+
+/// Random user behaviour: template edits, scaling, pause and resume at random moments, pods
+/// ready at random times. Whatever happened, once the user stops (and resumes) the deployment
+/// must converge to exactly the requested replicas of the last template.
+#[test]
+fn random_edits_scaling_and_pauses_converge() {
+    for seed in 0..300u64 {
+        let mut rng = crate::SeededSuffixes::new(seed ^ 0x5eed);
+        let mut pick = |n: u64| rng.next_u64() % n;
+        let mut c = Cluster::new();
+        c.names = crate::SeededSuffixes::new(seed + 7000);
+        c.flaky_readiness = Some(crate::SeededSuffixes::new(seed + 9000));
+        let surge = if pick(2) == 0 {
+            Pct("25%".into())
+        } else {
+            Int(pick(3) as i32)
+        };
+        let unavailable = if is_zero(&surge) {
+            Int(1 + pick(2) as i32)
+        } else {
+            Int(pick(3) as i32)
+        };
+        c.add_deployment(deployment(
+            1 + pick(5) as i32,
+            "app:0",
+            surge.clone(),
+            unavailable.clone(),
+        ));
+        let mut version = 0;
+        for _ in 0..(3 + pick(8)) {
+            match pick(4) {
+                0 => {
+                    version += 1;
+                    set_image(&mut c, &format!("app:{version}"));
+                }
+                1 => {
+                    let replicas = pick(9) as i32;
+                    c.edit_deployment(|d| d.spec.as_mut().unwrap().replicas = Some(replicas));
+                }
+                2 => {
+                    let paused = pick(2) == 0;
+                    c.edit_deployment(|d| d.spec.as_mut().unwrap().paused = Some(paused));
+                }
+                _ => {}
+            }
+            for _ in 0..pick(4) {
+                c.step();
+            }
+        }
+        c.edit_deployment(|d| d.spec.as_mut().unwrap().paused = Some(false));
+        let context = format!("seed {seed}: surge {surge:?}, unavailable {unavailable:?}");
+        converge(&mut c, 400, |_| {});
+        c.step();
+        let replicas = c.deployment().spec.as_ref().unwrap().replicas.unwrap();
+        let image = format!("app:{version}");
+        assert_eq!(active_pods(&c).len() as i32, replicas, "{context}");
+        assert_eq!(ready_active(&c) as i32, replicas, "{context}");
+        assert!(
+            c.pods
+                .iter()
+                .all(|p| p.spec.as_ref().unwrap().containers[0].image.as_deref()
+                    == Some(image.as_str())),
+            "{context}: every pod runs the last template"
+        );
+        let status = c.deployment().status.clone().unwrap();
+        assert_eq!(status.updated_replicas, Some(replicas), "{context}");
+        assert_eq!(status.available_replicas, Some(replicas), "{context}");
+        if replicas > 0 {
+            assert_eq!(
+                reason(c.deployment(), PROGRESSING).as_deref(),
+                Some(NEW_RS_AVAILABLE),
+                "{context}"
+            );
+        }
+        let old_sizes: i32 = c
+            .replica_sets
+            .iter()
+            .filter(|rs| revision(rs) != c.replica_sets.iter().map(revision).max().unwrap())
+            .map(rs_replicas)
+            .sum();
+        assert_eq!(old_sizes, 0, "{context}: old replicasets scaled to zero");
+    }
+}

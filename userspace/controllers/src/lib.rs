@@ -220,7 +220,8 @@ impl SeededSuffixes {
         SeededSuffixes { state: seed }
     }
 
-    fn next_u64(&mut self) -> u64 {
+    /// The next raw 64-bit value.
+    pub fn next_u64(&mut self) -> u64 {
         self.state = self.state.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = self.state;
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);

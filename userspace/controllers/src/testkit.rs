@@ -102,6 +102,9 @@ pub struct Cluster {
     seen: Vec<String>,
     /// When false the kubelet never makes pods ready (a broken image).
     pub pods_become_ready: bool,
+    /// When set, a started pod turns ready only with probability 1/2 per kubelet pass (random
+    /// start-up times), drawn from this generator.
+    pub flaky_readiness: Option<SeededSuffixes>,
 }
 
 impl Cluster {
@@ -117,6 +120,7 @@ impl Cluster {
             names: SeededSuffixes::new(42),
             seen: Vec::new(),
             pods_become_ready: true,
+            flaky_readiness: None,
         }
     }
 
@@ -163,7 +167,21 @@ impl Cluster {
                 Action::Delete {
                     kind, name, uid, ..
                 } => self.delete(kind, &name, uid.as_deref()),
-                Action::Event(e) => self.events.push(e),
+                Action::Event(e) => {
+                    // "Scaled up|down replica set X from A to B" must go the way it says.
+                    let words: Vec<&str> = e.message.split(' ').collect();
+                    if let ["Scaled", direction, "replica", "set", _, "from", a, "to", b] =
+                        words[..]
+                    {
+                        let (a, b): (i32, i32) = (a.parse().unwrap(), b.parse().unwrap());
+                        assert!(
+                            (direction == "up" && a < b) || (direction == "down" && a > b),
+                            "inconsistent scaling: {}",
+                            e.message
+                        );
+                    }
+                    self.events.push(e)
+                }
             }
         }
     }
@@ -332,7 +350,11 @@ impl Cluster {
                 spec.node_name = Some(if i % 2 == 0 { "node-a" } else { "node-b" }.into());
             }
             if self.seen.contains(&name) {
-                if self.pods_become_ready && !crate::pod_util::is_ready(pod) {
+                let lucky = match self.flaky_readiness.as_mut() {
+                    Some(rng) => rng.next_u64() % 2 == 0,
+                    None => true,
+                };
+                if self.pods_become_ready && lucky && !crate::pod_util::is_ready(pod) {
                     let status = pod.status.get_or_insert_with(Default::default);
                     status.conditions = Some(vec![PodCondition {
                         type_: "Ready".into(),
@@ -364,6 +386,37 @@ impl Cluster {
             let outcome =
                 crate::deployment::reconcile(&d, &self.replica_sets, &self.pods, ts(self.now))
                     .unwrap();
+            if std::env::var_os("SKIFF_TRACE").is_some() {
+                let spec = d.spec.as_ref();
+                eprintln!(
+                    "-- deployment pass at {} replicas {:?} paused {:?} image {:?}",
+                    self.now,
+                    spec.and_then(|s| s.replicas),
+                    spec.and_then(|s| s.paused),
+                    spec.and_then(|s| s.template.spec.as_ref())
+                        .map(|s| s.containers[0].image.clone())
+                );
+                for rs in &self.replica_sets {
+                    let st = rs.status.clone().unwrap_or_default();
+                    eprintln!(
+                        "   rs {} rev {} desired {:?} spec {:?} status replicas {} avail {:?}",
+                        name_of(&rs.metadata),
+                        crate::deployment::revision(rs),
+                        rs.metadata
+                            .annotations
+                            .as_ref()
+                            .and_then(|a| a.get(crate::deployment::DESIRED_REPLICAS_ANNOTATION)),
+                        rs.spec.as_ref().and_then(|s| s.replicas),
+                        st.replicas,
+                        st.available_replicas
+                    );
+                }
+                for a in &outcome.actions {
+                    if let Action::Event(e) = a {
+                        eprintln!("   {}", e.message);
+                    }
+                }
+            }
             self.apply(outcome.actions);
         }
     }
