@@ -471,16 +471,14 @@ impl Datapath {
         // One XDP program per interface: over a link pinned by an earlier agent, swap the
         // program inside the link (bpf_link_update: no gap); the pin keeps pointing at it.
         if path.exists() {
-            if let Ok(pinned) = PinnedLink::from_pin(&path) {
-                let fd_link: FdLink = pinned.into();
-                if let Ok(xdp_link) = aya::programs::xdp::XdpLink::try_from(fd_link) {
-                    if let Ok(id) = p.attach_to_link(xdp_link) {
-                        // Forget our handle; the pin holds the link.
-                        let link = p.take_link(id).map_err(prog_err(name))?;
-                        std::mem::drop(link);
-                        return Ok(());
-                    }
-                }
+            if let Ok(pinned) = PinnedLink::from_pin(&path)
+                && let Ok(xdp_link) = aya::programs::xdp::XdpLink::try_from(FdLink::from(pinned))
+                && let Ok(id) = p.attach_to_link(xdp_link)
+            {
+                // Drop our handle (a bpf_link fd): the pin holds the link.
+                let link = p.take_link(id).map_err(prog_err(name))?;
+                std::mem::drop(link);
+                return Ok(());
             }
             remove_link_pin(&path)?;
         }

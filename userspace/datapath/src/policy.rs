@@ -201,7 +201,7 @@ mod tests {
         let e = policy_entries(Ipv4Addr::new(10, 244, 1, 11), PolicyDirection::Egress, &[a])
             .expect("valid");
         assert_eq!(e.len(), 2);
-        for ((_, k), _) in &e {
+        for (_, k) in e.keys() {
             assert_eq!(
                 (k.proto, k.port, k.direction),
                 (6, port_to_raw(53), POLICY_EGRESS)

@@ -140,4 +140,54 @@ fn nodeport_tcp_and_udp_via_xdp_with_maglev() {
         c["redirect_neigh"] > 0,
         "replies left through the uplink by fib lookup: {c:?}"
     );
+
+    // Agent restart: an open NodePort connection survives the drop and the reload, and the
+    // re-attach swaps the program inside the pinned XDP link instead of adding a second one.
+    let ext2 = ext.clone();
+    std::thread::scope(|scope| {
+        let (to_client, from_test) = std::sync::mpsc::channel::<&str>();
+        let (to_test, from_client) = std::sync::mpsc::channel::<String>();
+        let client = scope.spawn(move || {
+            lab::enter_netns(&ext2);
+            let mut conn = lab::Conn::open(front).expect("open");
+            to_test.send(conn.ask().expect("first ask")).expect("send");
+            while let Ok(cmd) = from_test.recv() {
+                if cmd == "stop" {
+                    break;
+                }
+                to_test
+                    .send(conn.ask().unwrap_or_else(|e| format!("error: {e}")))
+                    .expect("send");
+            }
+        });
+        let pinned = from_client.recv().expect("first answer");
+        drop(dp);
+        to_client.send("ask").expect("send");
+        assert_eq!(
+            from_client.recv().expect("answer"),
+            pinned,
+            "works with no agent"
+        );
+        let mut dp2 = lab.datapath();
+        lab.in_node(|| dp2.attach_xdp("up0"))
+            .expect("re-attach xdp");
+        to_client.send("ask").expect("send");
+        assert_eq!(
+            from_client.recv().expect("answer"),
+            pinned,
+            "works after reload"
+        );
+        let xdp_pins = std::fs::read_dir(lab.pin_dir.join("links"))
+            .expect("links")
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().starts_with("xdp-"))
+            .count();
+        assert_eq!(xdp_pins, 1);
+        let (who, _) = in_netns(&ext, || {
+            tcp_ask(front).expect("new connection after reload")
+        });
+        assert!(who == lab.pods[1].ip.to_string() || who == lab.pods[2].ip.to_string());
+        to_client.send("stop").expect("send");
+        client.join().expect("client");
+    });
 }
