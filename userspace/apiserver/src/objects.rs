@@ -154,9 +154,19 @@ pub async fn dispatch(state: &Arc<State>, ctx: &Ctx, target: Target) -> Result<R
                 ("scale", &Method::PUT | &Method::PATCH) => scale_write(state, ctx, info, ns, name).await,
                 ("binding", &Method::POST) => bind(state, ctx, info, ns, name).await,
                 ("finalize", &Method::PUT) => update(state, ctx, info, ns, name, Some("finalize")).await,
-                ("log" | "exec" | "attach" | "portforward", _) => Err(ApiError::bad_request(format!(
-                    "pods/{sub} for {name:?}: logs are served by the node agent, which is not connected yet"
-                ))),
+                ("log" | "exec" | "attach" | "portforward", _) => {
+                    // A missing pod is a 404 as usual; an existing one needs its node agent.
+                    state
+                        .store
+                        .get(&key(info, ns, name))
+                        .await
+                        .map_err(store_error)?
+                        .ok_or_else(|| ApiError::not_found(info.plural, name))?;
+                    let what = if sub == "log" { "logs are" } else { "exec, attach and port-forward are" };
+                    Err(ApiError::bad_request(format!(
+                        "pods/{sub} for {name:?}: {what} served by the node agent, which is not connected yet"
+                    )))
+                }
                 _ => Err(ApiError::method_not_allowed(ctx.method.as_str())),
             }
         }

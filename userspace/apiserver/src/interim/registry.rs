@@ -65,7 +65,7 @@ macro_rules! res {
 static RESOURCES: &[ResourceInfo] = &[
     res!("", "v1", "Namespace", "namespaces", "namespace", false, &["ns"], NONE, &["status", "finalize"]),
     res!("", "v1", "Node", "nodes", "node", false, &["no"], NONE, &["status"]),
-    res!("", "v1", "Pod", "pods", "pod", true, &["po"], ALL, &["status", "binding", "log", "exec"]),
+    res!("", "v1", "Pod", "pods", "pod", true, &["po"], ALL, &["status", "binding", "log", "exec", "attach", "portforward"]),
     res!("", "v1", "Service", "services", "service", true, &["svc"], ALL, &["status"]),
     res!("", "v1", "Endpoints", "endpoints", "endpoints", true, &["ep"], NONE, NONE),
     res!("", "v1", "ConfigMap", "configmaps", "configmap", true, &["cm"], NONE, NONE),
@@ -139,6 +139,8 @@ fn legacy_resource_entries(r: &ResourceInfo) -> Vec<Value> {
             "log" => ("Pod", &["get"], None, None),
             "exec" => ("PodExecOptions", &["create", "get"], None, None),
             "finalize" => (r.kind, &["update"], None, None),
+            "attach" => ("PodAttachOptions", &["create", "get"], None, None),
+            "portforward" => ("PodPortForwardOptions", &["create", "get"], None, None),
             _ => (r.kind, &["get", "patch", "update"], None, None),
         };
         let mut e = json!({"name": format!("{}/{}", r.plural, sub), "singularName": "", "namespaced": r.namespaced, "kind": kind, "verbs": verbs});
@@ -192,6 +194,8 @@ pub fn discovery_aggregated(core: bool, api_version: &str) -> Value {
                                 "log" => (json!({"group": "", "version": "v1", "kind": "Pod"}), &["get"]),
                                 "exec" => (json!({"group": "", "version": "v1", "kind": "PodExecOptions"}), &["create", "get"]),
                                 "finalize" => (json!({"group": "", "version": "v1", "kind": "Namespace"}), &["update"]),
+                                "attach" => (json!({"group": "", "version": "v1", "kind": "PodAttachOptions"}), &["create", "get"]),
+                                "portforward" => (json!({"group": "", "version": "v1", "kind": "PodPortForwardOptions"}), &["create", "get"]),
                                 _ => (json!({"group": r.group, "version": r.version, "kind": r.kind}), &["get", "patch", "update"]),
                             };
                             json!({"subresource": sub, "responseKind": gvk, "verbs": verbs})
