@@ -13,7 +13,11 @@ async fn requests_without_a_valid_token_get_401_but_health_does_not() {
     let r = s.send(s.client.get(s.url("/api/v1/namespaces"))).await;
     assert_status(&r, 401, "Unauthorized");
     let r = s
-        .send(s.client.get(s.url("/api/v1/namespaces")).bearer_auth("not-the-token"))
+        .send(
+            s.client
+                .get(s.url("/api/v1/namespaces"))
+                .bearer_auth("not-the-token"),
+        )
         .await;
     assert_status(&r, 401, "Unauthorized");
     for path in ["/healthz", "/livez", "/readyz"] {
@@ -29,13 +33,17 @@ async fn requests_without_a_valid_token_get_401_but_health_does_not() {
 async fn the_data_dir_holds_a_kubeconfig_with_the_real_port_and_a_private_token() {
     let s = start().await;
     let text = skiff_apiserver::kubeconfig(s.data_dir.path()).expect("kubeconfig");
-    let on_disk = std::fs::read_to_string(s.data_dir.path().join("admin.kubeconfig")).expect("file");
+    let on_disk =
+        std::fs::read_to_string(s.data_dir.path().join("admin.kubeconfig")).expect("file");
     assert_eq!(text, on_disk);
     assert!(
         text.contains(&format!("https://127.0.0.1:{}", s.server.addr.port())),
         "{text}"
     );
-    assert!(text.contains(&s.token), "the kubeconfig carries the admin token");
+    assert!(
+        text.contains(&s.token),
+        "the kubeconfig carries the admin token"
+    );
     assert_eq!(s.token.len(), 64, "32 random bytes in hex");
     // No other user of the machine may read the token.
     use std::os::unix::fs::PermissionsExt;
@@ -45,7 +53,12 @@ async fn the_data_dir_holds_a_kubeconfig_with_the_real_port_and_a_private_token(
         let content = std::fs::read(entry.path()).unwrap_or_default();
         if String::from_utf8_lossy(&content).contains(&s.token) {
             let mode = entry.metadata().expect("meta").permissions().mode() & 0o777;
-            assert_eq!(mode & 0o077, 0, "{:?} holds the token with mode {mode:o}", entry.path());
+            assert_eq!(
+                mode & 0o077,
+                0,
+                "{:?} holds the token with mode {mode:o}",
+                entry.path()
+            );
             private += 1;
         }
     }
@@ -58,11 +71,17 @@ async fn version_and_both_discovery_forms() {
     let r = s.get("/version").await;
     assert_eq!(r.body["major"], "1");
     assert_eq!(r.body["minor"], "32");
-    assert!(r.body["gitVersion"].as_str().is_some_and(|v| v.starts_with("v1.32")));
+    assert!(
+        r.body["gitVersion"]
+            .as_str()
+            .is_some_and(|v| v.starts_with("v1.32"))
+    );
 
     // Aggregated v2, with exactly the content type kubectl checks.
     let accept = "application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList,application/json;g=apidiscovery.k8s.io;v=v2beta1;as=APIGroupDiscoveryList,application/json";
-    let r = s.send(s.request(Method::GET, "/apis").header("Accept", accept)).await;
+    let r = s
+        .send(s.request(Method::GET, "/apis").header("Accept", accept))
+        .await;
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(
         r.headers["content-type"],
@@ -75,8 +94,13 @@ async fn version_and_both_discovery_forms() {
         .iter()
         .filter_map(|g| g["metadata"]["name"].as_str())
         .collect();
-    assert!(groups.contains(&"apps") && groups.contains(&"batch"), "{groups:?}");
-    let r = s.send(s.request(Method::GET, "/api").header("Accept", accept)).await;
+    assert!(
+        groups.contains(&"apps") && groups.contains(&"batch"),
+        "{groups:?}"
+    );
+    let r = s
+        .send(s.request(Method::GET, "/api").header("Accept", accept))
+        .await;
     assert_eq!(r.body["kind"], "APIGroupDiscoveryList");
     assert!(r.text.contains("\"pods\""));
 
@@ -107,9 +131,17 @@ async fn version_and_both_discovery_forms() {
         .find(|x| x["name"] == "deployments")
         .cloned()
         .expect("deployments listed");
-    assert!(deploy["shortNames"].as_array().is_some_and(|a| a.contains(&json!("deploy"))));
+    assert!(
+        deploy["shortNames"]
+            .as_array()
+            .is_some_and(|a| a.contains(&json!("deploy")))
+    );
     let r = s.get("/api/v1").await;
-    assert!(r.body["resources"].as_array().is_some_and(|a| a.iter().any(|x| x["name"] == "pods/status")));
+    assert!(
+        r.body["resources"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|x| x["name"] == "pods/status"))
+    );
 
     // OpenAPI v3 root lists group versions; each is served; v2 is not.
     let r = s.get("/openapi/v3").await;
@@ -137,7 +169,9 @@ async fn first_start_creates_the_system_namespaces_and_the_kubernetes_service() 
     for ns in ["default", "kube-system", "kube-public", "kube-node-lease"] {
         assert!(names.contains(&ns), "{ns} missing from {names:?}");
     }
-    let r = s.get("/api/v1/namespaces/default/services/kubernetes").await;
+    let r = s
+        .get("/api/v1/namespaces/default/services/kubernetes")
+        .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text);
     assert_eq!(r.body["spec"]["clusterIP"], "10.96.0.1");
 }
@@ -149,7 +183,11 @@ async fn crud_round_trip_with_resource_versions_and_conflicts() {
     let r = s.configmap("crud", "a", json!({"k": "v"})).await;
     assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
     assert_eq!(r.body["kind"], "ConfigMap");
-    assert!(r.body["metadata"]["uid"].as_str().is_some_and(|u| u.len() >= 32));
+    assert!(
+        r.body["metadata"]["uid"]
+            .as_str()
+            .is_some_and(|u| u.len() >= 32)
+    );
     let first_rv = rv(&r.body);
 
     // Create again: 409 AlreadyExists.
@@ -174,11 +212,17 @@ async fn crud_round_trip_with_resource_versions_and_conflicts() {
     let r = s.put("/api/v1/namespaces/crud/configmaps/a", &obj).await;
     assert_status(&r, 409, "Conflict");
     // Without a resourceVersion the update is unconditional.
-    obj["metadata"].as_object_mut().expect("metadata").remove("resourceVersion");
+    obj["metadata"]
+        .as_object_mut()
+        .expect("metadata")
+        .remove("resourceVersion");
     obj["data"]["k"] = json!("v3");
     let r = s.put("/api/v1/namespaces/crud/configmaps/a", &obj).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text);
-    assert_eq!(r_body(&s, "/api/v1/namespaces/crud/configmaps/a").await["data"]["k"], "v3");
+    assert_eq!(
+        r_body(&s, "/api/v1/namespaces/crud/configmaps/a").await["data"]["k"],
+        "v3"
+    );
 
     // Lists: namespaced and all namespaces, with the list kind and a resourceVersion.
     s.configmap("default", "b", json!({})).await;
@@ -188,7 +232,12 @@ async fn crud_round_trip_with_resource_versions_and_conflicts() {
     assert!(r.body["metadata"]["resourceVersion"].as_str().is_some());
     assert_eq!(r.body["items"].as_array().map(|i| i.len()), Some(1));
     let r = s.get("/api/v1/configmaps").await;
-    let names: Vec<&str> = r.body["items"].as_array().expect("items").iter().filter_map(|i| i["metadata"]["name"].as_str()).collect();
+    let names: Vec<&str> = r.body["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .filter_map(|i| i["metadata"]["name"].as_str())
+        .collect();
     assert!(names.contains(&"a") && names.contains(&"b"), "{names:?}");
 
     // Delete, then it is gone.
@@ -251,10 +300,18 @@ async fn concurrent_cas_writers_get_409_and_lose_no_update() {
         tasks.push(tokio::spawn(async move {
             let (mut ok, mut conflicts) = (0u32, 0u32);
             while ok < 5 {
-                let mut cm = s.get("/api/v1/namespaces/default/configmaps/counter").await.body;
-                let n: u64 = cm["data"]["n"].as_str().and_then(|v| v.parse().ok()).expect("n");
+                let mut cm = s
+                    .get("/api/v1/namespaces/default/configmaps/counter")
+                    .await
+                    .body;
+                let n: u64 = cm["data"]["n"]
+                    .as_str()
+                    .and_then(|v| v.parse().ok())
+                    .expect("n");
                 cm["data"]["n"] = json!((n + 1).to_string());
-                let r = s.put("/api/v1/namespaces/default/configmaps/counter", &cm).await;
+                let r = s
+                    .put("/api/v1/namespaces/default/configmaps/counter", &cm)
+                    .await;
                 match r.status.as_u16() {
                     200 => ok += 1,
                     409 => {
@@ -271,9 +328,18 @@ async fn concurrent_cas_writers_get_409_and_lose_no_update() {
     for t in tasks {
         conflicts += t.await.expect("writer");
     }
-    let cm = s.get("/api/v1/namespaces/default/configmaps/counter").await.body;
-    assert_eq!(cm["data"]["n"], "40", "every acknowledged increment is there");
-    assert!(conflicts > 0, "8 writers racing on one object must see some 409s");
+    let cm = s
+        .get("/api/v1/namespaces/default/configmaps/counter")
+        .await
+        .body;
+    assert_eq!(
+        cm["data"]["n"], "40",
+        "every acknowledged increment is there"
+    );
+    assert!(
+        conflicts > 0,
+        "8 writers racing on one object must see some 409s"
+    );
 }
 
 #[tokio::test]
@@ -300,53 +366,99 @@ async fn every_patch_type_applies_and_a_failing_patch_changes_nothing() {
     assert_eq!(c.as_array().map(|a| a.len()), Some(1));
     assert_eq!(c[0]["image"], "a:2");
     // (Kubernetes' SMP puts patch elements first when no $setElementOrder is given.)
-    let mut env: Vec<&str> = c[0]["env"].as_array().expect("env").iter().filter_map(|e| e["name"].as_str()).collect();
+    let mut env: Vec<&str> = c[0]["env"]
+        .as_array()
+        .expect("env")
+        .iter()
+        .filter_map(|e| e["name"].as_str())
+        .collect();
     env.sort();
     assert_eq!(env, vec!["B", "C"], "A deleted, B kept, C added");
     assert_eq!(r.body["metadata"]["generation"], 2);
 
     // Merge.
-    let r = s.patch(path, "application/merge-patch+json", r#"{"metadata":{"labels":{"tier":"fe","app":null}}}"#).await;
+    let r = s
+        .patch(
+            path,
+            "application/merge-patch+json",
+            r#"{"metadata":{"labels":{"tier":"fe","app":null}}}"#,
+        )
+        .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text);
     assert_eq!(r.body["metadata"]["labels"], json!({"tier":"fe"}));
-    assert_eq!(r.body["metadata"]["generation"], 2, "metadata changes do not bump generation");
+    assert_eq!(
+        r.body["metadata"]["generation"], 2,
+        "metadata changes do not bump generation"
+    );
 
     // JSON patch.
-    let r = s.patch(path, "application/json-patch+json", r#"[{"op":"replace","path":"/spec/replicas","value":4}]"#).await;
+    let r = s
+        .patch(
+            path,
+            "application/json-patch+json",
+            r#"[{"op":"replace","path":"/spec/replicas","value":4}]"#,
+        )
+        .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text);
     assert_eq!(r.body["spec"]["replicas"], 4);
     let before = s.get(path).await.body;
 
     // A JSON patch that does not apply: 422, nothing changes.
-    let r = s.patch(path, "application/json-patch+json", r#"[{"op":"replace","path":"/spec/nothere/x","value":1}]"#).await;
+    let r = s
+        .patch(
+            path,
+            "application/json-patch+json",
+            r#"[{"op":"replace","path":"/spec/nothere/x","value":1}]"#,
+        )
+        .await;
     assert_eq!(r.status.as_u16(), 422, "{}", r.text);
     assert_eq!(r.body["kind"], "Status");
     // Malformed patch JSON: 400.
-    let r = s.patch(path, "application/merge-patch+json", "{not json").await;
+    let r = s
+        .patch(path, "application/merge-patch+json", "{not json")
+        .await;
     assert_status(&r, 400, "BadRequest");
     // Unsupported patch media type: 415.
-    let r = s.patch(path, "application/vnd.kubernetes.protobuf", "x").await;
+    let r = s
+        .patch(path, "application/vnd.kubernetes.protobuf", "x")
+        .await;
     assert_status(&r, 415, "UnsupportedMediaType");
-    assert_eq!(s.get(path).await.body, before, "failed patches changed nothing");
+    assert_eq!(
+        s.get(path).await.body,
+        before,
+        "failed patches changed nothing"
+    );
 
     // Patch of a missing object: 404.
-    let r = s.patch("/apis/apps/v1/namespaces/default/deployments/none", "application/merge-patch+json", "{}").await;
+    let r = s
+        .patch(
+            "/apis/apps/v1/namespaces/default/deployments/none",
+            "application/merge-patch+json",
+            "{}",
+        )
+        .await;
     assert_status(&r, 404, "NotFound");
 
     // Server-side apply creates, then merges.
     let r = s
         .send(
-            s.request(Method::PATCH, "/api/v1/namespaces/default/configmaps/ssa?fieldManager=test")
-                .header("Content-Type", "application/apply-patch+yaml")
-                .body("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: ssa\ndata:\n  a: \"1\"\n"),
+            s.request(
+                Method::PATCH,
+                "/api/v1/namespaces/default/configmaps/ssa?fieldManager=test",
+            )
+            .header("Content-Type", "application/apply-patch+yaml")
+            .body("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: ssa\ndata:\n  a: \"1\"\n"),
         )
         .await;
     assert!(r.status.is_success(), "{}", r.text);
     let r = s
         .send(
-            s.request(Method::PATCH, "/api/v1/namespaces/default/configmaps/ssa?fieldManager=test")
-                .header("Content-Type", "application/apply-patch+yaml")
-                .body("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: ssa\ndata:\n  b: \"2\"\n"),
+            s.request(
+                Method::PATCH,
+                "/api/v1/namespaces/default/configmaps/ssa?fieldManager=test",
+            )
+            .header("Content-Type", "application/apply-patch+yaml")
+            .body("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: ssa\ndata:\n  b: \"2\"\n"),
         )
         .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text);
@@ -364,41 +476,88 @@ async fn dry_run_persists_nothing() {
         .await;
     assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
     assert_eq!(r.body["data"]["a"], "1");
-    assert_status(&s.get("/api/v1/namespaces/default/configmaps/dry").await, 404, "NotFound");
+    assert_status(
+        &s.get("/api/v1/namespaces/default/configmaps/dry").await,
+        404,
+        "NotFound",
+    );
 
     s.configmap("default", "wet", json!({"a": "1"})).await;
-    let before = s.get("/api/v1/namespaces/default/configmaps/wet").await.body;
+    let before = s
+        .get("/api/v1/namespaces/default/configmaps/wet")
+        .await
+        .body;
     let r = s
         .send(
-            s.request(Method::PATCH, "/api/v1/namespaces/default/configmaps/wet?dryRun=All")
-                .header("Content-Type", "application/merge-patch+json")
-                .body(r#"{"data":{"a":"2"}}"#),
+            s.request(
+                Method::PATCH,
+                "/api/v1/namespaces/default/configmaps/wet?dryRun=All",
+            )
+            .header("Content-Type", "application/merge-patch+json")
+            .body(r#"{"data":{"a":"2"}}"#),
         )
         .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text);
-    assert_eq!(r.body["data"]["a"], "2", "the dry-run answer shows the change");
-    let r = s.send(s.request(Method::DELETE, "/api/v1/namespaces/default/configmaps/wet?dryRun=All")).await;
+    assert_eq!(
+        r.body["data"]["a"], "2",
+        "the dry-run answer shows the change"
+    );
+    let r = s
+        .send(s.request(
+            Method::DELETE,
+            "/api/v1/namespaces/default/configmaps/wet?dryRun=All",
+        ))
+        .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text);
-    assert_eq!(s.get("/api/v1/namespaces/default/configmaps/wet").await.body, before);
+    assert_eq!(
+        s.get("/api/v1/namespaces/default/configmaps/wet")
+            .await
+            .body,
+        before
+    );
 }
 
 #[tokio::test]
 async fn field_validation_strict_refuses_unknown_fields_and_warn_warns() {
     let s = start().await;
-    let body = json!({"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"v"},"datta":{"x":"y"}});
+    let body =
+        json!({"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"v"},"datta":{"x":"y"}});
     let r = s
-        .send(s.request(Method::POST, "/api/v1/namespaces/default/configmaps?fieldValidation=Strict").json(&body))
+        .send(
+            s.request(
+                Method::POST,
+                "/api/v1/namespaces/default/configmaps?fieldValidation=Strict",
+            )
+            .json(&body),
+        )
         .await;
     assert_status(&r, 400, "BadRequest");
     assert!(r.text.contains("datta"), "{}", r.text);
-    assert_status(&s.get("/api/v1/namespaces/default/configmaps/v").await, 404, "NotFound");
+    assert_status(
+        &s.get("/api/v1/namespaces/default/configmaps/v").await,
+        404,
+        "NotFound",
+    );
 
     let r = s
-        .send(s.request(Method::POST, "/api/v1/namespaces/default/configmaps?fieldValidation=Warn").json(&body))
+        .send(
+            s.request(
+                Method::POST,
+                "/api/v1/namespaces/default/configmaps?fieldValidation=Warn",
+            )
+            .json(&body),
+        )
         .await;
     assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
-    let warning = r.headers.get("warning").and_then(|w| w.to_str().ok()).unwrap_or("");
-    assert!(warning.starts_with("299 - \"") && warning.contains("datta"), "warning header: {warning:?}");
+    let warning = r
+        .headers
+        .get("warning")
+        .and_then(|w| w.to_str().ok())
+        .unwrap_or("");
+    assert!(
+        warning.starts_with("299 - \"") && warning.contains("datta"),
+        "warning header: {warning:?}"
+    );
     assert!(r.body.get("datta").is_none(), "unknown fields are dropped");
 }
 
@@ -410,7 +569,10 @@ async fn malformed_bodies_get_400_and_change_nothing() {
         ("application/json", "{\"metadata\": "),
         ("application/json", "[1,2,3]"),
         ("application/yaml", "metadata: [unclosed"),
-        ("application/json", "{\"apiVersion\":\"v1\",\"kind\":\"ConfigMap\",\"metadata\":{\"name\":\"Bad_Name\"}}"),
+        (
+            "application/json",
+            "{\"apiVersion\":\"v1\",\"kind\":\"ConfigMap\",\"metadata\":{\"name\":\"Bad_Name\"}}",
+        ),
     ] {
         let r = s
             .send(
@@ -419,7 +581,12 @@ async fn malformed_bodies_get_400_and_change_nothing() {
                     .body(body),
             )
             .await;
-        assert!(matches!(r.status.as_u16(), 400 | 422), "{body}: {} {}", r.status, r.text);
+        assert!(
+            matches!(r.status.as_u16(), 400 | 422),
+            "{body}: {} {}",
+            r.status,
+            r.text
+        );
         assert_eq!(r.body["kind"], "Status", "{}", r.text);
     }
     let r = s
@@ -445,7 +612,11 @@ async fn bodies_over_the_limit_get_413() {
         )
         .await;
     assert_status(&r, 413, "RequestEntityTooLarge");
-    assert_status(&s.get("/api/v1/namespaces/default/configmaps/big").await, 404, "NotFound");
+    assert_status(
+        &s.get("/api/v1/namespaces/default/configmaps/big").await,
+        404,
+        "NotFound",
+    );
 }
 
 #[tokio::test]
@@ -456,14 +627,20 @@ async fn unknown_resources_are_404_and_wrong_methods_405() {
     assert_eq!(r.body["kind"], "Status");
     let r = s.get("/apis/nope.example.com/v1/things").await;
     assert_eq!(r.status, StatusCode::NOT_FOUND);
-    let r = s.send(s.request(Method::PUT, "/api/v1/namespaces/default/configmaps")).await;
+    let r = s
+        .send(s.request(Method::PUT, "/api/v1/namespaces/default/configmaps"))
+        .await;
     assert_status(&r, 405, "MethodNotAllowed");
 }
 
 #[tokio::test]
 async fn label_and_field_selectors_really_filter() {
     let s = start().await;
-    for (name, labels) in [("a", json!({"app":"web","tier":"fe"})), ("b", json!({"app":"web"})), ("c", json!({"app":"db"}))] {
+    for (name, labels) in [
+        ("a", json!({"app":"web","tier":"fe"})),
+        ("b", json!({"app":"web"})),
+        ("c", json!({"app":"db"})),
+    ] {
         let r = s
             .post(
                 "/api/v1/namespaces/default/configmaps",
@@ -473,18 +650,58 @@ async fn label_and_field_selectors_really_filter() {
         assert_eq!(r.status, StatusCode::CREATED);
     }
     let names = |r: &Reply| -> Vec<String> {
-        r.body["items"].as_array().expect("items").iter().filter_map(|i| i["metadata"]["name"].as_str().map(String::from)).collect()
+        r.body["items"]
+            .as_array()
+            .expect("items")
+            .iter()
+            .filter_map(|i| i["metadata"]["name"].as_str().map(String::from))
+            .collect()
     };
     let base = "/api/v1/namespaces/default/configmaps";
-    assert_eq!(names(&s.get(&format!("{base}?labelSelector=app%3Dweb")).await), vec!["a", "b"]);
-    assert_eq!(names(&s.get(&format!("{base}?labelSelector=app%3Dweb,tier")).await), vec!["a"]);
-    assert_eq!(names(&s.get(&format!("{base}?labelSelector=app%20in%20(db)")).await), vec!["c"]);
-    assert_eq!(names(&s.get(&format!("{base}?labelSelector=!tier")).await), vec!["b", "c"]);
-    assert_eq!(names(&s.get(&format!("{base}?&labelSelector=&fieldSelector=metadata.name%3Db")).await), vec!["b"]);
-    assert_eq!(names(&s.get(&format!("{base}?fieldSelector=metadata.name!%3Db")).await), vec!["a", "c"]);
-    let r = s.get(&format!("{base}?fieldSelector=spec.nodeName%3Dx")).await;
+    assert_eq!(
+        names(&s.get(&format!("{base}?labelSelector=app%3Dweb")).await),
+        vec!["a", "b"]
+    );
+    assert_eq!(
+        names(&s.get(&format!("{base}?labelSelector=app%3Dweb,tier")).await),
+        vec!["a"]
+    );
+    assert_eq!(
+        names(
+            &s.get(&format!("{base}?labelSelector=app%20in%20(db)"))
+                .await
+        ),
+        vec!["c"]
+    );
+    assert_eq!(
+        names(&s.get(&format!("{base}?labelSelector=!tier")).await),
+        vec!["b", "c"]
+    );
+    assert_eq!(
+        names(
+            &s.get(&format!(
+                "{base}?&labelSelector=&fieldSelector=metadata.name%3Db"
+            ))
+            .await
+        ),
+        vec!["b"]
+    );
+    assert_eq!(
+        names(
+            &s.get(&format!("{base}?fieldSelector=metadata.name!%3Db"))
+                .await
+        ),
+        vec!["a", "c"]
+    );
+    let r = s
+        .get(&format!("{base}?fieldSelector=spec.nodeName%3Dx"))
+        .await;
     assert_status(&r, 400, "BadRequest");
-    assert!(r.text.contains("field label not supported: spec.nodeName"), "{}", r.text);
+    assert!(
+        r.text.contains("field label not supported: spec.nodeName"),
+        "{}",
+        r.text
+    );
     let r = s.get(&format!("{base}?labelSelector=%3D%3D%3D")).await;
     assert_status(&r, 400, "BadRequest");
 
@@ -498,8 +715,17 @@ async fn label_and_field_selectors_really_filter() {
             .await;
         assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
     }
-    assert_eq!(names(&s.get("/api/v1/pods?fieldSelector=spec.nodeName%3Dn2").await), vec!["p2"]);
-    assert_eq!(names(&s.get("/api/v1/pods?fieldSelector=status.phase!%3DSucceeded,spec.nodeName%3Dn1").await), vec!["p1"]);
+    assert_eq!(
+        names(&s.get("/api/v1/pods?fieldSelector=spec.nodeName%3Dn2").await),
+        vec!["p2"]
+    );
+    assert_eq!(
+        names(
+            &s.get("/api/v1/pods?fieldSelector=status.phase!%3DSucceeded,spec.nodeName%3Dn1")
+                .await
+        ),
+        vec!["p1"]
+    );
 }
 
 #[tokio::test]
@@ -515,10 +741,17 @@ async fn lists_paginate_with_limit_and_continue() {
         assert_eq!(r.status, StatusCode::OK, "{}", r.text);
         let items = r.body["items"].as_array().expect("items");
         assert!(items.len() <= 3);
-        seen.extend(items.iter().filter_map(|i| i["metadata"]["name"].as_str().map(String::from)));
+        seen.extend(
+            items
+                .iter()
+                .filter_map(|i| i["metadata"]["name"].as_str().map(String::from)),
+        );
         match r.body["metadata"]["continue"].as_str() {
             Some(c) if !c.is_empty() => {
-                path = format!("/api/v1/namespaces/default/configmaps?limit=3&continue={}", urlencode(c))
+                path = format!(
+                    "/api/v1/namespaces/default/configmaps?limit=3&continue={}",
+                    urlencode(c)
+                )
             }
             _ => break,
         }
@@ -531,7 +764,9 @@ async fn lists_paginate_with_limit_and_continue() {
 fn urlencode(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
             _ => format!("%{b:02X}"),
         })
         .collect()
@@ -548,11 +783,21 @@ async fn pods_come_back_as_tables_when_asked() {
         .await;
     assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
     let accept = "application/json;as=Table;v=v1;g=meta.k8s.io,application/json;as=Table;v=v1beta1;g=meta.k8s.io,application/json";
-    let r = s.send(s.request(Method::GET, "/api/v1/namespaces/default/pods?limit=500").header("Accept", accept)).await;
+    let r = s
+        .send(
+            s.request(Method::GET, "/api/v1/namespaces/default/pods?limit=500")
+                .header("Accept", accept),
+        )
+        .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text);
     assert_eq!(r.body["kind"], "Table");
     assert_eq!(r.body["apiVersion"], "meta.k8s.io/v1");
-    let cols: Vec<&str> = r.body["columnDefinitions"].as_array().expect("columns").iter().filter_map(|c| c["name"].as_str()).collect();
+    let cols: Vec<&str> = r.body["columnDefinitions"]
+        .as_array()
+        .expect("columns")
+        .iter()
+        .filter_map(|c| c["name"].as_str())
+        .collect();
     for c in ["Name", "Ready", "Status", "Restarts", "Age"] {
         assert!(cols.contains(&c), "{cols:?}");
     }
@@ -561,12 +806,24 @@ async fn pods_come_back_as_tables_when_asked() {
     assert_eq!(rows[0]["cells"][0], "tp");
     assert_eq!(rows[0]["object"]["kind"], "PartialObjectMetadata");
     let r = s
-        .send(s.request(Method::GET, "/api/v1/namespaces/default/pods/tp?includeObject=Object").header("Accept", accept))
+        .send(
+            s.request(
+                Method::GET,
+                "/api/v1/namespaces/default/pods/tp?includeObject=Object",
+            )
+            .header("Accept", accept),
+        )
         .await;
     assert_eq!(r.body["rows"][0]["object"]["kind"], "Pod");
     // Protobuf asked: JSON answered.
     let r = s
-        .send(s.request(Method::GET, "/api/v1/namespaces/default/pods/tp").header("Accept", "application/vnd.kubernetes.protobuf,application/json"))
+        .send(
+            s.request(Method::GET, "/api/v1/namespaces/default/pods/tp")
+                .header(
+                    "Accept",
+                    "application/vnd.kubernetes.protobuf,application/json",
+                ),
+        )
         .await;
     assert_eq!(r.body["kind"], "Pod");
 }
@@ -583,13 +840,26 @@ async fn finalizers_make_deletion_wait() {
     assert_eq!(r.status, StatusCode::CREATED);
     let r = s.delete("/api/v1/namespaces/default/configmaps/fin").await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text);
-    assert!(r.body["metadata"]["deletionTimestamp"].as_str().is_some(), "{}", r.text);
-    let mut obj = s.get("/api/v1/namespaces/default/configmaps/fin").await.body;
+    assert!(
+        r.body["metadata"]["deletionTimestamp"].as_str().is_some(),
+        "{}",
+        r.text
+    );
+    let mut obj = s
+        .get("/api/v1/namespaces/default/configmaps/fin")
+        .await
+        .body;
     assert!(obj["metadata"]["deletionTimestamp"].as_str().is_some());
     obj["metadata"]["finalizers"] = json!([]);
-    let r = s.put("/api/v1/namespaces/default/configmaps/fin", &obj).await;
+    let r = s
+        .put("/api/v1/namespaces/default/configmaps/fin", &obj)
+        .await;
     assert!(r.status.is_success(), "{}", r.text);
-    assert_status(&s.get("/api/v1/namespaces/default/configmaps/fin").await, 404, "NotFound");
+    assert_status(
+        &s.get("/api/v1/namespaces/default/configmaps/fin").await,
+        404,
+        "NotFound",
+    );
 }
 
 #[tokio::test]
@@ -597,7 +867,12 @@ async fn namespace_deletion_empties_it_then_removes_it() {
     let s = start().await;
     s.namespace("doomed").await;
     for i in 0..3 {
-        assert_eq!(s.configmap("doomed", &format!("c{i}"), json!({})).await.status, StatusCode::CREATED);
+        assert_eq!(
+            s.configmap("doomed", &format!("c{i}"), json!({}))
+                .await
+                .status,
+            StatusCode::CREATED
+        );
     }
     // One object holds a finalizer, so the namespace must stay Terminating until it is released.
     let r = s
@@ -616,7 +891,9 @@ async fn namespace_deletion_empties_it_then_removes_it() {
     let r = s.configmap("doomed", "late", json!({})).await;
     assert_status(&r, 403, "Forbidden");
     assert!(
-        r.text.contains("unable to create new content in namespace doomed because it is being terminated"),
+        r.text.contains(
+            "unable to create new content in namespace doomed because it is being terminated"
+        ),
         "{}",
         r.text
     );
@@ -624,18 +901,37 @@ async fn namespace_deletion_empties_it_then_removes_it() {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
         let items = s.get("/api/v1/namespaces/doomed/configmaps").await.body["items"].clone();
-        let names: Vec<&str> = items.as_array().expect("items").iter().filter_map(|i| i["metadata"]["name"].as_str()).collect();
+        let names: Vec<&str> = items
+            .as_array()
+            .expect("items")
+            .iter()
+            .filter_map(|i| i["metadata"]["name"].as_str())
+            .collect();
         if names == ["held"] {
-            assert!(items[0]["metadata"]["deletionTimestamp"].as_str().is_some(), "{items}");
+            assert!(
+                items[0]["metadata"]["deletionTimestamp"].as_str().is_some(),
+                "{items}"
+            );
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "namespace not emptied: {names:?}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "namespace not emptied: {names:?}"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
-    assert_eq!(s.get("/api/v1/namespaces/doomed").await.status, StatusCode::OK, "still held");
+    assert_eq!(
+        s.get("/api/v1/namespaces/doomed").await.status,
+        StatusCode::OK,
+        "still held"
+    );
     // Release the finalizer: the object, then the namespace, go.
     let r = s
-        .patch("/api/v1/namespaces/doomed/configmaps/held", "application/merge-patch+json", r#"{"metadata":{"finalizers":null}}"#)
+        .patch(
+            "/api/v1/namespaces/doomed/configmaps/held",
+            "application/merge-patch+json",
+            r#"{"metadata":{"finalizers":null}}"#,
+        )
         .await;
     assert!(r.status.is_success(), "{}", r.text);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
@@ -644,11 +940,20 @@ async fn namespace_deletion_empties_it_then_removes_it() {
         if r.status == StatusCode::NOT_FOUND {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "namespace still there: {}", r.text);
+        assert!(
+            std::time::Instant::now() < deadline,
+            "namespace still there: {}",
+            r.text
+        );
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
     let r = s.get("/api/v1/namespaces/doomed/configmaps").await;
-    assert_eq!(r.body["items"].as_array().map(|i| i.len()), Some(0), "{}", r.text);
+    assert_eq!(
+        r.body["items"].as_array().map(|i| i.len()),
+        Some(0),
+        "{}",
+        r.text
+    );
 }
 
 #[tokio::test]
@@ -661,7 +966,9 @@ async fn deletecollection_by_label() {
         )
         .await;
     }
-    let r = s.delete("/api/v1/namespaces/default/configmaps?labelSelector=app%3Dx").await;
+    let r = s
+        .delete("/api/v1/namespaces/default/configmaps?labelSelector=app%3Dx")
+        .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text);
     let left: Vec<String> = s.get("/api/v1/namespaces/default/configmaps").await.body["items"]
         .as_array()
@@ -684,25 +991,47 @@ async fn status_scale_and_binding_subresources() {
         )
         .await;
     assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
-    let scale = s.get("/apis/apps/v1/namespaces/default/deployments/sc/scale").await;
+    let scale = s
+        .get("/apis/apps/v1/namespaces/default/deployments/sc/scale")
+        .await;
     assert_eq!(scale.body["kind"], "Scale");
     assert_eq!(scale.body["apiVersion"], "autoscaling/v1");
     assert_eq!(scale.body["spec"]["replicas"], 2);
     assert_eq!(scale.body["status"]["selector"], "app=sc");
-    let r = s.patch("/apis/apps/v1/namespaces/default/deployments/sc/scale", "application/merge-patch+json", r#"{"spec":{"replicas":5}}"#).await;
+    let r = s
+        .patch(
+            "/apis/apps/v1/namespaces/default/deployments/sc/scale",
+            "application/merge-patch+json",
+            r#"{"spec":{"replicas":5}}"#,
+        )
+        .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text);
     assert_eq!(r.body["spec"]["replicas"], 5);
-    assert_eq!(s.get("/apis/apps/v1/namespaces/default/deployments/sc").await.body["spec"]["replicas"], 5);
+    assert_eq!(
+        s.get("/apis/apps/v1/namespaces/default/deployments/sc")
+            .await
+            .body["spec"]["replicas"],
+        5
+    );
 
     // Status: a status write changes status only; a main write leaves status alone.
     let r = s
-        .patch("/apis/apps/v1/namespaces/default/deployments/sc/status", "application/merge-patch+json",
-            r#"{"status":{"replicas":5,"readyReplicas":3},"spec":{"replicas":9}}"#)
+        .patch(
+            "/apis/apps/v1/namespaces/default/deployments/sc/status",
+            "application/merge-patch+json",
+            r#"{"status":{"replicas":5,"readyReplicas":3},"spec":{"replicas":9}}"#,
+        )
         .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text);
-    let d = s.get("/apis/apps/v1/namespaces/default/deployments/sc").await.body;
+    let d = s
+        .get("/apis/apps/v1/namespaces/default/deployments/sc")
+        .await
+        .body;
     assert_eq!(d["status"]["readyReplicas"], 3);
-    assert_eq!(d["spec"]["replicas"], 5, "the status subresource does not change spec");
+    assert_eq!(
+        d["spec"]["replicas"], 5,
+        "the status subresource does not change spec"
+    );
 
     // Binding.
     let r = s
@@ -711,10 +1040,17 @@ async fn status_scale_and_binding_subresources() {
         .await;
     assert_eq!(r.status, StatusCode::CREATED);
     let binding = json!({"apiVersion":"v1","kind":"Binding","metadata":{"name":"b"},"target":{"apiVersion":"v1","kind":"Node","name":"node-1"}});
-    let r = s.post("/api/v1/namespaces/default/pods/b/binding", &binding).await;
+    let r = s
+        .post("/api/v1/namespaces/default/pods/b/binding", &binding)
+        .await;
     assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
-    assert_eq!(s.get("/api/v1/namespaces/default/pods/b").await.body["spec"]["nodeName"], "node-1");
-    let r = s.post("/api/v1/namespaces/default/pods/b/binding", &binding).await;
+    assert_eq!(
+        s.get("/api/v1/namespaces/default/pods/b").await.body["spec"]["nodeName"],
+        "node-1"
+    );
+    let r = s
+        .post("/api/v1/namespaces/default/pods/b/binding", &binding)
+        .await;
     assert_status(&r, 409, "Conflict");
 
     // Logs and exec answer a clear error until the agent serves them.
@@ -733,7 +1069,11 @@ async fn pods_without_a_node_go_at_once() {
     assert_eq!(r.status, StatusCode::CREATED);
     let r = s.delete("/api/v1/namespaces/default/pods/u").await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text);
-    assert_status(&s.get("/api/v1/namespaces/default/pods/u").await, 404, "NotFound");
+    assert_status(
+        &s.get("/api/v1/namespaces/default/pods/u").await,
+        404,
+        "NotFound",
+    );
 }
 
 #[tokio::test]
@@ -775,7 +1115,12 @@ async fn bodies_that_contradict_the_url_are_refused() {
     assert_status(&r, 404, "NotFound");
     for name in ["x", "x2", "ghost"] {
         for ns in ["default", "other"] {
-            assert_status(&s.get(&format!("/api/v1/namespaces/{ns}/configmaps/{name}")).await, 404, "NotFound");
+            assert_status(
+                &s.get(&format!("/api/v1/namespaces/{ns}/configmaps/{name}"))
+                    .await,
+                404,
+                "NotFound",
+            );
         }
     }
 }
@@ -791,22 +1136,43 @@ async fn limit_counts_only_selected_items_and_pages_survive_deletions() {
         )
         .await;
     }
-    let r = s.get("/api/v1/namespaces/default/configmaps?labelSelector=app%3Deven&limit=2").await;
+    let r = s
+        .get("/api/v1/namespaces/default/configmaps?labelSelector=app%3Deven&limit=2")
+        .await;
     let names = |r: &Reply| -> Vec<String> {
-        r.body["items"].as_array().expect("items").iter().filter_map(|i| i["metadata"]["name"].as_str().map(String::from)).collect()
+        r.body["items"]
+            .as_array()
+            .expect("items")
+            .iter()
+            .filter_map(|i| i["metadata"]["name"].as_str().map(String::from))
+            .collect()
     };
     assert_eq!(names(&r), vec!["p0", "p2"]);
-    let token = r.body["metadata"]["continue"].as_str().expect("a continue token").to_string();
+    let token = r.body["metadata"]["continue"]
+        .as_str()
+        .expect("a continue token")
+        .to_string();
     // An object of the first page goes away between pages: the next page is still right.
     s.delete("/api/v1/namespaces/default/configmaps/p0").await;
     let r = s
-        .get(&format!("/api/v1/namespaces/default/configmaps?labelSelector=app%3Deven&limit=2&continue={}", urlencode(&token)))
+        .get(&format!(
+            "/api/v1/namespaces/default/configmaps?labelSelector=app%3Deven&limit=2&continue={}",
+            urlencode(&token)
+        ))
         .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text);
     assert_eq!(names(&r), vec!["p4"]);
-    assert!(r.body["metadata"]["continue"].as_str().is_none_or(str::is_empty), "last page: {}", r.text);
+    assert!(
+        r.body["metadata"]["continue"]
+            .as_str()
+            .is_none_or(str::is_empty),
+        "last page: {}",
+        r.text
+    );
     // A token that was never issued is a 400, not a crash or an empty list.
-    let r = s.get("/api/v1/namespaces/default/configmaps?limit=2&continue=garbage!!").await;
+    let r = s
+        .get("/api/v1/namespaces/default/configmaps?limit=2&continue=garbage!!")
+        .await;
     assert!(matches!(r.status.as_u16(), 400 | 410), "{}", r.text);
     assert_eq!(r.body["kind"], "Status");
 }

@@ -18,8 +18,8 @@ impl Rng {
         self.0 ^= self.0 >> 27;
         self.0.wrapping_mul(0x2545F4914F6CDD1D)
     }
-    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
-        &items[(self.next() % items.len() as u64) as usize]
+    fn pick<T: Clone>(&mut self, items: &[T]) -> T {
+        items[(self.next() % items.len() as u64) as usize].clone()
     }
 }
 
@@ -112,15 +112,22 @@ fn mangle(rng: &mut Rng, body: &str) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mangled_requests_get_status_answers_and_the_server_survives() {
     let s = start().await;
-    let methods = [Method::GET, Method::POST, Method::PUT, Method::PATCH, Method::DELETE, Method::OPTIONS];
+    let methods = [
+        Method::GET,
+        Method::POST,
+        Method::PUT,
+        Method::PATCH,
+        Method::DELETE,
+        Method::OPTIONS,
+    ];
     for seed in 1..=4u64 {
         let mut rng = Rng(0x9E3779B97F4A7C15 ^ seed);
         for i in 0..100 {
-            let method = rng.pick(&methods).clone();
-            let (p, q): (&str, &str) = (*rng.pick(PATHS), *rng.pick(QUERIES));
+            let method = rng.pick(&methods);
+            let (p, q) = (rng.pick(PATHS), rng.pick(QUERIES));
             let path = format!("{p}{q}");
-            let ct: &str = *rng.pick(CONTENT_TYPES);
-            let template: &str = *rng.pick(BODIES);
+            let ct = rng.pick(CONTENT_TYPES);
+            let template = rng.pick(BODIES);
             let body = mangle(&mut rng, template);
             let mut req = s.request(method.clone(), &path).body(body);
             if !ct.is_empty() {
@@ -139,7 +146,10 @@ async fn mangled_requests_get_status_answers_and_the_server_survives() {
             if status.is_success() {
                 continue;
             }
-            assert!(status.as_u16() < 500 || status.as_u16() == 503, "{what}: server error {status}: {text}");
+            assert!(
+                status.as_u16() < 500 || status.as_u16() == 503,
+                "{what}: server error {status}: {text}"
+            );
             if status == StatusCode::NOT_FOUND && text.is_empty() {
                 continue;
             }

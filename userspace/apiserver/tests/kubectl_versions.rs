@@ -69,8 +69,14 @@ async fn kubectl_1_29_and_1_33_discover_and_list() {
             stdout
         };
         let out = tokio::task::block_in_place(|| run(&["api-resources"]));
-        assert!(out.contains("deployments") && out.contains("deploy"), "kubectl 1.{minor}: {out}");
+        assert!(
+            out.contains("deployments") && out.contains("deploy"),
+            "kubectl 1.{minor}: {out}"
+        );
         let out = tokio::task::block_in_place(|| run(&["get", "deploy", "-A"]));
-        assert!(out.contains("vers") && out.contains("READY"), "kubectl 1.{minor}: {out}");
+        assert!(
+            out.contains("vers") && out.contains("READY"),
+            "kubectl 1.{minor}: {out}"
+        );
     }
 }

@@ -35,13 +35,31 @@ async fn a_bound_pod_is_marked_then_reaped_after_its_grace_period() {
         )
         .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text);
-    assert!(r.body["metadata"]["deletionTimestamp"].as_str().is_some(), "a bound pod is marked first: {}", r.text);
+    assert!(
+        r.body["metadata"]["deletionTimestamp"].as_str().is_some(),
+        "a bound pod is marked first: {}",
+        r.text
+    );
     assert_eq!(r.body["metadata"]["deletionGracePeriodSeconds"], 2);
     let still = s.get("/api/v1/namespaces/default/pods/bound").await;
-    assert_eq!(still.status, StatusCode::OK, "not gone before its grace period");
-    let events = w.until(Duration::from_secs(20), |e| e["type"] == "DELETED").await;
-    assert_eq!(events.first().map(|e| e["type"].clone()), Some(json!("MODIFIED")), "{events:?}");
-    assert_status(&s.get("/api/v1/namespaces/default/pods/bound").await, 404, "NotFound");
+    assert_eq!(
+        still.status,
+        StatusCode::OK,
+        "not gone before its grace period"
+    );
+    let events = w
+        .until(Duration::from_secs(20), |e| e["type"] == "DELETED")
+        .await;
+    assert_eq!(
+        events.first().map(|e| e["type"].clone()),
+        Some(json!("MODIFIED")),
+        "{events:?}"
+    );
+    assert_status(
+        &s.get("/api/v1/namespaces/default/pods/bound").await,
+        404,
+        "NotFound",
+    );
 }
 
 #[tokio::test]
@@ -52,12 +70,17 @@ async fn grace_period_zero_deletes_a_bound_pod_at_once() {
         &json!({"apiVersion":"v1","kind":"Pod","metadata":{"name":"now"},"spec":{"nodeName":"n1","containers":[{"name":"c","image":"i"}]}}),
     )
     .await;
-    let r = s.delete("/api/v1/namespaces/default/pods/now?gracePeriodSeconds=0").await;
+    let r = s
+        .delete("/api/v1/namespaces/default/pods/now?gracePeriodSeconds=0")
+        .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text);
     // The reaper may need one tick; it must not wait for the default 30 s.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while s.get("/api/v1/namespaces/default/pods/now").await.status != StatusCode::NOT_FOUND {
-        assert!(std::time::Instant::now() < deadline, "pod with gracePeriodSeconds=0 still there");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "pod with gracePeriodSeconds=0 still there"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -67,7 +90,12 @@ async fn a_patch_carrying_a_stale_resource_version_is_a_conflict() {
     let s = start().await;
     let r = s.configmap("default", "pre", json!({"a": "1"})).await;
     let old_rv = rv(&r.body);
-    s.patch("/api/v1/namespaces/default/configmaps/pre", "application/merge-patch+json", r#"{"data":{"a":"2"}}"#).await;
+    s.patch(
+        "/api/v1/namespaces/default/configmaps/pre",
+        "application/merge-patch+json",
+        r#"{"data":{"a":"2"}}"#,
+    )
+    .await;
     let r = s
         .patch(
             "/api/v1/namespaces/default/configmaps/pre",
@@ -76,7 +104,12 @@ async fn a_patch_carrying_a_stale_resource_version_is_a_conflict() {
         )
         .await;
     assert_status(&r, 409, "Conflict");
-    assert_eq!(s.get("/api/v1/namespaces/default/configmaps/pre").await.body["data"]["a"], "2");
+    assert_eq!(
+        s.get("/api/v1/namespaces/default/configmaps/pre")
+            .await
+            .body["data"]["a"],
+        "2"
+    );
 }
 
 #[tokio::test]
@@ -101,7 +134,12 @@ async fn field_validation_applies_to_updates_and_patches_too() {
         )
         .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text);
-    assert!(r.headers.get("warning").and_then(|w| w.to_str().ok()).is_some_and(|w| w.contains("bogus")));
+    assert!(
+        r.headers
+            .get("warning")
+            .and_then(|w| w.to_str().ok())
+            .is_some_and(|w| w.contains("bogus"))
+    );
     let r = s
         .send(
             s.request(Method::PATCH, &format!("{path}?fieldValidation=Ignore"))
@@ -115,7 +153,12 @@ async fn field_validation_applies_to_updates_and_patches_too() {
     assert_eq!(obj["data"]["a"], "3");
     assert!(obj.get("bogus").is_none());
     obj["bogus"] = json!(true);
-    let r = s.send(s.request(Method::PUT, &format!("{path}?fieldValidation=Strict")).json(&obj)).await;
+    let r = s
+        .send(
+            s.request(Method::PUT, &format!("{path}?fieldValidation=Strict"))
+                .json(&obj),
+        )
+        .await;
     assert_status(&r, 400, "BadRequest");
 }
 
@@ -138,9 +181,16 @@ async fn secrets_turn_string_data_into_data_and_select_by_type() {
             "data":{"tls.crt":"eA==","tls.key":"eA=="}}),
     )
     .await;
-    let r = s.get("/api/v1/namespaces/default/secrets?fieldSelector=type%3Dkubernetes.io%2Ftls").await;
+    let r = s
+        .get("/api/v1/namespaces/default/secrets?fieldSelector=type%3Dkubernetes.io%2Ftls")
+        .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text);
-    let names: Vec<&str> = r.body["items"].as_array().expect("items").iter().filter_map(|i| i["metadata"]["name"].as_str()).collect();
+    let names: Vec<&str> = r.body["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .filter_map(|i| i["metadata"]["name"].as_str())
+        .collect();
     assert_eq!(names, vec!["s2"]);
 }
 
@@ -161,7 +211,12 @@ async fn events_select_by_involved_object() {
         .get("/api/v1/namespaces/default/events?fieldSelector=involvedObject.name%3Dweb,involvedObject.kind%3DPod")
         .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text);
-    let names: Vec<&str> = r.body["items"].as_array().expect("items").iter().filter_map(|i| i["metadata"]["name"].as_str()).collect();
+    let names: Vec<&str> = r.body["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .filter_map(|i| i["metadata"]["name"].as_str())
+        .collect();
     assert_eq!(names, vec!["e1"]);
 }
 
@@ -186,7 +241,10 @@ async fn scale_put_takes_a_scale_object_and_checks_its_resource_version() {
     // The same (now stale) Scale again: 409.
     scale["spec"]["replicas"] = json!(7);
     assert_status(&s.put(path, &scale).await, 409, "Conflict");
-    let rs = s.get("/apis/apps/v1/namespaces/default/replicasets/rs").await.body;
+    let rs = s
+        .get("/apis/apps/v1/namespaces/default/replicasets/rs")
+        .await
+        .body;
     assert_eq!(rs["spec"]["replicas"], 3);
 }
 
@@ -202,7 +260,10 @@ async fn generate_name_makes_unique_names() {
             )
             .await;
         assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
-        let name = r.body["metadata"]["name"].as_str().expect("name").to_string();
+        let name = r.body["metadata"]["name"]
+            .as_str()
+            .expect("name")
+            .to_string();
         assert!(name.starts_with("gen-") && name.len() > 4, "{name}");
         names.insert(name);
     }

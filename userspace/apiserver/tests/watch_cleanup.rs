@@ -40,7 +40,10 @@ async fn watches_whose_clients_leave_leave_no_tasks_behind() {
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     let during = metrics.num_alive_tasks();
-    assert!(during >= baseline + 20, "20 open watches must show as tasks (baseline {baseline}, now {during})");
+    assert!(
+        during >= baseline + 20,
+        "20 open watches must show as tasks (baseline {baseline}, now {during})"
+    );
 
     drop(watches);
     let deadline = std::time::Instant::now() + Duration::from_secs(20);

@@ -69,7 +69,12 @@ impl TestServer {
         let headers = resp.headers().clone();
         let text = resp.text().await.expect("response body");
         let body = serde_json::from_str(&text).unwrap_or(Value::Null);
-        Reply { status, headers, body, text }
+        Reply {
+            status,
+            headers,
+            body,
+            text,
+        }
     }
 
     pub async fn get(&self, path: &str) -> Reply {
@@ -105,7 +110,12 @@ impl TestServer {
                 &serde_json::json!({"apiVersion":"v1","kind":"Namespace","metadata":{"name":name}}),
             )
             .await;
-        assert_eq!(r.status, StatusCode::CREATED, "create namespace {name}: {}", r.text);
+        assert_eq!(
+            r.status,
+            StatusCode::CREATED,
+            "create namespace {name}: {}",
+            r.text
+        );
     }
 
     pub async fn configmap(&self, ns: &str, name: &str, data: Value) -> Reply {
@@ -149,7 +159,10 @@ impl WatchReader {
     pub async fn open_with(_server: &TestServer, req: reqwest::RequestBuilder) -> WatchReader {
         let resp = req.send().await.expect("watch is answered");
         assert_eq!(resp.status(), StatusCode::OK, "watch status");
-        WatchReader { resp, buf: Vec::new() }
+        WatchReader {
+            resp,
+            buf: Vec::new(),
+        }
     }
 
     /// The next event, or None when the stream ended or nothing came within `timeout`.
@@ -163,7 +176,10 @@ impl WatchReader {
                     continue;
                 }
                 return Some(serde_json::from_slice(line).unwrap_or_else(|e| {
-                    panic!("watch line is not JSON ({e}): {}", String::from_utf8_lossy(line))
+                    panic!(
+                        "watch line is not JSON ({e}): {}",
+                        String::from_utf8_lossy(line)
+                    )
                 }));
             }
             match tokio::time::timeout_at(deadline, self.resp.chunk()).await {
