@@ -917,3 +917,61 @@ fn random_edits_scaling_and_pauses_converge() {
         assert_eq!(old_sizes, 0, "{context}: old replicasets scaled to zero");
     }
 }
+
+/// Recreate under random edits and scaling: pods of two templates never coexist (terminating
+/// ones included), and the deployment converges.
+#[test]
+fn random_recreate_never_overlaps_and_converges() {
+    for seed in 0..150u64 {
+        let mut rng = crate::SeededSuffixes::new(seed ^ 0xec);
+        let mut pick = |n: u64| rng.next_u64() % n;
+        let mut c = Cluster::new();
+        c.names = crate::SeededSuffixes::new(seed + 3000);
+        c.flaky_readiness = Some(crate::SeededSuffixes::new(seed + 4000));
+        let mut d = deployment(1 + pick(5) as i32, "app:0", Int(1), Int(0));
+        d.spec.as_mut().unwrap().strategy = Some(k8s_openapi::api::apps::v1::DeploymentStrategy {
+            type_: Some("Recreate".into()),
+            rolling_update: None,
+        });
+        c.add_deployment(d);
+        let check = |c: &Cluster| {
+            let images: BTreeSet<String> = c
+                .pods
+                .iter()
+                .map(|p| {
+                    p.spec.as_ref().unwrap().containers[0]
+                        .image
+                        .clone()
+                        .unwrap()
+                })
+                .collect();
+            assert!(images.len() <= 1, "seed {seed}: overlap {images:?}");
+        };
+        let mut version = 0;
+        for _ in 0..(2 + pick(6)) {
+            if pick(3) == 0 {
+                let replicas = 1 + pick(6) as i32;
+                c.edit_deployment(|d| d.spec.as_mut().unwrap().replicas = Some(replicas));
+            } else {
+                version += 1;
+                set_image(&mut c, &format!("app:{version}"));
+            }
+            for _ in 0..pick(5) {
+                c.now += 1;
+                c.reconcile_deployments();
+                check(&c);
+                c.reconcile_replica_sets();
+                check(&c);
+                c.kubelet();
+                check(&c);
+            }
+        }
+        converge(&mut c, 300, check);
+        let replicas = c.deployment().spec.as_ref().unwrap().replicas.unwrap() as usize;
+        assert_eq!(ready_active(&c), replicas, "seed {seed}");
+        let image = format!("app:{version}");
+        assert!(c.pods.iter().all(
+            |p| p.spec.as_ref().unwrap().containers[0].image.as_deref() == Some(image.as_str())
+        ));
+    }
+}

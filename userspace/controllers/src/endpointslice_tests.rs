@@ -551,3 +551,90 @@ fn selects_matches_pods_of_the_service_namespace_only() {
         &pod("b", "10.244.1.3", "n1", true, None)
     ));
 }
+
+/// Random pod churn (pods added, removed, readiness flipped, terminating) over a few hundred
+/// pods: after every reconcile the slices hold exactly the desired endpoints once each, no
+/// slice exceeds 100, and the writes stay proportional to what changed.
+#[test]
+fn random_pod_churn_keeps_slices_exact_and_writes_small() {
+    for seed in 0..60u64 {
+        let mut rng = SeededSuffixes::new(seed);
+        let mut pick = |n: u64| rng.next_u64() % n;
+        let svc = service(vec![http_port()]);
+        let mut next = 0usize;
+        let mut new_pod = |ready: bool| {
+            next += 1;
+            pod(
+                &format!("p{next:04}"),
+                &format!("10.{}.{}.{}", next / 65536, (next / 256) % 256, next % 256),
+                "n1",
+                ready,
+                Some(8080),
+            )
+        };
+        let mut pods: Vec<Pod> = (0..pick(300)).map(|i| new_pod(i % 3 != 0)).collect();
+        let mut store = Vec::new();
+        let mut names = SeededSuffixes::new(seed + 99);
+        for round in 0..15 {
+            let changes = 1 + pick(5) as usize;
+            for _ in 0..changes {
+                match pick(4) {
+                    0 => pods.push(new_pod(pick(2) == 0)),
+                    1 if !pods.is_empty() => {
+                        let i = pick(pods.len() as u64) as usize;
+                        pods.remove(i);
+                    }
+                    2 if !pods.is_empty() => {
+                        let i = pick(pods.len() as u64) as usize;
+                        let c = &mut pods[i]
+                            .status
+                            .as_mut()
+                            .unwrap()
+                            .conditions
+                            .as_mut()
+                            .unwrap()[0];
+                        c.status = if c.status == "True" { "False" } else { "True" }.into();
+                    }
+                    _ if !pods.is_empty() => {
+                        let i = pick(pods.len() as u64) as usize;
+                        pods[i].metadata.deletion_timestamp = Some(Time(ts(1)));
+                    }
+                    _ => {}
+                }
+            }
+            let out = reconcile(&svc, &pods, &[], &store, &mut names).unwrap();
+            let (created, updated, deleted) = apply(&mut store, &out);
+            let context = format!("seed {seed} round {round}");
+            if round > 0 {
+                assert!(
+                    updated <= changes,
+                    "{context}: {updated} updates for {changes} changes"
+                );
+                assert!(
+                    created <= 1 && deleted <= changes,
+                    "{context}: {created} creates, {deleted} deletes"
+                );
+            }
+            let got = all_endpoints(&store);
+            let want: BTreeMap<String, Endpoint> = pods
+                .iter()
+                .map(|p| {
+                    let ip = p.status.as_ref().unwrap().pod_ip.clone().unwrap();
+                    (ip.clone(), pod_to_endpoint(&svc, p, ip, &BTreeMap::new()))
+                })
+                .collect();
+            assert_eq!(got, want, "{context}");
+            if pods.is_empty() {
+                assert_eq!(store.len(), 1, "{context}: one placeholder");
+            } else {
+                let minimum = pods.len().div_ceil(MAX_ENDPOINTS_PER_SLICE);
+                assert!(
+                    store.len() <= minimum + changes,
+                    "{context}: {} slices for {} pods",
+                    store.len(),
+                    pods.len()
+                );
+            }
+        }
+    }
+}
