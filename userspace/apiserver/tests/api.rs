@@ -1176,3 +1176,96 @@ async fn limit_counts_only_selected_items_and_pages_survive_deletions() {
     assert!(matches!(r.status.as_u16(), 400 | 410), "{}", r.text);
     assert_eq!(r.body["kind"], "Status");
 }
+
+/// Column names (upper-cased, as kubectl prints them) and whether each shows only with -o wide.
+async fn table_columns(s: &TestServer, path: &str) -> (Vec<(String, bool)>, Value) {
+    let accept = "application/json;as=Table;v=v1;g=meta.k8s.io,application/json";
+    let r = s
+        .send(s.request(Method::GET, path).header("Accept", accept))
+        .await;
+    assert_eq!(r.body["kind"], "Table", "{path}: {}", r.text);
+    let cols = r.body["columnDefinitions"]
+        .as_array()
+        .expect("columns")
+        .iter()
+        .map(|c| {
+            (
+                c["name"].as_str().unwrap_or("").to_uppercase(),
+                c["priority"].as_i64().unwrap_or(0) > 0,
+            )
+        })
+        .collect();
+    (cols, r.body["rows"].clone())
+}
+
+#[tokio::test]
+async fn tables_have_the_columns_kubectl_users_know() {
+    let s = start().await;
+    s.post(
+        "/apis/apps/v1/namespaces/default/deployments",
+        &json!({"apiVersion":"apps/v1","kind":"Deployment","metadata":{"name":"d"},
+            "spec":{"replicas":3,"selector":{"matchLabels":{"app":"d"}},"template":{"metadata":{"labels":{"app":"d"}},"spec":{"containers":[{"name":"c","image":"img:1"}]}}}}),
+    )
+    .await;
+    s.post(
+        "/api/v1/namespaces/default/services",
+        &json!({"apiVersion":"v1","kind":"Service","metadata":{"name":"svc"},
+            "spec":{"selector":{"app":"d"},"ports":[{"name":"http","port":80},{"name":"dns","port":53,"protocol":"UDP"}]}}),
+    )
+    .await;
+    s.post(
+        "/api/v1/namespaces/default/pods",
+        &json!({"apiVersion":"v1","kind":"Pod","metadata":{"name":"pw"},
+            "spec":{"nodeName":"node-a","containers":[{"name":"c","image":"i"},{"name":"d","image":"i"}]},
+            "status":{"phase":"Running","podIP":"10.244.0.5"}}),
+    )
+    .await;
+
+    let has = |cols: &[(String, bool)], name: &str, wide: bool| {
+        cols.iter().any(|(n, w)| n == name && *w == wide)
+    };
+    let (cols, rows) = table_columns(&s, "/apis/apps/v1/namespaces/default/deployments").await;
+    for c in ["NAME", "READY", "UP-TO-DATE", "AVAILABLE", "AGE"] {
+        assert!(has(&cols, c, false), "deployments lack {c}: {cols:?}");
+    }
+    for c in ["CONTAINERS", "IMAGES", "SELECTOR"] {
+        assert!(
+            has(&cols, c, true),
+            "deployments -o wide lacks {c}: {cols:?}"
+        );
+    }
+    assert_eq!(rows[0]["cells"][1], "0/3", "{rows}");
+
+    let (cols, rows) = table_columns(&s, "/api/v1/namespaces/default/services/svc").await;
+    for c in [
+        "NAME",
+        "TYPE",
+        "CLUSTER-IP",
+        "EXTERNAL-IP",
+        "PORT(S)",
+        "AGE",
+    ] {
+        assert!(has(&cols, c, false), "services lack {c}: {cols:?}");
+    }
+    assert!(has(&cols, "SELECTOR", true), "{cols:?}");
+    let cells: Vec<String> = rows[0]["cells"]
+        .as_array()
+        .expect("cells")
+        .iter()
+        .map(|c| {
+            c.as_str()
+                .map(String::from)
+                .unwrap_or_else(|| c.to_string())
+        })
+        .collect();
+    assert!(cells.contains(&"80/TCP,53/UDP".to_string()), "{cells:?}");
+    assert!(cells.contains(&"ClusterIP".to_string()), "{cells:?}");
+
+    let (cols, _) = table_columns(&s, "/api/v1/namespaces/default/pods").await;
+    for c in ["NAME", "READY", "STATUS", "RESTARTS", "AGE"] {
+        assert!(has(&cols, c, false), "pods lack {c}: {cols:?}");
+    }
+    for c in ["IP", "NODE"] {
+        assert!(has(&cols, c, true), "pods -o wide lacks {c}: {cols:?}");
+    }
+}
