@@ -975,3 +975,38 @@ fn random_recreate_never_overlaps_and_converges() {
         ));
     }
 }
+
+#[test]
+fn change_cause_is_copied_to_the_replicaset_but_last_applied_is_not() {
+    let mut c = Cluster::new();
+    let mut d = deployment(1, "nginx:1.25", Int(1), Int(0));
+    d.metadata.annotations = Some(labels(&[
+        ("kubernetes.io/change-cause", "kubectl set image nginx:1.25"),
+        ("kubectl.kubernetes.io/last-applied-configuration", "{}"),
+    ]));
+    c.add_deployment(d);
+    converge(&mut c, 20, |_| {});
+    let rs = &c.replica_sets[0];
+    assert_eq!(
+        annotation(&rs.metadata, "kubernetes.io/change-cause"),
+        Some("kubectl set image nginx:1.25"),
+        "rollout history shows it"
+    );
+    assert_eq!(
+        annotation(
+            &rs.metadata,
+            "kubectl.kubernetes.io/last-applied-configuration"
+        ),
+        None
+    );
+    // The deployment keeps its own annotations next to the revision.
+    let d = c.deployment();
+    assert_eq!(annotation(&d.metadata, REVISION_ANNOTATION), Some("1"));
+    assert_eq!(
+        annotation(
+            &d.metadata,
+            "kubectl.kubernetes.io/last-applied-configuration"
+        ),
+        Some("{}")
+    );
+}

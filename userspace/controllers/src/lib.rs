@@ -6,6 +6,17 @@
 //! The kube-rs shell around these functions (watch -> queue -> reconcile) applies the actions
 //! against the apiserver, in the order given.
 //!
+//! The controllers (all take `now` in whole seconds or finer; fractions are dropped):
+//! - [`deployment::reconcile`]`(deployment, replica_sets, pods, now)`
+//! - [`replicaset::reconcile`]`(replica_set, pods, names, now)`
+//! - [`endpointslice::reconcile`]`(service, pods, nodes, existing_slices, names)` and
+//!   [`endpointslice::endpoints`]`(service, pods, existing_endpoints)`
+//! - [`job::reconcile`]`(job, pods, names, now)` (includes ttlSecondsAfterFinished)
+//! - [`gc::collect`]`(objects)` -> [`gc::GcAction`]s
+//!
+//! Each returns `Result<`[`Outcome`]`, `[`ReconcileError`]`>` (gc: a plain list); an error means
+//! the object itself is invalid and nothing was decided.
+//!
 //! Contract with the shell:
 //! - [`Action::Create`] objects carry a full name (no `generateName`); on `AlreadyExists` the
 //!   shell just requeues (the next reconcile sees the object).
