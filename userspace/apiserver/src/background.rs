@@ -13,9 +13,16 @@ use crate::services;
 
 /// Creates the standard namespaces and the `default/kubernetes` Service when missing.
 pub async fn bootstrap(state: &State, port: u16) -> Result<(), ApiError> {
-    let ns_info = registry::find("", "v1", "namespaces").ok_or_else(|| ApiError::internal("namespaces are not registered"))?;
+    let ns_info = registry::find("", "v1", "namespaces")
+        .ok_or_else(|| ApiError::internal("namespaces are not registered"))?;
     for ns in ["default", "kube-system", "kube-public", "kube-node-lease"] {
-        if state.store.get(&objects::key(ns_info, None, ns)).await.map_err(store_error)?.is_none() {
+        if state
+            .store
+            .get(&objects::key(ns_info, None, ns))
+            .await
+            .map_err(store_error)?
+            .is_none()
+        {
             let obj = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}});
             match objects::create_object(state, ns_info, None, obj, false).await {
                 Ok(_) => {}
@@ -24,8 +31,15 @@ pub async fn bootstrap(state: &State, port: u16) -> Result<(), ApiError> {
             }
         }
     }
-    let svc_info = registry::find("", "v1", "services").ok_or_else(|| ApiError::internal("services are not registered"))?;
-    if state.store.get(&objects::key(svc_info, Some("default"), "kubernetes")).await.map_err(store_error)?.is_none() {
+    let svc_info = registry::find("", "v1", "services")
+        .ok_or_else(|| ApiError::internal("services are not registered"))?;
+    if state
+        .store
+        .get(&objects::key(svc_info, Some("default"), "kubernetes"))
+        .await
+        .map_err(store_error)?
+        .is_none()
+    {
         let svc = json!({
             "apiVersion": "v1", "kind": "Service",
             "metadata": {"name": "kubernetes", "namespace": "default",
@@ -51,39 +65,74 @@ pub async fn bootstrap(state: &State, port: u16) -> Result<(), ApiError> {
 async fn reap_once(state: &State) -> Result<(), ApiError> {
     let now = objects::now();
     for info in registry::all() {
-        let listed = state.store.list(&prefix(info, None)).await.map_err(store_error)?;
+        let listed = state
+            .store
+            .list(&prefix(info, None))
+            .await
+            .map_err(store_error)?;
         for kv in &listed.items {
             // Only objects marked for deletion can be due; skip decoding the rest.
             if !contains(&kv.value, b"deletionTimestamp") {
                 continue;
             }
             let obj = decode_kv(kv)?;
-            if ready_to_remove(info, &obj, now) && !(info.kind == "Namespace" && info.group.is_empty()) {
+            if ready_to_remove(info, &obj, now)
+                && !(info.kind == "Namespace" && info.group.is_empty())
+            {
                 match state.store.delete(&kv.key, Some(kv.mod_revision)).await {
-                    Ok(_) | Err(skiff_store::StoreError::Conflict { .. } | skiff_store::StoreError::NotFound(_)) => {}
+                    Ok(_)
+                    | Err(
+                        skiff_store::StoreError::Conflict { .. }
+                        | skiff_store::StoreError::NotFound(_),
+                    ) => {}
                     Err(e) => return Err(store_error(e)),
                 }
             }
         }
     }
-    let ns_info = registry::find("", "v1", "namespaces").ok_or_else(|| ApiError::internal("namespaces are not registered"))?;
-    let listed = state.store.list(&prefix(ns_info, None)).await.map_err(store_error)?;
+    let ns_info = registry::find("", "v1", "namespaces")
+        .ok_or_else(|| ApiError::internal("namespaces are not registered"))?;
+    let listed = state
+        .store
+        .list(&prefix(ns_info, None))
+        .await
+        .map_err(store_error)?;
     for kv in &listed.items {
         let ns_obj = decode_kv(kv)?;
-        if ns_obj.pointer("/metadata/deletionTimestamp").is_none_or(Value::is_null) {
+        if ns_obj
+            .pointer("/metadata/deletionTimestamp")
+            .is_none_or(Value::is_null)
+        {
             continue;
         }
         let ns = name_of(&ns_obj).to_string();
         let mut remaining = 0usize;
         for info in registry::all().iter().filter(|r| r.namespaced) {
-            let items = state.store.list(&prefix(info, Some(&ns))).await.map_err(store_error)?;
+            let items = state
+                .store
+                .list(&prefix(info, Some(&ns)))
+                .await
+                .map_err(store_error)?;
             for item in &items.items {
                 remaining += 1;
                 let obj = decode_kv(item)?;
-                if obj.pointer("/metadata/deletionTimestamp").is_some_and(|v| !v.is_null()) {
+                if obj
+                    .pointer("/metadata/deletionTimestamp")
+                    .is_some_and(|v| !v.is_null())
+                {
                     continue;
                 }
-                match objects::delete_object(state, info, Some(&ns), name_of(&obj), None, None, false).await {
+                match objects::delete_object(
+                    state,
+                    info,
+                    Some(&ns),
+                    name_of(&obj),
+                    None,
+                    None,
+                    false,
+                )
+                .await
+                {
                     Ok(_) => {}
                     Err(e) if e.code == 404 || e.code == 409 => {}
                     Err(e) => return Err(e),
@@ -96,7 +145,10 @@ async fn reap_once(state: &State) -> Result<(), ApiError> {
         // Empty: drop the `kubernetes` finalizer, which removes the namespace when nothing
         // else holds it.
         let mut updated = ns_obj.clone();
-        if let Some(list) = updated.pointer_mut("/spec/finalizers").and_then(Value::as_array_mut) {
+        if let Some(list) = updated
+            .pointer_mut("/spec/finalizers")
+            .and_then(Value::as_array_mut)
+        {
             list.retain(|f| f.as_str() != Some("kubernetes"));
         }
         match objects::write_update(state, ns_info, &kv.key, kv, updated, false).await {

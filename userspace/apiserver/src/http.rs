@@ -14,9 +14,9 @@ use serde_json::{Value, json};
 use tokio::task::JoinSet;
 
 use crate::State;
+use crate::interim::openapi;
 use crate::interim::registry::{self, ResourceInfo};
 use crate::interim::status::ApiError;
-use crate::interim::openapi;
 use crate::objects;
 
 /// Request bodies larger than this are refused with 413 (Kubernetes' own limit is 3 MiB).
@@ -138,17 +138,22 @@ impl Ctx {
 }
 
 pub fn media_type(ct: &str) -> String {
-    ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase()
+    ct.split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase()
 }
 
 pub fn decode(content_type: &str, body: &[u8]) -> Result<Value, ApiError> {
     match media_type(content_type).as_str() {
         "" | "application/json" | "*/*" => serde_json::from_slice(body)
             .map_err(|e| ApiError::bad_request(format!("the request body is not valid JSON: {e}"))),
-        "application/yaml" | "application/x-yaml" | "text/yaml" | "application/apply-patch+yaml" => {
-            serde_yaml::from_slice(body)
-                .map_err(|e| ApiError::bad_request(format!("the request body is not valid YAML: {e}")))
-        }
+        "application/yaml"
+        | "application/x-yaml"
+        | "text/yaml"
+        | "application/apply-patch+yaml" => serde_yaml::from_slice(body)
+            .map_err(|e| ApiError::bad_request(format!("the request body is not valid YAML: {e}"))),
         _ => Err(ApiError::unsupported_media_type(content_type)),
     }
 }
@@ -157,8 +162,10 @@ pub fn json_response(code: u16, value: &Value, warnings: &[String]) -> Resp {
     let body = serde_json::to_vec(value).unwrap_or_default();
     let mut resp = Response::new(Body::from(body));
     *resp.status_mut() = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    resp.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     for w in warnings {
         let text = format!("299 - \"{}\"", w.replace('\\', "\\\\").replace('"', "\\\""));
         if let Ok(v) = HeaderValue::from_str(&text) {
@@ -191,7 +198,10 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Resp {
 }
 
 fn authorized(state: &State, headers: &HeaderMap) -> bool {
-    let Some(value) = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) else {
+    let Some(value) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    else {
         return false;
     };
     let Some(token) = value.strip_prefix("Bearer ").map(str::trim) else {
@@ -210,12 +220,20 @@ async fn read_body(body: Incoming, headers: &HeaderMap) -> Result<Bytes, ApiErro
     if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
         return Err(ApiError::too_large(MAX_BODY_BYTES));
     }
-    match http_body_util::Limited::new(body, MAX_BODY_BYTES).collect().await {
+    match http_body_util::Limited::new(body, MAX_BODY_BYTES)
+        .collect()
+        .await
+    {
         Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
             Err(ApiError::too_large(MAX_BODY_BYTES))
         }
-        Err(e) => Err(ApiError::bad_request(format!("reading the request body failed: {e}"))),
+        Err(e) => Err(ApiError::bad_request(format!(
+            "reading the request body failed: {e}"
+        ))),
     }
 }
 
@@ -228,8 +246,10 @@ async fn handle_inner(state: Arc<State>, req: Request<Incoming>) -> Result<Resp,
     match path.as_str() {
         "/healthz" | "/livez" | "/readyz" => {
             let mut resp = Response::new(Body::from("ok"));
-            resp.headers_mut()
-                .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; charset=utf-8"),
+            );
             return Ok(resp);
         }
         "/version" => return Ok(json_response(200, &version(), &[])),
@@ -238,7 +258,10 @@ async fn handle_inner(state: Arc<State>, req: Request<Incoming>) -> Result<Resp,
     if !authorized(&state, &parts.headers) {
         return Err(ApiError::unauthorized());
     }
-    let body = if matches!(parts.method, Method::POST | Method::PUT | Method::PATCH | Method::DELETE) {
+    let body = if matches!(
+        parts.method,
+        Method::POST | Method::PUT | Method::PATCH | Method::DELETE
+    ) {
         read_body(body, &parts.headers).await?
     } else {
         Bytes::new()
@@ -315,7 +338,11 @@ fn only_get(ctx: &Ctx) -> Result<(), ApiError> {
 }
 
 fn not_found_path(path: &str) -> ApiError {
-    ApiError::new(404, "NotFound", format!("the server could not find the requested resource ({path})"))
+    ApiError::new(
+        404,
+        "NotFound",
+        format!("the server could not find the requested resource ({path})"),
+    )
 }
 
 fn version() -> Value {
@@ -354,11 +381,13 @@ fn discovery_root(ctx: &Ctx, core: bool) -> Resp {
         Some(v) => {
             let doc = registry::discovery_aggregated(core, v);
             let mut resp = json_response(200, &doc, &[]);
-            let ct = format!("application/json;g=apidiscovery.k8s.io;v={v};as=APIGroupDiscoveryList");
+            let ct =
+                format!("application/json;g=apidiscovery.k8s.io;v={v};as=APIGroupDiscoveryList");
             if let Ok(ct) = HeaderValue::from_str(&ct) {
                 resp.headers_mut().insert(header::CONTENT_TYPE, ct);
             }
-            resp.headers_mut().insert(header::VARY, HeaderValue::from_static("Accept"));
+            resp.headers_mut()
+                .insert(header::VARY, HeaderValue::from_static("Accept"));
             resp
         }
         None if core => json_response(200, &registry::discovery_api_versions(), &[]),
@@ -370,8 +399,16 @@ fn resource_list(group: &str, version: &str) -> Result<Resp, ApiError> {
     registry::discovery_resource_list(group, version)
         .map(|doc| json_response(200, &doc, &[]))
         .ok_or_else(|| {
-            let gv = if group.is_empty() { version.to_string() } else { format!("{group}/{version}") };
-            ApiError::new(404, "NotFound", format!("the server could not find the requested resource (group version {gv})"))
+            let gv = if group.is_empty() {
+                version.to_string()
+            } else {
+                format!("{group}/{version}")
+            };
+            ApiError::new(
+                404,
+                "NotFound",
+                format!("the server could not find the requested resource (group version {gv})"),
+            )
         })
 }
 
@@ -398,7 +435,11 @@ fn openapi_doc(ctx: &Ctx, group: &str, version: &str) -> Result<Resp, ApiError> 
     }
     resp.headers_mut().insert(
         header::CACHE_CONTROL,
-        HeaderValue::from_static(if ctx.query.get("hash").is_some() { "public, immutable" } else { "no-cache, private" }),
+        HeaderValue::from_static(if ctx.query.get("hash").is_some() {
+            "public, immutable"
+        } else {
+            "no-cache, private"
+        }),
     );
     Ok(resp)
 }
@@ -413,8 +454,7 @@ pub struct Target {
 }
 
 pub fn resolve(group: &str, version: &str, rest: &[&str]) -> Option<Target> {
-    let namespaced_plural =
-        |p: &str| registry::find(group, version, p).filter(|r| r.namespaced);
+    let namespaced_plural = |p: &str| registry::find(group, version, p).filter(|r| r.namespaced);
     let target = |info, namespace: Option<&str>, name: Option<&str>, sub: Option<&str>| {
         Some(Target {
             info,
@@ -454,9 +494,20 @@ mod tests {
     #[test]
     fn paths_resolve_to_targets() {
         let t = resolve("", "v1", &["namespaces", "a", "pods", "p", "status"]).expect("pod status");
-        assert_eq!((t.info.plural, t.namespace.as_deref(), t.name.as_deref(), t.sub.as_deref()), ("pods", Some("a"), Some("p"), Some("status")));
+        assert_eq!(
+            (
+                t.info.plural,
+                t.namespace.as_deref(),
+                t.name.as_deref(),
+                t.sub.as_deref()
+            ),
+            ("pods", Some("a"), Some("p"), Some("status"))
+        );
         let t = resolve("", "v1", &["namespaces", "a"]).expect("namespace item");
-        assert_eq!((t.info.plural, t.name.as_deref()), ("namespaces", Some("a")));
+        assert_eq!(
+            (t.info.plural, t.name.as_deref()),
+            ("namespaces", Some("a"))
+        );
         let t = resolve("", "v1", &["namespaces", "a", "finalize"]).expect("namespace finalize");
         assert_eq!(t.sub.as_deref(), Some("finalize"));
         let t = resolve("", "v1", &["pods"]).expect("all pods");
@@ -469,7 +520,12 @@ mod tests {
     fn aggregated_discovery_version_follows_accept() {
         let both = "application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList,application/json;g=apidiscovery.k8s.io;v=v2beta1;as=APIGroupDiscoveryList,application/json";
         assert_eq!(aggregated_version(both), Some("v2"));
-        assert_eq!(aggregated_version("application/json;g=apidiscovery.k8s.io;v=v2beta1;as=APIGroupDiscoveryList"), Some("v2beta1"));
+        assert_eq!(
+            aggregated_version(
+                "application/json;g=apidiscovery.k8s.io;v=v2beta1;as=APIGroupDiscoveryList"
+            ),
+            Some("v2beta1")
+        );
         assert_eq!(aggregated_version("application/json"), None);
     }
 }

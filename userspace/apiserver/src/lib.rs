@@ -120,7 +120,9 @@ pub(crate) struct State {
     pub bookmark_interval: Duration,
 }
 
-async fn open_store(config: &ServerConfig) -> Result<(Arc<dyn Store>, tokio::task::JoinHandle<()>)> {
+async fn open_store(
+    config: &ServerConfig,
+) -> Result<(Arc<dyn Store>, tokio::task::JoinHandle<()>)> {
     match &config.store {
         StoreConfig::Sqlite => {
             let path = config.data_dir.join("store.db");
@@ -183,7 +185,12 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer> {
     )?;
 
     let (shutdown_tx, shutdown_rx) = tokio_watch::channel(false);
-    let serve = tokio::spawn(http::serve(listener, tls_config, state.clone(), shutdown_rx));
+    let serve = tokio::spawn(http::serve(
+        listener,
+        tls_config,
+        state.clone(),
+        shutdown_rx,
+    ));
     let store = state.store.clone();
     let reaper = tokio::spawn(background::reaper_loop(state));
     Ok(RunningServer {
@@ -198,7 +205,10 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer> {
 }
 
 /// Runs the apiserver until `shutdown` completes.
-pub async fn run(config: ServerConfig, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<()> {
+pub async fn run(
+    config: ServerConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
     let data_dir = config.data_dir.clone();
     let server = start(config).await?;
     tracing::info!(

@@ -22,13 +22,19 @@ use crate::services;
 const WRITE_RETRIES: usize = 8;
 
 pub fn group_segment(info: &ResourceInfo) -> &'static str {
-    if info.group.is_empty() { "core" } else { info.group }
+    if info.group.is_empty() {
+        "core"
+    } else {
+        info.group
+    }
 }
 
 /// The store prefix of a collection, ending in `/`.
 pub fn prefix(info: &ResourceInfo, namespace: Option<&str>) -> String {
     match namespace {
-        Some(ns) if info.namespaced => format!("/registry/{}/{}/{ns}/", group_segment(info), info.plural),
+        Some(ns) if info.namespaced => {
+            format!("/registry/{}/{}/{ns}/", group_segment(info), info.plural)
+        }
         _ => format!("/registry/{}/{}/", group_segment(info), info.plural),
     }
 }
@@ -47,8 +53,9 @@ pub fn timestamp(t: DateTime<Utc>) -> String {
 
 /// A stored object as clients see it: `metadata.resourceVersion` is the key's mod revision.
 pub fn decode_kv(kv: &KeyValue) -> Result<Value, ApiError> {
-    let mut v: Value = serde_json::from_slice(&kv.value)
-        .map_err(|e| ApiError::internal(format!("stored object {} is not valid JSON: {e}", kv.key)))?;
+    let mut v: Value = serde_json::from_slice(&kv.value).map_err(|e| {
+        ApiError::internal(format!("stored object {} is not valid JSON: {e}", kv.key))
+    })?;
     set_rv(&mut v, kv.mod_revision);
     Ok(v)
 }
@@ -70,19 +77,23 @@ pub fn encode(v: &Value) -> Vec<u8> {
 
 pub fn store_error(e: StoreError) -> ApiError {
     match e {
-        StoreError::Compacted { requested, oldest } => ApiError::expired(format!(
-            "too old resource version: {requested} ({oldest})"
-        )),
+        StoreError::Compacted { requested, oldest } => {
+            ApiError::expired(format!("too old resource version: {requested} ({oldest})"))
+        }
         other => ApiError::internal(format!("the store failed: {other}")),
     }
 }
 
 pub fn name_of(v: &Value) -> &str {
-    v.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("")
+    v.pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .unwrap_or("")
 }
 
 fn has_str(v: &Value, ptr: &str) -> bool {
-    v.pointer(ptr).and_then(Value::as_str).is_some_and(|s| !s.is_empty())
+    v.pointer(ptr)
+        .and_then(Value::as_str)
+        .is_some_and(|s| !s.is_empty())
 }
 
 fn finalizers_empty(v: &Value) -> bool {
@@ -98,21 +109,29 @@ fn is_kind(info: &ResourceInfo, group: &str, kind: &str) -> bool {
 /// Whether an object marked for deletion may go now: no finalizers left (for a Namespace, no
 /// spec finalizers either) and, for a pod bound to a node, its grace period is over.
 pub fn ready_to_remove(info: &ResourceInfo, v: &Value, now: DateTime<Utc>) -> bool {
-    let Some(ts) = v.pointer("/metadata/deletionTimestamp").and_then(Value::as_str) else {
+    let Some(ts) = v
+        .pointer("/metadata/deletionTimestamp")
+        .and_then(Value::as_str)
+    else {
         return false;
     };
     if !finalizers_empty(v) {
         return false;
     }
     if is_kind(info, "", "Namespace")
-        && !v.pointer("/spec/finalizers").and_then(Value::as_array).is_none_or(Vec::is_empty)
+        && !v
+            .pointer("/spec/finalizers")
+            .and_then(Value::as_array)
+            .is_none_or(Vec::is_empty)
     {
         return false;
     }
     if is_kind(info, "", "Pod") && has_str(v, "/spec/nodeName") {
         let due = DateTime::parse_from_rfc3339(ts).map(|t| t.with_timezone(&Utc));
         return due.is_ok_and(|due| due <= now)
-            || v.pointer("/metadata/deletionGracePeriodSeconds").and_then(Value::as_i64) == Some(0);
+            || v.pointer("/metadata/deletionGracePeriodSeconds")
+                .and_then(Value::as_i64)
+                == Some(0);
     }
     true
 }
@@ -122,7 +141,9 @@ pub async fn dispatch(state: &Arc<State>, ctx: &Ctx, target: Target) -> Result<R
     let ns = target.namespace.as_deref();
     match (target.name.as_deref(), target.sub.as_deref()) {
         (None, _) => match ctx.method {
-            Method::GET if ctx.query.flag("watch") => crate::watch::serve(state, ctx, info, ns).await,
+            Method::GET if ctx.query.flag("watch") => {
+                crate::watch::serve(state, ctx, info, ns).await
+            }
             Method::GET => list(state, ctx, info, ns).await,
             Method::POST if info.namespaced && ns.is_none() => Err(ApiError::method_not_allowed(
                 "POST to the all-namespaces collection; post to /namespaces/{namespace}/... instead",
@@ -148,12 +169,20 @@ pub async fn dispatch(state: &Arc<State>, ctx: &Ctx, target: Target) -> Result<R
             }
             match (sub, &ctx.method) {
                 ("status", &Method::GET) => get(state, ctx, info, ns, name).await,
-                ("status", &Method::PUT) => update(state, ctx, info, ns, name, Some("status")).await,
-                ("status", &Method::PATCH) => patch_object(state, ctx, info, ns, name, Some("status")).await,
+                ("status", &Method::PUT) => {
+                    update(state, ctx, info, ns, name, Some("status")).await
+                }
+                ("status", &Method::PATCH) => {
+                    patch_object(state, ctx, info, ns, name, Some("status")).await
+                }
                 ("scale", &Method::GET) => scale_get(state, info, ns, name).await,
-                ("scale", &Method::PUT | &Method::PATCH) => scale_write(state, ctx, info, ns, name).await,
+                ("scale", &Method::PUT | &Method::PATCH) => {
+                    scale_write(state, ctx, info, ns, name).await
+                }
                 ("binding", &Method::POST) => bind(state, ctx, info, ns, name).await,
-                ("finalize", &Method::PUT) => update(state, ctx, info, ns, name, Some("finalize")).await,
+                ("finalize", &Method::PUT) => {
+                    update(state, ctx, info, ns, name, Some("finalize")).await
+                }
                 ("log" | "exec" | "attach" | "portforward", _) => {
                     // A missing pod is a 404 as usual; an existing one needs its node agent.
                     state
@@ -162,7 +191,11 @@ pub async fn dispatch(state: &Arc<State>, ctx: &Ctx, target: Target) -> Result<R
                         .await
                         .map_err(store_error)?
                         .ok_or_else(|| ApiError::not_found(info.plural, name))?;
-                    let what = if sub == "log" { "logs are" } else { "exec, attach and port-forward are" };
+                    let what = if sub == "log" {
+                        "logs are"
+                    } else {
+                        "exec, attach and port-forward are"
+                    };
                     Err(ApiError::bad_request(format!(
                         "pods/{sub} for {name:?}: {what} served by the node agent, which is not connected yet"
                     )))
@@ -173,16 +206,35 @@ pub async fn dispatch(state: &Arc<State>, ctx: &Ctx, target: Target) -> Result<R
     }
 }
 
-fn single_response(ctx: &Ctx, info: &ResourceInfo, code: u16, obj: &Value, warnings: &[String]) -> Resp {
+fn single_response(
+    ctx: &Ctx,
+    info: &ResourceInfo,
+    code: u16,
+    obj: &Value,
+    warnings: &[String],
+) -> Resp {
     if ctx.wants_table() {
-        let rv = obj.pointer("/metadata/resourceVersion").and_then(Value::as_str).unwrap_or("");
+        let rv = obj
+            .pointer("/metadata/resourceVersion")
+            .and_then(Value::as_str)
+            .unwrap_or("");
         let include = IncludeObject::parse(ctx.query.get("includeObject"));
-        return json_response(code, &table::to_table(info, std::slice::from_ref(obj), include, rv, now()), warnings);
+        return json_response(
+            code,
+            &table::to_table(info, std::slice::from_ref(obj), include, rv, now()),
+            warnings,
+        );
     }
     json_response(code, obj, warnings)
 }
 
-async fn get(state: &State, ctx: &Ctx, info: &ResourceInfo, ns: Option<&str>, name: &str) -> Result<Resp, ApiError> {
+async fn get(
+    state: &State,
+    ctx: &Ctx,
+    info: &ResourceInfo,
+    ns: Option<&str>,
+    name: &str,
+) -> Result<Resp, ApiError> {
     let kv = state
         .store
         .get(&key(info, ns, name))
@@ -261,11 +313,19 @@ struct ContinueToken {
     start: String,
 }
 
-async fn list(state: &State, ctx: &Ctx, info: &ResourceInfo, ns: Option<&str>) -> Result<Resp, ApiError> {
+async fn list(
+    state: &State,
+    ctx: &Ctx,
+    info: &ResourceInfo,
+    ns: Option<&str>,
+) -> Result<Resp, ApiError> {
     use base64::Engine as _;
     let selectors = Selectors::from_ctx(ctx, info)?;
     let limit = match ctx.query.get("limit") {
-        Some(l) => Some(l.parse::<usize>().map_err(|_| ApiError::bad_request(format!("limit {l:?} is not a number")))?),
+        Some(l) => Some(
+            l.parse::<usize>()
+                .map_err(|_| ApiError::bad_request(format!("limit {l:?} is not a number")))?,
+        ),
         None => None,
     }
     .filter(|l| *l > 0);
@@ -273,13 +333,22 @@ async fn list(state: &State, ctx: &Ctx, info: &ResourceInfo, ns: Option<&str>) -
         Some(t) => {
             let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
                 .decode(t)
-                .map_err(|_| ApiError::bad_request("continue key is not valid: request a new list"))?;
-            Some(serde_json::from_slice::<ContinueToken>(&bytes)
-                .map_err(|_| ApiError::bad_request("continue key is not valid: request a new list"))?)
+                .map_err(|_| {
+                    ApiError::bad_request("continue key is not valid: request a new list")
+                })?;
+            Some(
+                serde_json::from_slice::<ContinueToken>(&bytes).map_err(|_| {
+                    ApiError::bad_request("continue key is not valid: request a new list")
+                })?,
+            )
         }
         None => None,
     };
-    let listed = state.store.list(&prefix(info, ns)).await.map_err(store_error)?;
+    let listed = state
+        .store
+        .list(&prefix(info, ns))
+        .await
+        .map_err(store_error)?;
     let rv = token.as_ref().map_or(listed.revision, |t| t.rv);
     let mut items = Vec::new();
     let mut next: Option<String> = None;
@@ -327,13 +396,24 @@ async fn list(state: &State, ctx: &Ctx, info: &ResourceInfo, ns: Option<&str>) -
     ))
 }
 
-fn admit_body(ctx: &Ctx, info: &ResourceInfo, ns: Option<&str>, body: Value) -> Result<admission::Admitted, ApiError> {
+fn admit_body(
+    ctx: &Ctx,
+    info: &ResourceInfo,
+    ns: Option<&str>,
+    body: Value,
+) -> Result<admission::Admitted, ApiError> {
     let mode = FieldValidation::parse(ctx.query.get("fieldValidation"))?;
     admission::admit(info, ns, body, mode)
 }
 
-async fn check_namespace(state: &State, info: &ResourceInfo, ns: &str, name: &str) -> Result<(), ApiError> {
-    let nsinfo = registry::find("", "v1", "namespaces").ok_or_else(|| ApiError::internal("namespaces are not registered"))?;
+async fn check_namespace(
+    state: &State,
+    info: &ResourceInfo,
+    ns: &str,
+    name: &str,
+) -> Result<(), ApiError> {
+    let nsinfo = registry::find("", "v1", "namespaces")
+        .ok_or_else(|| ApiError::internal("namespaces are not registered"))?;
     let kv = state
         .store
         .get(&key(nsinfo, None, ns))
@@ -341,12 +421,17 @@ async fn check_namespace(state: &State, info: &ResourceInfo, ns: &str, name: &st
         .map_err(store_error)?
         .ok_or_else(|| ApiError::not_found("namespaces", ns))?;
     let obj = decode_kv(&kv)?;
-    if obj.pointer("/metadata/deletionTimestamp").is_some_and(|v| !v.is_null()) {
+    if obj
+        .pointer("/metadata/deletionTimestamp")
+        .is_some_and(|v| !v.is_null())
+    {
         let mut e = ApiError::forbidden(format!(
             "{} \"{name}\" is forbidden: unable to create new content in namespace {ns} because it is being terminated",
             info.plural
         ));
-        e.details = Some(json!({"name": name, "kind": info.plural, "causes": [{"reason": "NamespaceTerminating", "message": format!("namespace {ns} is being terminated"), "field": "metadata.namespace"}]}));
+        e.details = Some(
+            json!({"name": name, "kind": info.plural, "causes": [{"reason": "NamespaceTerminating", "message": format!("namespace {ns} is being terminated"), "field": "metadata.namespace"}]}),
+        );
         return Err(e);
     }
     Ok(())
@@ -356,9 +441,13 @@ fn random_suffix() -> String {
     const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
     let mut buf = [0u8; 5];
     if getrandom::fill(&mut buf).is_err() {
-        buf = uuid::Uuid::new_v4().as_bytes()[..5].try_into().unwrap_or([0; 5]);
+        buf = uuid::Uuid::new_v4().as_bytes()[..5]
+            .try_into()
+            .unwrap_or([0; 5]);
     }
-    buf.iter().map(|b| ALPHABET[*b as usize % ALPHABET.len()] as char).collect()
+    buf.iter()
+        .map(|b| ALPHABET[*b as usize % ALPHABET.len()] as char)
+        .collect()
 }
 
 /// Creates an admitted object: name, namespace checks, server metadata, defaults, allocation.
@@ -371,7 +460,10 @@ pub async fn create_object(
 ) -> Result<Value, ApiError> {
     let name = match obj.pointer("/metadata/name").and_then(Value::as_str) {
         Some(n) if !n.is_empty() => n.to_string(),
-        _ => match obj.pointer("/metadata/generateName").and_then(Value::as_str) {
+        _ => match obj
+            .pointer("/metadata/generateName")
+            .and_then(Value::as_str)
+        {
             Some(g) if !g.is_empty() => {
                 let n = format!("{g}{}", random_suffix());
                 obj["metadata"]["name"] = json!(n);
@@ -381,7 +473,10 @@ pub async fn create_object(
                 return Err(ApiError::invalid(
                     info.kind,
                     "",
-                    &[("metadata.name".into(), "Required value: name or generateName is required".into())],
+                    &[(
+                        "metadata.name".into(),
+                        "Required value: name or generateName is required".into(),
+                    )],
                 ));
             }
         },
@@ -405,14 +500,21 @@ pub async fn create_object(
     }
     let rev = match state.store.create(&key, encode(&obj)).await {
         Ok(rev) => rev,
-        Err(StoreError::AlreadyExists(_)) => return Err(ApiError::already_exists(info.plural, &name)),
+        Err(StoreError::AlreadyExists(_)) => {
+            return Err(ApiError::already_exists(info.plural, &name));
+        }
         Err(e) => return Err(store_error(e)),
     };
     set_rv(&mut obj, rev);
     Ok(obj)
 }
 
-async fn create(state: &Arc<State>, ctx: &Ctx, info: &'static ResourceInfo, ns: Option<&str>) -> Result<Resp, ApiError> {
+async fn create(
+    state: &Arc<State>,
+    ctx: &Ctx,
+    info: &'static ResourceInfo,
+    ns: Option<&str>,
+) -> Result<Resp, ApiError> {
     let dry_run = ctx.dry_run()?;
     let admitted = admit_body(ctx, info, ns, ctx.decode_body()?)?;
     let obj = create_object(state, info, ns, admitted.object, dry_run).await?;
@@ -453,7 +555,9 @@ pub async fn write_update(
                 Ok(new)
             }
             Err(StoreError::Conflict { .. }) => Err(WriteFail::Conflict),
-            Err(StoreError::NotFound(_)) => Err(ApiError::not_found(info.plural, name_of(&old)).into()),
+            Err(StoreError::NotFound(_)) => {
+                Err(ApiError::not_found(info.plural, name_of(&old)).into())
+            }
             Err(e) => Err(store_error(e).into()),
         };
     }
@@ -468,7 +572,11 @@ pub async fn write_update(
         set_rv(&mut new, current.mod_revision);
         return Ok(new);
     }
-    match state.store.update(key, encode(&new), current.mod_revision).await {
+    match state
+        .store
+        .update(key, encode(&new), current.mod_revision)
+        .await
+    {
         Ok(rev) => {
             set_rv(&mut new, rev);
             Ok(new)
@@ -481,7 +589,10 @@ pub async fn write_update(
 
 /// An update may have removed the last finalizer of an object being deleted: let the reaper look.
 fn wake_reaper_if_deleting(state: &State, obj: &Value) {
-    if obj.pointer("/metadata/deletionTimestamp").is_some_and(|v| !v.is_null()) {
+    if obj
+        .pointer("/metadata/deletionTimestamp")
+        .is_some_and(|v| !v.is_null())
+    {
         state.reaper_wake.notify_one();
     }
 }
@@ -498,11 +609,14 @@ fn requested_rv(obj: &Value) -> Result<Option<i64>, ApiError> {
     match obj.pointer("/metadata/resourceVersion") {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) if s.is_empty() => Ok(None),
-        Some(Value::String(s)) => s
-            .parse::<i64>()
-            .map(Some)
-            .map_err(|_| ApiError::bad_request(format!("metadata.resourceVersion {s:?} is not a resource version this server issued"))),
-        Some(_) => Err(ApiError::bad_request("metadata.resourceVersion must be a string")),
+        Some(Value::String(s)) => s.parse::<i64>().map(Some).map_err(|_| {
+            ApiError::bad_request(format!(
+                "metadata.resourceVersion {s:?} is not a resource version this server issued"
+            ))
+        }),
+        Some(_) => Err(ApiError::bad_request(
+            "metadata.resourceVersion must be a string",
+        )),
     }
 }
 
@@ -516,7 +630,11 @@ async fn update(
 ) -> Result<Resp, ApiError> {
     let dry_run = ctx.dry_run()?;
     let mut admitted = admit_body(ctx, info, ns, ctx.decode_body()?)?;
-    match admitted.object.pointer("/metadata/name").and_then(Value::as_str) {
+    match admitted
+        .object
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+    {
         None | Some("") => admitted.object["metadata"]["name"] = json!(name),
         Some(n) if n == name => {}
         Some(n) => {
@@ -538,15 +656,24 @@ async fn update(
             return Err(conflict(info, name));
         }
         let old = decode_kv(&current)?;
-        let body_uid = admitted.object.pointer("/metadata/uid").and_then(Value::as_str).filter(|u| !u.is_empty());
-        let old_uid = old.pointer("/metadata/uid").and_then(Value::as_str).unwrap_or("");
+        let body_uid = admitted
+            .object
+            .pointer("/metadata/uid")
+            .and_then(Value::as_str)
+            .filter(|u| !u.is_empty());
+        let old_uid = old
+            .pointer("/metadata/uid")
+            .and_then(Value::as_str)
+            .unwrap_or("");
         if let Some(uid) = body_uid
             && uid != old_uid
         {
             return Err(ApiError::conflict(
                 info.plural,
                 name,
-                &format!("Precondition failed: UID in precondition: {uid}, UID in object meta: {old_uid}"),
+                &format!(
+                    "Precondition failed: UID in precondition: {uid}, UID in object meta: {old_uid}"
+                ),
             ));
         }
         let mut new = admitted.object.clone();
@@ -605,7 +732,8 @@ fn apply_patch(ty: PatchType, original: &Value, patch_doc: &Value) -> Result<Val
 
 fn parse_patch(ctx: &Ctx) -> Result<(PatchType, Value), ApiError> {
     let ct = ctx.header(header::CONTENT_TYPE);
-    let ty = PatchType::from_content_type(ct).ok_or_else(|| ApiError::unsupported_media_type(ct))?;
+    let ty =
+        PatchType::from_content_type(ct).ok_or_else(|| ApiError::unsupported_media_type(ct))?;
     let doc = match ty {
         PatchType::Apply => crate::http::decode("application/yaml", &ctx.body)?,
         _ => serde_json::from_slice(&ctx.body)
@@ -689,14 +817,14 @@ fn delete_options(ctx: &Ctx) -> Result<DeleteOptions, ApiError> {
         DeleteOptions::default()
     } else {
         let v = ctx.decode_body()?;
-        serde_json::from_value::<DeleteOptions>(v)
-            .map_err(|e| ApiError::bad_request(format!("the DeleteOptions body is not valid: {e}")))?
+        serde_json::from_value::<DeleteOptions>(v).map_err(|e| {
+            ApiError::bad_request(format!("the DeleteOptions body is not valid: {e}"))
+        })?
     };
     if let Some(g) = ctx.query.get("gracePeriodSeconds") {
-        opts.grace_period_seconds = Some(
-            g.parse()
-                .map_err(|_| ApiError::bad_request(format!("gracePeriodSeconds {g:?} is not a number")))?,
-        );
+        opts.grace_period_seconds = Some(g.parse().map_err(|_| {
+            ApiError::bad_request(format!("gracePeriodSeconds {g:?} is not a number"))
+        })?);
     }
     if let Some(p) = ctx.query.get("propagationPolicy") {
         opts.propagation_policy = Some(p.to_string());
@@ -728,14 +856,23 @@ pub async fn delete_object(
         if let Some((uid, rv)) = preconditions {
             let actual_uid = obj.pointer("/metadata/uid").and_then(Value::as_str);
             if uid.as_deref().is_some_and(|u| Some(u) != actual_uid) {
-                return Err(ApiError::conflict(info.plural, name, "Precondition failed: UID in precondition does not match the object"));
+                return Err(ApiError::conflict(
+                    info.plural,
+                    name,
+                    "Precondition failed: UID in precondition does not match the object",
+                ));
             }
-            if rv.as_deref().is_some_and(|r| r != current.mod_revision.to_string()) {
+            if rv
+                .as_deref()
+                .is_some_and(|r| r != current.mod_revision.to_string())
+            {
                 return Err(conflict(info, name));
             }
         }
         let now = now();
-        let marked = obj.pointer("/metadata/deletionTimestamp").is_some_and(|v| !v.is_null());
+        let marked = obj
+            .pointer("/metadata/deletionTimestamp")
+            .is_some_and(|v| !v.is_null());
         let is_pod = is_kind(info, "", "Pod");
         let bound_pod = is_pod && has_str(&obj, "/spec/nodeName");
         let graceful = if is_kind(info, "", "Namespace") {
@@ -759,7 +896,10 @@ pub async fn delete_object(
             // Until the node agent exists (a later issue) nothing confirms that a bound pod's
             // containers stopped: the reaper loop removes it when its grace period is over.
             let grace = grace
-                .or_else(|| obj.pointer("/spec/terminationGracePeriodSeconds").and_then(Value::as_i64))
+                .or_else(|| {
+                    obj.pointer("/spec/terminationGracePeriodSeconds")
+                        .and_then(Value::as_i64)
+                })
                 .unwrap_or(30)
                 .max(0);
             if grace == 0 {
@@ -801,27 +941,67 @@ pub async fn delete_object(
     Err(conflict(info, name))
 }
 
-async fn delete(state: &Arc<State>, ctx: &Ctx, info: &'static ResourceInfo, ns: Option<&str>, name: &str) -> Result<Resp, ApiError> {
+async fn delete(
+    state: &Arc<State>,
+    ctx: &Ctx,
+    info: &'static ResourceInfo,
+    ns: Option<&str>,
+    name: &str,
+) -> Result<Resp, ApiError> {
     let dry_run = ctx.dry_run()?;
     let opts = delete_options(ctx)?;
-    let pre = opts.preconditions.as_ref().map(|p| (&p.uid, &p.resource_version));
-    let obj = delete_object(state, info, ns, name, opts.grace_period_seconds, pre, dry_run).await?;
+    let pre = opts
+        .preconditions
+        .as_ref()
+        .map(|p| (&p.uid, &p.resource_version));
+    let obj = delete_object(
+        state,
+        info,
+        ns,
+        name,
+        opts.grace_period_seconds,
+        pre,
+        dry_run,
+    )
+    .await?;
     Ok(json_response(200, &obj, &[]))
 }
 
-async fn delete_collection(state: &Arc<State>, ctx: &Ctx, info: &'static ResourceInfo, ns: Option<&str>) -> Result<Resp, ApiError> {
+async fn delete_collection(
+    state: &Arc<State>,
+    ctx: &Ctx,
+    info: &'static ResourceInfo,
+    ns: Option<&str>,
+) -> Result<Resp, ApiError> {
     let dry_run = ctx.dry_run()?;
     let opts = delete_options(ctx)?;
     let selectors = Selectors::from_ctx(ctx, info)?;
-    let listed = state.store.list(&prefix(info, ns)).await.map_err(store_error)?;
+    let listed = state
+        .store
+        .list(&prefix(info, ns))
+        .await
+        .map_err(store_error)?;
     let mut deleted = Vec::new();
     for kv in &listed.items {
         let obj = decode_kv(kv)?;
         if !selectors.matches(&obj) {
             continue;
         }
-        let obj_ns = obj.pointer("/metadata/namespace").and_then(Value::as_str).map(str::to_string);
-        match delete_object(state, info, obj_ns.as_deref(), name_of(&obj), opts.grace_period_seconds, None, dry_run).await {
+        let obj_ns = obj
+            .pointer("/metadata/namespace")
+            .and_then(Value::as_str)
+            .map(str::to_string);
+        match delete_object(
+            state,
+            info,
+            obj_ns.as_deref(),
+            name_of(&obj),
+            opts.grace_period_seconds,
+            None,
+            dry_run,
+        )
+        .await
+        {
             Ok(o) => deleted.push(o),
             Err(e) if e.code == 404 => {}
             Err(e) => return Err(e),
@@ -843,8 +1023,9 @@ fn scale_of(info: &ResourceInfo, obj: &Value) -> Result<Value, ApiError> {
     let selector = match obj.pointer("/spec/selector") {
         Some(sel) if info.group == "apps" => {
             let typed: k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector =
-                serde_json::from_value(sel.clone())
-                    .map_err(|e| ApiError::internal(format!("stored selector is not valid: {e}")))?;
+                serde_json::from_value(sel.clone()).map_err(|e| {
+                    ApiError::internal(format!("stored selector is not valid: {e}"))
+                })?;
             LabelSelector::from_label_selector(&typed)
                 .map(|s| s.to_string())
                 .map_err(|e| ApiError::internal(format!("stored selector is not valid: {e}")))?
@@ -867,7 +1048,12 @@ fn scale_of(info: &ResourceInfo, obj: &Value) -> Result<Value, ApiError> {
     }))
 }
 
-async fn scale_get(state: &State, info: &ResourceInfo, ns: Option<&str>, name: &str) -> Result<Resp, ApiError> {
+async fn scale_get(
+    state: &State,
+    info: &ResourceInfo,
+    ns: Option<&str>,
+    name: &str,
+) -> Result<Resp, ApiError> {
     let kv = state
         .store
         .get(&key(info, ns, name))
@@ -877,14 +1063,24 @@ async fn scale_get(state: &State, info: &ResourceInfo, ns: Option<&str>, name: &
     Ok(json_response(200, &scale_of(info, &decode_kv(&kv)?)?, &[]))
 }
 
-async fn scale_write(state: &Arc<State>, ctx: &Ctx, info: &'static ResourceInfo, ns: Option<&str>, name: &str) -> Result<Resp, ApiError> {
+async fn scale_write(
+    state: &Arc<State>,
+    ctx: &Ctx,
+    info: &'static ResourceInfo,
+    ns: Option<&str>,
+    name: &str,
+) -> Result<Resp, ApiError> {
     let dry_run = ctx.dry_run()?;
     let body = if ctx.method == Method::PUT {
         Some(ctx.decode_body()?)
     } else {
         None
     };
-    let patch_doc = if ctx.method == Method::PATCH { Some(parse_patch(ctx)?) } else { None };
+    let patch_doc = if ctx.method == Method::PATCH {
+        Some(parse_patch(ctx)?)
+    } else {
+        None
+    };
     let key = key(info, ns, name);
     for _ in 0..WRITE_RETRIES {
         let current = state
@@ -909,7 +1105,14 @@ async fn scale_write(state: &Arc<State>, ctx: &Ctx, info: &'static ResourceInfo,
             .and_then(Value::as_i64)
             .filter(|r| (0..=i64::from(i32::MAX)).contains(r))
             .ok_or_else(|| {
-                ApiError::invalid("Scale", name, &[("spec.replicas".into(), "Invalid value: must be an integer greater than or equal to 0".into())])
+                ApiError::invalid(
+                    "Scale",
+                    name,
+                    &[(
+                        "spec.replicas".into(),
+                        "Invalid value: must be an integer greater than or equal to 0".into(),
+                    )],
+                )
             })?;
         let mut new = old.clone();
         new["spec"]["replicas"] = json!(replicas);
@@ -924,14 +1127,29 @@ async fn scale_write(state: &Arc<State>, ctx: &Ctx, info: &'static ResourceInfo,
     Err(conflict(info, name))
 }
 
-async fn bind(state: &Arc<State>, ctx: &Ctx, info: &'static ResourceInfo, ns: Option<&str>, name: &str) -> Result<Resp, ApiError> {
+async fn bind(
+    state: &Arc<State>,
+    ctx: &Ctx,
+    info: &'static ResourceInfo,
+    ns: Option<&str>,
+    name: &str,
+) -> Result<Resp, ApiError> {
     let dry_run = ctx.dry_run()?;
     let binding = ctx.decode_body()?;
     let node = binding
         .pointer("/target/name")
         .and_then(Value::as_str)
         .filter(|n| !n.is_empty())
-        .ok_or_else(|| ApiError::invalid("Binding", name, &[("target.name".into(), "Required value: the node to bind to".into())]))?
+        .ok_or_else(|| {
+            ApiError::invalid(
+                "Binding",
+                name,
+                &[(
+                    "target.name".into(),
+                    "Required value: the node to bind to".into(),
+                )],
+            )
+        })?
         .to_string();
     let key = key(info, ns, name);
     for _ in 0..WRITE_RETRIES {
@@ -942,15 +1160,26 @@ async fn bind(state: &Arc<State>, ctx: &Ctx, info: &'static ResourceInfo, ns: Op
             .map_err(store_error)?
             .ok_or_else(|| ApiError::not_found(info.plural, name))?;
         let old = decode_kv(&current)?;
-        if let Some(bound) = old.pointer("/spec/nodeName").and_then(Value::as_str).filter(|n| !n.is_empty()) {
+        if let Some(bound) = old
+            .pointer("/spec/nodeName")
+            .and_then(Value::as_str)
+            .filter(|n| !n.is_empty())
+        {
             return Err(ApiError::conflict(
                 "pods/binding",
                 name,
                 &format!("pod {name} is already assigned to node \"{bound}\""),
             ));
         }
-        if old.pointer("/metadata/deletionTimestamp").is_some_and(|v| !v.is_null()) {
-            return Err(ApiError::conflict("pods/binding", name, "pod is being deleted, cannot be assigned to a host"));
+        if old
+            .pointer("/metadata/deletionTimestamp")
+            .is_some_and(|v| !v.is_null())
+        {
+            return Err(ApiError::conflict(
+                "pods/binding",
+                name,
+                "pod is being deleted, cannot be assigned to a host",
+            ));
         }
         let mut new = old.clone();
         new["spec"]["nodeName"] = json!(node);

@@ -37,8 +37,13 @@ fn same_object(a: &Value, b: &Value) -> bool {
 /// Fills `spec.clusterIP(s)` and node ports of `new` (a Service), checking requested values
 /// against what other Services hold. `old` is the stored Service on update.
 pub async fn allocate(state: &State, new: &mut Value, old: Option<&Value>) -> Result<(), ApiError> {
-    let info = registry::find("", "v1", "services").ok_or_else(|| ApiError::internal("services are not registered"))?;
-    let listed = state.store.list(&prefix(info, None)).await.map_err(store_error)?;
+    let info = registry::find("", "v1", "services")
+        .ok_or_else(|| ApiError::internal("services are not registered"))?;
+    let listed = state
+        .store
+        .list(&prefix(info, None))
+        .await
+        .map_err(store_error)?;
     let mut used_ips = HashSet::new();
     let mut used_ports = HashSet::new();
     for kv in &listed.items {
@@ -46,22 +51,39 @@ pub async fn allocate(state: &State, new: &mut Value, old: Option<&Value>) -> Re
         if same_object(&svc, new) {
             continue;
         }
-        if let Some(ip) = svc.pointer("/spec/clusterIP").and_then(Value::as_str).and_then(|s| s.parse::<Ipv4Addr>().ok()) {
+        if let Some(ip) = svc
+            .pointer("/spec/clusterIP")
+            .and_then(Value::as_str)
+            .and_then(|s| s.parse::<Ipv4Addr>().ok())
+        {
             used_ips.insert(ip);
         }
-        for p in svc.pointer("/spec/ports").and_then(Value::as_array).into_iter().flatten() {
+        for p in svc
+            .pointer("/spec/ports")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
             if let Some(np) = p.get("nodePort").and_then(Value::as_i64) {
                 used_ports.insert(np);
             }
         }
     }
     let name = name_of(new).to_string();
-    let ty = new.pointer("/spec/type").and_then(Value::as_str).unwrap_or("ClusterIP").to_string();
+    let ty = new
+        .pointer("/spec/type")
+        .and_then(Value::as_str)
+        .unwrap_or("ClusterIP")
+        .to_string();
     if new.get("spec").is_none_or(|s| !s.is_object()) {
         new["spec"] = json!({});
     }
     let spec = &mut new["spec"];
-    let requested = spec.get("clusterIP").and_then(Value::as_str).unwrap_or("").to_string();
+    let requested = spec
+        .get("clusterIP")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
     let old_ip = old
         .and_then(|o| o.pointer("/spec/clusterIP"))
         .and_then(Value::as_str)
@@ -75,7 +97,11 @@ pub async fn allocate(state: &State, new: &mut Value, old: Option<&Value>) -> Re
         }
     } else if !old_ip.is_empty() {
         if !requested.is_empty() && requested != old_ip {
-            return Err(invalid(&name, "spec.clusterIPs[0]", format!("Invalid value: \"{requested}\": may not change once set")));
+            return Err(invalid(
+                &name,
+                "spec.clusterIPs[0]",
+                format!("Invalid value: \"{requested}\": may not change once set"),
+            ));
         }
         spec["clusterIP"] = json!(old_ip);
         spec["clusterIPs"] = json!([old_ip]);
@@ -90,16 +116,36 @@ pub async fn allocate(state: &State, new: &mut Value, old: Option<&Value>) -> Re
             (first.saturating_add(1)..last)
                 .map(Ipv4Addr::from)
                 .find(|ip| !used_ips.contains(ip))
-                .ok_or_else(|| invalid(&name, "spec.clusterIPs", format!("Internal error: failed to allocate a serviceIP: range {cidr} is full")))?
+                .ok_or_else(|| {
+                    invalid(
+                        &name,
+                        "spec.clusterIPs",
+                        format!(
+                            "Internal error: failed to allocate a serviceIP: range {cidr} is full"
+                        ),
+                    )
+                })?
         } else {
             let ip: Ipv4Addr = requested.parse().map_err(|_| {
                 invalid(&name, "spec.clusterIPs[0]", format!("Invalid value: \"{requested}\": must be a valid IP address, (e.g. 10.9.8.7 or 2001:db8::ffff) or None"))
             })?;
             if !cidr.contains(&ip) || ip == cidr.network() || ip == cidr.broadcast() {
-                return Err(invalid(&name, "spec.clusterIPs", format!("Invalid value: []string{{\"{requested}\"}}: failed to allocate IP {requested}: provided IP is not in the valid range. The range of valid IPs is {cidr}")));
+                return Err(invalid(
+                    &name,
+                    "spec.clusterIPs",
+                    format!(
+                        "Invalid value: []string{{\"{requested}\"}}: failed to allocate IP {requested}: provided IP is not in the valid range. The range of valid IPs is {cidr}"
+                    ),
+                ));
             }
             if used_ips.contains(&ip) {
-                return Err(invalid(&name, "spec.clusterIPs", format!("Invalid value: []string{{\"{requested}\"}}: failed to allocate IP {requested}: provided IP is already allocated")));
+                return Err(invalid(
+                    &name,
+                    "spec.clusterIPs",
+                    format!(
+                        "Invalid value: []string{{\"{requested}\"}}: failed to allocate IP {requested}: provided IP is already allocated"
+                    ),
+                ));
             }
             ip
         };
@@ -127,15 +173,34 @@ pub async fn allocate(state: &State, new: &mut Value, old: Option<&Value>) -> Re
                 .find(|o| o.get("port") == m.get("port") && o.get("protocol") == m.get("protocol"))
                 .and_then(|o| o.get("nodePort"))
                 .and_then(Value::as_i64);
-            let np = match m.get("nodePort").and_then(Value::as_i64).filter(|n| *n != 0) {
+            let np = match m
+                .get("nodePort")
+                .and_then(Value::as_i64)
+                .filter(|n| *n != 0)
+            {
                 Some(np) => {
-                    if !old_ports.iter().any(|o| o.get("nodePort").and_then(Value::as_i64) == Some(np)) {
+                    if !old_ports
+                        .iter()
+                        .any(|o| o.get("nodePort").and_then(Value::as_i64) == Some(np))
+                    {
                         let field = format!("spec.ports[{i}].nodePort");
                         if np < i64::from(*range.start()) || np > i64::from(*range.end()) {
-                            return Err(invalid(&name, &field, format!("Invalid value: {np}: provided port is not in the valid range. The range of valid ports is {}-{}", range.start(), range.end())));
+                            return Err(invalid(
+                                &name,
+                                &field,
+                                format!(
+                                    "Invalid value: {np}: provided port is not in the valid range. The range of valid ports is {}-{}",
+                                    range.start(),
+                                    range.end()
+                                ),
+                            ));
                         }
                         if used_ports.contains(&np) || taken_here.contains(&np) {
-                            return Err(invalid(&name, &field, format!("Invalid value: {np}: provided port is already allocated")));
+                            return Err(invalid(
+                                &name,
+                                &field,
+                                format!("Invalid value: {np}: provided port is already allocated"),
+                            ));
                         }
                     }
                     np
@@ -144,7 +209,14 @@ pub async fn allocate(state: &State, new: &mut Value, old: Option<&Value>) -> Re
                     Some(np) => np,
                     None => (i64::from(*range.start())..=i64::from(*range.end()))
                         .find(|np| !used_ports.contains(np) && !taken_here.contains(np))
-                        .ok_or_else(|| invalid(&name, &format!("spec.ports[{i}].nodePort"), "Internal error: failed to allocate a nodePort: range is full".into()))?,
+                        .ok_or_else(|| {
+                            invalid(
+                                &name,
+                                &format!("spec.ports[{i}].nodePort"),
+                                "Internal error: failed to allocate a nodePort: range is full"
+                                    .into(),
+                            )
+                        })?,
                 },
             };
             taken_here.insert(np);

@@ -82,7 +82,9 @@ pub fn serving_sans(bind: SocketAddr, extra: &[String]) -> Vec<String> {
         && let Some(name) = name.to_str()
         && !name.is_empty()
         && name.len() <= 253
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
     {
         sans.push(name.to_string());
     }
@@ -108,7 +110,10 @@ pub fn ensure(data_dir: &Path, bind: SocketAddr, extra_sans: &[String]) -> Resul
     let (ca_key, ca_pem) = if path(CA_KEY).exists() && path(CA_CERT).exists() {
         let key_pem = fs::read_to_string(path(CA_KEY)).context("reading ca.key")?;
         let key = KeyPair::from_pem(&key_pem).context("ca.key is not a valid PEM key")?;
-        (key, fs::read_to_string(path(CA_CERT)).context("reading ca.crt")?)
+        (
+            key,
+            fs::read_to_string(path(CA_CERT)).context("reading ca.crt")?,
+        )
     } else {
         let key = KeyPair::generate().context("generating the CA key")?;
         let cert = ca_params()?.self_signed(&key).context("signing the CA")?;
@@ -130,7 +135,9 @@ pub fn ensure(data_dir: &Path, bind: SocketAddr, extra_sans: &[String]) -> Resul
     } else {
         // The issuer is rebuilt from the stored CA key and the same distinguished name: a
         // certificate chains to a CA by name and key, so this signs exactly as the original did.
-        let issuer = ca_params()?.self_signed(&ca_key).context("loading the CA")?;
+        let issuer = ca_params()?
+            .self_signed(&ca_key)
+            .context("loading the CA")?;
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         params.distinguished_name = {
             let mut dn = DistinguishedName::new();
@@ -199,13 +206,14 @@ pub fn rustls_config(creds: &Credentials) -> Result<Arc<rustls::ServerConfig>> {
     ];
     let key = PrivateKeyDer::from_pem_slice(creds.key_pem.as_bytes())
         .context("parsing the serving key")?;
-    let mut config =
-        rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .context("choosing TLS versions")?
-            .with_no_client_auth()
-            .with_single_cert(certs, key)
-            .context("loading the serving certificate")?;
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .context("choosing TLS versions")?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .context("loading the serving certificate")?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }

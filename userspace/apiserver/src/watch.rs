@@ -27,12 +27,17 @@ struct Renderer {
 impl Renderer {
     fn line(&self, ty: &str, obj: Value) -> Bytes {
         let object = if self.table && ty != "BOOKMARK" && ty != "ERROR" {
-            let rv = obj.pointer("/metadata/resourceVersion").and_then(Value::as_str).unwrap_or("").to_string();
+            let rv = obj
+                .pointer("/metadata/resourceVersion")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string();
             table::to_table(self.info, &[obj], self.include, &rv, now())
         } else {
             obj
         };
-        let mut out = serde_json::to_vec(&json!({"type": ty, "object": object})).unwrap_or_default();
+        let mut out =
+            serde_json::to_vec(&json!({"type": ty, "object": object})).unwrap_or_default();
         out.push(b'\n');
         Bytes::from(out)
     }
@@ -55,7 +60,10 @@ impl Renderer {
 
 /// Turns a store event into a watch event for this selector: an object that stops matching is
 /// DELETED for this watcher, one that starts matching is ADDED, as Kubernetes does.
-fn translate(ev: WatchEvent, selectors: &Selectors) -> Result<Option<(&'static str, Value)>, ApiError> {
+fn translate(
+    ev: WatchEvent,
+    selectors: &Selectors,
+) -> Result<Option<(&'static str, Value)>, ApiError> {
     match ev {
         WatchEvent::Put { kv, prev } => {
             let new = decode_kv(&kv)?;
@@ -79,14 +87,19 @@ fn translate(ev: WatchEvent, selectors: &Selectors) -> Result<Option<(&'static s
     }
 }
 
-pub async fn serve(state: &Arc<State>, ctx: &Ctx, info: &'static ResourceInfo, ns: Option<&str>) -> Result<Resp, ApiError> {
+pub async fn serve(
+    state: &Arc<State>,
+    ctx: &Ctx,
+    info: &'static ResourceInfo,
+    ns: Option<&str>,
+) -> Result<Resp, ApiError> {
     let selectors = Selectors::from_ctx(ctx, info)?;
     let send_initial = ctx.query.flag("sendInitialEvents");
     let bookmarks = ctx.query.flag("allowWatchBookmarks");
     let timeout = match ctx.query.get("timeoutSeconds") {
-        Some(t) => Some(Duration::from_secs(
-            t.parse::<u64>().map_err(|_| ApiError::bad_request(format!("timeoutSeconds {t:?} is not a number")))?,
-        )),
+        Some(t) => Some(Duration::from_secs(t.parse::<u64>().map_err(|_| {
+            ApiError::bad_request(format!("timeoutSeconds {t:?} is not a number"))
+        })?)),
         None => None,
     };
     let renderer = Renderer {
@@ -108,7 +121,9 @@ pub async fn serve(state: &Arc<State>, ctx: &Ctx, info: &'static ResourceInfo, n
         (objs, listed.revision)
     } else {
         let n = rv.parse::<i64>().map_err(|_| {
-            ApiError::bad_request(format!("resourceVersion {rv:?} is not a resource version this server issued"))
+            ApiError::bad_request(format!(
+                "resourceVersion {rv:?} is not a resource version this server issued"
+            ))
         })?;
         (Vec::new(), n)
     };
@@ -175,6 +190,9 @@ pub async fn serve(state: &Arc<State>, ctx: &Ctx, info: &'static ResourceInfo, n
         }
     });
     let mut resp = Response::new(Body::from_stream(ReceiverStream::new(rx)));
-    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     Ok(resp)
 }

@@ -70,7 +70,12 @@ fn roundtrip(info: &ResourceInfo, v: &Value) -> Result<Value, String> {
 }
 
 /// Paths (as lists of keys/indexes) present and non-null in `input` but missing in `output`.
-fn unknown_paths(input: &Value, output: &Value, path: &mut Vec<String>, out: &mut Vec<Vec<String>>) {
+fn unknown_paths(
+    input: &Value,
+    output: &Value,
+    path: &mut Vec<String>,
+    out: &mut Vec<Vec<String>>,
+) {
     match (input, output) {
         (Value::Object(a), Value::Object(b)) => {
             for (k, v) in a {
@@ -236,7 +241,8 @@ pub fn admit(
 fn is_dns1123_label(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !s.starts_with('-')
         && !s.ends_with('-')
 }
@@ -250,7 +256,8 @@ pub fn validate_name(info: &ResourceInfo, name: &str) -> Result<(), ApiError> {
     let label_kinds = ["Namespace", "Service"];
     let (ok, what) = if label_kinds.contains(&info.kind) {
         (
-            is_dns1123_label(name) && !name.starts_with(|c: char| c.is_ascii_digit() && info.kind == "Service"),
+            is_dns1123_label(name)
+                && !name.starts_with(|c: char| c.is_ascii_digit() && info.kind == "Service"),
             "a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', and must start and end with an alphanumeric character (e.g. 'my-name',  or '123-abc', regex used for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?')",
         )
     } else {
@@ -310,7 +317,11 @@ fn default_pod_spec(spec: &mut Value, restart_default: bool) {
                 let image = c.get("image").and_then(Value::as_str).unwrap_or("");
                 let last = image.rsplit('/').next().unwrap_or("");
                 let pull = if !last.contains(':') || last.ends_with(":latest") {
-                    if image.contains('@') { "IfNotPresent" } else { "Always" }
+                    if image.contains('@') {
+                        "IfNotPresent"
+                    } else {
+                        "Always"
+                    }
                 } else {
                     "IfNotPresent"
                 };
@@ -350,7 +361,11 @@ pub fn apply_defaults(info: &ResourceInfo, obj: &mut Value) {
             if let Some(m) = obj.get_mut("spec").and_then(Value::as_object_mut) {
                 set_default(m, "type", json!("ClusterIP"));
                 set_default(m, "sessionAffinity", json!("None"));
-                let ty = m.get("type").and_then(Value::as_str).unwrap_or("").to_string();
+                let ty = m
+                    .get("type")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_string();
                 if ty != "ExternalName" {
                     set_default(m, "internalTrafficPolicy", json!("Cluster"));
                     set_default(m, "ipFamilies", json!(["IPv4"]));
@@ -394,7 +409,11 @@ pub fn apply_defaults(info: &ResourceInfo, obj: &mut Value) {
         }
         ("", "Namespace") => {
             // Kubernetes labels every namespace with its own name (for namespaceSelectors).
-            let name = obj.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("").to_string();
+            let name = obj
+                .pointer("/metadata/name")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string();
             if let Some(meta) = obj.get_mut("metadata").and_then(Value::as_object_mut) {
                 let labels = meta.entry("labels").or_insert_with(|| json!({}));
                 if labels.is_null() {
@@ -430,7 +449,11 @@ pub fn apply_defaults(info: &ResourceInfo, obj: &mut Value) {
                 if let Some(s) = m.get_mut("strategy").and_then(Value::as_object_mut)
                     && s.get("type").and_then(Value::as_str) == Some("RollingUpdate")
                 {
-                    set_default(s, "rollingUpdate", json!({"maxSurge": "25%", "maxUnavailable": "25%"}));
+                    set_default(
+                        s,
+                        "rollingUpdate",
+                        json!({"maxSurge": "25%", "maxUnavailable": "25%"}),
+                    );
                 }
             }
             default_template(obj, true);
@@ -534,55 +557,13 @@ pub fn prepare_update(
         };
     }
     if new.get("spec").is_some() && old.get("spec") != new.get("spec") {
-        let generation = old.pointer("/metadata/generation").and_then(Value::as_i64).unwrap_or(0);
+        let generation = old
+            .pointer("/metadata/generation")
+            .and_then(Value::as_i64)
+            .unwrap_or(0);
         new["metadata"]["generation"] = json!(generation + 1);
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::interim::registry;
-
-    #[test]
-    fn unknown_fields_are_found_and_pruned() {
-        let info = registry::find("apps", "v1", "deployments").expect("deployments");
-        let body = json!({"metadata": {"name": "a"}, "spec": {"replicas": 1, "bogus": 1, "selector": {}, "template": {}}});
-        let err = admit(info, Some("ns"), body.clone(), FieldValidation::Strict).unwrap_err();
-        assert_eq!(err.code, 400);
-        assert!(err.message.contains("unknown field \"spec.bogus\""), "{}", err.message);
-        let ok = admit(info, Some("ns"), body, FieldValidation::Warn).expect("warn admits");
-        assert_eq!(ok.warnings, vec!["unknown field \"spec.bogus\"".to_string()]);
-        assert!(ok.object.pointer("/spec/bogus").is_none());
-        assert_eq!(ok.object["metadata"]["namespace"], "ns");
-    }
-
-    #[test]
-    fn validation_finds_missing_and_out_of_range_fields() {
-        let pods = registry::find("", "v1", "pods").expect("pods");
-        let err = validate(pods, &json!({"metadata": {"name": "p"}, "spec": {"containers": []}})).unwrap_err();
-        assert_eq!(err.code, 422);
-        assert!(err.message.contains("spec.containers: Required value"), "{}", err.message);
-        let deploys = registry::find("apps", "v1", "deployments").expect("deployments");
-        let good = json!({"metadata": {"name": "d"}, "spec": {"selector": {"matchLabels": {"app": "a"}},
-            "template": {"metadata": {"labels": {"app": "a"}}, "spec": {"containers": [{"name": "c", "image": "i"}]}}}});
-        assert!(validate(deploys, &good).is_ok());
-        let mut bad = good.clone();
-        bad["spec"]["template"]["metadata"]["labels"]["app"] = json!("b");
-        assert!(validate(deploys, &bad).unwrap_err().message.contains("selector` does not match"));
-        let services = registry::find("", "v1", "services").expect("services");
-        let err = validate(services, &json!({"metadata": {"name": "s"}, "spec": {"type": "ClusterIP", "ports": [{"port": 70000}]}})).unwrap_err();
-        assert!(err.message.contains("spec.ports[0].port"), "{}", err.message);
-        assert!(validate(services, &json!({"metadata": {"name": "s"}, "spec": {"type": "ClusterIP", "clusterIP": "None"}})).is_ok());
-    }
-
-    #[test]
-    fn wrong_types_are_bad_requests() {
-        let info = registry::find("apps", "v1", "deployments").expect("deployments");
-        let body = json!({"metadata": {"name": "a"}, "spec": {"replicas": "three"}});
-        assert_eq!(admit(info, Some("ns"), body, FieldValidation::Ignore).unwrap_err().code, 400);
-    }
 }
 
 /// Field checks Kubernetes makes on the objects kubectl users write most (required fields, port
@@ -601,20 +582,42 @@ pub fn validate(info: &ResourceInfo, obj: &Value) -> Result<(), ApiError> {
             causes.push((format!("{base}.containers"), "Required value".into()));
         }
         for list in ["containers", "initContainers"] {
-            for (i, c) in spec.get(list).and_then(Value::as_array).into_iter().flatten().enumerate() {
+            for (i, c) in spec
+                .get(list)
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .enumerate()
+            {
                 let name = c.get("name").and_then(Value::as_str).unwrap_or("");
                 if name.is_empty() {
                     causes.push((format!("{base}.{list}[{i}].name"), "Required value".into()));
                 } else if !is_dns1123_label(name) {
                     causes.push((format!("{base}.{list}[{i}].name"), format!("Invalid value: \"{name}\": a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', and must start and end with an alphanumeric character")));
                 }
-                if c.get("image").and_then(Value::as_str).unwrap_or("").trim().is_empty() {
+                if c.get("image")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .trim()
+                    .is_empty()
+                {
                     causes.push((format!("{base}.{list}[{i}].image"), "Required value".into()));
                 }
-                for (j, p) in c.get("ports").and_then(Value::as_array).into_iter().flatten().enumerate() {
+                for (j, p) in c
+                    .get("ports")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                    .enumerate()
+                {
                     let port = p.get("containerPort").and_then(Value::as_i64).unwrap_or(0);
                     if !(1..=65535).contains(&port) {
-                        causes.push((format!("{base}.{list}[{i}].ports[{j}].containerPort"), format!("Invalid value: {port}: must be between 1 and 65535, inclusive")));
+                        causes.push((
+                            format!("{base}.{list}[{i}].ports[{j}].containerPort"),
+                            format!(
+                                "Invalid value: {port}: must be between 1 and 65535, inclusive"
+                            ),
+                        ));
                     }
                 }
             }
@@ -627,15 +630,27 @@ pub fn validate(info: &ResourceInfo, obj: &Value) -> Result<(), ApiError> {
         },
         ("apps", "Deployment" | "ReplicaSet" | "DaemonSet" | "StatefulSet") | ("batch", "Job") => {
             let selector = obj.pointer("/spec/selector");
-            let labels = obj.pointer("/spec/template/metadata/labels").and_then(Value::as_object);
+            let labels = obj
+                .pointer("/spec/template/metadata/labels")
+                .and_then(Value::as_object);
             if info.group == "apps" {
-                require(&mut causes, selector.is_some_and(|s| !s.is_null()), "spec.selector", "Required value");
+                require(
+                    &mut causes,
+                    selector.is_some_and(|s| !s.is_null()),
+                    "spec.selector",
+                    "Required value",
+                );
             }
             if let Some(Value::Object(match_labels)) = obj.pointer("/spec/selector/matchLabels") {
                 let matches = match_labels
                     .iter()
                     .all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v));
-                require(&mut causes, matches, "spec.template.metadata.labels", "Invalid value: `selector` does not match template `labels`");
+                require(
+                    &mut causes,
+                    matches,
+                    "spec.template.metadata.labels",
+                    "Invalid value: `selector` does not match template `labels`",
+                );
             }
             match obj.pointer("/spec/template/spec") {
                 Some(spec) => pod_spec(spec, "spec.template.spec", &mut causes),
@@ -647,11 +662,18 @@ pub fn validate(info: &ResourceInfo, obj: &Value) -> Result<(), ApiError> {
                     &mut causes,
                     policy == "Never" || policy == "OnFailure",
                     "spec.template.spec.restartPolicy",
-                    &format!("Unsupported value: \"{policy}\": supported values: \"OnFailure\", \"Never\""),
+                    &format!(
+                        "Unsupported value: \"{policy}\": supported values: \"OnFailure\", \"Never\""
+                    ),
                 );
             }
             if let Some(r) = obj.pointer("/spec/replicas").and_then(Value::as_i64) {
-                require(&mut causes, r >= 0, "spec.replicas", "Invalid value: must be greater than or equal to 0");
+                require(
+                    &mut causes,
+                    r >= 0,
+                    "spec.replicas",
+                    "Invalid value: must be greater than or equal to 0",
+                );
             }
         }
         ("", "Service") => {
@@ -659,21 +681,42 @@ pub fn validate(info: &ResourceInfo, obj: &Value) -> Result<(), ApiError> {
             let ports = obj.pointer("/spec/ports").and_then(Value::as_array);
             let headless = str_at("/spec/clusterIP") == "None";
             if ty != "ExternalName" && !headless {
-                require(&mut causes, ports.is_some_and(|p| !p.is_empty()), "spec.ports", "Required value");
+                require(
+                    &mut causes,
+                    ports.is_some_and(|p| !p.is_empty()),
+                    "spec.ports",
+                    "Required value",
+                );
             }
             if ty == "ExternalName" {
-                require(&mut causes, !str_at("/spec/externalName").is_empty(), "spec.externalName", "Required value");
+                require(
+                    &mut causes,
+                    !str_at("/spec/externalName").is_empty(),
+                    "spec.externalName",
+                    "Required value",
+                );
             }
-            if !matches!(ty, "ClusterIP" | "NodePort" | "LoadBalancer" | "ExternalName") {
+            if !matches!(
+                ty,
+                "ClusterIP" | "NodePort" | "LoadBalancer" | "ExternalName"
+            ) {
                 causes.push(("spec.type".into(), format!("Unsupported value: \"{ty}\": supported values: \"ClusterIP\", \"ExternalName\", \"LoadBalancer\", \"NodePort\"")));
             }
             let count = ports.map_or(0, Vec::len);
             for (i, p) in ports.into_iter().flatten().enumerate() {
                 let port = p.get("port").and_then(Value::as_i64).unwrap_or(0);
                 if !(1..=65535).contains(&port) {
-                    causes.push((format!("spec.ports[{i}].port"), format!("Invalid value: {port}: must be between 1 and 65535, inclusive")));
+                    causes.push((
+                        format!("spec.ports[{i}].port"),
+                        format!("Invalid value: {port}: must be between 1 and 65535, inclusive"),
+                    ));
                 }
-                if count > 1 && p.get("name").and_then(Value::as_str).unwrap_or("").is_empty() {
+                if count > 1
+                    && p.get("name")
+                        .and_then(Value::as_str)
+                        .unwrap_or("")
+                        .is_empty()
+                {
                     causes.push((format!("spec.ports[{i}].name"), "Required value".into()));
                 }
                 let proto = p.get("protocol").and_then(Value::as_str).unwrap_or("TCP");
@@ -689,5 +732,80 @@ pub fn validate(info: &ResourceInfo, obj: &Value) -> Result<(), ApiError> {
     } else {
         let name = str_at("/metadata/name");
         Err(ApiError::invalid(info.kind, name, &causes))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::interim::registry;
+
+    #[test]
+    fn unknown_fields_are_found_and_pruned() {
+        let info = registry::find("apps", "v1", "deployments").expect("deployments");
+        let body = json!({"metadata": {"name": "a"}, "spec": {"replicas": 1, "bogus": 1, "selector": {}, "template": {}}});
+        let err =
+            admit(info, Some("ns"), body.clone(), FieldValidation::Strict).expect_err("refused");
+        assert_eq!(err.code, 400);
+        assert!(
+            err.message.contains("unknown field \"spec.bogus\""),
+            "{}",
+            err.message
+        );
+        let ok = admit(info, Some("ns"), body, FieldValidation::Warn).expect("warn admits");
+        assert_eq!(
+            ok.warnings,
+            vec!["unknown field \"spec.bogus\"".to_string()]
+        );
+        assert!(ok.object.pointer("/spec/bogus").is_none());
+        assert_eq!(ok.object["metadata"]["namespace"], "ns");
+    }
+
+    #[test]
+    fn validation_finds_missing_and_out_of_range_fields() {
+        let pods = registry::find("", "v1", "pods").expect("pods");
+        let err = validate(
+            pods,
+            &json!({"metadata": {"name": "p"}, "spec": {"containers": []}}),
+        )
+        .expect_err("refused");
+        assert_eq!(err.code, 422);
+        assert!(
+            err.message.contains("spec.containers: Required value"),
+            "{}",
+            err.message
+        );
+        let deploys = registry::find("apps", "v1", "deployments").expect("deployments");
+        let good = json!({"metadata": {"name": "d"}, "spec": {"selector": {"matchLabels": {"app": "a"}},
+            "template": {"metadata": {"labels": {"app": "a"}}, "spec": {"containers": [{"name": "c", "image": "i"}]}}}});
+        assert!(validate(deploys, &good).is_ok());
+        let mut bad = good.clone();
+        bad["spec"]["template"]["metadata"]["labels"]["app"] = json!("b");
+        assert!(
+            validate(deploys, &bad)
+                .expect_err("refused")
+                .message
+                .contains("selector` does not match")
+        );
+        let services = registry::find("", "v1", "services").expect("services");
+        let err = validate(services, &json!({"metadata": {"name": "s"}, "spec": {"type": "ClusterIP", "ports": [{"port": 70000}]}})).expect_err("refused");
+        assert!(
+            err.message.contains("spec.ports[0].port"),
+            "{}",
+            err.message
+        );
+        assert!(validate(services, &json!({"metadata": {"name": "s"}, "spec": {"type": "ClusterIP", "clusterIP": "None"}})).is_ok());
+    }
+
+    #[test]
+    fn wrong_types_are_bad_requests() {
+        let info = registry::find("apps", "v1", "deployments").expect("deployments");
+        let body = json!({"metadata": {"name": "a"}, "spec": {"replicas": "three"}});
+        assert_eq!(
+            admit(info, Some("ns"), body, FieldValidation::Ignore)
+                .expect_err("refused")
+                .code,
+            400
+        );
     }
 }

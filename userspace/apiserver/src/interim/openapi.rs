@@ -44,7 +44,9 @@ fn add_schema(generator: &mut k8s_openapi::schemars::SchemaGenerator, group: &st
         ("apps", "StatefulSet") => add!(apps::v1::StatefulSet),
         ("batch", "Job") => add!(batch::v1::Job),
         ("batch", "CronJob") => add!(batch::v1::CronJob),
-        ("autoscaling", "HorizontalPodAutoscaler") => add!(autoscaling::v2::HorizontalPodAutoscaler),
+        ("autoscaling", "HorizontalPodAutoscaler") => {
+            add!(autoscaling::v2::HorizontalPodAutoscaler)
+        }
         ("networking.k8s.io", "NetworkPolicy") => add!(networking::v1::NetworkPolicy),
         ("coordination.k8s.io", "Lease") => add!(coordination::v1::Lease),
         ("discovery.k8s.io", "EndpointSlice") => add!(discovery::v1::EndpointSlice),
@@ -60,13 +62,17 @@ fn documents() -> &'static std::collections::BTreeMap<(String, String), Value> {
         let mut gvs = vec![("", "v1")];
         gvs.extend(registry::groups());
         gvs.into_iter()
-            .filter_map(|(g, v)| build_group_version(g, v).map(|doc| ((g.to_string(), v.to_string()), doc)))
+            .filter_map(|(g, v)| {
+                build_group_version(g, v).map(|doc| ((g.to_string(), v.to_string()), doc))
+            })
             .collect()
     })
 }
 
 pub fn v3_group_version(group: &str, version: &str) -> Option<Value> {
-    documents().get(&(group.to_string(), version.to_string())).cloned()
+    documents()
+        .get(&(group.to_string(), version.to_string()))
+        .cloned()
 }
 
 fn build_group_version(group: &str, version: &str) -> Option<Value> {
@@ -83,7 +89,8 @@ fn build_group_version(group: &str, version: &str) -> Option<Value> {
         format!("/apis/{group}/{version}")
     };
     let mut paths = Map::new();
-    let mut generator = k8s_openapi::schemars::generate::SchemaSettings::openapi3().into_generator();
+    let mut generator =
+        k8s_openapi::schemars::generate::SchemaSettings::openapi3().into_generator();
     for r in &resources {
         add_schema(&mut generator, r.group, r.kind);
     }
@@ -134,7 +141,9 @@ pub fn v3_root(hash_fn: impl Fn(&Value) -> String) -> Value {
     gvs.extend(registry::groups());
     let mut paths = Map::new();
     for (g, v) in gvs {
-        let Some(doc) = documents().get(&(g.to_string(), v.to_string())) else { continue };
+        let Some(doc) = documents().get(&(g.to_string(), v.to_string())) else {
+            continue;
+        };
         let path = if g.is_empty() {
             format!("api/{v}")
         } else {

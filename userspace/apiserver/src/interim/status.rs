@@ -43,7 +43,11 @@ impl ApiError {
     pub fn already_exists(resource: &str, name: &str) -> Self {
         ApiError {
             details: details(name, resource),
-            ..Self::new(409, "AlreadyExists", format!("{resource} \"{name}\" already exists"))
+            ..Self::new(
+                409,
+                "AlreadyExists",
+                format!("{resource} \"{name}\" already exists"),
+            )
         }
     }
 
@@ -83,7 +87,9 @@ impl ApiError {
         Self::new(
             415,
             "UnsupportedMediaType",
-            format!("the body of the request was in an unknown format - accepted media types include: application/json, application/yaml (got {content_type:?})"),
+            format!(
+                "the body of the request was in an unknown format - accepted media types include: application/json, application/yaml (got {content_type:?})"
+            ),
         )
     }
 

@@ -29,17 +29,29 @@ pub fn human_duration(secs: i64) -> String {
         format!("{secs}s")
     } else if m < 10 {
         let s = secs % 60;
-        if s == 0 { format!("{m}m") } else { format!("{m}m{s}s") }
+        if s == 0 {
+            format!("{m}m")
+        } else {
+            format!("{m}m{s}s")
+        }
     } else if m < 180 {
         format!("{m}m")
     } else if h < 8 {
         let mm = m % 60;
-        if mm == 0 { format!("{h}h") } else { format!("{h}h{mm}m") }
+        if mm == 0 {
+            format!("{h}h")
+        } else {
+            format!("{h}h{mm}m")
+        }
     } else if h < 48 {
         format!("{h}h")
     } else if h < 24 * 8 {
         let hh = h % 24;
-        if hh == 0 { format!("{d}d") } else { format!("{d}d{hh}h") }
+        if hh == 0 {
+            format!("{d}d")
+        } else {
+            format!("{d}d{hh}h")
+        }
     } else if h < 24 * 365 * 2 {
         format!("{d}d")
     } else {
@@ -64,7 +76,11 @@ fn i(obj: &Value, ptr: &str) -> i64 {
 }
 
 fn or_none(v: &str) -> String {
-    if v.is_empty() { "<none>".into() } else { v.into() }
+    if v.is_empty() {
+        "<none>".into()
+    } else {
+        v.into()
+    }
 }
 
 fn selector_text(map: Option<&Value>) -> String {
@@ -102,7 +118,11 @@ fn columns(info: &ResourceInfo) -> Vec<Column> {
             ("Age", "string", 0),
             ("Selector", "string", 1),
         ],
-        ("", "Namespace") => vec![("Name", "string", 0), ("Status", "string", 0), ("Age", "string", 0)],
+        ("", "Namespace") => vec![
+            ("Name", "string", 0),
+            ("Status", "string", 0),
+            ("Age", "string", 0),
+        ],
         ("", "Node") => vec![
             ("Name", "string", 0),
             ("Status", "string", 0),
@@ -110,7 +130,11 @@ fn columns(info: &ResourceInfo) -> Vec<Column> {
             ("Age", "string", 0),
             ("Version", "string", 0),
         ],
-        ("", "ConfigMap") => vec![("Name", "string", 0), ("Data", "integer", 0), ("Age", "string", 0)],
+        ("", "ConfigMap") => vec![
+            ("Name", "string", 0),
+            ("Data", "integer", 0),
+            ("Age", "string", 0),
+        ],
         ("", "Secret") => vec![
             ("Name", "string", 0),
             ("Type", "string", 0),
@@ -160,7 +184,11 @@ fn columns(info: &ResourceInfo) -> Vec<Column> {
             ("Available", "integer", 0),
             ("Age", "string", 0),
         ],
-        ("apps", "StatefulSet") => vec![("Name", "string", 0), ("Ready", "string", 0), ("Age", "string", 0)],
+        ("apps", "StatefulSet") => vec![
+            ("Name", "string", 0),
+            ("Ready", "string", 0),
+            ("Age", "string", 0),
+        ],
         ("", "Event") => vec![
             ("Last Seen", "string", 0),
             ("Type", "string", 0),
@@ -168,8 +196,16 @@ fn columns(info: &ResourceInfo) -> Vec<Column> {
             ("Object", "string", 0),
             ("Message", "string", 0),
         ],
-        ("", "Endpoints") => vec![("Name", "string", 0), ("Endpoints", "string", 0), ("Age", "string", 0)],
-        ("coordination.k8s.io", "Lease") => vec![("Name", "string", 0), ("Holder", "string", 0), ("Age", "string", 0)],
+        ("", "Endpoints") => vec![
+            ("Name", "string", 0),
+            ("Endpoints", "string", 0),
+            ("Age", "string", 0),
+        ],
+        ("coordination.k8s.io", "Lease") => vec![
+            ("Name", "string", 0),
+            ("Holder", "string", 0),
+            ("Age", "string", 0),
+        ],
         _ => vec![("Name", "string", 0), ("Age", "string", 0)],
     }
 }
@@ -183,7 +219,10 @@ fn since(obj: &Value, ptr: &str, now: chrono::DateTime<chrono::Utc>) -> String {
 }
 
 fn pod_status(obj: &Value) -> String {
-    if obj.pointer("/metadata/deletionTimestamp").is_some_and(|v| !v.is_null()) {
+    if obj
+        .pointer("/metadata/deletionTimestamp")
+        .is_some_and(|v| !v.is_null())
+    {
         return "Terminating".into();
     }
     if let Some(Value::Array(cs)) = obj.pointer("/status/containerStatuses") {
@@ -203,7 +242,11 @@ fn pod_status(obj: &Value) -> String {
         return reason.into();
     }
     let phase = s(obj, "/status/phase");
-    if phase.is_empty() { "Pending".into() } else { phase.into() }
+    if phase.is_empty() {
+        "Pending".into()
+    } else {
+        phase.into()
+    }
 }
 
 fn cells(info: &ResourceInfo, obj: &Value, now: chrono::DateTime<chrono::Utc>) -> Vec<Value> {
@@ -211,12 +254,20 @@ fn cells(info: &ResourceInfo, obj: &Value, now: chrono::DateTime<chrono::Utc>) -
     let age = json!(age(obj, now));
     match (info.group, info.kind) {
         ("", "Pod") => {
-            let total = obj.pointer("/spec/containers").and_then(Value::as_array).map_or(0, Vec::len);
-            let statuses = obj.pointer("/status/containerStatuses").and_then(Value::as_array);
+            let total = obj
+                .pointer("/spec/containers")
+                .and_then(Value::as_array)
+                .map_or(0, Vec::len);
+            let statuses = obj
+                .pointer("/status/containerStatuses")
+                .and_then(Value::as_array);
             let ready = statuses.map_or(0, |cs| {
-                cs.iter().filter(|c| c.get("ready").and_then(Value::as_bool) == Some(true)).count()
+                cs.iter()
+                    .filter(|c| c.get("ready").and_then(Value::as_bool) == Some(true))
+                    .count()
             });
-            let restarts: i64 = statuses.map_or(0, |cs| cs.iter().map(|c| i(c, "/restartCount")).sum());
+            let restarts: i64 =
+                statuses.map_or(0, |cs| cs.iter().map(|c| i(c, "/restartCount")).sum());
             vec![
                 name,
                 json!(format!("{ready}/{total}")),
@@ -255,7 +306,11 @@ fn cells(info: &ResourceInfo, obj: &Value, now: chrono::DateTime<chrono::Utc>) -
                         .and_then(Value::as_array)
                         .map(|a| a.iter().map(|x| s(x, "/ip").to_string()).collect())
                         .unwrap_or_default();
-                    if ips.is_empty() { "<pending>".into() } else { ips.join(",") }
+                    if ips.is_empty() {
+                        "<pending>".into()
+                    } else {
+                        ips.join(",")
+                    }
                 }
                 _ => "<none>".into(),
             };
@@ -264,7 +319,11 @@ fn cells(info: &ResourceInfo, obj: &Value, now: chrono::DateTime<chrono::Utc>) -
                 json!(ty),
                 json!(or_none(s(obj, "/spec/clusterIP"))),
                 json!(external),
-                json!(if ports.is_empty() { "<none>".to_string() } else { ports.join(",") }),
+                json!(if ports.is_empty() {
+                    "<none>".to_string()
+                } else {
+                    ports.join(",")
+                }),
                 age,
                 json!(selector_text(obj.pointer("/spec/selector"))),
             ]
@@ -280,28 +339,54 @@ fn cells(info: &ResourceInfo, obj: &Value, now: chrono::DateTime<chrono::Utc>) -
                 Some(true) => "Ready",
                 _ => "NotReady",
             };
-            vec![name, json!(status), json!("<none>"), age, json!(s(obj, "/status/nodeInfo/kubeletVersion"))]
+            vec![
+                name,
+                json!(status),
+                json!("<none>"),
+                age,
+                json!(s(obj, "/status/nodeInfo/kubeletVersion")),
+            ]
         }
         ("", "ConfigMap") => {
-            let n = obj.get("data").and_then(Value::as_object).map_or(0, |m| m.len())
-                + obj.get("binaryData").and_then(Value::as_object).map_or(0, |m| m.len());
+            let n = obj
+                .get("data")
+                .and_then(Value::as_object)
+                .map_or(0, |m| m.len())
+                + obj
+                    .get("binaryData")
+                    .and_then(Value::as_object)
+                    .map_or(0, |m| m.len());
             vec![name, json!(n), age]
         }
         ("", "Secret") => {
-            let n = obj.get("data").and_then(Value::as_object).map_or(0, |m| m.len());
+            let n = obj
+                .get("data")
+                .and_then(Value::as_object)
+                .map_or(0, |m| m.len());
             vec![name, json!(s(obj, "/type")), json!(n), age]
         }
         ("apps", "Deployment") => {
-            let containers = obj.pointer("/spec/template/spec/containers").and_then(Value::as_array);
+            let containers = obj
+                .pointer("/spec/template/spec/containers")
+                .and_then(Value::as_array);
             let join = |field: &str| {
                 containers
-                    .map(|cs| cs.iter().map(|c| s(c, field).to_string()).collect::<Vec<_>>().join(","))
+                    .map(|cs| {
+                        cs.iter()
+                            .map(|c| s(c, field).to_string())
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    })
                     .unwrap_or_default()
             };
             let sel = obj.pointer("/spec/selector/matchLabels");
             vec![
                 name,
-                json!(format!("{}/{}", i(obj, "/status/readyReplicas"), i(obj, "/spec/replicas"))),
+                json!(format!(
+                    "{}/{}",
+                    i(obj, "/status/readyReplicas"),
+                    i(obj, "/spec/replicas")
+                )),
                 json!(i(obj, "/status/updatedReplicas")),
                 json!(i(obj, "/status/availableReplicas")),
                 age,
@@ -320,7 +405,10 @@ fn cells(info: &ResourceInfo, obj: &Value, now: chrono::DateTime<chrono::Utc>) -
         ("batch", "Job") => {
             let conditions = obj.pointer("/status/conditions").and_then(Value::as_array);
             let has = |ty: &str| {
-                conditions.is_some_and(|cs| cs.iter().any(|c| s(c, "/type") == ty && s(c, "/status") == "True"))
+                conditions.is_some_and(|cs| {
+                    cs.iter()
+                        .any(|c| s(c, "/type") == ty && s(c, "/status") == "True")
+                })
             };
             let status = if has("Complete") {
                 "Complete"
@@ -332,23 +420,42 @@ fn cells(info: &ResourceInfo, obj: &Value, now: chrono::DateTime<chrono::Utc>) -
                 "Running"
             };
             let duration = match (
-                obj.pointer("/status/startTime").and_then(Value::as_str).and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok()),
-                obj.pointer("/status/completionTime").and_then(Value::as_str).and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok()),
+                obj.pointer("/status/startTime")
+                    .and_then(Value::as_str)
+                    .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok()),
+                obj.pointer("/status/completionTime")
+                    .and_then(Value::as_str)
+                    .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok()),
             ) {
                 (Some(start), Some(end)) => human_duration((end - start).num_seconds()),
-                (Some(start), None) => human_duration((now - start.with_timezone(&chrono::Utc)).num_seconds()),
+                (Some(start), None) => {
+                    human_duration((now - start.with_timezone(&chrono::Utc)).num_seconds())
+                }
                 _ => String::new(),
             };
-            let containers = obj.pointer("/spec/template/spec/containers").and_then(Value::as_array);
+            let containers = obj
+                .pointer("/spec/template/spec/containers")
+                .and_then(Value::as_array);
             let join = |field: &str| {
                 containers
-                    .map(|cs| cs.iter().map(|c| s(c, field).to_string()).collect::<Vec<_>>().join(","))
+                    .map(|cs| {
+                        cs.iter()
+                            .map(|c| s(c, field).to_string())
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    })
                     .unwrap_or_default()
             };
             vec![
                 name,
                 json!(status),
-                json!(format!("{}/{}", i(obj, "/status/succeeded"), obj.pointer("/spec/completions").and_then(Value::as_i64).unwrap_or(1))),
+                json!(format!(
+                    "{}/{}",
+                    i(obj, "/status/succeeded"),
+                    obj.pointer("/spec/completions")
+                        .and_then(Value::as_i64)
+                        .unwrap_or(1)
+                )),
                 json!(duration),
                 age,
                 json!(join("/name")),
@@ -358,8 +465,16 @@ fn cells(info: &ResourceInfo, obj: &Value, now: chrono::DateTime<chrono::Utc>) -
         ("batch", "CronJob") => vec![
             name,
             json!(s(obj, "/spec/schedule")),
-            json!(obj.pointer("/spec/suspend").and_then(Value::as_bool).unwrap_or(false)),
-            json!(obj.pointer("/status/active").and_then(Value::as_array).map_or(0, Vec::len)),
+            json!(
+                obj.pointer("/spec/suspend")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false)
+            ),
+            json!(
+                obj.pointer("/status/active")
+                    .and_then(Value::as_array)
+                    .map_or(0, Vec::len)
+            ),
             json!(since(obj, "/status/lastScheduleTime", now)),
             age,
         ],
@@ -374,15 +489,23 @@ fn cells(info: &ResourceInfo, obj: &Value, now: chrono::DateTime<chrono::Utc>) -
         ],
         ("apps", "StatefulSet") => vec![
             name,
-            json!(format!("{}/{}", i(obj, "/status/readyReplicas"), i(obj, "/spec/replicas"))),
+            json!(format!(
+                "{}/{}",
+                i(obj, "/status/readyReplicas"),
+                i(obj, "/spec/replicas")
+            )),
             age,
         ],
         ("", "Event") => {
-            let last = ["/lastTimestamp", "/eventTime", "/metadata/creationTimestamp"]
-                .into_iter()
-                .find(|p| obj.pointer(p).and_then(Value::as_str).is_some())
-                .map(|p| since(obj, p, now))
-                .unwrap_or_else(|| "<unknown>".into());
+            let last = [
+                "/lastTimestamp",
+                "/eventTime",
+                "/metadata/creationTimestamp",
+            ]
+            .into_iter()
+            .find(|p| obj.pointer(p).and_then(Value::as_str).is_some())
+            .map(|p| since(obj, p, now))
+            .unwrap_or_else(|| "<unknown>".into());
             let kind = s(obj, "/involvedObject/kind").to_ascii_lowercase();
             vec![
                 json!(last),
@@ -394,9 +517,25 @@ fn cells(info: &ResourceInfo, obj: &Value, now: chrono::DateTime<chrono::Utc>) -
         }
         ("", "Endpoints") => {
             let mut eps = Vec::new();
-            for subset in obj.get("subsets").and_then(Value::as_array).into_iter().flatten() {
-                let ports: Vec<i64> = subset.get("ports").and_then(Value::as_array).into_iter().flatten().map(|p| i(p, "/port")).collect();
-                for a in subset.get("addresses").and_then(Value::as_array).into_iter().flatten() {
+            for subset in obj
+                .get("subsets")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                let ports: Vec<i64> = subset
+                    .get("ports")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                    .map(|p| i(p, "/port"))
+                    .collect();
+                for a in subset
+                    .get("addresses")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                {
                     let ip = s(a, "/ip");
                     if ports.is_empty() {
                         eps.push(ip.to_string());
@@ -406,7 +545,15 @@ fn cells(info: &ResourceInfo, obj: &Value, now: chrono::DateTime<chrono::Utc>) -
                     }
                 }
             }
-            vec![name, json!(if eps.is_empty() { "<none>".to_string() } else { eps.join(",") }), age]
+            vec![
+                name,
+                json!(if eps.is_empty() {
+                    "<none>".to_string()
+                } else {
+                    eps.join(",")
+                }),
+                age,
+            ]
         }
         ("coordination.k8s.io", "Lease") => vec![name, json!(s(obj, "/spec/holderIdentity")), age],
         _ => vec![name, age],
