@@ -286,3 +286,57 @@ fn indexed_jobs_are_refused_with_a_clear_error() {
     let err = reconcile(&j, &[], &mut SeededSuffixes::new(0), ts(START)).unwrap_err();
     assert!(err.to_string().contains("completionMode"), "{err}");
 }
+
+/// Random jobs whose pods succeed or fail at random: never more than `parallelism` active, and
+/// every run ends Complete (enough successes) or Failed with more failures than backoffLimit.
+#[test]
+fn random_jobs_respect_parallelism_and_finish() {
+    for seed in 0..200u64 {
+        let mut rng = SeededSuffixes::new(seed);
+        let mut pick = |n: u64| rng.next_u64() % n;
+        let completions = if pick(4) == 0 {
+            None
+        } else {
+            Some(1 + pick(6) as i32)
+        };
+        let parallelism = 1 + pick(4) as i32;
+        let mut j = job(completions, parallelism);
+        j.spec.as_mut().unwrap().backoff_limit = Some(pick(5) as i32);
+        let mut sim = Sim::new(j);
+        for _ in 0..2000 {
+            sim.now += 1 + pick(20) as i64;
+            sim.reconcile();
+            assert!(
+                sim.max_active <= parallelism as usize,
+                "seed {seed}: {} active",
+                sim.max_active
+            );
+            if is_finished(&sim.job) {
+                break;
+            }
+            for p in sim.pods.iter_mut() {
+                let status = p.status.as_mut().unwrap();
+                match (status.phase.as_deref(), pick(3)) {
+                    (Some("Pending"), _) => status.phase = Some("Running".into()),
+                    (Some("Running"), 0) => status.phase = Some("Succeeded".into()),
+                    (Some("Running"), 1) if pick(3) == 0 => status.phase = Some("Failed".into()),
+                    _ => {}
+                }
+            }
+        }
+        let status = sim.job.status.clone().unwrap();
+        let context = format!("seed {seed}: completions {completions:?} parallelism {parallelism}");
+        if sim.condition(COMPLETE).is_some() {
+            assert!(
+                status.succeeded.unwrap_or(0) >= completions.unwrap_or(1),
+                "{context}"
+            );
+        } else {
+            assert!(sim.condition(FAILED).is_some(), "{context}: finished");
+            let limit = sim.job.spec.as_ref().unwrap().backoff_limit.unwrap();
+            assert!(status.failed.unwrap_or(0) > limit, "{context}");
+        }
+        assert_eq!(status.active, None, "{context}: nothing left running");
+        assert!(sim.pods.iter().all(|p| !is_active(p)), "{context}");
+    }
+}
