@@ -658,11 +658,7 @@ fn try_nodeport(ctx: &XdpContext) -> Option<u32> {
     };
     let (saddr, daddr, sport, dport) = unsafe { (*saddr_p, *daddr_p, *sport_p, *dport_p) };
 
-    let cfg = NODE_CONFIG.get(0)?;
-    let snat = cfg.nodeport_snat.w[0];
-    if snat == 0 {
-        return Some(XDP_PASS);
-    }
+    let snat_cfg = NODE_CONFIG.get(0)?.nodeport_snat.w[0];
     let now = now_ns();
     let key = CtKey {
         src: Addr::v4_raw(saddr),
@@ -672,18 +668,24 @@ fn try_nodeport(ctx: &XdpContext) -> Option<u32> {
         proto,
         _pad: [0; 3],
     };
-    let mut chosen: Option<Backend> = None;
+    // (backend, source address after translation)
+    let mut chosen: Option<(Backend, u32)> = None;
     if let Some(ct) = CONNTRACK.get_ptr_mut(&key) {
         let ct_val = unsafe { *ct };
         if ct_val.flags & CT_F_FORWARD != 0 {
             if let Some(b) = unsafe { BACKENDS.get(&ct_val.backend_id) } {
                 unsafe { (*ct).last_seen_ns = now };
-                chosen = Some(*b);
+                let src = if ct_val.flags & CT_F_SNAT != 0 {
+                    snat_cfg
+                } else {
+                    saddr
+                };
+                chosen = Some((*b, src));
             }
         }
     }
-    let b = match chosen {
-        Some(b) => b,
+    let (b, new_saddr) = match chosen {
+        Some(c) => c,
         None => {
             let skey = ServiceKey {
                 addr: Addr::v4_raw(daddr),
@@ -707,9 +709,21 @@ fn try_nodeport(ctx: &XdpContext) -> Option<u32> {
             }
             let id = unsafe { *(*table).ids.get(idx)? };
             let b = unsafe { *BACKENDS.get(&id)? };
+            // externalTrafficPolicy=Local keeps the client's address (the backend is local, so
+            // its reply still meets from_pod on this node); otherwise SNAT, which needs an
+            // address configured.
+            let keep_source = svc.flags & SVC_F_ETP_LOCAL != 0;
+            if !keep_source && snat_cfg == 0 {
+                return Some(XDP_PASS);
+            }
+            let (new_saddr, snat_flag) = if keep_source {
+                (saddr, 0)
+            } else {
+                (snat_cfg, CT_F_SNAT)
+            };
             let fwd = CtValue {
                 backend_id: id,
-                flags: CT_F_FORWARD | CT_F_SNAT,
+                flags: CT_F_FORWARD | snat_flag,
                 orig_port: dport,
                 orig_addr: Addr::v4_raw(daddr),
                 client_addr: Addr::v4_raw(saddr),
@@ -717,33 +731,37 @@ fn try_nodeport(ctx: &XdpContext) -> Option<u32> {
             };
             let rkey = CtKey {
                 src: b.addr,
-                dst: Addr::v4_raw(snat),
+                dst: Addr::v4_raw(new_saddr),
                 sport: b.port,
                 dport: sport,
                 proto,
                 _pad: [0; 3],
             };
             let rev = CtValue {
-                flags: CT_F_REPLY | CT_F_SNAT,
+                flags: CT_F_REPLY | snat_flag,
                 ..fwd
             };
             let _ = CONNTRACK.insert(&rkey, &rev, 0);
             let _ = CONNTRACK.insert(&key, &fwd, 0);
             count(counter::CT_CREATE);
-            b
+            (b, new_saddr)
         }
     };
     let new_daddr = b.addr.w[0];
     unsafe {
         let mut ipc = *ipcsum_p;
         ipc = csum_replace4(ipc, daddr, new_daddr);
-        ipc = csum_replace4(ipc, saddr, snat);
+        if new_saddr != saddr {
+            ipc = csum_replace4(ipc, saddr, new_saddr);
+        }
         *ipcsum_p = ipc;
         let old_l4 = *l4csum_p;
         // UDP checksum 0 means "none": leave it.
         if !(proto == PROTO_UDP && old_l4 == 0) {
             let mut c = csum_replace4(old_l4, daddr, new_daddr);
-            c = csum_replace4(c, saddr, snat);
+            if new_saddr != saddr {
+                c = csum_replace4(c, saddr, new_saddr);
+            }
             c = csum_replace2(c, dport, b.port);
             if proto == PROTO_UDP && c == 0 {
                 c = 0xffff;
@@ -751,7 +769,7 @@ fn try_nodeport(ctx: &XdpContext) -> Option<u32> {
             *l4csum_p = c;
         }
         *daddr_p = new_daddr;
-        *saddr_p = snat;
+        *saddr_p = new_saddr;
         *dport_p = b.port;
     }
     count(counter::NODEPORT);

@@ -568,6 +568,7 @@ impl Datapath {
             proto,
             backends: vec![],
             affinity_timeout: None,
+            external_traffic_local: false,
         })?;
         let ops = plan::plan_delete(&key, &self.map_state()?);
         self.apply(&ops)?;

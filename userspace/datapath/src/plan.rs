@@ -12,7 +12,8 @@ use std::net::IpAddr;
 
 use skiff_ebpf_common::{
     Addr, BACKEND_ACTIVE, BACKEND_TERMINATING, Backend, BackendSlotKey, PROTO_TCP, PROTO_UDP,
-    SCOPE_INTERNAL, SVC_F_AFFINITY, ServiceKey, ServiceValue, ip4_to_raw, port_to_raw,
+    SCOPE_INTERNAL, SVC_F_AFFINITY, SVC_F_ETP_LOCAL, ServiceKey, ServiceValue, ip4_to_raw,
+    port_to_raw,
 };
 
 use crate::DatapathError;
@@ -60,6 +61,9 @@ pub struct ServiceSpec {
     pub backends: Vec<BackendSpec>,
     /// sessionAffinity: ClientIP with this timeout in seconds; None = no affinity.
     pub affinity_timeout: Option<u32>,
+    /// externalTrafficPolicy=Local on a NodePort frontend: the client's source address is kept
+    /// (no SNAT). The caller lists only this node's endpoints, as Kubernetes requires.
+    pub external_traffic_local: bool,
 }
 
 /// What the SERVICES, BACKEND_SLOTS and BACKENDS maps hold (read from the kernel, or built by
@@ -267,6 +271,10 @@ pub fn plan_upsert(spec: &ServiceSpec, state: &MapState) -> Result<Vec<MapOp>, D
             SVC_F_AFFINITY
         } else {
             0
+        } | if spec.external_traffic_local {
+            SVC_F_ETP_LOCAL
+        } else {
+            0
         },
         _pad: 0,
         affinity_timeout_s: spec.affinity_timeout.unwrap_or(0),
@@ -368,6 +376,7 @@ mod tests {
             proto: Proto::Tcp,
             backends,
             affinity_timeout: None,
+            external_traffic_local: false,
         }
     }
 

@@ -33,6 +33,7 @@ fn spec(lab: &Lab, backends: &[usize], proto: Proto) -> ServiceSpec {
             })
             .collect(),
         affinity_timeout: None,
+        external_traffic_local: false,
     }
 }
 
@@ -190,4 +191,45 @@ fn nodeport_tcp_and_udp_via_xdp_with_maglev() {
         to_client.send("stop").expect("send");
         client.join().expect("client");
     });
+}
+
+#[test]
+fn nodeport_external_traffic_local_keeps_the_client_address() {
+    if !require_privileges("nodeport_external_traffic_local_keeps_the_client_address") {
+        return;
+    }
+    let mut lab = Lab::new("etp", 2);
+    let ext = lab.add_uplink();
+    let mut dp = lab.datapath();
+    lab.in_node(|| dp.attach_xdp("up0")).expect("attach xdp");
+    dp.set_nodeport_snat(SNAT).expect("snat");
+    let _s1 = Server::start(&lab.pods[1].netns, lab.pods[1].ip, 8080);
+    let mut local = spec(&lab, &[1], Proto::Tcp);
+    local.external_traffic_local = true;
+    dp.upsert_nodeport(&local).expect("etp=local nodeport");
+    let mut cluster = spec(&lab, &[1], Proto::Tcp);
+    cluster.port = NODE_PORT + 1;
+    dp.upsert_nodeport(&cluster).expect("etp=cluster nodeport");
+    let (seen_local, seen_cluster, who) = in_netns(&ext, || {
+        (
+            lab::tcp_ask_peer(SocketAddr::from((UPLINK_NODE, NODE_PORT))).expect("etp=local"),
+            lab::tcp_ask_peer(SocketAddr::from((UPLINK_NODE, NODE_PORT + 1))).expect("etp=cluster"),
+            tcp_ask(SocketAddr::from((UPLINK_NODE, NODE_PORT))).expect("etp=local again"),
+        )
+    });
+    assert_eq!(
+        seen_local,
+        UPLINK_CLIENT.to_string(),
+        "eTP=Local: the backend sees the client"
+    );
+    assert_eq!(
+        seen_cluster,
+        SNAT.to_string(),
+        "eTP=Cluster: the backend sees the SNAT address"
+    );
+    assert_eq!(
+        who.1,
+        SocketAddr::from((UPLINK_NODE, NODE_PORT)),
+        "the client sees node_ip:node_port"
+    );
 }

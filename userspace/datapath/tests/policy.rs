@@ -44,6 +44,7 @@ fn network_policy_allow_and_deny() {
             terminating: false,
         }],
         affinity_timeout: None,
+        external_traffic_local: false,
     })
     .expect("service");
     let via_vip = SocketAddr::from((vip, 80));

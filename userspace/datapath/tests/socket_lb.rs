@@ -32,6 +32,7 @@ fn spec(lab: &Lab, backends: &[usize], proto: Proto, affinity: Option<u32>) -> S
             })
             .collect(),
         affinity_timeout: affinity,
+        external_traffic_local: false,
     }
 }
 

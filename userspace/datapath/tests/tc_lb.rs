@@ -27,6 +27,7 @@ fn spec(lab: &Lab, backends: &[usize], port: u16, proto: Proto) -> ServiceSpec {
             })
             .collect(),
         affinity_timeout: None,
+        external_traffic_local: false,
     }
 }
 

@@ -472,7 +472,15 @@ fn serve_tcp(s: TcpStream, ip: Ipv4Addr, stop: Arc<AtomicBool>) {
         match r.read_line(&mut line) {
             Ok(0) => return,
             Ok(_) => {
-                if w.write_all(format!("{ip}\n").as_bytes()).is_err() {
+                // "peer" asks who the server sees as the client (source-IP preservation tests).
+                let answer = if line.trim() == "peer" {
+                    w.peer_addr()
+                        .map(|a| a.ip().to_string())
+                        .unwrap_or_default()
+                } else {
+                    ip.to_string()
+                };
+                if w.write_all(format!("{answer}\n").as_bytes()).is_err() {
                     return;
                 }
             }
@@ -505,6 +513,17 @@ pub fn tcp_ask(dst: SocketAddr) -> std::io::Result<(String, SocketAddr)> {
     let mut line = String::new();
     BufReader::new(s).read_line(&mut line)?;
     Ok((line.trim().to_string(), peer))
+}
+
+/// Asks a server which client address it sees.
+pub fn tcp_ask_peer(dst: SocketAddr) -> std::io::Result<String> {
+    let s = TcpStream::connect_timeout(&dst, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let mut w = s.try_clone()?;
+    w.write_all(b"peer\n")?;
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line)?;
+    Ok(line.trim().to_string())
 }
 
 /// One UDP request from a fresh unconnected socket: returns (answering IP, reply source).
