@@ -20,8 +20,7 @@ use skiff_api::selector::LabelSelector;
 use crate::hash::{POD_TEMPLATE_HASH_LABEL, pod_template_hash, templates_equal};
 use crate::{
     Action, EventRecord, EventType, Kind, Object, Outcome, ReconcileError, controller_of,
-    controller_owner_ref, created_second, is_controlled_by, labels_of, name_of, namespace_of,
-    object_reference, time,
+    controller_owner_ref, created_second, labels_of, name_of, namespace_of, object_reference, time,
 };
 
 pub const REVISION_ANNOTATION: &str = "deployment.kubernetes.io/revision";
@@ -271,7 +270,7 @@ pub fn reconcile(
         });
     }
 
-    let other_actions = Vec::new();
+    let mut released_actions = Vec::new();
     let mut rss = Vec::new();
     let mut adopted_indices = Vec::new();
     for rs in replica_sets {
@@ -280,7 +279,18 @@ pub fn reconcile(
         }
         let matches = selector.matches(&labels_of(&rs.metadata));
         match controller_of(&rs.metadata) {
-            Some(owner) if owner.uid == uid => rss.push(rs.clone()),
+            Some(owner) if owner.uid == uid => {
+                if matches || d.metadata.deletion_timestamp.is_some() {
+                    rss.push(rs.clone());
+                } else {
+                    // Relabelled out of the selector: release it, as ControllerRefManager does.
+                    let mut released = rs.clone();
+                    if let Some(refs) = released.metadata.owner_references.as_mut() {
+                        refs.retain(|r| r.uid != uid);
+                    }
+                    released_actions.push(Action::Update(Object::ReplicaSet(Box::new(released))));
+                }
+            }
             Some(_) => {}
             None if matches
                 && rs.metadata.deletion_timestamp.is_none()
@@ -315,7 +325,7 @@ pub fn reconcile(
         new_rs: None,
         status: d.status.clone().unwrap_or_default(),
         deployment_annotations: None,
-        other_actions,
+        other_actions: released_actions,
         events: Vec::new(),
         status_only: false,
     };
@@ -610,26 +620,15 @@ impl<'a> Sync<'a> {
         let collision_count = self.status.collision_count;
         let hash = pod_template_hash(&template, collision_count);
         let rs_name = format!("{}-{}", self.name, hash);
-        // A ReplicaSet with that name but another template (or another owner) is a hash
-        // collision: bump collisionCount so the next reconcile hashes differently.
-        if let Some(existing) = all_in_namespace.iter().find(|rs| {
+        // The name is taken by a ReplicaSet that is not our new one (one of ours with an equal
+        // template would have been found above, so this one has another template, another
+        // owner, or is being released): a hash collision. Bump collisionCount so the next
+        // reconcile hashes differently, as Kubernetes does after its create fails.
+        if all_in_namespace.iter().any(|rs| {
             namespace_of(&rs.metadata) == self.namespace && name_of(&rs.metadata) == rs_name
         }) {
-            let same_template = existing
-                .spec
-                .as_ref()
-                .and_then(|s| s.template.as_ref())
-                .is_some_and(|t| templates_equal(t, &template));
-            let ours = self
-                .d
-                .metadata
-                .uid
-                .as_deref()
-                .is_some_and(|uid| is_controlled_by(&existing.metadata, uid));
-            if !(same_template && ours) {
-                self.status.collision_count = Some(collision_count.unwrap_or(0) + 1);
-                self.status_only = true;
-            }
+            self.status.collision_count = Some(collision_count.unwrap_or(0) + 1);
+            self.status_only = true;
             return;
         }
 
@@ -1283,8 +1282,6 @@ impl<'a> Sync<'a> {
                 actions.push(Action::Update(Object::Deployment(Box::new(d))));
             }
             actions.append(&mut self.events);
-        } else {
-            actions.clear();
         }
         let observed = self.d.status.clone().unwrap_or_default();
         if self.status != observed {

@@ -1010,3 +1010,41 @@ fn change_cause_is_copied_to_the_replicaset_but_last_applied_is_not() {
         Some("{}")
     );
 }
+
+#[test]
+fn an_owned_replicaset_relabelled_out_of_the_selector_is_released() {
+    let mut c = Cluster::new();
+    c.add_deployment(deployment(1, "nginx:1.25", Int(1), Int(0)));
+    converge(&mut c, 20, |_| {});
+    let mut rs = c.replica_sets[0].clone();
+    rs.metadata.labels = Some(labels(&[("app", "debug")]));
+    let out = reconcile(c.deployment(), &[rs], &[], ts(c.now)).unwrap();
+    let released = out
+        .actions
+        .iter()
+        .find_map(|a| match a {
+            Action::Update(Object::ReplicaSet(rs)) => Some(rs.clone()),
+            _ => None,
+        })
+        .expect("an update releasing the replicaset");
+    assert!(
+        released
+            .metadata
+            .owner_references
+            .as_ref()
+            .unwrap()
+            .is_empty()
+    );
+    // The new replicaset would take the released one's name: a hash collision, so the
+    // collision count goes up and the next reconcile creates it under another name.
+    let status = out
+        .actions
+        .iter()
+        .find_map(|a| match a {
+            Action::UpdateStatus(Object::Deployment(d)) => d.status.clone(),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(status.collision_count, Some(1));
+    assert!(!out.actions.iter().any(|a| matches!(a, Action::Create(_))));
+}
