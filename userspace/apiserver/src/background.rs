@@ -6,8 +6,8 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::State;
-use crate::interim::registry;
-use crate::interim::status::ApiError;
+use skiff_api::registry;
+use skiff_api::status::ApiError;
 use crate::objects::{self, WriteFail, decode_kv, name_of, prefix, ready_to_remove, store_error};
 use crate::services;
 

@@ -14,9 +14,9 @@ use serde_json::{Value, json};
 use tokio::task::JoinSet;
 
 use crate::State;
-use crate::interim::openapi;
-use crate::interim::registry::{self, ResourceInfo};
-use crate::interim::status::ApiError;
+use skiff_api::openapi;
+use skiff_api::registry::{self, ResourceInfo};
+use skiff_api::status::ApiError;
 use crate::objects;
 
 /// Request bodies larger than this are refused with 413 (Kubernetes' own limit is 3 MiB).
@@ -536,7 +536,7 @@ mod fuzz {
     use serde_json::Value;
 
     use super::decode;
-    use crate::interim::{admission, registry};
+    use skiff_api::{admission, registry};
 
     fn json_value() -> impl Strategy<Value = Value> {
         let leaf = prop_oneof![

@@ -9,7 +9,6 @@
 
 mod background;
 mod http;
-mod interim;
 mod objects;
 mod services;
 mod tls;

@@ -12,10 +12,10 @@ use skiff_store::{KeyValue, StoreError};
 
 use crate::State;
 use crate::http::{Ctx, Resp, Target, json_response};
-use crate::interim::admission::{self, FieldValidation};
-use crate::interim::registry::{self, ResourceInfo};
-use crate::interim::status::ApiError;
-use crate::interim::table::{self, IncludeObject};
+use skiff_api::admission::{self, FieldValidation};
+use skiff_api::registry::{self, ResourceInfo};
+use skiff_api::status::ApiError;
+use skiff_api::table::{self, IncludeObject};
 use crate::services;
 
 /// How many times a write retries against a newer revision when the client did not pin one.

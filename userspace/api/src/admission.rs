@@ -1,10 +1,10 @@
 //! Decoding checks, field validation, defaulting and the metadata rules of create and update
-//! (interim; TODO(skiff-api): `skiff_api::admission`).
+//! (pure logic: no I/O, no clock other than the `now` passed in).
 
 use serde_json::{Map, Value, json};
 
-use super::registry::ResourceInfo;
-use super::status::ApiError;
+use crate::registry::ResourceInfo;
+use crate::status::ApiError;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FieldValidation {
@@ -738,7 +738,7 @@ pub fn validate(info: &ResourceInfo, obj: &Value) -> Result<(), ApiError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::interim::registry;
+    use crate::registry;
 
     #[test]
     fn unknown_fields_are_found_and_pruned() {

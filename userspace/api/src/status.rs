@@ -1,4 +1,4 @@
-//! `metav1.Status` errors (interim; TODO(skiff-api): `skiff_api::status`).
+//! API errors as `metav1.Status`, with the codes and reasons Kubernetes uses.
 
 use serde_json::{Value, json};
 

@@ -1,4 +1,5 @@
-//! The served resources (interim; TODO(skiff-api): `skiff_api::registry`).
+//! The resources skiff serves: names, scope, short names, categories, subresources and verbs, and
+//! the discovery documents (legacy and aggregated) built from them.
 
 use serde_json::{Value, json};
 
@@ -276,7 +277,6 @@ pub fn find(group: &str, version: &str, plural: &str) -> Option<&'static Resourc
         .find(|r| r.group == group && r.version == version && r.plural == plural)
 }
 
-#[allow(dead_code)]
 pub fn find_kind(api_version: &str, kind: &str) -> Option<&'static ResourceInfo> {
     RESOURCES
         .iter()

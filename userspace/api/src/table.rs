@@ -1,8 +1,8 @@
-//! `meta.k8s.io/v1` Table output for `kubectl get` (interim; TODO(skiff-api): `skiff_api::table`).
+//! `meta.k8s.io/v1` Table output for `kubectl get`, with the columns kubectl users know.
 
 use serde_json::{Value, json};
 
-use super::registry::ResourceInfo;
+use crate::registry::ResourceInfo;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IncludeObject {

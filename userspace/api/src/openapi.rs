@@ -1,4 +1,4 @@
-//! The OpenAPI v3 documents kubectl needs (interim; TODO(skiff-api): `skiff_api::openapi`):
+//! The OpenAPI v3 documents kubectl needs:
 //! - default `apply` validation: paths with a `patch` operation carrying
 //!   `x-kubernetes-group-version-kind` and the `fieldValidation` parameter, so kubectl leaves
 //!   validation to the server;
@@ -10,7 +10,7 @@
 
 use serde_json::{Map, Value, json};
 
-use super::registry;
+use crate::registry;
 
 fn schema_name(r: &registry::ResourceInfo) -> String {
     let group = match r.group {
