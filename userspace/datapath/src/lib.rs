@@ -233,6 +233,8 @@ pub struct Datapath {
     maglev: HashMap<MapData, u32, MaglevTable>,
     node_config: Array<MapData, NodeConfig>,
     policy: aya::maps::lpm_trie::LpmTrie<MapData, skiff_ebpf_common::PolicyKey, u8>,
+    /// The service maps as this handle last wrote or read them (see `refresh`).
+    state: MapState,
 }
 
 impl Datapath {
@@ -297,7 +299,16 @@ impl Datapath {
     }
 
     /// Builds the typed map handles, from a freshly loaded object or from the pins.
-    fn assemble(mut ebpf: Option<&mut Ebpf>, pin_dir: &Path) -> Result<Datapath, DatapathError> {
+    fn assemble(ebpf: Option<&mut Ebpf>, pin_dir: &Path) -> Result<Datapath, DatapathError> {
+        let mut dp = Self::assemble_maps(ebpf, pin_dir)?;
+        dp.refresh()?;
+        Ok(dp)
+    }
+
+    fn assemble_maps(
+        mut ebpf: Option<&mut Ebpf>,
+        pin_dir: &Path,
+    ) -> Result<Datapath, DatapathError> {
         let mut take = |name: &'static str| -> Result<aya::maps::Map, DatapathError> {
             match ebpf.as_deref_mut() {
                 Some(e) => e
@@ -327,6 +338,7 @@ impl Datapath {
             maglev: typed(take(map_names::MAGLEV)?, map_names::MAGLEV)?,
             node_config: typed(take(map_names::NODE_CONFIG)?, map_names::NODE_CONFIG)?,
             policy: typed(take(map_names::POLICY)?, map_names::POLICY)?,
+            state: MapState::default(),
             ebpf: None,
             pin_dir: pin_dir.to_path_buf(),
         })
@@ -532,25 +544,39 @@ impl Datapath {
 
     /// What SERVICES, BACKEND_SLOTS and BACKENDS hold now.
     pub fn map_state(&self) -> Result<MapState, DatapathError> {
-        let mut st = MapState::default();
+        let (mut services, mut slots, mut backends) =
+            (BTreeMap::new(), BTreeMap::new(), BTreeMap::new());
         for kv in self.services.iter() {
             let (k, v) = kv.map_err(map_err(map_names::SERVICES))?;
-            st.services.insert(k, v);
+            services.insert(k, v);
         }
         for kv in self.slots.iter() {
             let (k, v) = kv.map_err(map_err(map_names::BACKEND_SLOTS))?;
-            st.slots.insert(k, v);
+            slots.insert(k, v);
         }
         for kv in self.backends.iter() {
             let (k, v) = kv.map_err(map_err(map_names::BACKENDS))?;
-            st.backends.insert(k, v);
+            backends.insert(k, v);
         }
-        Ok(st)
+        Ok(MapState::from_maps(services, slots, backends))
+    }
+
+    /// Re-reads the service maps into the cached state the diff plans against. The cache is
+    /// read at load and kept by `apply`; call this if another process (another handle on the
+    /// same pins) changed the maps.
+    pub fn refresh(&mut self) -> Result<(), DatapathError> {
+        self.state = self.map_state()?;
+        Ok(())
+    }
+
+    /// The cached view of the service maps (what the next diff plans against).
+    pub fn cached_state(&self) -> &MapState {
+        &self.state
     }
 
     /// Makes the maps hold `spec`, changing only what differs. Returns the operations applied.
     pub fn upsert_service(&mut self, spec: &ServiceSpec) -> Result<Vec<MapOp>, DatapathError> {
-        let ops = plan::plan_upsert(spec, &self.map_state()?)?;
+        let ops = plan::plan_upsert(spec, &self.state)?;
         self.apply(&ops)?;
         Ok(ops)
     }
@@ -570,21 +596,35 @@ impl Datapath {
             affinity_timeout: None,
             external_traffic_local: false,
         })?;
-        let ops = plan::plan_delete(&key, &self.map_state()?);
+        let ops = plan::plan_delete(&key, &self.state);
         self.apply(&ops)?;
         Ok(ops)
     }
 
     /// Makes the maps hold exactly `desired` (deleting services not listed).
     pub fn sync_services(&mut self, desired: &[ServiceSpec]) -> Result<Vec<MapOp>, DatapathError> {
-        let ops = plan::plan_sync(desired, &self.map_state()?)?;
+        let ops = plan::plan_sync(desired, &self.state)?;
         self.apply(&ops)?;
         Ok(ops)
     }
 
-    /// Executes planned operations in order.
+    /// Executes planned operations in order, keeping the cached state in step. On a failure the
+    /// cache is re-read from the maps, so the next diff starts from the truth.
     pub fn apply(&mut self, ops: &[MapOp]) -> Result<(), DatapathError> {
         for op in ops {
+            if let Err(e) = self.apply_one(op) {
+                if let Err(re) = self.refresh() {
+                    warn!(error = %re, "re-reading the service maps after a failed update failed");
+                }
+                return Err(e);
+            }
+            self.state.apply(op);
+        }
+        Ok(())
+    }
+
+    fn apply_one(&mut self, op: &MapOp) -> Result<(), DatapathError> {
+        {
             let missing_ok = |r: Result<(), MapError>, name: &str| match r {
                 Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
                 Err(e) => Err(map_err(name)(e)),

@@ -84,8 +84,8 @@ impl Datapath {
     pub fn upsert_nodeport(&mut self, spec: &ServiceSpec) -> Result<Vec<MapOp>, DatapathError> {
         let ops = self.upsert_service(spec)?;
         let key = crate::plan::service_key(spec)?;
-        let state = self.map_state()?;
-        let Some(svc) = state.services.get(&key) else {
+        let state = &self.state;
+        let Some(svc) = state.services.get(&key).copied() else {
             return Err(DatapathError::InvalidService(
                 "service vanished while writing its maglev table".into(),
             ));
@@ -116,7 +116,7 @@ impl Datapath {
     /// Removes a NodePort frontend and its Maglev table.
     pub fn delete_nodeport(&mut self, spec: &ServiceSpec) -> Result<(), DatapathError> {
         let key = crate::plan::service_key(spec)?;
-        if let Some(v) = self.map_state()?.services.get(&key) {
+        if let Some(v) = self.state.services.get(&key).copied() {
             let _ = self.maglev.remove(&v.service_id);
         }
         self.delete_service(spec.vip, spec.port, spec.proto)?;
