@@ -121,8 +121,14 @@ fn main() {
 
     check_toolchain();
 
-    // A target dir of its own: the outer cargo holds the workspace target dir's lock.
-    let target_dir = out_dir.join("ebpf-target");
+    // A target dir of its own: the outer cargo holds the workspace target dir's lock. It sits
+    // at the root of the workspace's target dir (the ancestor holding cargo's CACHEDIR.TAG) so
+    // check/test/release builds share one eBPF build instead of ~35 s each; OUT_DIR otherwise.
+    let target_dir = out_dir
+        .ancestors()
+        .find(|d| d.join("CACHEDIR.TAG").is_file())
+        .map(|t| t.join("skiff-ebpf"))
+        .unwrap_or_else(|| out_dir.join("ebpf-target"));
     let status = clean_command("cargo")
         .current_dir(&programs)
         .args([

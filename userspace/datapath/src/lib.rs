@@ -1,12 +1,26 @@
 //! skiff-datapath: loads skiff's eBPF datapath (built from ebpf/programs by build.rs and carried
-//! inside this crate), pins its maps and links on a bpffs, attaches it to cgroups and pod veths,
-//! and programs Services into its maps with an incremental diff ([`plan`]).
+//! inside this crate), pins its maps and links on a bpffs, attaches it to cgroups, pod veths and
+//! the node uplink, and programs Services, NodePorts and NetworkPolicy into its maps.
 //!
-//! Lifecycle: [`Datapath::load`] loads the object once. Maps are pinned by name under the
-//! caller's directory (e.g. /sys/fs/bpf/skiff/<node>) and reused on the next load, so restarting
-//! the agent never flushes live state (services, conntrack, affinity). Links are pinned under
-//! `<dir>/links/`, so programs stay attached while no agent runs; attaching again over a pinned
-//! link attaches the new program first and then releases the old one (an upgrade in place).
+//! Lifecycle: [`Datapath::load`] loads the object once (the verifier runs on every program).
+//! Maps are pinned by name under the caller's directory (e.g. /sys/fs/bpf/skiff/<node>) and
+//! reused on the next load, so restarting the agent never flushes live state (services,
+//! conntrack, affinity, policy). Links are pinned under `<dir>/links/`, so programs stay
+//! attached while no agent runs; attaching again over a pinned link attaches the new program
+//! first and then releases the old one (XDP: the program is swapped inside the link).
+//! [`Datapath::open_pinned`] opens the maps only (inspection tools).
+//!
+//! API:
+//! - attach: [`Datapath::attach_cgroup`] (socket LB: connect4/sendmsg4/recvmsg4/getpeername4),
+//!   [`Datapath::attach_tc`] (`from_pod`, TCX ingress of a pod veth's host side),
+//!   [`Datapath::attach_xdp`] (`nodeport`, the uplink). Interfaces are resolved in the calling
+//!   thread's network namespace.
+//! - services: [`Datapath::upsert_service`], [`Datapath::delete_service`],
+//!   [`Datapath::sync_services`] run the pure diff in [`plan`] against a cached view of the maps
+//!   and apply only what differs; [`Datapath::upsert_nodeport`] also writes the Maglev table.
+//! - pods: [`Datapath::upsert_endpoint`] (for bpf_redirect_peer), [`Datapath::set_policy`].
+//! - seeing inside: [`Datapath::dump_services`], [`Datapath::dump_backends`],
+//!   [`Datapath::dump_conntrack`], [`Datapath::counters`]; [`Datapath::gc_conntrack`].
 
 pub mod nodeport;
 pub mod plan;
