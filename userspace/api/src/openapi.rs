@@ -156,3 +156,45 @@ pub fn v3_root(hash_fn: impl Fn(&Value) -> String) -> Value {
     }
     json!({"paths": paths})
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn group_version_documents_carry_schemas_and_patch_operations() {
+        let doc = v3_group_version("apps", "v1").expect("apps/v1");
+        let strategy = &doc["components"]["schemas"]["io.k8s.api.apps.v1.DeploymentStrategy"];
+        assert!(
+            strategy["properties"]["rollingUpdate"].is_object(),
+            "{strategy}"
+        );
+        let deployment = &doc["components"]["schemas"]["io.k8s.api.apps.v1.Deployment"];
+        assert_eq!(
+            deployment["x-kubernetes-group-version-kind"][0]["kind"],
+            "Deployment"
+        );
+        let patch =
+            &doc["paths"]["/apis/apps/v1/namespaces/{namespace}/deployments/{name}"]["patch"];
+        assert_eq!(
+            patch["x-kubernetes-group-version-kind"]["kind"],
+            "Deployment"
+        );
+        assert!(
+            patch["parameters"]
+                .as_array()
+                .is_some_and(|ps| ps.iter().any(|p| p["name"] == "fieldValidation"))
+        );
+        assert!(v3_group_version("nope", "v1").is_none());
+    }
+
+    #[test]
+    fn the_root_points_at_every_group_version_by_hash() {
+        let root = v3_root(|_| "H".to_string());
+        assert_eq!(
+            root["paths"]["api/v1"]["serverRelativeURL"],
+            "/openapi/v3/api/v1?hash=H"
+        );
+        assert!(root["paths"]["apis/apps/v1"].is_object());
+    }
+}

@@ -409,3 +409,53 @@ pub fn discovery_aggregated(core: bool, api_version: &str) -> Value {
         "items": items,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lookups_by_path_and_by_kind_agree() {
+        let deploy = find("apps", "v1", "deployments").expect("deployments served");
+        assert_eq!(deploy.kind, "Deployment");
+        assert!(deploy.namespaced && deploy.has_subresource("scale"));
+        assert_eq!(find_kind("apps/v1", "Deployment"), Some(deploy));
+        assert_eq!(
+            find_kind("v1", "Namespace").map(|r| r.namespaced),
+            Some(false)
+        );
+        assert!(find("", "v1", "deployments").is_none());
+    }
+
+    #[test]
+    fn aggregated_discovery_carries_what_kubectl_uses() {
+        let core = discovery_aggregated(true, "v2");
+        assert_eq!(core["apiVersion"], "apidiscovery.k8s.io/v2");
+        let pods = core["items"][0]["versions"][0]["resources"]
+            .as_array()
+            .and_then(|rs| rs.iter().find(|r| r["resource"] == "pods"))
+            .expect("pods listed")
+            .clone();
+        assert_eq!(pods["shortNames"], json!(["po"]));
+        assert_eq!(pods["categories"], json!(["all"]));
+        assert_eq!(pods["scope"], "Namespaced");
+        let apps = discovery_aggregated(false, "v2beta1");
+        assert_eq!(apps["apiVersion"], "apidiscovery.k8s.io/v2beta1");
+        assert!(
+            apps["items"]
+                .as_array()
+                .is_some_and(|gs| gs.iter().any(|g| g["metadata"]["name"] == "apps"))
+        );
+    }
+
+    #[test]
+    fn legacy_discovery_lists_subresources() {
+        let list = discovery_resource_list("apps", "v1").expect("apps/v1");
+        let names: Vec<&str> = list["resources"]
+            .as_array()
+            .map(|rs| rs.iter().filter_map(|r| r["name"].as_str()).collect())
+            .unwrap_or_default();
+        assert!(names.contains(&"deployments") && names.contains(&"deployments/scale"));
+        assert!(discovery_resource_list("nope", "v1").is_none());
+    }
+}

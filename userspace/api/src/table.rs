@@ -604,3 +604,56 @@ pub fn to_table(
         "rows": rows,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry;
+
+    #[test]
+    fn ages_read_like_kubectl() {
+        assert_eq!(human_duration(5), "5s");
+        assert_eq!(human_duration(150), "2m30s");
+        assert_eq!(human_duration(3600 * 3 + 60 * 5), "3h5m");
+        assert_eq!(human_duration(86400 * 3), "3d");
+        assert_eq!(human_duration(-5), "0s");
+    }
+
+    #[test]
+    fn pod_rows_show_ready_status_restarts_and_wide_columns() {
+        let info = registry::find("", "v1", "pods").expect("pods");
+        let pod = json!({
+            "metadata": {"name": "web-1", "creationTimestamp": "2026-01-01T00:00:00Z"},
+            "spec": {"nodeName": "n1", "containers": [{"name": "a"}, {"name": "b"}]},
+            "status": {"phase": "Running", "podIP": "10.1.0.5", "containerStatuses": [
+                {"ready": true, "restartCount": 2, "state": {"running": {}}},
+                {"ready": false, "restartCount": 1, "state": {"running": {}}}]},
+        });
+        let now = chrono::DateTime::parse_from_rfc3339("2026-01-01T00:00:30Z")
+            .expect("time")
+            .with_timezone(&chrono::Utc);
+        let t = to_table(info, &[pod], IncludeObject::Metadata, "7", now);
+        assert_eq!(t["kind"], "Table");
+        assert_eq!(t["metadata"]["resourceVersion"], "7");
+        let cells = &t["rows"][0]["cells"];
+        assert_eq!(
+            cells,
+            &json!([
+                "web-1", "1/2", "Running", "3", "30s", "10.1.0.5", "n1", "<none>", "<none>"
+            ])
+        );
+        assert_eq!(t["rows"][0]["object"]["kind"], "PartialObjectMetadata");
+        let wide: Vec<bool> = t["columnDefinitions"]
+            .as_array()
+            .map(|cs| {
+                cs.iter()
+                    .map(|c| c["priority"].as_i64() == Some(1))
+                    .collect()
+            })
+            .unwrap_or_default();
+        assert_eq!(
+            wide,
+            vec![false, false, false, false, false, true, true, true, true]
+        );
+    }
+}
