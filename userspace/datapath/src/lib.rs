@@ -3,7 +3,7 @@
 //! the node uplink, and programs Services, NodePorts and NetworkPolicy into its maps.
 //!
 //! Lifecycle: [`Datapath::load`] loads the object once (the verifier runs on every program).
-//! Maps are pinned by name under the caller's directory (e.g. /sys/fs/bpf/skiff/<node>) and
+//! Maps are pinned by name under the caller's directory (e.g. `/sys/fs/bpf/skiff/<node>`) and
 //! reused on the next load, so restarting the agent never flushes live state (services,
 //! conntrack, affinity, policy). Links are pinned under `<dir>/links/`, so programs stay
 //! attached while no agent runs; attaching again over a pinned link attaches the new program
