@@ -8,9 +8,10 @@
 //! - packet level (`from_pod`, tc ingress on the host side of every pod veth, i.e. packets leaving
 //!   a pod): what the socket layer did not translate (clients outside the cgroup) is DNATed with an
 //!   LRU conntrack entry. The backend's replies leave the backend pod through its own veth, so they
-//!   meet this same program on the backend's veth, where the reply entry reverses the NAT. (A
-//!   backend on another node would reply through that node's pipeline; the remote case needs the
-//!   same program on the client node's uplink/to-pod path and is not done yet.)
+//!   meet this same program on the backend's veth, where the reply entry reverses the NAT. A
+//!   backend on another node replies through the node's uplink: the same program attached to
+//!   the uplink's tc ingress reverses those replies (and DNATs external traffic to a service
+//!   address without SNAT, the tc fallback for NodePort).
 //!
 //! Delivery: a destination that is a pod on this node (ENDPOINTS) gets `bpf_redirect_peer` to its
 //! host-side veth (straight into the pod's namespace); anything else goes through `bpf_fib_lookup`

@@ -440,9 +440,10 @@ impl Datapath {
         Ok(())
     }
 
-    /// Attaches `from_pod` to the ingress of `iface` (the host side of a pod veth) in the
-    /// calling thread's network namespace, with TCX (kernel >= 6.6). The link is pinned as
-    /// `links/tc-<iface>-<ifindex>`.
+    /// Attaches `from_pod` to the ingress of `iface` in the calling thread's network namespace,
+    /// with TCX (kernel >= 6.6). The link is pinned as `links/tc-<iface>-<ifindex>`. `iface` is
+    /// the host side of a pod veth, or the node's uplink: there the program reverses the NAT of
+    /// replies from backends on other nodes and applies ingress policy to traffic from outside.
     ///
     /// Kernels older than 6.6 would need a netlink cls_bpf attachment instead (aya's
     /// `TcAttachOptions::Netlink` after `qdisc_add_clsact`); such attachments cannot be pinned

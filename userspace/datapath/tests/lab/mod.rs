@@ -330,6 +330,15 @@ impl Lab {
         ext
     }
 
+    /// Creates an extra namespace `<prefix>-<suffix>` that the lab deletes on drop.
+    pub fn extra_netns(&mut self, suffix: &str) -> String {
+        let name = format!("{}-{suffix}", self.prefix);
+        ip(&["netns", "add", &name]);
+        self.netns.push(name.clone());
+        ip(&["-n", &name, "link", "set", "lo", "up"]);
+        name
+    }
+
     /// Loads (or reloads from the pins) the datapath, attaches from_pod to every pod veth and
     /// registers every pod as a local endpoint.
     pub fn datapath(&self) -> Datapath {
