@@ -233,3 +233,44 @@ fn nodeport_external_traffic_local_keeps_the_client_address() {
         "the client sees node_ip:node_port"
     );
 }
+
+#[test]
+fn nodeport_tc_fallback_without_xdp() {
+    if !require_privileges("nodeport_tc_fallback_without_xdp") {
+        return;
+    }
+    let mut lab = Lab::new("nptc", 3);
+    let ext = lab.add_uplink();
+    let mut dp = lab.datapath();
+    // No XDP: from_pod on the uplink's tc ingress does the DNAT (no SNAT: the backend's reply
+    // passes its own veth, where the same program reverses it).
+    lab.in_node(|| dp.attach_tc("up0"))
+        .expect("attach tc on the uplink");
+    let _s1 = Server::start(&lab.pods[1].netns, lab.pods[1].ip, 8080);
+    let _s2 = Server::start(&lab.pods[2].netns, lab.pods[2].ip, 8080);
+    dp.upsert_service(&spec(&lab, &[1, 2], Proto::Tcp))
+        .expect("nodeport as a service");
+    let front = SocketAddr::from((UPLINK_NODE, NODE_PORT));
+    let answers = in_netns(&ext, || {
+        (0..40)
+            .map(|_| tcp_ask(front).expect("tcp via tc"))
+            .collect::<Vec<_>>()
+    });
+    let mut counts = BTreeMap::new();
+    for (who, peer) in answers {
+        assert_eq!(peer, front);
+        *counts.entry(who).or_insert(0) += 1;
+    }
+    assert_eq!(counts.len(), 2, "{counts:?}");
+    let seen = in_netns(&ext, || lab::tcp_ask_peer(front).expect("peer"));
+    assert_eq!(
+        seen,
+        UPLINK_CLIENT.to_string(),
+        "the backend sees the client's address"
+    );
+    assert_eq!(
+        dp.counters().expect("counters")["nodeport_dnat"],
+        0,
+        "XDP was not involved"
+    );
+}
