@@ -27,7 +27,8 @@ pub mod map_names {
     pub const NODE_CONFIG: &str = "NODE_CONFIG";
     pub const POLICY: &str = "POLICY";
     pub const POLICY_CT: &str = "POLICY_CT";
-    pub const ALL: [&str; 12] = [
+    pub const SOCK_FLOWS: &str = "SOCK_FLOWS";
+    pub const ALL: [&str; 13] = [
         SERVICES,
         BACKEND_SLOTS,
         BACKENDS,
@@ -40,6 +41,7 @@ pub mod map_names {
         NODE_CONFIG,
         POLICY,
         POLICY_CT,
+        SOCK_FLOWS,
     ];
 }
 
@@ -259,6 +261,19 @@ pub struct SockRevKey {
     pub _pad: [u8; 6],
 }
 
+/// SOCK_FLOWS key: an unconnected UDP socket and the service frontend it sends to. The value
+/// (u32) is the backend id its datagrams go to, so one socket's datagrams to one service stay
+/// on one backend (what conntrack gives kube-proxy's UDP), instead of a new pick per sendmsg.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SockFlowKey {
+    pub cookie: u64,
+    pub frontend: ServiceKey,
+    pub _pad: u32,
+}
+
+pub const MAX_SOCK_FLOWS: u32 = 65_536;
+
 /// SOCK_REVNAT value: what the application asked for.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -401,6 +416,7 @@ mod pod {
     unsafe impl aya::Pod for MaglevTable {}
     unsafe impl aya::Pod for NodeConfig {}
     unsafe impl aya::Pod for PolicyKey {}
+    unsafe impl aya::Pod for SockFlowKey {}
 }
 
 #[cfg(test)]
@@ -420,6 +436,7 @@ mod tests {
         assert_eq!(size_of::<CtKey>(), 40);
         assert_eq!(size_of::<CtValue>(), 48);
         assert_eq!(size_of::<SockRevKey>(), 32);
+        assert_eq!(size_of::<SockFlowKey>(), 32);
         assert_eq!(size_of::<SockRevValue>(), 24);
         assert_eq!(size_of::<AffinityKey>(), 24);
         assert_eq!(size_of::<AffinityValue>(), 16);

@@ -48,6 +48,8 @@ static CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(MAX_CONNTRACK,
 #[map]
 static SOCK_REVNAT: LruHashMap<SockRevKey, SockRevValue> = LruHashMap::pinned(MAX_SOCK_REVNAT, 0);
 #[map]
+static SOCK_FLOWS: LruHashMap<SockFlowKey, u32> = LruHashMap::pinned(MAX_SOCK_FLOWS, 0);
+#[map]
 static AFFINITY: LruHashMap<AffinityKey, AffinityValue> = LruHashMap::pinned(MAX_AFFINITY, 0);
 #[map]
 static ENDPOINTS: HashMap<Addr, EndpointValue> = HashMap::pinned(MAX_ENDPOINTS, 0);
@@ -179,15 +181,42 @@ fn sock_translate(ctx: &SockAddrContext) -> bool {
     let client = Addr {
         w: [netns as u32, (netns >> 32) as u32, 0, 0],
     };
-    let Some((_id, b)) = select_backend(&svc, AFF_KIND_NETNS_COOKIE, client, now_ns()) else {
-        count(counter::NO_BACKEND);
-        return false;
+    // SAFETY: ctx pointer is the program's context, valid for this helper.
+    let cookie = unsafe { h::bpf_get_socket_cookie(ctx.as_ptr()) };
+    let flow_key = SockFlowKey {
+        cookie,
+        frontend: key,
+        _pad: 0,
+    };
+    // UDP: a socket keeps sending to the backend it got first, while that backend exists.
+    let mut pinned: Option<Backend> = None;
+    if proto == PROTO_UDP {
+        if let Some(id) = unsafe { SOCK_FLOWS.get(&flow_key) } {
+            if let Some(b) = unsafe { BACKENDS.get(id) } {
+                if b.service_id == svc.service_id {
+                    pinned = Some(*b);
+                }
+            }
+        }
+    }
+    let b = match pinned {
+        Some(b) => b,
+        None => {
+            let Some((id, b)) = select_backend(&svc, AFF_KIND_NETNS_COOKIE, client, now_ns())
+            else {
+                count(counter::NO_BACKEND);
+                return false;
+            };
+            if proto == PROTO_UDP {
+                let _ = SOCK_FLOWS.insert(&flow_key, &id, 0);
+            }
+            b
+        }
     };
     unsafe {
         ptr::write_volatile(&mut (*sa).user_ip4, b.addr.w[0]);
         ptr::write_volatile(&mut (*sa).user_port, b.port as u32);
     }
-    let cookie = unsafe { h::bpf_get_socket_cookie(ctx.as_ptr()) };
     let rk = SockRevKey {
         cookie,
         backend_addr: b.addr,

@@ -71,6 +71,23 @@ fn clusterip_tcp_and_udp_via_socket_layer() {
         let udp: Vec<_> = (0..100)
             .map(|_| udp_ask(vip).expect("udp via VIP"))
             .collect();
+        // One unconnected socket, many datagrams: they all go to one backend.
+        let one = UdpSocket::bind("0.0.0.0:0").expect("bind");
+        one.set_read_timeout(Some(Duration::from_secs(2)))
+            .expect("timeout");
+        let mut sticky = std::collections::BTreeSet::new();
+        for _ in 0..30 {
+            one.send_to(b"who", vip).expect("send");
+            let mut buf = [0u8; 64];
+            let (n, from) = one.recv_from(&mut buf).expect("recv");
+            assert_eq!(from, vip);
+            sticky.insert(String::from_utf8_lossy(&buf[..n]).to_string());
+        }
+        assert_eq!(
+            sticky.len(),
+            1,
+            "one socket's datagrams stay on one backend: {sticky:?}"
+        );
         // Connected UDP: connect4 translates, getpeername4 shows the VIP.
         let u = UdpSocket::bind("0.0.0.0:0").expect("bind");
         u.set_read_timeout(Some(Duration::from_secs(2)))
