@@ -60,7 +60,8 @@ pub fn require_privileges(test: &str) -> bool {
     if std::env::var("CI").as_deref() == Ok("true") {
         panic!("{msg} (CI=true: real-packet tests must run, not skip)");
     }
-    eprintln!("SKIPPED {msg}");
+    // Straight to the stderr handle: libtest captures eprintln!, and a skip must be visible.
+    let _ = writeln!(std::io::stderr(), "SKIPPED {msg}");
     false
 }
 
