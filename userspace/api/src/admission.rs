@@ -735,6 +735,76 @@ pub fn validate(info: &ResourceInfo, obj: &Value) -> Result<(), ApiError> {
     }
 }
 
+/// Fields Kubernetes refuses to change on update (422): workload selectors, a Job's template,
+/// most of a Pod's spec, the data of an immutable ConfigMap or Secret.
+pub fn validate_update(info: &ResourceInfo, old: &Value, new: &Value) -> Result<(), ApiError> {
+    let name = new
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    let immutable = |field: &str, ptr: &str| -> Result<(), ApiError> {
+        let (a, b) = (old.pointer(ptr), new.pointer(ptr));
+        if a.is_some() && a != b {
+            let shown = b.map(Value::to_string).unwrap_or_else(|| "null".into());
+            return Err(ApiError::invalid(
+                info.kind,
+                name,
+                &[(
+                    field.to_string(),
+                    format!("Invalid value: {shown}: field is immutable"),
+                )],
+            ));
+        }
+        Ok(())
+    };
+    match (info.group, info.kind) {
+        ("apps", "Deployment" | "ReplicaSet" | "DaemonSet" | "StatefulSet") => {
+            immutable("spec.selector", "/spec/selector")?
+        }
+        ("batch", "Job") => {
+            immutable("spec.selector", "/spec/selector")?;
+            immutable("spec.completionMode", "/spec/completionMode")?;
+        }
+        ("", "ConfigMap" | "Secret") => {
+            if old.get("immutable").and_then(Value::as_bool) == Some(true) {
+                immutable("data", "/data")?;
+                immutable("binaryData", "/binaryData")?;
+                immutable("immutable", "/immutable")?;
+            }
+        }
+        ("", "Pod") => {
+            // Pod updates may change only images, activeDeadlineSeconds and added tolerations.
+            let mut a = old.get("spec").cloned().unwrap_or(Value::Null);
+            let mut b = new.get("spec").cloned().unwrap_or(Value::Null);
+            for spec in [&mut a, &mut b] {
+                if let Some(m) = spec.as_object_mut() {
+                    m.remove("activeDeadlineSeconds");
+                    m.remove("tolerations");
+                    for list in ["containers", "initContainers"] {
+                        if let Some(Value::Array(cs)) = m.get_mut(list) {
+                            for c in cs.iter_mut().filter_map(Value::as_object_mut) {
+                                c.remove("image");
+                            }
+                        }
+                    }
+                }
+            }
+            if a != b {
+                return Err(ApiError::invalid(
+                    info.kind,
+                    name,
+                    &[(
+                        "spec".to_string(),
+                        "Forbidden: pod updates may not change fields other than `spec.containers[*].image`, `spec.initContainers[*].image`, `spec.activeDeadlineSeconds`, `spec.tolerations` (only additions to existing tolerations)".to_string(),
+                    )],
+                ));
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -795,6 +865,34 @@ mod tests {
             err.message
         );
         assert!(validate(services, &json!({"metadata": {"name": "s"}, "spec": {"type": "ClusterIP", "clusterIP": "None"}})).is_ok());
+    }
+
+    #[test]
+    fn immutable_fields_stay_put() {
+        let deploys = registry::find("apps", "v1", "deployments").expect("deployments");
+        let old = json!({"metadata": {"name": "d"}, "spec": {"selector": {"matchLabels": {"app": "a"}}, "replicas": 1}});
+        let mut new = old.clone();
+        new["spec"]["replicas"] = json!(3);
+        assert!(validate_update(deploys, &old, &new).is_ok());
+        new["spec"]["selector"]["matchLabels"]["app"] = json!("b");
+        assert_eq!(
+            validate_update(deploys, &old, &new)
+                .expect_err("refused")
+                .code,
+            422
+        );
+        let pods = registry::find("", "v1", "pods").expect("pods");
+        let old = json!({"metadata": {"name": "p"}, "spec": {"containers": [{"name": "c", "image": "i:1"}]}});
+        let mut new = old.clone();
+        new["spec"]["containers"][0]["image"] = json!("i:2");
+        assert!(validate_update(pods, &old, &new).is_ok());
+        new["spec"]["containers"][0]["name"] = json!("other");
+        assert!(
+            validate_update(pods, &old, &new)
+                .expect_err("refused")
+                .message
+                .contains("Forbidden")
+        );
     }
 
     #[test]

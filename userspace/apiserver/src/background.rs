@@ -6,10 +6,10 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::State;
-use skiff_api::registry;
-use skiff_api::status::ApiError;
 use crate::objects::{self, WriteFail, decode_kv, name_of, prefix, ready_to_remove, store_error};
 use crate::services;
+use skiff_api::registry;
+use skiff_api::status::ApiError;
 
 /// Creates the standard namespaces and the `default/kubernetes` Service when missing.
 pub async fn bootstrap(state: &State, port: u16) -> Result<(), ApiError> {
@@ -59,6 +59,9 @@ pub async fn bootstrap(state: &State, port: u16) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// How long a Terminating namespace is left alone before it is emptied (see `reap_once`).
+const NAMESPACE_SETTLE_SECONDS: i64 = 3;
+
 /// One pass: empties terminating namespaces and removes them when empty, and removes objects
 /// whose deletion is due (pods whose grace period ended: until the node agent exists nothing
 /// else confirms a bound pod stopped).
@@ -103,6 +106,18 @@ async fn reap_once(state: &State) -> Result<(), ApiError> {
             .pointer("/metadata/deletionTimestamp")
             .is_none_or(Value::is_null)
         {
+            continue;
+        }
+        // `kubectl delete -f` deletes a namespace and then, one request each, the objects in it:
+        // emptying the namespace at once would turn those later requests into 404s and the
+        // command into a failure. Like Kubernetes' namespace controller, start a moment later.
+        let marked = ns_obj
+            .pointer("/metadata/deletionTimestamp")
+            .and_then(Value::as_str)
+            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok());
+        if marked.is_some_and(|t| {
+            now.signed_duration_since(t) < chrono::Duration::seconds(NAMESPACE_SETTLE_SECONDS)
+        }) {
             continue;
         }
         let ns = name_of(&ns_obj).to_string();

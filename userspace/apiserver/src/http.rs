@@ -14,10 +14,10 @@ use serde_json::{Value, json};
 use tokio::task::JoinSet;
 
 use crate::State;
+use crate::objects;
 use skiff_api::openapi;
 use skiff_api::registry::{self, ResourceInfo};
 use skiff_api::status::ApiError;
-use crate::objects;
 
 /// Request bodies larger than this are refused with 413 (Kubernetes' own limit is 3 MiB).
 pub const MAX_BODY_BYTES: usize = 3 * 1024 * 1024;

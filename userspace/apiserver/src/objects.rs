@@ -12,11 +12,11 @@ use skiff_store::{KeyValue, StoreError};
 
 use crate::State;
 use crate::http::{Ctx, Resp, Target, json_response};
+use crate::services;
 use skiff_api::admission::{self, FieldValidation};
 use skiff_api::registry::{self, ResourceInfo};
 use skiff_api::status::ApiError;
 use skiff_api::table::{self, IncludeObject};
-use crate::services;
 
 /// How many times a write retries against a newer revision when the client did not pin one.
 const WRITE_RETRIES: usize = 8;
@@ -694,6 +694,7 @@ async fn update(
             admission::prepare_update(info, &old, &mut new, sub)?;
             if sub.is_none() {
                 admission::validate(info, &new)?;
+                admission::validate_update(info, &old, &new)?;
             }
         }
         match write_update(state, info, &key, &current, new, dry_run).await {
@@ -782,6 +783,7 @@ async fn patch_object(
         admission::prepare_update(info, &old, &mut new, sub)?;
         if sub.is_none() {
             admission::validate(info, &new)?;
+            admission::validate_update(info, &old, &new)?;
         }
         match write_update(state, info, &key, &current, new, dry_run).await {
             Ok(obj) => {

@@ -13,9 +13,9 @@ use std::net::Ipv4Addr;
 use serde_json::{Value, json};
 
 use crate::State;
+use crate::objects::{decode_kv, name_of, prefix, store_error};
 use skiff_api::registry::{self, ResourceInfo};
 use skiff_api::status::ApiError;
-use crate::objects::{decode_kv, name_of, prefix, store_error};
 
 pub fn is_service(info: &ResourceInfo) -> bool {
     info.group.is_empty() && info.kind == "Service"

@@ -13,10 +13,10 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use crate::State;
 use crate::http::{Ctx, Resp};
+use crate::objects::{Selectors, decode_kv, now, prefix, set_rv, store_error};
 use skiff_api::registry::ResourceInfo;
 use skiff_api::status::ApiError;
 use skiff_api::table::{self, IncludeObject};
-use crate::objects::{Selectors, decode_kv, now, prefix, set_rv, store_error};
 
 struct Renderer {
     info: &'static ResourceInfo,
