@@ -22,6 +22,7 @@
 //! - seeing inside: [`Datapath::dump_services`], [`Datapath::dump_backends`],
 //!   [`Datapath::dump_conntrack`], [`Datapath::counters`]; [`Datapath::gc_conntrack`].
 
+pub mod lab;
 pub mod nodeport;
 pub mod plan;
 pub mod policy;

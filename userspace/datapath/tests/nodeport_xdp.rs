@@ -1,7 +1,6 @@
 //! NodePort through the XDP program on the node's uplink: a client in an "external" namespace
 //! reaches node_ip:node_port, Maglev picks the backend, the packet is DNATed + SNATed, and the
 //! reply is reverse-translated by tc on the backend's veth and sent back out of the uplink.
-mod lab;
 
 use std::{
     collections::BTreeMap,
@@ -9,8 +8,8 @@ use std::{
     time::Duration,
 };
 
-use lab::{
-    Lab, Server, UPLINK_CLIENT, UPLINK_NODE, in_netns, require_privileges, tcp_ask, udp_ask,
+use skiff_datapath::lab::{
+    self, Lab, Server, UPLINK_CLIENT, UPLINK_NODE, in_netns, require_privileges, tcp_ask, udp_ask,
 };
 use skiff_datapath::{BackendSpec, CtDirection, Proto, ServiceSpec, nodeport::maglev_table};
 use skiff_ebpf_common::{MAGLEV_M, flow_hash, ip4_to_raw, port_to_raw};

@@ -1,11 +1,10 @@
 //! NetworkPolicy verdicts in the tc program, with real packets: allow/deny by peer block,
 //! protocol and port, ipBlock except, egress isolation, replies of allowed UDP flows, and
 //! Service traffic judged after translation (policies name pods, not VIPs).
-mod lab;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
-use lab::{Lab, Server, in_netns, require_privileges, tcp_ask, udp_ask};
+use skiff_datapath::lab::{Lab, Server, in_netns, require_privileges, tcp_ask, udp_ask};
 use skiff_datapath::{
     BackendSpec, Proto, ServiceSpec,
     policy::{PolicyAllow, PolicyDirection},

@@ -8,11 +8,10 @@
 //!  pod0 10.244.1.10 -- h0 [from_pod]              hb1 -- pod b1 10.244.2.10 (server)
 //!                      ab0 10.244.251.1 [from_pod] --- ba0 10.244.251.2
 //! ```
-mod lab;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
-use lab::{Lab, Server, in_netns, ip, require_privileges, tcp_ask, udp_ask};
+use skiff_datapath::lab::{Lab, Server, in_netns, ip, require_privileges, tcp_ask, udp_ask};
 use skiff_datapath::{BackendSpec, Proto, ServiceSpec};
 
 #[test]

@@ -1,13 +1,12 @@
 //! 10,000 Services with 100,000 endpoints programmed into the maps, answering with real packets,
 //! and an incremental change touching only what changed.
-mod lab;
 
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
     time::Instant,
 };
 
-use lab::{Lab, Server, in_netns, require_privileges, tcp_ask};
+use skiff_datapath::lab::{Lab, Server, in_netns, require_privileges, tcp_ask};
 use skiff_datapath::{BackendSpec, Datapath, MapOp, Proto, ServiceSpec};
 
 const SERVICES: usize = 10_000;

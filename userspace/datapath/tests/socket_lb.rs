@@ -2,7 +2,6 @@
 //! A socket belongs to the cgroup of the process that creates it and cgroup v2 moves whole
 //! processes, so these tests move this test binary's process into the lab's cgroup (and back on
 //! drop); they run one at a time (SERIAL) and live in their own test binary.
-mod lab;
 
 use std::{
     collections::BTreeMap,
@@ -11,7 +10,7 @@ use std::{
     time::Duration,
 };
 
-use lab::{Lab, Server, in_netns, require_privileges, tcp_ask, udp_ask};
+use skiff_datapath::lab::{Lab, Server, in_netns, require_privileges, tcp_ask, udp_ask};
 use skiff_datapath::{BackendSpec, Proto, ServiceSpec};
 
 static SERIAL: Mutex<()> = Mutex::new(());

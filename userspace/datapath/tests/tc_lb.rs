@@ -1,13 +1,12 @@
 //! Per-packet load balancing by the tc program on the pod veths, with clients that are NOT in
 //! any cgroup carrying the socket-LB programs (so every Service packet is DNATed by tc).
-mod lab;
 
 use std::{
     collections::BTreeMap,
     net::{IpAddr, Ipv4Addr, SocketAddr},
 };
 
-use lab::{Lab, Server, in_netns, require_privileges, tcp_ask, udp_ask};
+use skiff_datapath::lab::{self, Lab, Server, in_netns, require_privileges, tcp_ask, udp_ask};
 use skiff_datapath::{BackendSpec, CtDirection, Datapath, Proto, ServiceSpec};
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);

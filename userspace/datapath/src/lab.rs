@@ -1,4 +1,8 @@
-//! A lab of network namespaces for datapath tests with real packets.
+//! A lab of network namespaces for datapath tests and demos with real packets.
+//!
+//! This is a test and demo helper, not agent code: it panics (with the failing command and its
+//! error) when the machine cannot build the lab, because its callers are tests and `skiff demo`,
+//! where stopping with that message is the right outcome. Call [`require_privileges`] first.
 //!
 //! Topology (all names carry the test name and the pid, so parallel tests never collide):
 //! ```text
@@ -12,7 +16,6 @@
 //! Safety: the node namespace has no interface leading out of the lab, so no lab packet (pods
 //! 10.244.1.0/24, VIPs 10.96.0.0/16) can leave the machine; no route in the root namespace is
 //! touched. The Drop guard deletes by name everything the lab created.
-#![allow(dead_code)]
 
 use std::{
     fs::File,
@@ -29,7 +32,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use skiff_datapath::{Datapath, EndpointSpec};
+use crate::{Datapath, EndpointSpec};
 
 /// Checks what real-packet tests need. Under CI=true a missing piece fails the test; otherwise
 /// the test is skipped with a printed reason (returns false).
@@ -369,7 +372,7 @@ impl Lab {
 
     /// Creates a cgroup v2 directory for this test (removed on drop).
     pub fn cgroup(&mut self) -> PathBuf {
-        let root = skiff_datapath::cgroup2_root().expect("cgroup2 mount");
+        let root = crate::cgroup2_root().expect("cgroup2 mount");
         let dir = root.join(&self.prefix);
         std::fs::create_dir_all(&dir).expect("creating cgroup");
         self.cgroups.push(dir.clone());
@@ -386,7 +389,7 @@ impl Lab {
                 .find_map(|l| l.strip_prefix("0::"))
                 .unwrap_or("/")
                 .to_string();
-            let root = skiff_datapath::cgroup2_root().expect("cgroup2 mount");
+            let root = crate::cgroup2_root().expect("cgroup2 mount");
             self.original_cgroup = Some(root.join(rel.trim_start_matches('/')));
         }
         std::fs::write(cgroup.join("cgroup.procs"), std::process::id().to_string())
