@@ -60,7 +60,7 @@ pub async fn bootstrap(state: &State, port: u16) -> Result<(), ApiError> {
 }
 
 /// How long a Terminating namespace is left alone before it is emptied (see `reap_once`).
-const NAMESPACE_SETTLE_SECONDS: i64 = 3;
+const NAMESPACE_SETTLE_SECONDS: i64 = 5;
 
 /// One pass: empties terminating namespaces and removes them when empty, and removes objects
 /// whose deletion is due (pods whose grace period ended: until the node agent exists nothing
