@@ -57,6 +57,5 @@ cat <<MSG
 skiff is up.
   export KUBECONFIG=$KUBECONFIG
   $KUBECTL get all -A
-  $SKIFF datapath --pin-dir /sys/fs/bpf/skiff-demo services
   ./scripts/up.sh down       # stop the server
 MSG

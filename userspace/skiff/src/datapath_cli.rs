@@ -28,7 +28,8 @@ pub fn run(pin_dir: &Path, command: DatapathCommand) -> Result<()> {
             pin_dir.display()
         );
     }
-    let datapath = Datapath::load(pin_dir)
+    // Read-only: the maps from their pins, no program loaded or attached.
+    let datapath = Datapath::open_pinned(pin_dir)
         .with_context(|| format!("opening the datapath pinned at {}", pin_dir.display()))?;
     let text = match command {
         DatapathCommand::Services => format_services(

@@ -7,6 +7,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 mod datapath_cli;
+mod demo;
 
 #[derive(Parser)]
 #[command(name = "skiff", version, about = "A container orchestrator whose Services run in eBPF")]
@@ -34,6 +35,9 @@ enum Command {
         #[command(subcommand)]
         command: datapath_cli::DatapathCommand,
     },
+    /// Program a Service read from the API into the eBPF datapath of a netns lab and send traffic
+    /// through its ClusterIP (the demo `scripts/up.sh` runs).
+    Demo(demo::DemoArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -140,6 +144,7 @@ fn real_main() -> Result<()> {
             Ok(())
         }
         Command::Datapath { pin_dir, command } => datapath_cli::run(&pin_dir, command),
+        Command::Demo(args) => demo::run(args),
     }
 }
 
