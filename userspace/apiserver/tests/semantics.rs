@@ -269,3 +269,60 @@ async fn generate_name_makes_unique_names() {
     }
     assert_eq!(names.len(), 3);
 }
+
+#[tokio::test]
+async fn immutable_fields_refuse_changes_and_keep_the_object() {
+    let s = start().await;
+    let r = s
+        .post(
+            "/apis/apps/v1/namespaces/default/deployments",
+            &json!({"apiVersion":"apps/v1","kind":"Deployment","metadata":{"name":"imm"},
+                "spec":{"selector":{"matchLabels":{"app":"imm"}},"template":{"metadata":{"labels":{"app":"imm","v":"1"}},"spec":{"containers":[{"name":"c","image":"i"}]}}}}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    let r = s
+        .patch(
+            "/apis/apps/v1/namespaces/default/deployments/imm",
+            "application/merge-patch+json",
+            r#"{"spec":{"selector":{"matchLabels":{"app":"imm","v":"1"}}}}"#,
+        )
+        .await;
+    assert_status(&r, 422, "Invalid");
+    let d = s
+        .get("/apis/apps/v1/namespaces/default/deployments/imm")
+        .await
+        .body;
+    assert_eq!(d["spec"]["selector"]["matchLabels"], json!({"app":"imm"}));
+
+    let r = s
+        .post(
+            "/api/v1/namespaces/default/configmaps",
+            &json!({"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"frozen"},"immutable":true,"data":{"a":"1"}}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    let r = s
+        .patch(
+            "/api/v1/namespaces/default/configmaps/frozen",
+            "application/merge-patch+json",
+            r#"{"data":{"a":"2"}}"#,
+        )
+        .await;
+    assert_status(&r, 422, "Invalid");
+    assert_eq!(
+        s.get("/api/v1/namespaces/default/configmaps/frozen")
+            .await
+            .body["data"]["a"],
+        "1"
+    );
+    // Labels of an immutable ConfigMap may still change.
+    let r = s
+        .patch(
+            "/api/v1/namespaces/default/configmaps/frozen",
+            "application/merge-patch+json",
+            r#"{"metadata":{"labels":{"x":"y"}}}"#,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+}
