@@ -5,5 +5,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
+log=$(mktemp /tmp/skiff-test.XXXXXX)
+trap 'rm -f "$log"' EXIT
 # Two test threads: the machine has two cores and the end-to-end tests start real servers.
-cargo test --workspace --locked -- --test-threads=2 2>&1
+status=0
+cargo test --workspace --locked -- --test-threads=2 2>&1 | tee "$log" || status=$?
+# cargo prints one "test result" line per test binary; the last is often a doc-test run with no
+# tests, so close with the totals.
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i; if ($(i+1) ~ /^ignored/) s += $i } }
+     END { printf "%d passed, %d failed, %d skipped\n", p, f, s }' "$log"
+exit $status
