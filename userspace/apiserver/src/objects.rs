@@ -690,24 +690,74 @@ async fn update(
                     };
                 }
             }
-        } else {
-            admission::prepare_update(info, &old, &mut new, sub)?;
-            if sub.is_none() {
-                admission::validate(info, &new)?;
-                admission::validate_update(info, &old, &new)?;
+            if let Some(resp) = write_checked(
+                state,
+                ctx,
+                info,
+                &key,
+                &current,
+                new,
+                &admitted.warnings,
+                pinned,
+                dry_run,
+                name,
+            )
+            .await?
+            {
+                return Ok(resp);
             }
+            continue;
         }
-        match write_update(state, info, &key, &current, new, dry_run).await {
-            Ok(obj) => {
-                wake_reaper_if_deleting(state, &obj);
-                return Ok(single_response(ctx, info, 200, &obj, &admitted.warnings));
-            }
-            Err(WriteFail::Api(e)) => return Err(e),
-            Err(WriteFail::Conflict) if pinned.is_some() => return Err(conflict(info, name)),
-            Err(WriteFail::Conflict) => continue,
+        admission::prepare_update(info, &old, &mut new, sub)?;
+        if sub.is_none() {
+            admission::validate(info, &new)?;
+            admission::validate_update(info, &old, &new)?;
+        }
+        if let Some(resp) = write_checked(
+            state,
+            ctx,
+            info,
+            &key,
+            &current,
+            new,
+            &admitted.warnings,
+            pinned,
+            dry_run,
+            name,
+        )
+        .await?
+        {
+            return Ok(resp);
         }
     }
     Err(conflict(info, name))
+}
+
+/// The last step of PUT and PATCH: the compare-and-swap write. `Ok(None)` means the object
+/// changed under us and the caller should read it again (unless the client pinned a
+/// resourceVersion, which is then a 409).
+#[allow(clippy::too_many_arguments)]
+async fn write_checked(
+    state: &Arc<State>,
+    ctx: &Ctx,
+    info: &'static ResourceInfo,
+    key: &str,
+    current: &KeyValue,
+    new: Value,
+    warnings: &[String],
+    pinned: Option<i64>,
+    dry_run: bool,
+    name: &str,
+) -> Result<Option<Resp>, ApiError> {
+    match write_update(state, info, key, current, new, dry_run).await {
+        Ok(obj) => {
+            wake_reaper_if_deleting(state, &obj);
+            Ok(Some(single_response(ctx, info, 200, &obj, warnings)))
+        }
+        Err(WriteFail::Api(e)) => Err(e),
+        Err(WriteFail::Conflict) if pinned.is_some() => Err(conflict(info, name)),
+        Err(WriteFail::Conflict) => Ok(None),
+    }
 }
 
 fn patch_error(e: PatchError) -> ApiError {
@@ -785,14 +835,21 @@ async fn patch_object(
             admission::validate(info, &new)?;
             admission::validate_update(info, &old, &new)?;
         }
-        match write_update(state, info, &key, &current, new, dry_run).await {
-            Ok(obj) => {
-                wake_reaper_if_deleting(state, &obj);
-                return Ok(single_response(ctx, info, 200, &obj, &admitted.warnings));
-            }
-            Err(WriteFail::Api(e)) => return Err(e),
-            Err(WriteFail::Conflict) if pinned.is_some() => return Err(conflict(info, name)),
-            Err(WriteFail::Conflict) => continue,
+        if let Some(resp) = write_checked(
+            state,
+            ctx,
+            info,
+            &key,
+            &current,
+            new,
+            &admitted.warnings,
+            pinned,
+            dry_run,
+            name,
+        )
+        .await?
+        {
+            return Ok(resp);
         }
     }
     Err(conflict(info, name))
