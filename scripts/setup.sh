@@ -12,7 +12,6 @@ command -v apt-get >/dev/null || die "this script supports Debian 12 (apt-get no
 
 # Debian packages. etcd-server: the etcd backend and its tests. iproute2: network namespaces and
 # veths for the lab. bpftool: inspecting the datapath. protobuf-compiler: gRPC code generation.
-# python3-pip: the Python kubernetes client test.
 packages=(etcd-server iproute2 bpftool protobuf-compiler ca-certificates curl git gcc pkg-config)
 missing=()
 for p in "${packages[@]}"; do
@@ -36,9 +35,19 @@ if [ ! -x "$KUBECTL_DIR/kubectl.1.32" ] && ! command -v kubectl.1.32 >/dev/null;
 fi
 
 # Python kubernetes client (the client test).
+# On a stock Debian 12, python3 is "externally managed" (PEP 668) and has no pip: use Debian's
+# python3-kubernetes there; where python3 has its own pip (pyenv, a venv), use that.
+if ! command -v python3 >/dev/null; then
+  say "installing python3"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3 >/dev/null || die "apt-get install python3 failed"
+fi
 if ! python3 -c 'import kubernetes' 2>/dev/null; then
   say "installing the Python kubernetes client"
-  python3 -m pip install -q kubernetes || die "pip install kubernetes failed"
+  python3 -m pip install -q kubernetes 2>/dev/null \
+    || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-kubernetes >/dev/null 2>&1 \
+    || true
+  python3 -c 'import kubernetes' 2>/dev/null \
+    || die "the Python kubernetes client is missing: pip install kubernetes (or apt-get install python3-kubernetes)"
 fi
 
 # Rust: stable builds userspace; nightly + rust-src builds the eBPF programs (bpfel-unknown-none
