@@ -486,7 +486,64 @@ pub fn apply_defaults(info: &ResourceInfo, obj: &mut Value) {
             // A Job's template must name its restartPolicy (Never or OnFailure): no default.
             default_template(obj, false);
         }
+        ("batch", "CronJob") => {
+            if let Some(m) = obj.get_mut("spec").and_then(Value::as_object_mut) {
+                set_default(m, "concurrencyPolicy", json!("Allow"));
+                set_default(m, "suspend", json!(false));
+                set_default(m, "successfulJobsHistoryLimit", json!(3));
+                set_default(m, "failedJobsHistoryLimit", json!(1));
+            }
+            if let Some(spec) = obj.pointer_mut("/spec/jobTemplate/spec/template/spec") {
+                default_pod_spec(spec, false);
+            }
+        }
         _ => {}
+    }
+}
+
+/// A Job without `manualSelector: true` gets the selector Kubernetes generates from its uid, and
+/// its template the labels that selector matches (old and `batch.kubernetes.io/` spellings, as
+/// 1.32 writes both), so that two Jobs can never select each other's pods.
+fn generate_job_selector(obj: &mut Value) {
+    if obj.pointer("/spec/manualSelector").and_then(Value::as_bool) == Some(true) {
+        return;
+    }
+    let uid = obj
+        .pointer("/metadata/uid")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
+    let name = obj
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
+    let Some(spec) = obj.get_mut("spec").and_then(Value::as_object_mut) else {
+        return;
+    };
+    spec.insert(
+        "selector".into(),
+        json!({"matchLabels": {"batch.kubernetes.io/controller-uid": uid}}),
+    );
+    let Some(template) = spec.get_mut("template").and_then(Value::as_object_mut) else {
+        return;
+    };
+    let meta = template.entry("metadata").or_insert_with(|| json!({}));
+    if meta.is_null() {
+        *meta = json!({});
+    }
+    let Some(meta) = meta.as_object_mut() else {
+        return;
+    };
+    let labels = meta.entry("labels").or_insert_with(|| json!({}));
+    if labels.is_null() {
+        *labels = json!({});
+    }
+    if let Some(l) = labels.as_object_mut() {
+        l.insert("batch.kubernetes.io/controller-uid".into(), json!(uid));
+        l.insert("batch.kubernetes.io/job-name".into(), json!(name));
+        l.insert("controller-uid".into(), json!(uid));
+        l.insert("job-name".into(), json!(name));
     }
 }
 
@@ -509,6 +566,9 @@ pub fn prepare_create(info: &ResourceInfo, obj: &mut Value, now: chrono::DateTim
         m.remove("deletionGracePeriodSeconds");
         m.remove("selfLink");
     }
+    if (info.group, info.kind) == ("batch", "Job") {
+        generate_job_selector(obj);
+    }
 }
 
 /// Update rules: identity metadata comes from `old`; the main resource cannot change status
@@ -520,6 +580,28 @@ pub fn prepare_update(
     new: &mut Value,
     subresource: Option<&str>,
 ) -> Result<(), ApiError> {
+    // A uid in the body is a precondition (as in Kubernetes): it must name the stored object.
+    let old_uid = old
+        .pointer("/metadata/uid")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    if let Some(new_uid) = new.pointer("/metadata/uid").and_then(Value::as_str)
+        && !new_uid.is_empty()
+        && !old_uid.is_empty()
+        && new_uid != old_uid
+    {
+        let name = old
+            .pointer("/metadata/name")
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        return Err(ApiError::conflict(
+            info.plural,
+            name,
+            &format!(
+                "Precondition failed: UID in precondition: {new_uid}, UID in object meta: {old_uid}"
+            ),
+        ));
+    }
     if subresource == Some("status") {
         let status = new.get("status").cloned();
         let mut merged = old.clone();
@@ -566,6 +648,157 @@ pub fn prepare_update(
     Ok(())
 }
 
+/// Kubernetes' qualified name (label and annotation keys): `[prefix/]name`, prefix a DNS-1123
+/// subdomain, name at most 63 characters of `([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]`.
+/// Hand-written (a regex crate for three patterns is not worth the dependency).
+fn is_qualified_name(key: &str) -> bool {
+    let (prefix, name) = match key.split_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, key),
+    };
+    prefix.is_none_or(is_dns1123_subdomain) && !name.is_empty() && is_label_value(name)
+}
+
+/// A label value: empty, or at most 63 characters of `([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]`.
+fn is_label_value(v: &str) -> bool {
+    v.is_empty()
+        || (v.len() <= 63
+            && v.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+            && v.starts_with(|c: char| c.is_ascii_alphanumeric())
+            && v.ends_with(|c: char| c.is_ascii_alphanumeric()))
+}
+
+const QUALIFIED_NAME_TEXT: &str = "name part must consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character (e.g. 'MyName',  or 'my.name',  or '123-abc', regex used for validation is '([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]')";
+const LABEL_VALUE_TEXT: &str = "a valid label must be an empty string or consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character (e.g. 'MyValue',  or 'my_value',  or '12345', regex used for validation is '(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?')";
+/// Kubernetes' limit on the total size of an object's annotations (keys plus values).
+const ANNOTATIONS_MAX_BYTES: usize = 256 * 1024;
+
+/// Labels and annotations of one ObjectMeta (`base` is its field path, e.g. `metadata`).
+fn validate_object_meta(meta: Option<&Value>, base: &str, causes: &mut Vec<(String, String)>) {
+    let Some(meta) = meta else { return };
+    if let Some(labels) = meta.get("labels").and_then(Value::as_object) {
+        for (k, v) in labels {
+            if !is_qualified_name(k) {
+                causes.push((
+                    format!("{base}.labels"),
+                    format!("Invalid value: \"{k}\": {QUALIFIED_NAME_TEXT}"),
+                ));
+            }
+            let value = v.as_str().unwrap_or("");
+            if !is_label_value(value) {
+                causes.push((
+                    format!("{base}.labels"),
+                    format!("Invalid value: \"{value}\": {LABEL_VALUE_TEXT}"),
+                ));
+            }
+        }
+    }
+    if let Some(annotations) = meta.get("annotations").and_then(Value::as_object) {
+        let mut total = 0usize;
+        for (k, v) in annotations {
+            total += k.len() + v.as_str().map_or(0, str::len);
+            if !is_qualified_name(k) {
+                causes.push((
+                    format!("{base}.annotations"),
+                    format!("Invalid value: \"{k}\": {QUALIFIED_NAME_TEXT}"),
+                ));
+            }
+        }
+        if total > ANNOTATIONS_MAX_BYTES {
+            causes.push((
+                format!("{base}.annotations"),
+                format!("Too long: must have at most {ANNOTATIONS_MAX_BYTES} bytes"),
+            ));
+        }
+    }
+}
+
+/// ConfigMap and Secret keys: `[-._a-zA-Z0-9]+`, at most 253 characters, not `.`/`..`-led.
+fn is_config_key(k: &str) -> bool {
+    !k.is_empty()
+        && k.len() <= 253
+        && k.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        && k != "."
+        && !k.starts_with("..")
+}
+
+/// Whether `schedule` is a standard 5-field cron expression (or a `@hourly`-style macro), as
+/// robfig/cron's standard parser accepts for CronJobs. Hand-written: the cron crates on
+/// crates.io parse 6- or 7-field (seconds) expressions, not Kubernetes' 5-field ones.
+fn cron_schedule_error(schedule: &str) -> Option<String> {
+    let s = schedule.trim();
+    if s.starts_with("TZ=") || s.starts_with("CRON_TZ=") {
+        return Some("cannot use TZ or CRON_TZ in schedule, use timeZone field instead".into());
+    }
+    if s.starts_with('@') {
+        return match s {
+            "@yearly" | "@annually" | "@monthly" | "@weekly" | "@daily" | "@midnight"
+            | "@hourly" => None,
+            _ if s.starts_with("@every ") => None,
+            _ => Some(format!("unrecognized descriptor: {s}")),
+        };
+    }
+    let fields: Vec<&str> = s.split_whitespace().collect();
+    if fields.len() != 5 {
+        return Some(format!(
+            "expected exactly 5 fields, found {}: [{}]",
+            fields.len(),
+            fields.join(" ")
+        ));
+    }
+    const MONTHS: [&str; 12] = [
+        "jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec",
+    ];
+    const DAYS: [&str; 7] = ["sun", "mon", "tue", "wed", "thu", "fri", "sat"];
+    let bounds: [(u32, u32, &[&str], u32); 5] = [
+        (0, 59, &[], 0),
+        (0, 23, &[], 0),
+        (1, 31, &[], 0),
+        (1, 12, &MONTHS, 1),
+        (0, 6, &DAYS, 0),
+    ];
+    for (field, (lo, hi, names, name_base)) in fields.iter().zip(bounds) {
+        let value = |t: &str| -> Option<u32> {
+            let lower = t.to_ascii_lowercase();
+            names
+                .iter()
+                .position(|n| *n == lower)
+                .map(|i| i as u32 + name_base)
+                .or_else(|| t.parse().ok())
+        };
+        for part in field.split(',') {
+            let (range, step) = match part.split_once('/') {
+                Some((r, st)) => (r, Some(st)),
+                None => (part, None),
+            };
+            if let Some(st) = step
+                && st.parse::<u32>().map_or(true, |n| n == 0)
+            {
+                return Some(format!("failed to parse int from {st}"));
+            }
+            if range == "*" || range == "?" {
+                continue;
+            }
+            let (a, b) = match range.split_once('-') {
+                Some((a, b)) => (value(a), value(b)),
+                None => (value(range), value(range)),
+            };
+            match (a, b) {
+                (Some(a), Some(b)) if a >= lo && b <= hi && a <= b => {}
+                (Some(_), Some(_)) => {
+                    return Some(format!(
+                        "end of range ({hi}) above maximum or below minimum ({lo}): {part}"
+                    ));
+                }
+                _ => return Some(format!("failed to parse int from {range}")),
+            }
+        }
+    }
+    None
+}
+
 /// Field checks Kubernetes makes on the objects kubectl users write most (required fields, port
 /// ranges, selectors that match their template). Returns 422 Invalid with one cause per problem.
 pub fn validate(info: &ResourceInfo, obj: &Value) -> Result<(), ApiError> {
@@ -581,6 +814,8 @@ pub fn validate(info: &ResourceInfo, obj: &Value) -> Result<(), ApiError> {
         if containers.is_none_or(Vec::is_empty) {
             causes.push((format!("{base}.containers"), "Required value".into()));
         }
+        // Container names are unique across containers and initContainers.
+        let mut seen_names = std::collections::HashSet::new();
         for list in ["containers", "initContainers"] {
             for (i, c) in spec
                 .get(list)
@@ -590,6 +825,12 @@ pub fn validate(info: &ResourceInfo, obj: &Value) -> Result<(), ApiError> {
                 .enumerate()
             {
                 let name = c.get("name").and_then(Value::as_str).unwrap_or("");
+                if !name.is_empty() && !seen_names.insert(name.to_string()) {
+                    causes.push((
+                        format!("{base}.{list}[{i}].name"),
+                        format!("Duplicate value: \"{name}\""),
+                    ));
+                }
                 if name.is_empty() {
                     causes.push((format!("{base}.{list}[{i}].name"), "Required value".into()));
                 } else if !is_dns1123_label(name) {
@@ -652,6 +893,11 @@ pub fn validate(info: &ResourceInfo, obj: &Value) -> Result<(), ApiError> {
                     "Invalid value: `selector` does not match template `labels`",
                 );
             }
+            validate_object_meta(
+                obj.pointer("/spec/template/metadata"),
+                "spec.template.metadata",
+                &mut causes,
+            );
             match obj.pointer("/spec/template/spec") {
                 Some(spec) => pod_spec(spec, "spec.template.spec", &mut causes),
                 None => causes.push(("spec.template.spec".into(), "Required value".into())),
@@ -703,7 +949,15 @@ pub fn validate(info: &ResourceInfo, obj: &Value) -> Result<(), ApiError> {
                 causes.push(("spec.type".into(), format!("Unsupported value: \"{ty}\": supported values: \"ClusterIP\", \"ExternalName\", \"LoadBalancer\", \"NodePort\"")));
             }
             let count = ports.map_or(0, Vec::len);
+            let mut port_names = std::collections::HashSet::new();
             for (i, p) in ports.into_iter().flatten().enumerate() {
+                let port_name = p.get("name").and_then(Value::as_str).unwrap_or("");
+                if !port_name.is_empty() && !port_names.insert(port_name.to_string()) {
+                    causes.push((
+                        format!("spec.ports[{i}].name"),
+                        format!("Duplicate value: \"{port_name}\""),
+                    ));
+                }
                 let port = p.get("port").and_then(Value::as_i64).unwrap_or(0);
                 if !(1..=65535).contains(&port) {
                     causes.push((
@@ -725,8 +979,60 @@ pub fn validate(info: &ResourceInfo, obj: &Value) -> Result<(), ApiError> {
                 }
             }
         }
+        ("", "ConfigMap" | "Secret") => {
+            let mut seen = std::collections::HashSet::new();
+            for field in ["data", "binaryData"] {
+                for k in obj
+                    .get(field)
+                    .and_then(Value::as_object)
+                    .into_iter()
+                    .flat_map(|m| m.keys())
+                {
+                    if !is_config_key(k) {
+                        causes.push((format!("{field}[{k}]"), format!("Invalid value: \"{k}\": a valid config key must consist of alphanumeric characters, '-', '_' or '.' (e.g. 'key.name',  or 'KEY_NAME',  or 'key-name', regex used for validation is '[-._a-zA-Z0-9]+')")));
+                    } else if !seen.insert(k.clone()) {
+                        causes.push((
+                            format!("{field}[{k}]"),
+                            format!("Invalid value: \"{k}\": duplicate of key present in data"),
+                        ));
+                    }
+                }
+            }
+        }
+        ("batch", "CronJob") => {
+            let schedule = str_at("/spec/schedule");
+            if schedule.is_empty() {
+                causes.push(("spec.schedule".into(), "Required value".into()));
+            } else if let Some(why) = cron_schedule_error(schedule) {
+                causes.push((
+                    "spec.schedule".into(),
+                    format!("Invalid value: \"{schedule}\": {why}"),
+                ));
+            }
+            let policy = str_at("/spec/concurrencyPolicy");
+            if !matches!(policy, "Allow" | "Forbid" | "Replace") {
+                causes.push(("spec.concurrencyPolicy".into(), format!("Unsupported value: \"{policy}\": supported values: \"Allow\", \"Forbid\", \"Replace\"")));
+            }
+            match obj.pointer("/spec/jobTemplate/spec/template/spec") {
+                Some(spec) => {
+                    pod_spec(spec, "spec.jobTemplate.spec.template.spec", &mut causes);
+                    let restart = spec
+                        .get("restartPolicy")
+                        .and_then(Value::as_str)
+                        .unwrap_or("");
+                    if restart != "Never" && restart != "OnFailure" {
+                        causes.push(("spec.jobTemplate.spec.template.spec.restartPolicy".into(), format!("Unsupported value: \"{restart}\": supported values: \"OnFailure\", \"Never\"")));
+                    }
+                }
+                None => causes.push((
+                    "spec.jobTemplate.spec.template.spec".into(),
+                    "Required value".into(),
+                )),
+            }
+        }
         _ => {}
     }
+    validate_object_meta(obj.get("metadata"), "metadata", &mut causes);
     if causes.is_empty() {
         Ok(())
     } else {

@@ -18,6 +18,23 @@ impl std::fmt::Display for ApiError {
 
 impl std::error::Error for ApiError {}
 
+/// The `metav1.CauseType` Kubernetes gives a field error, read from the start of its message
+/// (field errors are worded "Required value", "Duplicate value: ...", and so on).
+fn cause_reason(message: &str) -> &'static str {
+    const REASONS: [(&str, &str); 6] = [
+        ("Required value", "FieldValueRequired"),
+        ("Duplicate value", "FieldValueDuplicate"),
+        ("Unsupported value", "FieldValueNotSupported"),
+        ("Forbidden", "FieldValueForbidden"),
+        ("Too long", "FieldValueTooLong"),
+        ("Too many", "FieldValueTooMany"),
+    ];
+    REASONS
+        .iter()
+        .find(|(prefix, _)| message.starts_with(prefix))
+        .map_or("FieldValueInvalid", |(_, reason)| reason)
+}
+
 fn details(name: &str, kind: &str) -> Option<Value> {
     Some(json!({"name": name, "kind": kind}))
 }
@@ -67,7 +84,7 @@ impl ApiError {
         let text: Vec<String> = causes.iter().map(|(f, m)| format!("{f}: {m}")).collect();
         let causes: Vec<Value> = causes
             .iter()
-            .map(|(f, m)| json!({"reason": "FieldValueInvalid", "message": m, "field": f}))
+            .map(|(f, m)| json!({"reason": cause_reason(m), "message": m, "field": f}))
             .collect();
         ApiError {
             details: Some(json!({"name": name, "kind": kind, "causes": causes})),
