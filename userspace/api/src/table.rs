@@ -96,6 +96,98 @@ fn selector_text(map: Option<&Value>) -> String {
 
 type Column = (&'static str, &'static str, i64);
 
+/// `name1,name2` / `image1,image2` of the containers of the pod spec at `ptr`, as the
+/// CONTAINERS and IMAGES columns show them.
+fn containers_field(obj: &Value, ptr: &str, field: &str) -> String {
+    obj.pointer(ptr)
+        .and_then(Value::as_array)
+        .map(|cs| {
+            cs.iter()
+                .map(|c| s(c, field).to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+        .unwrap_or_default()
+}
+
+/// A `metav1.LabelSelector` as kubectl prints it (`app=web,tier in (a,b)`), `<none>` if empty.
+fn label_selector_text(sel: Option<&Value>) -> String {
+    let Some(sel) = sel else {
+        return "<none>".into();
+    };
+    let mut parts: Vec<String> = sel
+        .get("matchLabels")
+        .and_then(Value::as_object)
+        .into_iter()
+        .flatten()
+        .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
+        .collect();
+    for e in sel
+        .get("matchExpressions")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let key = s(e, "/key");
+        let values: Vec<&str> = e
+            .get("values")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        parts.push(match s(e, "/operator") {
+            "In" => format!("{key} in ({})", values.join(",")),
+            "NotIn" => format!("{key} notin ({})", values.join(",")),
+            "Exists" => key.to_string(),
+            "DoesNotExist" => format!("!{key}"),
+            other => format!("{key} {other}"),
+        });
+    }
+    if parts.is_empty() {
+        "<none>".into()
+    } else {
+        parts.join(",")
+    }
+}
+
+/// The ROLES column: `node-role.kubernetes.io/<role>` labels (and `kubernetes.io/role`).
+fn node_roles(obj: &Value) -> String {
+    let mut roles: Vec<String> = Vec::new();
+    for (k, v) in obj
+        .pointer("/metadata/labels")
+        .and_then(Value::as_object)
+        .into_iter()
+        .flatten()
+    {
+        if let Some(role) = k.strip_prefix("node-role.kubernetes.io/") {
+            if !role.is_empty() {
+                roles.push(role.to_string());
+            }
+        } else if k == "kubernetes.io/role"
+            && let Some(role) = v.as_str()
+            && !role.is_empty()
+        {
+            roles.push(role.to_string());
+        }
+    }
+    roles.sort();
+    roles.dedup();
+    if roles.is_empty() {
+        "<none>".into()
+    } else {
+        roles.join(",")
+    }
+}
+
+fn node_address(obj: &Value, ty: &str) -> String {
+    obj.pointer("/status/addresses")
+        .and_then(Value::as_array)
+        .and_then(|a| a.iter().find(|x| s(x, "/type") == ty))
+        .map(|x| s(x, "/address").to_string())
+        .unwrap_or_else(|| "<none>".into())
+}
+
 fn columns(info: &ResourceInfo) -> Vec<Column> {
     match (info.group, info.kind) {
         ("", "Pod") => vec![
@@ -129,6 +221,37 @@ fn columns(info: &ResourceInfo) -> Vec<Column> {
             ("Roles", "string", 0),
             ("Age", "string", 0),
             ("Version", "string", 0),
+            ("Internal-IP", "string", 1),
+            ("External-IP", "string", 1),
+            ("OS-Image", "string", 1),
+            ("Kernel-Version", "string", 1),
+            ("Container-Runtime", "string", 1),
+        ],
+        ("", "ServiceAccount") => vec![
+            ("Name", "string", 0),
+            ("Secrets", "string", 0),
+            ("Age", "string", 0),
+        ],
+        ("autoscaling", "HorizontalPodAutoscaler") => vec![
+            ("Name", "string", 0),
+            ("Reference", "string", 0),
+            ("Targets", "string", 0),
+            ("MinPods", "string", 0),
+            ("MaxPods", "string", 0),
+            ("Replicas", "string", 0),
+            ("Age", "string", 0),
+        ],
+        ("networking.k8s.io", "NetworkPolicy") => vec![
+            ("Name", "string", 0),
+            ("Pod-Selector", "string", 0),
+            ("Age", "string", 0),
+        ],
+        ("discovery.k8s.io", "EndpointSlice") => vec![
+            ("Name", "string", 0),
+            ("AddressType", "string", 0),
+            ("Ports", "string", 0),
+            ("Endpoints", "string", 0),
+            ("Age", "string", 0),
         ],
         ("", "ConfigMap") => vec![
             ("Name", "string", 0),
@@ -157,6 +280,9 @@ fn columns(info: &ResourceInfo) -> Vec<Column> {
             ("Current", "integer", 0),
             ("Ready", "integer", 0),
             ("Age", "string", 0),
+            ("Containers", "string", 1),
+            ("Images", "string", 1),
+            ("Selector", "string", 1),
         ],
         ("batch", "Job") => vec![
             ("Name", "string", 0),
@@ -166,14 +292,19 @@ fn columns(info: &ResourceInfo) -> Vec<Column> {
             ("Age", "string", 0),
             ("Containers", "string", 1),
             ("Images", "string", 1),
+            ("Selector", "string", 1),
         ],
         ("batch", "CronJob") => vec![
             ("Name", "string", 0),
             ("Schedule", "string", 0),
+            ("Timezone", "string", 0),
             ("Suspend", "boolean", 0),
             ("Active", "integer", 0),
             ("Last Schedule", "string", 0),
             ("Age", "string", 0),
+            ("Containers", "string", 1),
+            ("Images", "string", 1),
+            ("Selector", "string", 1),
         ],
         ("apps", "DaemonSet") => vec![
             ("Name", "string", 0),
@@ -182,12 +313,18 @@ fn columns(info: &ResourceInfo) -> Vec<Column> {
             ("Ready", "integer", 0),
             ("Up-to-date", "integer", 0),
             ("Available", "integer", 0),
+            ("Node Selector", "string", 0),
             ("Age", "string", 0),
+            ("Containers", "string", 1),
+            ("Images", "string", 1),
+            ("Selector", "string", 1),
         ],
         ("apps", "StatefulSet") => vec![
             ("Name", "string", 0),
             ("Ready", "string", 0),
             ("Age", "string", 0),
+            ("Containers", "string", 1),
+            ("Images", "string", 1),
         ],
         ("", "Event") => vec![
             ("Last Seen", "string", 0),
@@ -207,6 +344,54 @@ fn columns(info: &ResourceInfo) -> Vec<Column> {
             ("Age", "string", 0),
         ],
         _ => vec![("Name", "string", 0), ("Age", "string", 0)],
+    }
+}
+
+/// The TARGETS column of an HPA: `cpu: 40%/80%` per resource metric (`<unknown>` before the
+/// first measurement).
+fn hpa_targets(obj: &Value) -> String {
+    let current = obj
+        .pointer("/status/currentMetrics")
+        .and_then(Value::as_array);
+    let mut out = Vec::new();
+    for (idx, m) in obj
+        .pointer("/spec/metrics")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        if s(m, "/type") != "Resource" {
+            out.push("<unknown>/<unknown>".to_string());
+            continue;
+        }
+        let resource = s(m, "/resource/name");
+        let target = match m
+            .pointer("/resource/target/averageUtilization")
+            .and_then(Value::as_i64)
+        {
+            Some(p) => format!("{p}%"),
+            None => or_none(s(m, "/resource/target/averageValue")),
+        };
+        let now = current
+            .and_then(|c| c.get(idx))
+            .and_then(|c| {
+                c.pointer("/resource/current/averageUtilization")
+                    .and_then(Value::as_i64)
+                    .map(|p| format!("{p}%"))
+                    .or_else(|| {
+                        c.pointer("/resource/current/averageValue")
+                            .and_then(Value::as_str)
+                            .map(str::to_string)
+                    })
+            })
+            .unwrap_or_else(|| "<unknown>".into());
+        out.push(format!("{resource}: {now}/{target}"));
+    }
+    if out.is_empty() {
+        "<none>".into()
+    } else {
+        out.join(", ")
     }
 }
 
@@ -335,16 +520,26 @@ fn cells(info: &ResourceInfo, obj: &Value, now: chrono::DateTime<chrono::Utc>) -
                 .and_then(Value::as_array)
                 .and_then(|cs| cs.iter().find(|c| s(c, "/type") == "Ready"))
                 .map(|c| s(c, "/status") == "True");
-            let status = match ready {
+            let mut status = match ready {
                 Some(true) => "Ready",
-                _ => "NotReady",
-            };
+                Some(false) => "NotReady",
+                None => "Unknown",
+            }
+            .to_string();
+            if obj.pointer("/spec/unschedulable").and_then(Value::as_bool) == Some(true) {
+                status.push_str(",SchedulingDisabled");
+            }
             vec![
                 name,
                 json!(status),
-                json!("<none>"),
+                json!(node_roles(obj)),
                 age,
                 json!(s(obj, "/status/nodeInfo/kubeletVersion")),
+                json!(node_address(obj, "InternalIP")),
+                json!(node_address(obj, "ExternalIP")),
+                json!(or_none(s(obj, "/status/nodeInfo/osImage"))),
+                json!(or_none(s(obj, "/status/nodeInfo/kernelVersion"))),
+                json!(or_none(s(obj, "/status/nodeInfo/containerRuntimeVersion"))),
             ]
         }
         ("", "ConfigMap") => {
@@ -401,6 +596,17 @@ fn cells(info: &ResourceInfo, obj: &Value, now: chrono::DateTime<chrono::Utc>) -
             json!(i(obj, "/status/replicas")),
             json!(i(obj, "/status/readyReplicas")),
             age,
+            json!(containers_field(
+                obj,
+                "/spec/template/spec/containers",
+                "/name"
+            )),
+            json!(containers_field(
+                obj,
+                "/spec/template/spec/containers",
+                "/image"
+            )),
+            json!(label_selector_text(obj.pointer("/spec/selector"))),
         ],
         ("batch", "Job") => {
             let conditions = obj.pointer("/status/conditions").and_then(Value::as_array);
@@ -460,11 +666,13 @@ fn cells(info: &ResourceInfo, obj: &Value, now: chrono::DateTime<chrono::Utc>) -
                 age,
                 json!(join("/name")),
                 json!(join("/image")),
+                json!(label_selector_text(obj.pointer("/spec/selector"))),
             ]
         }
         ("batch", "CronJob") => vec![
             name,
             json!(s(obj, "/spec/schedule")),
+            json!(or_none(s(obj, "/spec/timeZone"))),
             json!(
                 obj.pointer("/spec/suspend")
                     .and_then(Value::as_bool)
@@ -477,6 +685,19 @@ fn cells(info: &ResourceInfo, obj: &Value, now: chrono::DateTime<chrono::Utc>) -
             ),
             json!(since(obj, "/status/lastScheduleTime", now)),
             age,
+            json!(containers_field(
+                obj,
+                "/spec/jobTemplate/spec/template/spec/containers",
+                "/name"
+            )),
+            json!(containers_field(
+                obj,
+                "/spec/jobTemplate/spec/template/spec/containers",
+                "/image"
+            )),
+            json!(label_selector_text(
+                obj.pointer("/spec/jobTemplate/spec/selector")
+            )),
         ],
         ("apps", "DaemonSet") => vec![
             name,
@@ -485,7 +706,21 @@ fn cells(info: &ResourceInfo, obj: &Value, now: chrono::DateTime<chrono::Utc>) -
             json!(i(obj, "/status/numberReady")),
             json!(i(obj, "/status/updatedNumberScheduled")),
             json!(i(obj, "/status/numberAvailable")),
+            json!(selector_text(
+                obj.pointer("/spec/template/spec/nodeSelector")
+            )),
             age,
+            json!(containers_field(
+                obj,
+                "/spec/template/spec/containers",
+                "/name"
+            )),
+            json!(containers_field(
+                obj,
+                "/spec/template/spec/containers",
+                "/image"
+            )),
+            json!(label_selector_text(obj.pointer("/spec/selector"))),
         ],
         ("apps", "StatefulSet") => vec![
             name,
@@ -495,6 +730,16 @@ fn cells(info: &ResourceInfo, obj: &Value, now: chrono::DateTime<chrono::Utc>) -
                 i(obj, "/spec/replicas")
             )),
             age,
+            json!(containers_field(
+                obj,
+                "/spec/template/spec/containers",
+                "/name"
+            )),
+            json!(containers_field(
+                obj,
+                "/spec/template/spec/containers",
+                "/image"
+            )),
         ],
         ("", "Event") => {
             let last = [
@@ -556,6 +801,88 @@ fn cells(info: &ResourceInfo, obj: &Value, now: chrono::DateTime<chrono::Utc>) -
             ]
         }
         ("coordination.k8s.io", "Lease") => vec![name, json!(s(obj, "/spec/holderIdentity")), age],
+        ("", "ServiceAccount") => vec![
+            name,
+            json!(
+                obj.get("secrets")
+                    .and_then(Value::as_array)
+                    .map_or(0, Vec::len)
+                    .to_string()
+            ),
+            age,
+        ],
+        ("autoscaling", "HorizontalPodAutoscaler") => {
+            let reference = format!(
+                "{}/{}",
+                s(obj, "/spec/scaleTargetRef/kind"),
+                s(obj, "/spec/scaleTargetRef/name")
+            );
+            let min = obj
+                .pointer("/spec/minReplicas")
+                .and_then(Value::as_i64)
+                .map_or("<unset>".to_string(), |n| n.to_string());
+            vec![
+                name,
+                json!(reference),
+                json!(hpa_targets(obj)),
+                json!(min),
+                json!(i(obj, "/spec/maxReplicas").to_string()),
+                json!(i(obj, "/status/currentReplicas").to_string()),
+                age,
+            ]
+        }
+        ("networking.k8s.io", "NetworkPolicy") => vec![
+            name,
+            json!(label_selector_text(obj.pointer("/spec/podSelector"))),
+            age,
+        ],
+        ("discovery.k8s.io", "EndpointSlice") => {
+            let ports: Vec<String> = obj
+                .get("ports")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(|p| p.get("port").and_then(Value::as_i64))
+                .map(|p| p.to_string())
+                .collect();
+            let addresses: Vec<String> = obj
+                .get("endpoints")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .flat_map(|e| {
+                    e.get("addresses")
+                        .and_then(Value::as_array)
+                        .into_iter()
+                        .flatten()
+                })
+                .filter_map(Value::as_str)
+                .map(str::to_string)
+                .collect();
+            // kubectl shows at most three endpoints and "+ N more...".
+            let shown = if addresses.len() > 3 {
+                format!(
+                    "{} + {} more...",
+                    addresses[..3].join(","),
+                    addresses.len() - 3
+                )
+            } else if addresses.is_empty() {
+                "<unset>".to_string()
+            } else {
+                addresses.join(",")
+            };
+            vec![
+                name,
+                json!(s(obj, "/addressType")),
+                json!(if ports.is_empty() {
+                    "<unset>".to_string()
+                } else {
+                    ports.join(",")
+                }),
+                json!(shown),
+                age,
+            ]
+        }
         _ => vec![name, age],
     }
 }

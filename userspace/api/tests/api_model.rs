@@ -931,3 +931,153 @@ fn openapi_apps_v1_has_the_real_deployment_schema() {
     // Built once: two calls give the same document.
     assert_eq!(openapi::v3_group_version("apps", "v1"), Some(doc));
 }
+
+fn row(info: &ResourceInfo, obj: Value, now: &str) -> (Vec<String>, Value) {
+    let table = table::to_table(info, &[obj], table::IncludeObject::Metadata, "1", t(now));
+    let names = table["columnDefinitions"]
+        .as_array()
+        .expect("columns")
+        .iter()
+        .map(|c| {
+            let wide = if c["priority"] == 1 { "+" } else { "" };
+            format!("{wide}{}", c["name"].as_str().unwrap_or(""))
+        })
+        .collect();
+    (names, table["rows"][0]["cells"].clone())
+}
+
+#[test]
+fn node_table_shows_roles_scheduling_and_wide_addresses() {
+    let (cols, cells) = row(
+        res("", "v1", "nodes"),
+        json!({"metadata": {"name": "n1", "creationTimestamp": "2026-01-01T00:00:00Z",
+                            "labels": {"node-role.kubernetes.io/control-plane": "", "node-role.kubernetes.io/worker": ""}},
+               "spec": {"unschedulable": true},
+               "status": {"conditions": [{"type": "Ready", "status": "True"}],
+                          "addresses": [{"type": "InternalIP", "address": "10.0.0.2"}, {"type": "Hostname", "address": "n1"}],
+                          "nodeInfo": {"kubeletVersion": "v1.32.0", "osImage": "Debian", "kernelVersion": "6.1", "containerRuntimeVersion": "runc://1.1"}}}),
+        "2026-01-13T00:00:00Z",
+    );
+    assert_eq!(
+        cols,
+        [
+            "Name",
+            "Status",
+            "Roles",
+            "Age",
+            "Version",
+            "+Internal-IP",
+            "+External-IP",
+            "+OS-Image",
+            "+Kernel-Version",
+            "+Container-Runtime"
+        ]
+    );
+    assert_eq!(
+        cells,
+        json!([
+            "n1",
+            "Ready,SchedulingDisabled",
+            "control-plane,worker",
+            "12d",
+            "v1.32.0",
+            "10.0.0.2",
+            "<none>",
+            "Debian",
+            "6.1",
+            "runc://1.1"
+        ])
+    );
+}
+
+#[test]
+fn hpa_netpol_endpointslice_and_cronjob_tables() {
+    let now = "2026-01-01T00:00:10Z";
+    let created = json!({"name": "x", "creationTimestamp": "2026-01-01T00:00:00Z"});
+    let (cols, cells) = row(
+        res("autoscaling", "v2", "horizontalpodautoscalers"),
+        json!({"metadata": created, "spec": {"scaleTargetRef": {"kind": "Deployment", "name": "web"}, "minReplicas": 1, "maxReplicas": 5,
+               "metrics": [{"type": "Resource", "resource": {"name": "cpu", "target": {"type": "Utilization", "averageUtilization": 80}}}]},
+               "status": {"currentReplicas": 2, "currentMetrics": [{"type": "Resource", "resource": {"name": "cpu", "current": {"averageUtilization": 40}}}]}}),
+        now,
+    );
+    assert_eq!(
+        cols,
+        [
+            "Name",
+            "Reference",
+            "Targets",
+            "MinPods",
+            "MaxPods",
+            "Replicas",
+            "Age"
+        ]
+    );
+    assert_eq!(
+        cells,
+        json!(["x", "Deployment/web", "cpu: 40%/80%", "1", "5", "2", "10s"])
+    );
+
+    let (cols, cells) = row(
+        res("networking.k8s.io", "v1", "networkpolicies"),
+        json!({"metadata": created, "spec": {"podSelector": {"matchLabels": {"app": "db"},
+               "matchExpressions": [{"key": "tier", "operator": "In", "values": ["a", "b"]}]}}}),
+        now,
+    );
+    assert_eq!(cols, ["Name", "Pod-Selector", "Age"]);
+    assert_eq!(cells, json!(["x", "app=db,tier in (a,b)", "10s"]));
+
+    let (_, cells) = row(
+        res("discovery.k8s.io", "v1", "endpointslices"),
+        json!({"metadata": created, "addressType": "IPv4", "ports": [{"port": 80}],
+               "endpoints": [{"addresses": ["10.1.0.1"]}, {"addresses": ["10.1.0.2"]}, {"addresses": ["10.1.0.3"]}, {"addresses": ["10.1.0.4"]}]}),
+        now,
+    );
+    assert_eq!(
+        cells,
+        json!([
+            "x",
+            "IPv4",
+            "80",
+            "10.1.0.1,10.1.0.2,10.1.0.3 + 1 more...",
+            "10s"
+        ])
+    );
+
+    let (cols, cells) = row(
+        res("batch", "v1", "cronjobs"),
+        json!({"metadata": created, "spec": {"schedule": "*/5 * * * *", "suspend": false,
+               "jobTemplate": {"spec": {"template": {"spec": {"containers": [{"name": "t", "image": "busybox"}]}}}}}}),
+        now,
+    );
+    assert_eq!(
+        cols,
+        [
+            "Name",
+            "Schedule",
+            "Timezone",
+            "Suspend",
+            "Active",
+            "Last Schedule",
+            "Age",
+            "+Containers",
+            "+Images",
+            "+Selector"
+        ]
+    );
+    assert_eq!(
+        cells,
+        json!([
+            "x",
+            "*/5 * * * *",
+            "<none>",
+            false,
+            0,
+            "<none>",
+            "10s",
+            "t",
+            "busybox",
+            "<none>"
+        ])
+    );
+}
