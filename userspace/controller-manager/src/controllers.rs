@@ -1,0 +1,580 @@
+//! The controller loops: reflector caches in, pure reconciles, Actions applied out.
+
+use std::collections::HashMap;
+use std::fmt::Debug;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::NamespaceResourceScope;
+use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{Endpoints, Event, EventSource, Node, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, Time};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{DeleteParams, PostParams, Preconditions, PropagationPolicy};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Api, Client, Resource, ResourceExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use skiff_controllers::{
+    Action, EventRecord, Kind, Object, Outcome, ReconcileError, SeededSuffixes, deployment,
+    endpointslice, job, replicaset,
+};
+use tokio::sync::Notify;
+
+use crate::cache::in_namespace;
+
+/// How long a loop waits for its own writes to show up in its cache before acting anyway
+/// (Kubernetes waits 5 minutes; a lost watch event should not stall a controller that long).
+const EXPECTATION_TIMEOUT: Duration = Duration::from_secs(30);
+/// Full resync when nothing else wakes a loop.
+const RESYNC: Duration = Duration::from_secs(30);
+/// Retry delay after a conflict or a failed write.
+const RETRY: Duration = Duration::from_secs(1);
+
+/// Every watch cache the controllers read.
+pub(crate) struct Caches {
+    pub deployments: Store<Deployment>,
+    pub replica_sets: Store<ReplicaSet>,
+    pub pods: Store<Pod>,
+    pub services: Store<Service>,
+    pub slices: Store<EndpointSlice>,
+    pub endpoints: Store<Endpoints>,
+    pub nodes: Store<Node>,
+    pub jobs: Store<Job>,
+}
+
+/// What the cache shows of one object: (uid, resourceVersion, being deleted).
+type Seen = (Option<String>, Option<String>, bool);
+
+fn seen<K: Resource<DynamicType = ()> + Clone + 'static>(
+    store: &Store<K>,
+    ns: &str,
+    name: &str,
+) -> Option<Seen> {
+    store.get(&ObjectRef::new(name).within(ns)).map(|o| {
+        let m = o.meta();
+        (
+            m.uid.clone(),
+            m.resource_version.clone(),
+            m.deletion_timestamp.is_some(),
+        )
+    })
+}
+
+impl Caches {
+    fn seen(&self, kind: Kind, ns: &str, name: &str) -> Option<Seen> {
+        match kind {
+            Kind::Pod => seen(&self.pods, ns, name),
+            Kind::ReplicaSet => seen(&self.replica_sets, ns, name),
+            Kind::Deployment => seen(&self.deployments, ns, name),
+            Kind::EndpointSlice => seen(&self.slices, ns, name),
+            Kind::Endpoints => seen(&self.endpoints, ns, name),
+            Kind::Job => seen(&self.jobs, ns, name),
+            Kind::Service => seen(&self.services, ns, name),
+        }
+    }
+}
+
+/// One of our writes that the cache must show before we reconcile its owner again.
+#[derive(Debug, Clone)]
+enum Expect {
+    /// Written with this resourceVersion (skiff's resourceVersion is the store revision, so
+    /// a cache entry at or past it includes the write).
+    Written {
+        kind: Kind,
+        ns: String,
+        name: String,
+        rv: u64,
+    },
+    /// Deleted (or marked for deletion) the object with this uid.
+    Deleted {
+        kind: Kind,
+        ns: String,
+        name: String,
+        uid: Option<String>,
+    },
+}
+
+impl Expect {
+    fn met(&self, caches: &Caches) -> bool {
+        match self {
+            Expect::Written { kind, ns, name, rv } => caches
+                .seen(*kind, ns, name)
+                .and_then(|(_, seen_rv, _)| seen_rv)
+                .and_then(|v| v.parse::<u64>().ok())
+                .is_some_and(|seen_rv| seen_rv >= *rv),
+            Expect::Deleted {
+                kind,
+                ns,
+                name,
+                uid,
+            } => match caches.seen(*kind, ns, name) {
+                None => true,
+                Some((seen_uid, _, deleting)) => deleting || (uid.is_some() && seen_uid != *uid),
+            },
+        }
+    }
+}
+
+/// Kubernetes' controller "expectations": per reconciled object, the writes not yet seen.
+#[derive(Default)]
+struct Expectations {
+    pending: HashMap<String, (Instant, Vec<Expect>)>,
+}
+
+impl Expectations {
+    /// Whether `key` may be reconciled now; drops met or expired expectations.
+    fn ready(&mut self, key: &str, caches: &Caches) -> bool {
+        let Some((since, expects)) = self.pending.get_mut(key) else {
+            return true;
+        };
+        expects.retain(|e| !e.met(caches));
+        if expects.is_empty() || since.elapsed() > EXPECTATION_TIMEOUT {
+            if !expects.is_empty() {
+                tracing::warn!("{key}: own writes not seen after 30 s, reconciling anyway");
+            }
+            self.pending.remove(key);
+            return true;
+        }
+        false
+    }
+
+    fn set(&mut self, key: String, expects: Vec<Expect>) {
+        if expects.is_empty() {
+            self.pending.remove(&key);
+        } else {
+            self.pending.insert(key, (Instant::now(), expects));
+        }
+    }
+
+    /// When the oldest pending expectation expires, so the loop wakes to act anyway.
+    fn next_deadline(&self) -> Option<Duration> {
+        self.pending
+            .values()
+            .map(|(since, _)| EXPECTATION_TIMEOUT.saturating_sub(since.elapsed()))
+            .min()
+    }
+}
+
+fn rv_of(meta: &ObjectMeta) -> Option<u64> {
+    meta.resource_version.as_deref()?.parse().ok()
+}
+
+fn written(kind: Kind, meta: &ObjectMeta) -> Option<Expect> {
+    Some(Expect::Written {
+        kind,
+        ns: meta.namespace.clone().unwrap_or_default(),
+        name: meta.name.clone().unwrap_or_default(),
+        rv: rv_of(meta)?,
+    })
+}
+
+/// Applies an Outcome's actions in order. Returns the expectations of the writes that
+/// succeeded and whether to retry soon (a conflict or failure: the cache was stale or the
+/// apiserver refused; the next reconcile decides again from fresh state).
+async fn apply_outcome(
+    client: &Client,
+    component: &str,
+    outcome: &Outcome,
+) -> (Vec<Expect>, bool) {
+    let mut expects = Vec::new();
+    // resourceVersions our own Updates produced, so a following UpdateStatus of the same object
+    // does not conflict with the write just made.
+    let mut fresh_rv: HashMap<(Kind, String, String), String> = HashMap::new();
+    for action in &outcome.actions {
+        let result = apply(client, component, action, &mut fresh_rv).await;
+        match result {
+            Ok(Some(e)) => expects.push(e),
+            Ok(None) => {}
+            Err(e) => {
+                let benign = matches!(&e, kube::Error::Api(s) if s.code == 409 || s.code == 404);
+                if benign {
+                    tracing::debug!("{component}: {} skipped: {e}", describe(action));
+                } else {
+                    tracing::warn!("{component}: {} failed: {e}", describe(action));
+                }
+                // Later actions were decided assuming this one happened: stop and retry.
+                return (expects, true);
+            }
+        }
+    }
+    (expects, false)
+}
+
+fn describe(action: &Action) -> String {
+    let obj = |o: &Object| {
+        let m = o.metadata();
+        format!(
+            "{:?} {}/{}",
+            o.kind(),
+            m.namespace.as_deref().unwrap_or(""),
+            m.name.as_deref().unwrap_or("")
+        )
+    };
+    match action {
+        Action::Create(o) => format!("create {}", obj(o)),
+        Action::Update(o) => format!("update {}", obj(o)),
+        Action::UpdateStatus(o) => format!("status update {}", obj(o)),
+        Action::Delete {
+            kind,
+            namespace,
+            name,
+            ..
+        } => format!("delete {kind:?} {namespace}/{name}"),
+        Action::Event(e) => format!("event {}", e.reason),
+    }
+}
+
+trait Namespaced:
+    Resource<DynamicType = (), Scope = NamespaceResourceScope>
+    + Clone
+    + Serialize
+    + DeserializeOwned
+    + Debug
+{
+}
+impl<K> Namespaced for K where
+    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
+        + Clone
+        + Serialize
+        + DeserializeOwned
+        + Debug
+{
+}
+
+fn api_for<K: Namespaced>(client: &Client, meta: &ObjectMeta) -> Api<K> {
+    Api::namespaced(client.clone(), meta.namespace.as_deref().unwrap_or("default"))
+}
+
+async fn create<K: Namespaced>(client: &Client, obj: &K) -> kube::Result<ObjectMeta> {
+    let created = api_for::<K>(client, obj.meta())
+        .create(&PostParams::default(), obj)
+        .await?;
+    Ok(created.meta().clone())
+}
+
+async fn update<K: Namespaced>(client: &Client, obj: &K) -> kube::Result<ObjectMeta> {
+    let updated = api_for::<K>(client, obj.meta())
+        .replace(&obj.name_any(), &PostParams::default(), obj)
+        .await?;
+    Ok(updated.meta().clone())
+}
+
+/// PUT of the status subresource with the whole object (not a merge patch: a status field that
+/// went away, like readyReplicas dropping to zero, must be removed, which a merge patch of the
+/// serialized status, with its empty fields omitted, would not do).
+async fn update_status<K: Namespaced>(
+    client: &Client,
+    obj: &K,
+    rv: Option<String>,
+) -> kube::Result<ObjectMeta> {
+    let mut obj = obj.clone();
+    if let Some(rv) = rv {
+        obj.meta_mut().resource_version = Some(rv);
+    }
+    let updated = api_for::<K>(client, obj.meta())
+        .replace_status(&obj.name_any(), &PostParams::default(), &obj)
+        .await?;
+    Ok(updated.meta().clone())
+}
+
+async fn delete<K: Namespaced>(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    uid: &Option<String>,
+) -> kube::Result<()> {
+    let api: Api<K> = Api::namespaced(client.clone(), ns);
+    let params = DeleteParams {
+        preconditions: Some(Preconditions {
+            uid: uid.clone(),
+            resource_version: None,
+        }),
+        propagation_policy: Some(PropagationPolicy::Background),
+        ..DeleteParams::default()
+    };
+    match api.delete(name, &params).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+macro_rules! each_object {
+    ($obj:expr, $o:ident => $body:expr) => {
+        match $obj {
+            Object::Pod($o) => $body,
+            Object::ReplicaSet($o) => $body,
+            Object::Deployment($o) => $body,
+            Object::EndpointSlice($o) => $body,
+            Object::Endpoints($o) => $body,
+            Object::Job($o) => $body,
+        }
+    };
+}
+
+async fn apply(
+    client: &Client,
+    component: &str,
+    action: &Action,
+    fresh_rv: &mut HashMap<(Kind, String, String), String>,
+) -> kube::Result<Option<Expect>> {
+    let key = |o: &Object| {
+        let m = o.metadata();
+        (
+            o.kind(),
+            m.namespace.clone().unwrap_or_default(),
+            m.name.clone().unwrap_or_default(),
+        )
+    };
+    match action {
+        Action::Create(obj) => {
+            let meta = each_object!(obj, o => create(client, &**o).await)?;
+            Ok(written(obj.kind(), &meta))
+        }
+        Action::Update(obj) => {
+            let meta = each_object!(obj, o => update(client, &**o).await)?;
+            if let Some(rv) = &meta.resource_version {
+                fresh_rv.insert(key(obj), rv.clone());
+            }
+            Ok(written(obj.kind(), &meta))
+        }
+        Action::UpdateStatus(obj) => {
+            let rv = fresh_rv.get(&key(obj)).cloned();
+            let meta = each_object!(obj, o => update_status(client, &**o, rv).await)?;
+            if let Some(rv) = &meta.resource_version {
+                fresh_rv.insert(key(obj), rv.clone());
+            }
+            Ok(written(obj.kind(), &meta))
+        }
+        Action::Delete {
+            kind,
+            namespace,
+            name,
+            uid,
+        } => {
+            match kind {
+                Kind::Pod => delete::<Pod>(client, namespace, name, uid).await?,
+                Kind::ReplicaSet => delete::<ReplicaSet>(client, namespace, name, uid).await?,
+                Kind::Deployment => delete::<Deployment>(client, namespace, name, uid).await?,
+                Kind::EndpointSlice => {
+                    delete::<EndpointSlice>(client, namespace, name, uid).await?
+                }
+                Kind::Endpoints => delete::<Endpoints>(client, namespace, name, uid).await?,
+                Kind::Job => delete::<Job>(client, namespace, name, uid).await?,
+                Kind::Service => delete::<Service>(client, namespace, name, uid).await?,
+            }
+            Ok(Some(Expect::Deleted {
+                kind: *kind,
+                ns: namespace.clone(),
+                name: name.clone(),
+                uid: uid.clone(),
+            }))
+        }
+        Action::Event(record) => {
+            post_event(client, component, record).await?;
+            Ok(None)
+        }
+    }
+}
+
+/// Posts a core/v1 Event (what `kubectl describe` and `kubectl get events` show).
+pub(crate) async fn post_event(
+    client: &Client,
+    component: &str,
+    record: &EventRecord,
+) -> kube::Result<()> {
+    let ns = record
+        .involved
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".to_string());
+    let now = Timestamp::now();
+    let event = Event {
+        metadata: ObjectMeta {
+            generate_name: Some(format!(
+                "{}.",
+                record.involved.name.as_deref().unwrap_or("event")
+            )),
+            namespace: Some(ns.clone()),
+            ..ObjectMeta::default()
+        },
+        involved_object: record.involved.clone(),
+        reason: Some(record.reason.clone()),
+        message: Some(record.message.clone()),
+        type_: Some(record.event_type.as_str().to_string()),
+        count: Some(1),
+        first_timestamp: Some(Time(now)),
+        last_timestamp: Some(Time(now)),
+        event_time: Some(MicroTime(now)),
+        source: Some(EventSource {
+            component: Some(component.to_string()),
+            host: None,
+        }),
+        reporting_component: Some(component.to_string()),
+        reporting_instance: Some(component.to_string()),
+        action: Some(record.reason.clone()),
+        ..Event::default()
+    };
+    Api::<Event>::namespaced(client.clone(), &ns)
+        .create(&PostParams::default(), &event)
+        .await?;
+    Ok(())
+}
+
+/// Which controller a loop runs.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Which {
+    Deployment,
+    ReplicaSet,
+    EndpointSlice,
+    Endpoints,
+    Job,
+}
+
+impl Which {
+    fn component(self) -> &'static str {
+        match self {
+            Which::Deployment => "deployment-controller",
+            Which::ReplicaSet => "replicaset-controller",
+            Which::EndpointSlice => "endpointslice-controller",
+            Which::Endpoints => "endpoint-controller",
+            Which::Job => "job-controller",
+        }
+    }
+}
+
+fn seed() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    nanos ^ (u64::from(std::process::id()) << 32)
+}
+
+/// One controller: wakes on its caches' events, reconciles every object of its kind whose
+/// expectations are met, applies the actions, sleeps until woken or the earliest requeue.
+pub(crate) async fn control_loop(
+    which: Which,
+    client: Client,
+    caches: Arc<Caches>,
+    wake: Arc<Notify>,
+) {
+    let mut expectations = Expectations::default();
+    let mut names = SeededSuffixes::new(seed());
+    loop {
+        let next = pass(which, &client, &caches, &mut expectations, &mut names).await;
+        let next = next.unwrap_or(RESYNC).min(RESYNC);
+        tokio::select! {
+            _ = wake.notified() => {
+                // Let a burst of events (a create and its status write) land in one pass.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            _ = tokio::time::sleep(next) => {}
+        }
+    }
+}
+
+fn key_of(meta: &ObjectMeta) -> String {
+    format!(
+        "{}/{}",
+        meta.namespace.as_deref().unwrap_or(""),
+        meta.name.as_deref().unwrap_or("")
+    )
+}
+
+/// One pass over every object of the controller's kind. Returns when to run again at the latest.
+async fn pass(
+    which: Which,
+    client: &Client,
+    caches: &Caches,
+    expectations: &mut Expectations,
+    names: &mut SeededSuffixes,
+) -> Option<Duration> {
+    let now = Timestamp::now();
+    let mut next: Option<Duration> = None;
+    let mut sooner = |d: Duration| {
+        next = Some(next.map_or(d, |n: Duration| n.min(d)));
+    };
+    let owners: Vec<ObjectMeta> = match which {
+        Which::Deployment => meta_list(&caches.deployments),
+        Which::ReplicaSet => meta_list(&caches.replica_sets),
+        Which::EndpointSlice | Which::Endpoints => meta_list(&caches.services),
+        Which::Job => meta_list(&caches.jobs),
+    };
+    for meta in owners {
+        let key = key_of(&meta);
+        if !expectations.ready(&key, caches) {
+            continue;
+        }
+        let ns = meta.namespace.clone().unwrap_or_default();
+        let name = meta.name.clone().unwrap_or_default();
+        let decided: Option<Result<Outcome, ReconcileError>> = match which {
+            Which::Deployment => caches.deployments.get(&ObjectRef::new(&name).within(&ns)).map(|d| {
+                deployment::reconcile(
+                    &d,
+                    &in_namespace(&caches.replica_sets, &ns),
+                    &in_namespace(&caches.pods, &ns),
+                    now,
+                )
+            }),
+            Which::ReplicaSet => caches.replica_sets.get(&ObjectRef::new(&name).within(&ns)).map(|rs| {
+                replicaset::reconcile(&rs, &in_namespace(&caches.pods, &ns), names, now)
+            }),
+            Which::EndpointSlice => caches.services.get(&ObjectRef::new(&name).within(&ns)).map(|svc| {
+                let nodes: Vec<Node> = caches.nodes.state().iter().map(|n| (**n).clone()).collect();
+                endpointslice::reconcile(
+                    &svc,
+                    &in_namespace(&caches.pods, &ns),
+                    &nodes,
+                    &in_namespace(&caches.slices, &ns),
+                    names,
+                )
+            }),
+            Which::Endpoints => caches.services.get(&ObjectRef::new(&name).within(&ns)).map(|svc| {
+                let existing = caches.endpoints.get(&ObjectRef::new(&name).within(&ns));
+                endpointslice::endpoints(&svc, &in_namespace(&caches.pods, &ns), existing.as_deref())
+            }),
+            Which::Job => caches
+                .jobs
+                .get(&ObjectRef::new(&name).within(&ns))
+                .map(|j| job::reconcile(&j, &in_namespace(&caches.pods, &ns), names, now)),
+        };
+        let outcome = match decided {
+            None => continue,
+            Some(Ok(outcome)) => outcome,
+            Some(Err(e)) => {
+                // The object itself is invalid: nothing to do until the user changes it
+                // (which wakes this loop).
+                tracing::warn!("{}: {key}: {e}", which.component());
+                continue;
+            }
+        };
+        if let Some(secs) = outcome.requeue_after {
+            sooner(Duration::from_secs(secs.max(1) as u64));
+        }
+        if outcome.actions.is_empty() {
+            continue;
+        }
+        tracing::debug!(
+            "{}: {key}: {} action(s)",
+            which.component(),
+            outcome.actions.len()
+        );
+        let (expects, retry) = apply_outcome(client, which.component(), &outcome).await;
+        expectations.set(key, expects);
+        if retry {
+            sooner(RETRY);
+        }
+    }
+    if let Some(d) = expectations.next_deadline() {
+        sooner(d + Duration::from_millis(10));
+    }
+    next
+}
+
+fn meta_list<K: Resource<DynamicType = ()> + Clone + 'static>(store: &Store<K>) -> Vec<ObjectMeta> {
+    store.state().iter().map(|o| o.meta().clone()).collect()
+}
