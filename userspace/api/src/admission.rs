@@ -40,7 +40,15 @@ fn roundtrip(info: &ResourceInfo, v: &Value) -> Result<Value, String> {
     use k8s_openapi::api::*;
     macro_rules! rt {
         ($t:ty) => {{
-            let typed: $t = serde_json::from_value(v.clone()).map_err(|e| e.to_string())?;
+            // serde_path_to_error names the field that failed (as Kubernetes' message does).
+            let typed: $t = serde_path_to_error::deserialize(v.clone()).map_err(|e| {
+                let path = e.path().to_string();
+                if path.is_empty() || path == "." {
+                    e.inner().to_string()
+                } else {
+                    format!("{path}: {}", e.inner())
+                }
+            })?;
             serde_json::to_value(&typed).map_err(|e| e.to_string())
         }};
     }

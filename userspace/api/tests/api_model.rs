@@ -150,7 +150,19 @@ fn a_wrong_type_is_a_400_naming_the_kind() {
     assert_eq!(err.code, 400);
     assert!(err.message.contains("Deployment"), "{}", err.message);
     assert!(
-        err.message.contains("three") || err.message.contains("string"),
+        err.message
+            .contains("spec.replicas: invalid type: string \"three\""),
+        "{}",
+        err.message
+    );
+    // The path reaches into lists too.
+    let mut body = deployment(json!({"app": "web"}), json!({"app": "web"}));
+    body["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"] = json!("http");
+    let err = admission::admit(deploys, Some("default"), body, FieldValidation::Strict)
+        .expect_err("a string is not a port number");
+    assert!(
+        err.message
+            .contains("spec.template.spec.containers[0].ports[0].containerPort"),
         "{}",
         err.message
     );
