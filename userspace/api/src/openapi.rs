@@ -135,6 +135,66 @@ fn build_group_version(group: &str, version: &str) -> Option<Value> {
     }))
 }
 
+/// A group-version document serialized once, with its digest.
+struct Serialized {
+    bytes: Vec<u8>,
+    hash: String,
+}
+
+/// Every group-version document serialized (keyed like [`documents`]), and the `/openapi/v3` index.
+type SerializedDocs = (
+    std::collections::BTreeMap<(String, String), Serialized>,
+    Value,
+);
+
+/// The serialized documents and the `/openapi/v3` index, built once: kubectl fetches the index
+/// and a group-version document on every `apply`/`explain`, and these documents are megabytes,
+/// so serializing, cloning and hashing them per request would dominate those requests.
+fn serialized() -> &'static SerializedDocs {
+    static SERIALIZED: std::sync::OnceLock<SerializedDocs> = std::sync::OnceLock::new();
+    SERIALIZED.get_or_init(|| {
+        let docs = documents()
+            .iter()
+            .map(|(key, doc)| {
+                // Serializing a `Value` we built ourselves cannot fail (string keys only).
+                let bytes = serde_json::to_vec(doc).unwrap_or_default();
+                let hash = document_hash(&bytes);
+                (key.clone(), Serialized { bytes, hash })
+            })
+            .collect::<std::collections::BTreeMap<_, _>>();
+        let root = v3_root(|doc| document_hash(&serde_json::to_vec(doc).unwrap_or_default()));
+        (docs, root)
+    })
+}
+
+/// A stable hex digest for the `?hash=` URLs and ETags: 64-bit FNV-1a, upper-case hex. It only
+/// has to change when a document changes (caches key on it), not resist attackers, so a
+/// ten-line hash is preferred over a new crypto dependency. Same digest the apiserver's
+/// `hash_value` computes over `serde_json::to_vec` of a document, so switching keeps URLs stable.
+pub fn document_hash(bytes: &[u8]) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in bytes {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{h:016X}")
+}
+
+/// The serialized JSON of a group-version document (`("", "v1")` for `/openapi/v3/api/v1`) and
+/// its hash, computed once per process; `None` for a group-version that is not served.
+pub fn v3_group_version_bytes(group: &str, version: &str) -> Option<(&'static [u8], &'static str)> {
+    serialized()
+        .0
+        .get(&(group.to_string(), version.to_string()))
+        .map(|s| (s.bytes.as_slice(), s.hash.as_str()))
+}
+
+/// The `/openapi/v3` index with every URL's `?hash=` set to [`document_hash`] of the document,
+/// computed once per process.
+pub fn v3_root_cached() -> &'static Value {
+    &serialized().1
+}
+
 /// The `/openapi/v3` index; `hash_fn` hashes a group-version document for its `?hash=` URL.
 pub fn v3_root(hash_fn: impl Fn(&Value) -> String) -> Value {
     let mut gvs = vec![("", "v1")];
@@ -186,6 +246,37 @@ mod tests {
                 .is_some_and(|ps| ps.iter().any(|p| p["name"] == "fieldValidation"))
         );
         assert!(v3_group_version("nope", "v1").is_none());
+    }
+
+    #[test]
+    fn cached_bytes_are_the_document_and_the_root_links_them_by_their_hash() {
+        let (bytes, hash) = v3_group_version_bytes("apps", "v1").expect("apps/v1 is served");
+        let parsed: Value = serde_json::from_slice(bytes).expect("cached bytes are JSON");
+        assert_eq!(Some(parsed), v3_group_version("apps", "v1"));
+        assert_eq!(hash, document_hash(bytes));
+        // A second call hands out the very same cached buffer, not a fresh serialization.
+        let (again, _) = v3_group_version_bytes("apps", "v1").expect("apps/v1 is served");
+        assert!(std::ptr::eq(bytes, again));
+        let (core, core_hash) = v3_group_version_bytes("", "v1").expect("core v1 is served");
+        assert_ne!(core_hash, hash, "different documents must not share a hash");
+        assert!(!core.is_empty());
+        let root = v3_root_cached();
+        assert_eq!(
+            root["paths"]["apis/apps/v1"]["serverRelativeURL"],
+            format!("/openapi/v3/apis/apps/v1?hash={hash}").as_str()
+        );
+        assert_eq!(
+            root["paths"]["api/v1"]["serverRelativeURL"],
+            format!("/openapi/v3/api/v1?hash={core_hash}").as_str()
+        );
+        assert!(v3_group_version_bytes("nope", "v1").is_none());
+    }
+
+    #[test]
+    fn document_hash_is_fnv1a_64_in_upper_hex() {
+        // FNV-1a 64 test vectors (Fowler/Noll/Vo reference): "" and "a".
+        assert_eq!(document_hash(b""), "CBF29CE484222325");
+        assert_eq!(document_hash(b"a"), "AF63DC4C8601EC8C");
     }
 
     #[test]
