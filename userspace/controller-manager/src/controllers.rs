@@ -174,11 +174,7 @@ fn written(kind: Kind, meta: &ObjectMeta) -> Option<Expect> {
 /// Applies an Outcome's actions in order. Returns the expectations of the writes that
 /// succeeded and whether to retry soon (a conflict or failure: the cache was stale or the
 /// apiserver refused; the next reconcile decides again from fresh state).
-async fn apply_outcome(
-    client: &Client,
-    component: &str,
-    outcome: &Outcome,
-) -> (Vec<Expect>, bool) {
+async fn apply_outcome(client: &Client, component: &str, outcome: &Outcome) -> (Vec<Expect>, bool) {
     let mut expects = Vec::new();
     // resourceVersions our own Updates produced, so a following UpdateStatus of the same object
     // does not conflict with the write just made.
@@ -245,7 +241,10 @@ impl<K> Namespaced for K where
 }
 
 fn api_for<K: Namespaced>(client: &Client, meta: &ObjectMeta) -> Api<K> {
-    Api::namespaced(client.clone(), meta.namespace.as_deref().unwrap_or("default"))
+    Api::namespaced(
+        client.clone(),
+        meta.namespace.as_deref().unwrap_or("default"),
+    )
 }
 
 async fn create<K: Namespaced>(client: &Client, obj: &K) -> kube::Result<ObjectMeta> {
@@ -512,31 +511,50 @@ async fn pass(
         let ns = meta.namespace.clone().unwrap_or_default();
         let name = meta.name.clone().unwrap_or_default();
         let decided: Option<Result<Outcome, ReconcileError>> = match which {
-            Which::Deployment => caches.deployments.get(&ObjectRef::new(&name).within(&ns)).map(|d| {
-                deployment::reconcile(
-                    &d,
-                    &in_namespace(&caches.replica_sets, &ns),
-                    &in_namespace(&caches.pods, &ns),
-                    now,
-                )
-            }),
-            Which::ReplicaSet => caches.replica_sets.get(&ObjectRef::new(&name).within(&ns)).map(|rs| {
-                replicaset::reconcile(&rs, &in_namespace(&caches.pods, &ns), names, now)
-            }),
-            Which::EndpointSlice => caches.services.get(&ObjectRef::new(&name).within(&ns)).map(|svc| {
-                let nodes: Vec<Node> = caches.nodes.state().iter().map(|n| (**n).clone()).collect();
-                endpointslice::reconcile(
-                    &svc,
-                    &in_namespace(&caches.pods, &ns),
-                    &nodes,
-                    &in_namespace(&caches.slices, &ns),
-                    names,
-                )
-            }),
-            Which::Endpoints => caches.services.get(&ObjectRef::new(&name).within(&ns)).map(|svc| {
-                let existing = caches.endpoints.get(&ObjectRef::new(&name).within(&ns));
-                endpointslice::endpoints(&svc, &in_namespace(&caches.pods, &ns), existing.as_deref())
-            }),
+            Which::Deployment => caches
+                .deployments
+                .get(&ObjectRef::new(&name).within(&ns))
+                .map(|d| {
+                    deployment::reconcile(
+                        &d,
+                        &in_namespace(&caches.replica_sets, &ns),
+                        &in_namespace(&caches.pods, &ns),
+                        now,
+                    )
+                }),
+            Which::ReplicaSet => caches
+                .replica_sets
+                .get(&ObjectRef::new(&name).within(&ns))
+                .map(|rs| replicaset::reconcile(&rs, &in_namespace(&caches.pods, &ns), names, now)),
+            Which::EndpointSlice => {
+                caches
+                    .services
+                    .get(&ObjectRef::new(&name).within(&ns))
+                    .map(|svc| {
+                        let nodes: Vec<Node> =
+                            caches.nodes.state().iter().map(|n| (**n).clone()).collect();
+                        endpointslice::reconcile(
+                            &svc,
+                            &in_namespace(&caches.pods, &ns),
+                            &nodes,
+                            &in_namespace(&caches.slices, &ns),
+                            names,
+                        )
+                    })
+            }
+            Which::Endpoints => {
+                caches
+                    .services
+                    .get(&ObjectRef::new(&name).within(&ns))
+                    .map(|svc| {
+                        let existing = caches.endpoints.get(&ObjectRef::new(&name).within(&ns));
+                        endpointslice::endpoints(
+                            &svc,
+                            &in_namespace(&caches.pods, &ns),
+                            existing.as_deref(),
+                        )
+                    })
+            }
             Which::Job => caches
                 .jobs
                 .get(&ObjectRef::new(&name).within(&ns))

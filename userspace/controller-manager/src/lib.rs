@@ -79,11 +79,7 @@ pub async fn run_controllers(
             ],
             &mut tasks,
         ),
-        services: reflect::<Service>(
-            &client,
-            vec![slices.clone(), endpoints.clone()],
-            &mut tasks,
-        ),
+        services: reflect::<Service>(&client, vec![slices.clone(), endpoints.clone()], &mut tasks),
         slices: reflect::<EndpointSlice>(&client, vec![slices.clone()], &mut tasks),
         endpoints: reflect::<Endpoints>(&client, vec![endpoints.clone()], &mut tasks),
         nodes: reflect::<Node>(&client, vec![slices.clone()], &mut tasks),
@@ -152,9 +148,9 @@ pub async fn run_scheduler(
         _ = &mut shutdown => return Ok(()),
     }
     tracing::info!("scheduler caches filled; scheduling");
-    tasks
-        .0
-        .push(tokio::spawn(scheduler::schedule_loop(client, nodes, pods, wake)));
+    tasks.0.push(tokio::spawn(scheduler::schedule_loop(
+        client, nodes, pods, wake,
+    )));
     shutdown.await;
     drop(tasks);
     Ok(())
