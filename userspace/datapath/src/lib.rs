@@ -21,11 +21,14 @@
 //! - pods: [`Datapath::upsert_endpoint`] (for bpf_redirect_peer), [`Datapath::set_policy`].
 //! - seeing inside: [`Datapath::dump_services`], [`Datapath::dump_backends`],
 //!   [`Datapath::dump_conntrack`], [`Datapath::counters`]; [`Datapath::gc_conntrack`].
+//! - stale connected UDP sockets (cilium #12859): [`Datapath::destroy_stale_udp_sockets`], run
+//!   in each namespace after backends go (see [`sockdiag`]).
 
 pub mod lab;
 pub mod nodeport;
 pub mod plan;
 pub mod policy;
+pub mod sockdiag;
 
 use std::{
     collections::BTreeMap,

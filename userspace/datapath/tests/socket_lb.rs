@@ -220,3 +220,104 @@ fn socket_layer_affinity_and_ready_only() {
         "connect to a service without endpoints fails: {r:?}"
     );
 }
+
+/// cilium #12859: a connected UDP socket is translated once, at connect(); when its backend is
+/// removed it would keep sending to it. The sweep destroys exactly those sockets (the app sees
+/// an error and reconnects to a live backend) and leaves other sockets alone.
+#[test]
+fn connected_udp_socket_to_a_removed_backend_is_destroyed() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !require_privileges("connected_udp_socket_to_a_removed_backend_is_destroyed") {
+        return;
+    }
+    let mut lab = Lab::new("sockudp", 3);
+    let mut dp = lab.datapath();
+    let cg = lab.cgroup();
+    dp.attach_cgroup(&cg).expect("attach socket LB");
+    lab.enter_cgroup(&cg);
+    let _s1 = Server::start(&lab.pods[1].netns, lab.pods[1].ip, 8080);
+    let _s2 = Server::start(&lab.pods[2].netns, lab.pods[2].ip, 8080);
+    dp.upsert_service(&spec(&lab, &[1, 2], Proto::Udp, None))
+        .expect("udp");
+    let vip = SocketAddr::from((VIP, 80));
+    let ask = |u: &UdpSocket| -> std::io::Result<String> {
+        u.send(b"who")?;
+        let mut buf = [0u8; 64];
+        let n = u.recv(&mut buf)?;
+        Ok(String::from_utf8_lossy(&buf[..n]).to_string())
+    };
+    let connect = || {
+        let u = UdpSocket::bind("0.0.0.0:0").expect("bind");
+        u.set_read_timeout(Some(Duration::from_secs(2)))
+            .expect("timeout");
+        u.connect(vip).expect("connect");
+        u
+    };
+    let pod0 = lab.pods[0].netns.clone();
+    // Sockets live in the client's namespace; open them there and keep them across steps.
+    let (socks, first) = in_netns(&pod0, || {
+        let socks: Vec<UdpSocket> = (0..16).map(|_| connect()).collect();
+        let first: Vec<String> = socks.iter().map(|u| ask(u).expect("udp")).collect();
+        (socks, first)
+    });
+    // A socket not translated by the socket layer (straight to pod 1): must survive the sweep.
+    let direct = in_netns(&pod0, || {
+        let u = UdpSocket::bind("0.0.0.0:0").expect("bind");
+        u.set_read_timeout(Some(Duration::from_secs(2)))
+            .expect("timeout");
+        u.connect(SocketAddr::from((lab.pods[1].ip, 8080)))
+            .expect("connect direct");
+        u
+    });
+    let gone = lab.pods[1].ip.to_string();
+    let kept = lab.pods[2].ip.to_string();
+    let on_gone = first.iter().filter(|w| **w == gone).count();
+    assert!(
+        on_gone > 0 && on_gone < 16,
+        "16 sockets spread over both backends: {first:?}"
+    );
+
+    // Pod 1 leaves the service (its server keeps running, so a stale socket would still get
+    // answers from it: that is the bug this guards against).
+    dp.upsert_service(&spec(&lab, &[2], Proto::Udp, None))
+        .expect("remove backend");
+    let stale_before = in_netns(&pod0, || {
+        socks
+            .iter()
+            .filter(|u| ask(u).map(|w| w == gone).unwrap_or(false))
+            .count()
+    });
+    assert_eq!(
+        stale_before, on_gone,
+        "without the sweep, connected sockets keep talking to the removed backend"
+    );
+    let destroyed = in_netns(&pod0, || dp.destroy_stale_udp_sockets().expect("sweep"));
+    assert_eq!(
+        destroyed, on_gone,
+        "exactly the stale sockets are destroyed"
+    );
+    let after: Vec<std::io::Result<String>> = in_netns(&pod0, || socks.iter().map(ask).collect());
+    for (before, now) in first.iter().zip(&after) {
+        if *before == gone {
+            assert!(now.is_err(), "a destroyed socket reports an error: {now:?}");
+        } else {
+            assert_eq!(
+                now.as_deref().ok(),
+                Some(kept.as_str()),
+                "live sockets untouched"
+            );
+        }
+    }
+    // The application reconnects and lands on a live backend; the direct socket still works.
+    let (again, direct_answer) = in_netns(&pod0, || {
+        let again: Vec<String> = (0..8).map(|_| ask(&connect()).expect("udp")).collect();
+        (again, ask(&direct).expect("direct socket untouched"))
+    });
+    assert!(again.iter().all(|w| *w == kept), "{again:?}");
+    assert_eq!(direct_answer, gone);
+    assert_eq!(
+        in_netns(&pod0, || dp.destroy_stale_udp_sockets().expect("sweep")),
+        0,
+        "a second sweep finds nothing"
+    );
+}
