@@ -94,31 +94,72 @@ fn build_group_version(group: &str, version: &str) -> Option<Value> {
     for r in &resources {
         add_schema(&mut generator, r.group, r.kind);
     }
+    // List responses (below) reference ListMeta, which no served kind's schema pulls in.
+    generator.subschema_for::<k8s_openapi::apimachinery::pkg::apis::meta::v1::ListMeta>();
     let mut schemas = generator.take_definitions(true);
     for r in resources {
         let gvk = json!({"group": r.group, "version": r.version, "kind": r.kind});
-        let item = if r.namespaced {
-            format!("{prefix}/namespaces/{{namespace}}/{}/{{name}}", r.plural)
+        let list_gvk = json!({"group": r.group, "version": r.version, "kind": r.list_kind()});
+        let collection = if r.namespaced {
+            format!("{prefix}/namespaces/{{namespace}}/{}", r.plural)
         } else {
-            format!("{prefix}/{}/{{name}}", r.plural)
+            format!("{prefix}/{}", r.plural)
         };
+        let item = format!("{collection}/{{name}}");
         let reference = json!({"$ref": format!("#/components/schemas/{}", schema_name(r))});
-        let op = |action: &str| {
+        let list_name = format!("{}List", schema_name(r));
+        let list_reference = json!({"$ref": format!("#/components/schemas/{list_name}")});
+        // One operation as Kubernetes describes it. Write operations carry the `fieldValidation`
+        // parameter: kubectl looks for it on `patch` to decide that the server validates. No
+        // operation has a `requestBody` (see the module comment).
+        let op = |action: &str, id: &str, gvk: &Value, response: &Value, writes: bool| {
+            let mut parameters = vec![json!(
+                {"name": "pretty", "in": "query", "schema": {"type": "string", "uniqueItems": true}}
+            )];
+            if writes {
+                for name in ["dryRun", "fieldManager", "fieldValidation"] {
+                    parameters.push(json!(
+                        {"name": name, "in": "query", "schema": {"type": "string", "uniqueItems": true}}
+                    ));
+                }
+            }
             json!({
-                "operationId": format!("{action}{}", r.kind),
+                "operationId": format!("{id}{}", r.kind),
                 "x-kubernetes-action": action,
                 "x-kubernetes-group-version-kind": gvk,
-                "parameters": [
-                    {"name": "dryRun", "in": "query", "schema": {"type": "string", "uniqueItems": true}},
-                    {"name": "fieldManager", "in": "query", "schema": {"type": "string", "uniqueItems": true}},
-                    {"name": "fieldValidation", "in": "query", "schema": {"type": "string", "uniqueItems": true}},
-                ],
-                "responses": {"200": {"description": "OK", "content": {"application/json": {"schema": reference}}}},
+                "parameters": parameters,
+                "responses": {"200": {"description": "OK", "content": {"application/json": {"schema": response}}}},
             })
         };
+        // Path-level parameters, as Kubernetes' documents declare them.
+        let mut path_parameters = vec![];
+        if r.namespaced {
+            path_parameters.push(json!({"name": "namespace", "in": "path", "required": true,
+                "description": "object name and auth scope, such as for teams and projects",
+                "schema": {"type": "string", "uniqueItems": true}}));
+        }
+        let mut item_parameters = path_parameters.clone();
+        item_parameters.push(json!({"name": "name", "in": "path", "required": true,
+            "description": format!("name of the {}", r.kind),
+            "schema": {"type": "string", "uniqueItems": true}}));
+        paths.insert(
+            collection,
+            json!({
+                "get": op("list", "list", &list_gvk, &list_reference, false),
+                "post": op("post", "create", &gvk, &reference, true),
+                "delete": op("deletecollection", "deletecollection", &gvk, &reference, true),
+                "parameters": path_parameters,
+            }),
+        );
         paths.insert(
             item,
-            json!({"get": op("get"), "put": op("put"), "patch": op("patch"), "delete": op("delete")}),
+            json!({
+                "get": op("get", "read", &gvk, &reference, false),
+                "put": op("put", "replace", &gvk, &reference, true),
+                "patch": op("patch", "patch", &gvk, &reference, true),
+                "delete": op("delete", "delete", &gvk, &reference, true),
+                "parameters": item_parameters,
+            }),
         );
         let schema = schemas
             .entry(schema_name(r))
@@ -126,6 +167,22 @@ fn build_group_version(group: &str, version: &str) -> Option<Value> {
         if let Some(m) = schema.as_object_mut() {
             m.insert("x-kubernetes-group-version-kind".into(), json!([gvk]));
         }
+        // k8s-openapi has no schema for list kinds; this is the shape Kubernetes publishes.
+        schemas.insert(
+            list_name,
+            json!({
+                "description": format!("{} is a list of {}.", r.list_kind(), r.kind),
+                "type": "object",
+                "required": ["items"],
+                "properties": {
+                    "apiVersion": {"description": "APIVersion defines the versioned schema of this representation of an object.", "type": "string"},
+                    "items": {"description": format!("items is the list of {}.", r.kind), "type": "array", "items": reference},
+                    "kind": {"description": "Kind is a string value representing the REST resource this object represents.", "type": "string"},
+                    "metadata": {"description": "Standard list metadata.", "allOf": [{"$ref": "#/components/schemas/io.k8s.apimachinery.pkg.apis.meta.v1.ListMeta"}]},
+                },
+                "x-kubernetes-group-version-kind": [list_gvk],
+            }),
+        );
     }
     Some(json!({
         "openapi": "3.0.0",
@@ -270,6 +327,89 @@ mod tests {
             format!("/openapi/v3/api/v1?hash={core_hash}").as_str()
         );
         assert!(v3_group_version_bytes("nope", "v1").is_none());
+    }
+
+    #[test]
+    fn collections_have_list_create_and_deletecollection_with_list_schemas() {
+        let doc = v3_group_version("apps", "v1").expect("apps/v1");
+        let collection = &doc["paths"]["/apis/apps/v1/namespaces/{namespace}/deployments"];
+        assert_eq!(collection["get"]["x-kubernetes-action"], "list");
+        assert_eq!(
+            collection["get"]["x-kubernetes-group-version-kind"]["kind"],
+            "DeploymentList"
+        );
+        assert_eq!(collection["post"]["x-kubernetes-action"], "post");
+        assert_eq!(
+            collection["delete"]["x-kubernetes-action"],
+            "deletecollection"
+        );
+        assert_eq!(collection["parameters"][0]["name"], "namespace");
+        let list = &doc["components"]["schemas"]["io.k8s.api.apps.v1.DeploymentList"];
+        assert_eq!(
+            list["properties"]["items"]["items"]["$ref"],
+            "#/components/schemas/io.k8s.api.apps.v1.Deployment"
+        );
+        assert!(
+            doc["components"]["schemas"]["io.k8s.apimachinery.pkg.apis.meta.v1.ListMeta"]
+                .is_object()
+        );
+        // Cluster-scoped kinds have no namespace segment or parameter.
+        let core = v3_group_version("", "v1").expect("v1");
+        let namespaces = &core["paths"]["/api/v1/namespaces"];
+        assert_eq!(
+            namespaces["post"]["x-kubernetes-group-version-kind"]["kind"],
+            "Namespace"
+        );
+        assert_eq!(namespaces["parameters"], json!([]));
+        assert_eq!(
+            core["paths"]["/api/v1/nodes/{name}"]["parameters"][0]["name"],
+            "name"
+        );
+        // Every operationId is unique within a document, as OpenAPI requires.
+        for doc in documents().values() {
+            let mut ids = std::collections::BTreeSet::new();
+            for path in doc["paths"]
+                .as_object()
+                .into_iter()
+                .flat_map(|p| p.values())
+            {
+                for op in path.as_object().into_iter().flat_map(|o| o.values()) {
+                    if let Some(id) = op["operationId"].as_str() {
+                        assert!(ids.insert(id.to_string()), "duplicate operationId {id}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn every_ref_points_at_a_schema_in_the_same_document() {
+        fn walk(v: &Value, out: &mut Vec<String>) {
+            match v {
+                Value::Object(m) => {
+                    if let Some(Value::String(r)) = m.get("$ref") {
+                        out.push(r.clone());
+                    }
+                    m.values().for_each(|c| walk(c, out));
+                }
+                Value::Array(a) => a.iter().for_each(|c| walk(c, out)),
+                _ => {}
+            }
+        }
+        for ((group, version), doc) in documents() {
+            let mut refs = vec![];
+            walk(doc, &mut refs);
+            assert!(!refs.is_empty(), "{group}/{version} has no $ref at all");
+            for r in refs {
+                let name = r
+                    .strip_prefix("#/components/schemas/")
+                    .unwrap_or_else(|| panic!("{group}/{version}: foreign $ref {r}"));
+                assert!(
+                    doc["components"]["schemas"][name].is_object(),
+                    "{group}/{version}: $ref to missing schema {name}"
+                );
+            }
+        }
     }
 
     #[test]
