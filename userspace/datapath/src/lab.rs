@@ -409,6 +409,11 @@ impl Drop for Lab {
             let _ = Command::new("ip").args(["netns", "del", n]).output();
         }
         let _ = std::fs::remove_dir_all(&self.pin_dir);
+        // The shared parent goes too once no other lab uses it (remove_dir refuses a non-empty
+        // directory, so a concurrent lab keeps its pins).
+        if let Some(parent) = self.pin_dir.parent() {
+            let _ = std::fs::remove_dir(parent);
+        }
     }
 }
 

@@ -321,3 +321,42 @@ fn connected_udp_socket_to_a_removed_backend_is_destroyed() {
         "a second sweep finds nothing"
     );
 }
+
+/// Hairpin on the socket layer: a backend reaching its own service through the VIP gets a
+/// connection to itself (connect() is rewritten to its own address, no NAT on the wire), and
+/// getpeername still shows the VIP.
+#[test]
+fn hairpin_via_socket_layer() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !require_privileges("hairpin_via_socket_layer") {
+        return;
+    }
+    let mut lab = Lab::new("sockhp", 2);
+    let mut dp = lab.datapath();
+    let cg = lab.cgroup();
+    dp.attach_cgroup(&cg).expect("attach socket LB");
+    lab.enter_cgroup(&cg);
+    let _s1 = Server::start(&lab.pods[1].netns, lab.pods[1].ip, 8080);
+    dp.upsert_service(&spec(&lab, &[1], Proto::Tcp, None))
+        .expect("tcp");
+    dp.upsert_service(&spec(&lab, &[1], Proto::Udp, None))
+        .expect("udp");
+    let vip = SocketAddr::from((VIP, 80));
+    let (tcp, udp) = in_netns(&lab.pods[1].netns, || {
+        let tcp: Vec<_> = (0..10)
+            .map(|_| tcp_ask(vip).expect("hairpin tcp"))
+            .collect();
+        let udp: Vec<_> = (0..10)
+            .map(|_| udp_ask(vip).expect("hairpin udp"))
+            .collect();
+        (tcp, udp)
+    });
+    let me = lab.pods[1].ip.to_string();
+    for (who, peer) in tcp.iter().chain(udp.iter()) {
+        assert_eq!(*who, me, "the backend reached itself");
+        assert_eq!(*peer, vip, "and sees the VIP as its peer");
+    }
+    let c = dp.counters().expect("counters");
+    assert!(c["socket_translate"] >= 20, "{c:?}");
+    assert_eq!(c["dnat"], 0, "no per-packet NAT for socket hairpin: {c:?}");
+}
