@@ -130,10 +130,10 @@ async fn pass(
 
     let mut snapshot = ClusterSnapshot::new(&nodes, &pods);
     for (id, a) in &state.assumed {
-        if let Some(pod) = by_uid.get(id) {
-            if let Err(e) = snapshot.assume(pod, &a.node) {
-                tracing::debug!("assumed pod {}/{}: {e}", a.namespace, a.name);
-            }
+        if let Some(pod) = by_uid.get(id)
+            && let Err(e) = snapshot.assume(pod, &a.node)
+        {
+            tracing::debug!("assumed pod {}/{}: {e}", a.namespace, a.name);
         }
     }
     let print = fingerprint(&nodes, &pods);
@@ -147,11 +147,12 @@ async fn pass(
     let mut next = UNSCHEDULABLE_RETRY;
     for pod in pending {
         let id = uid(pod);
-        if let Some((seen, at)) = state.unschedulable.get(&id) {
-            if *seen == print && at.elapsed() < UNSCHEDULABLE_RETRY {
-                next = next.min(UNSCHEDULABLE_RETRY.saturating_sub(at.elapsed()));
-                continue;
-            }
+        if let Some((seen, at)) = state.unschedulable.get(&id)
+            && *seen == print
+            && at.elapsed() < UNSCHEDULABLE_RETRY
+        {
+            next = next.min(UNSCHEDULABLE_RETRY.saturating_sub(at.elapsed()));
+            continue;
         }
         let ns = pod.metadata.namespace.clone().unwrap_or_default();
         let name = pod.metadata.name.clone().unwrap_or_default();

@@ -122,7 +122,15 @@ async fn fake_kubelet(client: Client) {
                     .is_some();
                 let running =
                     pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
-                if !bound || running || pod.metadata.deletion_timestamp.is_some() {
+                let finished =
+                    pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Succeeded");
+                let of_job = pod
+                    .metadata
+                    .owner_references
+                    .iter()
+                    .flatten()
+                    .any(|r| r.kind == "Job");
+                if !bound || running || finished || pod.metadata.deletion_timestamp.is_some() {
                     continue;
                 }
                 let ns = pod.metadata.namespace.clone().unwrap_or_default();
@@ -133,8 +141,10 @@ async fn fake_kubelet(client: Client) {
                 let now = format!("{}Z", &now[..19]);
                 let cond =
                     |t: &str| json!({"type": t, "status": "True", "lastTransitionTime": now});
+                // A Job's pod runs to completion at once.
+                let phase = if of_job { "Succeeded" } else { "Running" };
                 let patch = json!({"status": {
-                    "phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}],
+                    "phase": phase, "podIP": ip, "podIPs": [{"ip": ip}],
                     "hostIP": "192.168.0.1", "startTime": now,
                     "conditions": [cond("PodScheduled"), cond("Initialized"),
                                    cond("ContainersReady"), cond("Ready")],
@@ -294,6 +304,26 @@ async fn deployment_gets_scheduled_ready_pods_and_endpoints() {
             Ok(())
         } else {
             Err(format!("ready addresses {ready:?}, pod IPs {pod_ips:?}"))
+        }
+    })
+    .await;
+
+    // And the v1 Endpoints object lists the same addresses as ready.
+    let endpoints: Api<k8s_openapi::api::core::v1::Endpoints> =
+        Api::namespaced(c.client.clone(), "default");
+    wait_for("Endpoints web with 3 ready addresses", || async {
+        let ep = endpoints.get("web").await.map_err(|e| e.to_string())?;
+        let ready: std::collections::BTreeSet<String> = ep
+            .subsets
+            .iter()
+            .flatten()
+            .flat_map(|s| s.addresses.iter().flatten())
+            .map(|a| a.ip.clone())
+            .collect();
+        if ready == pod_ips {
+            Ok(())
+        } else {
+            Err(format!("{ready:?} vs {pod_ips:?}"))
         }
     })
     .await;
@@ -469,4 +499,74 @@ async fn pod_that_fits_nowhere_is_marked_unschedulable() {
         }
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn job_completes_five_with_at_most_two_active() {
+    let c = cluster().await;
+    let jobs: Api<k8s_openapi::api::batch::v1::Job> = Api::namespaced(c.client.clone(), "default");
+    let job = serde_json::from_value(json!({
+        "apiVersion": "batch/v1", "kind": "Job",
+        "metadata": {"name": "batch", "namespace": "default"},
+        "spec": {
+            "completions": 5, "parallelism": 2,
+            "template": {"spec": {"restartPolicy": "Never", "terminationGracePeriodSeconds": 0,
+                "containers": [{"name": "c", "image": "busybox"}]}},
+        },
+    }))
+    .expect("job json");
+    jobs.create(&PostParams::default(), &job)
+        .await
+        .expect("create job");
+    let pods: Api<Pod> = Api::namespaced(c.client.clone(), "default");
+    let most_active = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    wait_for("job batch Complete with 5 succeeded", || {
+        let jobs = jobs.clone();
+        let pods = pods.clone();
+        let most_active = most_active.clone();
+        async move {
+            let list = pods
+                .list(&ListParams::default())
+                .await
+                .map_err(|e| e.to_string())?;
+            let active = list
+                .items
+                .iter()
+                .filter(|p| {
+                    !matches!(
+                        p.status.as_ref().and_then(|s| s.phase.as_deref()),
+                        Some("Succeeded" | "Failed")
+                    ) && p.metadata.deletion_timestamp.is_none()
+                })
+                .count();
+            most_active.fetch_max(active, std::sync::atomic::Ordering::SeqCst);
+            let j = jobs.get("batch").await.map_err(|e| e.to_string())?;
+            let s = j.status.unwrap_or_default();
+            let complete = s
+                .conditions
+                .iter()
+                .flatten()
+                .any(|c| c.type_ == "Complete" && c.status == "True");
+            if complete && s.succeeded == Some(5) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "succeeded {:?}, conditions {:?}",
+                    s.succeeded, s.conditions
+                ))
+            }
+        }
+    })
+    .await;
+    let most_active = most_active.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        most_active <= 2,
+        "at most parallelism=2 pods active, saw {most_active}"
+    );
+    let all = pods
+        .list(&ListParams::default())
+        .await
+        .expect("list pods")
+        .items;
+    assert_eq!(all.len(), 5, "exactly completions=5 pods were created");
 }
