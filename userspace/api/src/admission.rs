@@ -807,6 +807,15 @@ fn cron_schedule_error(schedule: &str) -> Option<String> {
     None
 }
 
+/// Kubernetes' "Unsupported value" text: `Unsupported value: "x": supported values: "a", "b"`.
+fn unsupported(value: &str, allowed: &[&str]) -> String {
+    let list: Vec<String> = allowed.iter().map(|a| format!("\"{a}\"")).collect();
+    format!(
+        "Unsupported value: \"{value}\": supported values: {}",
+        list.join(", ")
+    )
+}
+
 /// Field checks Kubernetes makes on the objects kubectl users write most (required fields, port
 /// ranges, selectors that match their template). Returns 422 Invalid with one cause per problem.
 pub fn validate(info: &ResourceInfo, obj: &Value) -> Result<(), ApiError> {
@@ -818,6 +827,19 @@ pub fn validate(info: &ResourceInfo, obj: &Value) -> Result<(), ApiError> {
     }
     let str_at = |ptr: &str| obj.pointer(ptr).and_then(Value::as_str).unwrap_or("");
     let pod_spec = |spec: &Value, base: &str, causes: &mut Vec<(String, String)>| {
+        for (field, allowed) in [
+            ("restartPolicy", &["Always", "OnFailure", "Never"][..]),
+            (
+                "dnsPolicy",
+                &["ClusterFirstWithHostNet", "ClusterFirst", "Default", "None"][..],
+            ),
+        ] {
+            if let Some(v) = spec.get(field).and_then(Value::as_str)
+                && !allowed.contains(&v)
+            {
+                causes.push((format!("{base}.{field}"), unsupported(v, allowed)));
+            }
+        }
         let containers = spec.get("containers").and_then(Value::as_array);
         if containers.is_none_or(Vec::is_empty) {
             causes.push((format!("{base}.containers"), "Required value".into()));
@@ -852,6 +874,15 @@ pub fn validate(info: &ResourceInfo, obj: &Value) -> Result<(), ApiError> {
                 {
                     causes.push((format!("{base}.{list}[{i}].image"), "Required value".into()));
                 }
+                let pull_policies = ["Always", "IfNotPresent", "Never"];
+                if let Some(v) = c.get("imagePullPolicy").and_then(Value::as_str)
+                    && !pull_policies.contains(&v)
+                {
+                    causes.push((
+                        format!("{base}.{list}[{i}].imagePullPolicy"),
+                        unsupported(v, &pull_policies),
+                    ));
+                }
                 for (j, p) in c
                     .get("ports")
                     .and_then(Value::as_array)
@@ -859,6 +890,15 @@ pub fn validate(info: &ResourceInfo, obj: &Value) -> Result<(), ApiError> {
                     .flatten()
                     .enumerate()
                 {
+                    let protocols = ["SCTP", "TCP", "UDP"];
+                    if let Some(v) = p.get("protocol").and_then(Value::as_str)
+                        && !protocols.contains(&v)
+                    {
+                        causes.push((
+                            format!("{base}.{list}[{i}].ports[{j}].protocol"),
+                            unsupported(v, &protocols),
+                        ));
+                    }
                     let port = p.get("containerPort").and_then(Value::as_i64).unwrap_or(0);
                     if !(1..=65535).contains(&port) {
                         causes.push((
@@ -889,6 +929,112 @@ pub fn validate(info: &ResourceInfo, obj: &Value) -> Result<(), ApiError> {
                     "spec.selector",
                     "Required value",
                 );
+            }
+            if let Some(sel) = obj.pointer("/spec/selector").filter(|s| !s.is_null()) {
+                let empty = sel
+                    .get("matchLabels")
+                    .and_then(Value::as_object)
+                    .is_none_or(Map::is_empty)
+                    && sel
+                        .get("matchExpressions")
+                        .and_then(Value::as_array)
+                        .is_none_or(Vec::is_empty);
+                if empty && info.group == "apps" {
+                    causes.push((
+                        "spec.selector".into(),
+                        format!(
+                            "Invalid value: {sel}: empty selector is invalid for {}",
+                            info.singular
+                        ),
+                    ));
+                }
+                for (i, e) in sel
+                    .get("matchExpressions")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                    .enumerate()
+                {
+                    let op = e.get("operator").and_then(Value::as_str).unwrap_or("");
+                    let n = e
+                        .get("values")
+                        .and_then(Value::as_array)
+                        .map_or(0, Vec::len);
+                    let field = format!("spec.selector.matchExpressions[{i}]");
+                    match op {
+                        "In" | "NotIn" if n == 0 => causes.push((
+                            format!("{field}.values"),
+                            "Required value: must be specified when `operator` is 'In' or 'NotIn'".into(),
+                        )),
+                        "Exists" | "DoesNotExist" if n > 0 => causes.push((
+                            format!("{field}.values"),
+                            "Forbidden: may not be specified when `operator` is 'Exists' or 'DoesNotExist'".into(),
+                        )),
+                        "In" | "NotIn" | "Exists" | "DoesNotExist" => {}
+                        other => causes.push((
+                            format!("{field}.operator"),
+                            unsupported(other, &["In", "NotIn", "Exists", "DoesNotExist"]),
+                        )),
+                    }
+                    // An expression the template cannot satisfy is as wrong as a label mismatch.
+                    let key = e.get("key").and_then(Value::as_str).unwrap_or("");
+                    let label = labels.and_then(|l| l.get(key)).and_then(Value::as_str);
+                    let values: Vec<&str> = e
+                        .get("values")
+                        .and_then(Value::as_array)
+                        .into_iter()
+                        .flatten()
+                        .filter_map(Value::as_str)
+                        .collect();
+                    let satisfied = match op {
+                        "In" => label.is_some_and(|l| values.contains(&l)),
+                        "NotIn" => label.is_none_or(|l| !values.contains(&l)),
+                        "Exists" => label.is_some(),
+                        "DoesNotExist" => label.is_none(),
+                        _ => true,
+                    };
+                    require(
+                        &mut causes,
+                        satisfied,
+                        "spec.template.metadata.labels",
+                        "Invalid value: `selector` does not match template `labels`",
+                    );
+                }
+            }
+            if info.kind == "Deployment" {
+                let ty = str_at("/spec/strategy/type");
+                match ty {
+                    "Recreate" => {
+                        if obj
+                            .pointer("/spec/strategy/rollingUpdate")
+                            .is_some_and(|r| !r.is_null())
+                        {
+                            causes.push((
+                                "spec.strategy.rollingUpdate".into(),
+                                "Forbidden: may not be specified when strategy `type` is 'Recreate'".into(),
+                            ));
+                        }
+                    }
+                    "RollingUpdate" | "" => {
+                        let zero = |ptr: &str| match obj.pointer(ptr) {
+                            Some(Value::Number(n)) => n.as_i64() == Some(0),
+                            Some(Value::String(s)) => s == "0" || s == "0%",
+                            _ => false,
+                        };
+                        if zero("/spec/strategy/rollingUpdate/maxSurge")
+                            && zero("/spec/strategy/rollingUpdate/maxUnavailable")
+                        {
+                            causes.push((
+                                "spec.strategy.rollingUpdate.maxUnavailable".into(),
+                                "Invalid value: 0: may not be 0 when `maxSurge` is 0".into(),
+                            ));
+                        }
+                    }
+                    other => causes.push((
+                        "spec.strategy.type".into(),
+                        unsupported(other, &["Recreate", "RollingUpdate"]),
+                    )),
+                }
             }
             if let Some(Value::Object(match_labels)) = obj.pointer("/spec/selector/matchLabels") {
                 let matches = match_labels

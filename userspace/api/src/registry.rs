@@ -27,6 +27,11 @@ impl ResourceInfo {
         }
     }
 
+    /// `DeploymentList`: the kind of a list response.
+    pub fn list_kind(&self) -> String {
+        format!("{}List", self.kind)
+    }
+
     pub fn has_subresource(&self, sub: &str) -> bool {
         self.subresources.contains(&sub)
     }

@@ -153,3 +153,13 @@ impl ApiError {
         v
     }
 }
+
+/// A `metav1.Status` of success (`{"status":"Success"}`), as Kubernetes answers a DELETE of a
+/// collection or of an object that is already gone; `details` (`{name, kind, uid}`) when known.
+pub fn success_status(details: Option<Value>) -> Value {
+    let mut v = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success"});
+    if let Some(d) = details {
+        v["details"] = d;
+    }
+    v
+}

@@ -1093,3 +1093,111 @@ fn hpa_netpol_endpointslice_and_cronjob_tables() {
         ])
     );
 }
+
+#[test]
+fn deployment_strategy_and_selector_expressions_are_validated() {
+    let deploys = res("apps", "v1", "deployments");
+    let with = |f: &dyn Fn(&mut Value)| {
+        let mut d = deployment(json!({"app": "web"}), json!({"app": "web", "tier": "fe"}));
+        f(&mut d);
+        create(deploys, Some("default"), d)
+    };
+    // Recreate with a rollingUpdate block is refused; Recreate alone gets no rollingUpdate.
+    let err = with(&|d| {
+        d["spec"]["strategy"] = json!({"type": "Recreate", "rollingUpdate": {"maxSurge": 1}})
+    })
+    .expect_err("recreate + rollingUpdate");
+    assert_eq!(cause_fields(&err), vec!["spec.strategy.rollingUpdate"]);
+    let ok = with(&|d| d["spec"]["strategy"] = json!({"type": "Recreate"})).expect("recreate");
+    assert!(ok.pointer("/spec/strategy/rollingUpdate").is_none());
+    let err = with(&|d| {
+        d["spec"]["strategy"] = json!({"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": "0%"}})
+    })
+    .expect_err("both zero");
+    assert_eq!(
+        cause_fields(&err),
+        vec!["spec.strategy.rollingUpdate.maxUnavailable"]
+    );
+    let err =
+        with(&|d| d["spec"]["strategy"] = json!({"type": "BlueGreen"})).expect_err("unknown type");
+    assert!(
+        err.message.contains("Unsupported value: \"BlueGreen\""),
+        "{}",
+        err.message
+    );
+    // Empty selectors and unsatisfiable expressions.
+    let err = with(&|d| d["spec"]["selector"] = json!({})).expect_err("empty selector");
+    assert!(
+        err.message
+            .contains("empty selector is invalid for deployment"),
+        "{}",
+        err.message
+    );
+    let ok = with(&|d| {
+        d["spec"]["selector"]["matchExpressions"] =
+            json!([{"key": "tier", "operator": "In", "values": ["fe", "be"]}])
+    });
+    assert!(ok.is_ok(), "{ok:?}");
+    let err = with(&|d| {
+        d["spec"]["selector"]["matchExpressions"] =
+            json!([{"key": "tier", "operator": "NotIn", "values": ["fe"]}])
+    })
+    .expect_err("template excluded by its own selector");
+    assert_eq!(cause_fields(&err), vec!["spec.template.metadata.labels"]);
+    let err = with(&|d| {
+        d["spec"]["selector"]["matchExpressions"] =
+            json!([{"key": "tier", "operator": "In", "values": []}])
+    })
+    .expect_err("In without values");
+    assert!(cause_fields(&err).contains(&"spec.selector.matchExpressions[0].values".to_string()));
+}
+
+#[test]
+fn pod_enumerations_are_validated() {
+    let pods = res("", "v1", "pods");
+    let err = create(
+        pods,
+        Some("default"),
+        json!({"metadata": {"name": "p"}, "spec": {"restartPolicy": "Sometimes", "dnsPolicy": "Google",
+            "containers": [{"name": "a", "image": "nginx", "imagePullPolicy": "Maybe",
+                            "ports": [{"containerPort": 80, "protocol": "ICMP"}]}]}}),
+    )
+    .expect_err("four bad enumerations");
+    let mut fields = cause_fields(&err);
+    fields.sort();
+    assert_eq!(
+        fields,
+        [
+            "spec.containers[0].imagePullPolicy",
+            "spec.containers[0].ports[0].protocol",
+            "spec.dnsPolicy",
+            "spec.restartPolicy"
+        ]
+    );
+    let causes = err
+        .details
+        .as_ref()
+        .map(|d| d["causes"].clone())
+        .unwrap_or_default();
+    assert!(
+        causes
+            .as_array()
+            .is_some_and(|cs| cs.iter().all(|c| c["reason"] == "FieldValueNotSupported")),
+        "{causes}"
+    );
+}
+
+#[test]
+fn list_kind_and_success_status() {
+    assert_eq!(
+        res("apps", "v1", "deployments").list_kind(),
+        "DeploymentList"
+    );
+    assert_eq!(res("apps", "v1", "deployments").api_version(), "apps/v1");
+    assert_eq!(res("", "v1", "pods").api_version(), "v1");
+    assert_eq!(
+        status::success_status(Some(json!({"name": "a", "kind": "pods"}))),
+        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "details": {"name": "a", "kind": "pods"}})
+    );
+    assert!(status::success_status(None).get("details").is_none());
+}
