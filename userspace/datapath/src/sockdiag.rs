@@ -168,10 +168,10 @@ pub fn connected_udp_sockets() -> Result<Vec<UdpSocketId>, DatapathError> {
     )?;
     let mut out = Vec::new();
     let errno = receive(&fd, SOCK_DIAG_BY_FAMILY, |p| {
-        if p.len() >= DIAG_MSG_LEN {
-            if let Some(id) = UdpSocketId::parse(&p[4..4 + SOCKID_LEN]) {
-                out.push(id);
-            }
+        if p.len() >= DIAG_MSG_LEN
+            && let Some(id) = UdpSocketId::parse(&p[4..4 + SOCKID_LEN])
+        {
+            out.push(id);
         }
     })?;
     if errno != 0 {
