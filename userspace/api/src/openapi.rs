@@ -227,7 +227,7 @@ fn serialized() -> &'static SerializedDocs {
 /// A stable hex digest for the `?hash=` URLs and ETags: 64-bit FNV-1a, upper-case hex. It only
 /// has to change when a document changes (caches key on it), not resist attackers, so a
 /// ten-line hash is preferred over a new crypto dependency. Same digest the apiserver's
-/// `hash_value` computes over `serde_json::to_vec` of a document, so switching keeps URLs stable.
+/// (FNV-1a 64 over the serialized document, upper-case hex.)
 pub fn document_hash(bytes: &[u8]) -> String {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for &b in bytes {

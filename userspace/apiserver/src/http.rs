@@ -313,7 +313,7 @@ async fn handle_inner(state: Arc<State>, req: Request<Incoming>) -> Result<Resp,
         }
         ["openapi", "v3"] => {
             only_get(&ctx)?;
-            Ok(json_response(200, &openapi::v3_root(hash_value), &[]))
+            Ok(json_response(200, openapi::v3_root_cached(), &[]))
         }
         ["openapi", "v3", "api", version] => openapi_doc(&ctx, "", version),
         ["openapi", "v3", "apis", group, version] => openapi_doc(&ctx, group, version),
@@ -414,22 +414,18 @@ fn resource_list(group: &str, version: &str) -> Result<Resp, ApiError> {
 
 /// A stable hash of a document, for `?hash=` URLs and ETags (FNV-1a over its JSON text: stable
 /// across processes, unlike the std hasher's random keys).
-pub fn hash_value(v: &Value) -> String {
-    let text = serde_json::to_vec(v).unwrap_or_default();
-    let mut h: u64 = 0xcbf29ce484222325;
-    for b in text {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x100000001b3);
-    }
-    format!("{h:016X}")
-}
-
 fn openapi_doc(ctx: &Ctx, group: &str, version: &str) -> Result<Resp, ApiError> {
     only_get(ctx)?;
-    let doc = openapi::v3_group_version(group, version)
+    // The documents are generated and serialized once per process (skiff_api::openapi): a
+    // request copies no JSON tree, and the hash in the index's URLs is the ETag.
+    let (bytes, hash) = openapi::v3_group_version_bytes(group, version)
         .ok_or_else(|| not_found_path(&format!("/openapi/v3/{group}/{version}")))?;
-    let etag = format!("\"{}\"", hash_value(&doc));
-    let mut resp = json_response(200, &doc, &[]);
+    let etag = format!("\"{hash}\"");
+    let mut resp = Response::new(Body::from(bytes));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     if let Ok(v) = HeaderValue::from_str(&etag) {
         resp.headers_mut().insert(header::ETAG, v);
     }
