@@ -226,8 +226,7 @@ fn serialized() -> &'static SerializedDocs {
 
 /// A stable hex digest for the `?hash=` URLs and ETags: 64-bit FNV-1a, upper-case hex. It only
 /// has to change when a document changes (caches key on it), not resist attackers, so a
-/// ten-line hash is preferred over a new crypto dependency. Same digest the apiserver's
-/// (FNV-1a 64 over the serialized document, upper-case hex.)
+/// ten-line hash is preferred over a new crypto dependency.
 pub fn document_hash(bytes: &[u8]) -> String {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for &b in bytes {
