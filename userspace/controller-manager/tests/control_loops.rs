@@ -570,3 +570,30 @@ async fn job_completes_five_with_at_most_two_active() {
         .items;
     assert_eq!(all.len(), 5, "exactly completions=5 pods were created");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_functions_return_when_shutdown_completes() {
+    let c = cluster().await;
+    for scheduler in [false, true] {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let client = c.client.clone();
+        let shutdown = async move {
+            let _ = stopped.await;
+        };
+        let task = tokio::spawn(async move {
+            if scheduler {
+                skiff_controller_manager::run_scheduler(client, shutdown).await
+            } else {
+                skiff_controller_manager::run_controllers(client, shutdown).await
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!task.is_finished(), "runs until shutdown");
+        let _ = stop.send(());
+        let result = tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("returns within 5 s of shutdown")
+            .expect("task did not panic");
+        assert!(result.is_ok(), "{result:?}");
+    }
+}
