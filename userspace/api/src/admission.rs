@@ -722,6 +722,19 @@ fn validate_object_meta(meta: Option<&Value>, base: &str, causes: &mut Vec<(Stri
     }
 }
 
+/// Kubernetes' IANA_SVC_NAME (a named port): at most 15 characters of `[a-z0-9-]`, at least
+/// one letter, no leading, trailing or doubled hyphen.
+fn is_iana_svc_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 15
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.bytes().any(|b| b.is_ascii_lowercase())
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+        && !s.contains("--")
+}
+
 /// ConfigMap and Secret keys: `[-._a-zA-Z0-9]+`, at most 253 characters, not `.`/`..`-led.
 fn is_config_key(k: &str) -> bool {
     !k.is_empty()
@@ -1102,6 +1115,15 @@ pub fn validate(info: &ResourceInfo, obj: &Value) -> Result<(), ApiError> {
             ) {
                 causes.push(("spec.type".into(), format!("Unsupported value: \"{ty}\": supported values: \"ClusterIP\", \"ExternalName\", \"LoadBalancer\", \"NodePort\"")));
             }
+            if let Some(v) = obj.pointer("/spec/sessionAffinity").and_then(Value::as_str)
+                && v != "None"
+                && v != "ClientIP"
+            {
+                causes.push((
+                    "spec.sessionAffinity".into(),
+                    unsupported(v, &["ClientIP", "None"]),
+                ));
+            }
             let count = ports.map_or(0, Vec::len);
             let mut port_names = std::collections::HashSet::new();
             for (i, p) in ports.into_iter().flatten().enumerate() {
@@ -1127,6 +1149,28 @@ pub fn validate(info: &ResourceInfo, obj: &Value) -> Result<(), ApiError> {
                 {
                     causes.push((format!("spec.ports[{i}].name"), "Required value".into()));
                 }
+                if !port_name.is_empty() && !is_dns1123_label(port_name) {
+                    causes.push((
+                        format!("spec.ports[{i}].name"),
+                        format!("Invalid value: \"{port_name}\": a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', and must start and end with an alphanumeric character"),
+                    ));
+                }
+                match p.get("targetPort") {
+                    Some(Value::Number(n)) => {
+                        let n = n.as_i64().unwrap_or(0);
+                        if !(1..=65535).contains(&n) {
+                            causes.push((
+                                format!("spec.ports[{i}].targetPort"),
+                                format!("Invalid value: {n}: must be between 1 and 65535, inclusive"),
+                            ));
+                        }
+                    }
+                    Some(Value::String(name)) if !is_iana_svc_name(name) => causes.push((
+                        format!("spec.ports[{i}].targetPort"),
+                        format!("Invalid value: \"{name}\": must contain only alpha-numeric characters (a-z, 0-9), and hyphens (-), at least one letter, no two adjacent hyphens, at most 15 characters"),
+                    )),
+                    _ => {}
+                }
                 let proto = p.get("protocol").and_then(Value::as_str).unwrap_or("TCP");
                 if !matches!(proto, "TCP" | "UDP" | "SCTP") {
                     causes.push((format!("spec.ports[{i}].protocol"), format!("Unsupported value: \"{proto}\": supported values: \"SCTP\", \"TCP\", \"UDP\"")));
@@ -1134,6 +1178,34 @@ pub fn validate(info: &ResourceInfo, obj: &Value) -> Result<(), ApiError> {
             }
         }
         ("", "ConfigMap" | "Secret") => {
+            // Kubernetes caps the data of one ConfigMap or Secret at 1 MiB.
+            const MAX_DATA_BYTES: usize = 1024 * 1024;
+            let size: usize = ["data", "binaryData"]
+                .iter()
+                .filter_map(|f| obj.get(*f).and_then(Value::as_object))
+                .flat_map(|m| m.iter())
+                .map(|(k, v)| k.len() + v.as_str().map_or(0, str::len))
+                .sum();
+            if size > MAX_DATA_BYTES {
+                causes.push((
+                    "data".into(),
+                    format!("Too long: must have at most {MAX_DATA_BYTES} bytes"),
+                ));
+            }
+            if info.kind == "Secret" {
+                let required: &[&str] = match str_at("/type") {
+                    "kubernetes.io/tls" => &["tls.crt", "tls.key"],
+                    "kubernetes.io/dockerconfigjson" => &[".dockerconfigjson"],
+                    "kubernetes.io/dockercfg" => &[".dockercfg"],
+                    "kubernetes.io/ssh-auth" => &["ssh-privatekey"],
+                    _ => &[],
+                };
+                for key in required {
+                    if obj.pointer("/data").and_then(|d| d.get(*key)).is_none() {
+                        causes.push((format!("data[{key}]"), "Required value".into()));
+                    }
+                }
+            }
             let mut seen = std::collections::HashSet::new();
             for field in ["data", "binaryData"] {
                 for k in obj

@@ -1201,3 +1201,80 @@ fn list_kind_and_success_status() {
     );
     assert!(status::success_status(None).get("details").is_none());
 }
+
+#[test]
+fn service_port_names_target_ports_and_affinity_are_validated() {
+    let services = res("", "v1", "services");
+    let svc = |ports: Value, affinity: &str| {
+        create(
+            services,
+            Some("default"),
+            json!({"metadata": {"name": "s"}, "spec": {"sessionAffinity": affinity, "ports": ports}}),
+        )
+    };
+    assert!(
+        svc(
+            json!([{"name": "http", "port": 80, "targetPort": "web"}]),
+            "ClientIP"
+        )
+        .is_ok()
+    );
+    for (ports, field) in [
+        (json!([{"name": "Http", "port": 80}]), "spec.ports[0].name"),
+        (
+            json!([{"port": 80, "targetPort": 70000}]),
+            "spec.ports[0].targetPort",
+        ),
+        (
+            json!([{"port": 80, "targetPort": "way-too-long-port-name"}]),
+            "spec.ports[0].targetPort",
+        ),
+        (
+            json!([{"port": 80, "targetPort": "80"}]),
+            "spec.ports[0].targetPort",
+        ),
+    ] {
+        let err = svc(ports.clone(), "None").expect_err("invalid port");
+        assert_eq!(cause_fields(&err), vec![field], "{ports}");
+    }
+    let err = svc(json!([{"port": 80}]), "Sticky").expect_err("bad affinity");
+    assert_eq!(cause_fields(&err), vec!["spec.sessionAffinity"]);
+}
+
+#[test]
+fn typed_secrets_need_their_keys_and_data_is_capped_at_1mib() {
+    let secrets = res("", "v1", "secrets");
+    let err = create(
+        secrets,
+        Some("default"),
+        json!({"metadata": {"name": "t"}, "type": "kubernetes.io/tls", "stringData": {"tls.crt": "x"}}),
+    )
+    .expect_err("tls secret without a key");
+    assert_eq!(cause_fields(&err), vec!["data[tls.key]"]);
+    assert!(
+        create(
+            secrets,
+            Some("default"),
+            json!({"metadata": {"name": "t"}, "type": "kubernetes.io/tls", "stringData": {"tls.crt": "x", "tls.key": "y"}}),
+        )
+        .is_ok()
+    );
+    let big = "x".repeat(1024 * 1024 + 1);
+    let err = create(
+        res("", "v1", "configmaps"),
+        Some("default"),
+        json!({"metadata": {"name": "c"}, "data": {"k": big}}),
+    )
+    .expect_err("over 1 MiB");
+    assert!(err.message.contains("Too long"), "{}", err.message);
+    // Data that is not base64 is a decoding error naming the key.
+    let err = admission::admit(
+        secrets,
+        Some("default"),
+        json!({"metadata": {"name": "s"}, "data": {"a": "not base64!!"}}),
+        FieldValidation::Strict,
+    )
+    .expect_err("bad base64");
+    assert_eq!(err.code, 400);
+    assert!(err.message.contains("data.a"), "{}", err.message);
+}
