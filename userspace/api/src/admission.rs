@@ -277,8 +277,8 @@ pub fn validate_name(info: &ResourceInfo, name: &str) -> Result<(), ApiError> {
     if ok {
         Ok(())
     } else {
-        Err(ApiError::invalid(
-            info.kind,
+        Err(ApiError::invalid_for(
+            info,
             name,
             &[(
                 "metadata.name".to_string(),
@@ -1263,7 +1263,7 @@ pub fn validate(info: &ResourceInfo, obj: &Value) -> Result<(), ApiError> {
         Ok(())
     } else {
         let name = str_at("/metadata/name");
-        Err(ApiError::invalid(info.kind, name, &causes))
+        Err(ApiError::invalid_for(info, name, &causes))
     }
 }
 
@@ -1278,8 +1278,8 @@ pub fn validate_update(info: &ResourceInfo, old: &Value, new: &Value) -> Result<
         let (a, b) = (old.pointer(ptr), new.pointer(ptr));
         if a.is_some() && a != b {
             let shown = b.map(Value::to_string).unwrap_or_else(|| "null".into());
-            return Err(ApiError::invalid(
-                info.kind,
+            return Err(ApiError::invalid_for(
+                info,
                 name,
                 &[(
                     field.to_string(),

@@ -96,6 +96,28 @@ impl ApiError {
         }
     }
 
+    /// 422 as Kubernetes words it for a resource of a named group: the message says
+    /// `Deployment.apps "web" is invalid: ...` and details carry the group.
+    pub fn invalid_for(
+        info: &crate::registry::ResourceInfo,
+        name: &str,
+        causes: &[(String, String)],
+    ) -> Self {
+        let mut e = Self::invalid(info.kind, name, causes);
+        if !info.group.is_empty() {
+            e.message = format!(
+                "{}.{}{}",
+                info.kind,
+                info.group,
+                &e.message[info.kind.len()..]
+            );
+            if let Some(d) = e.details.as_mut().and_then(Value::as_object_mut) {
+                d.insert("group".into(), json!(info.group));
+            }
+        }
+        e
+    }
+
     pub fn bad_request(message: impl Into<String>) -> Self {
         Self::new(400, "BadRequest", message)
     }

@@ -1278,3 +1278,32 @@ fn typed_secrets_need_their_keys_and_data_is_capped_at_1mib() {
     assert_eq!(err.code, 400);
     assert!(err.message.contains("data.a"), "{}", err.message);
 }
+
+#[test]
+fn invalid_objects_of_named_groups_say_kind_dot_group_like_kubernetes() {
+    let deploys = res("apps", "v1", "deployments");
+    let err = create(
+        deploys,
+        Some("default"),
+        deployment(json!({"app": "web"}), json!({"app": "api"})),
+    )
+    .expect_err("mismatch");
+    assert!(
+        err.message
+            .starts_with("Deployment.apps \"web\" is invalid: "),
+        "{}",
+        err.message
+    );
+    let status = err.to_status();
+    assert_eq!(status["details"]["group"], "apps");
+    assert_eq!(status["details"]["kind"], "Deployment");
+    assert_eq!(status["details"]["name"], "web");
+    // The core group keeps the bare kind.
+    let err = admission::validate_name(res("", "v1", "configmaps"), "Bad").expect_err("bad name");
+    assert!(
+        err.message.starts_with("ConfigMap \"Bad\" is invalid: "),
+        "{}",
+        err.message
+    );
+    assert!(err.to_status()["details"].get("group").is_none());
+}
