@@ -403,35 +403,84 @@ fn since(obj: &Value, ptr: &str, now: chrono::DateTime<chrono::Utc>) -> String {
         .unwrap_or_else(|| "<none>".to_string())
 }
 
+/// kubectl's pod STATUS: the pod's reason or phase, overridden by init containers still at
+/// work (`Init:1/2`, `Init:CrashLoopBackOff`), then by the last container that is waiting or
+/// terminated (`CrashLoopBackOff`, `Completed`, `ExitCode:1`), then by `Terminating`.
 fn pod_status(obj: &Value) -> String {
+    let mut reason = match s(obj, "/status/reason") {
+        "" => match s(obj, "/status/phase") {
+            "" => "Pending".to_string(),
+            phase => phase.to_string(),
+        },
+        r => r.to_string(),
+    };
+    let exit_text = |c: &Value, prefix: &str| -> Option<String> {
+        let t = c.pointer("/state/terminated")?;
+        Some(match s(t, "/reason") {
+            "" => match t.get("signal").and_then(Value::as_i64).filter(|n| *n != 0) {
+                Some(sig) => format!("{prefix}Signal:{sig}"),
+                None => format!("{prefix}ExitCode:{}", i(t, "/exitCode")),
+            },
+            r => format!("{prefix}{r}"),
+        })
+    };
+    let inits = obj
+        .pointer("/status/initContainerStatuses")
+        .and_then(Value::as_array);
+    let init_total = obj
+        .pointer("/spec/initContainers")
+        .and_then(Value::as_array)
+        .map_or(0, Vec::len);
+    let mut initializing = false;
+    for (n, c) in inits.into_iter().flatten().enumerate() {
+        if c.pointer("/state/terminated").is_some() && i(c, "/state/terminated/exitCode") == 0 {
+            continue;
+        }
+        initializing = true;
+        reason = if let Some(text) = exit_text(c, "Init:") {
+            text
+        } else {
+            match s(c, "/state/waiting/reason") {
+                "" | "PodInitializing" => format!("Init:{n}/{init_total}"),
+                w => format!("Init:{w}"),
+            }
+        };
+        break;
+    }
+    if !initializing {
+        let mut running_and_ready = false;
+        let statuses = obj
+            .pointer("/status/containerStatuses")
+            .and_then(Value::as_array);
+        // kubectl walks the containers from the last one, so the first container's state wins.
+        for c in statuses.into_iter().flatten().rev() {
+            let waiting = s(c, "/state/waiting/reason");
+            if !waiting.is_empty() {
+                reason = waiting.to_string();
+            } else if let Some(text) = exit_text(c, "") {
+                reason = text;
+            } else if c.pointer("/state/running").is_some()
+                && c.get("ready").and_then(Value::as_bool) == Some(true)
+            {
+                running_and_ready = true;
+            }
+        }
+        // A pod whose restarted container is running again is Running, not Completed.
+        if reason == "Completed" && running_and_ready {
+            reason = "Running".into();
+        }
+    }
     if obj
         .pointer("/metadata/deletionTimestamp")
         .is_some_and(|v| !v.is_null())
     {
-        return "Terminating".into();
+        return if s(obj, "/status/reason") == "NodeLost" {
+            "Unknown".into()
+        } else {
+            "Terminating".into()
+        };
     }
-    if let Some(Value::Array(cs)) = obj.pointer("/status/containerStatuses") {
-        for c in cs {
-            let waiting = s(c, "/state/waiting/reason");
-            if !waiting.is_empty() {
-                return waiting.into();
-            }
-            let term = s(c, "/state/terminated/reason");
-            if !term.is_empty() {
-                return term.into();
-            }
-        }
-    }
-    let reason = s(obj, "/status/reason");
-    if !reason.is_empty() {
-        return reason.into();
-    }
-    let phase = s(obj, "/status/phase");
-    if phase.is_empty() {
-        "Pending".into()
-    } else {
-        phase.into()
-    }
+    reason
 }
 
 fn cells(info: &ResourceInfo, obj: &Value, now: chrono::DateTime<chrono::Utc>) -> Vec<Value> {

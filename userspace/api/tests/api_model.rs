@@ -1307,3 +1307,62 @@ fn invalid_objects_of_named_groups_say_kind_dot_group_like_kubernetes() {
     );
     assert!(err.to_status()["details"].get("group").is_none());
 }
+
+#[test]
+fn pod_status_column_follows_kubectl() {
+    let pods = res("", "v1", "pods");
+    let status_of = |pod: Value| {
+        let (_, cells) = row(pods, pod, "2026-01-01T00:00:10Z");
+        cells[2].as_str().unwrap_or("").to_string()
+    };
+    let two = json!([{"name": "a"}, {"name": "b"}]);
+    assert_eq!(
+        status_of(json!({"metadata": {"name": "p"}, "spec": {"containers": two}})),
+        "Pending"
+    );
+    assert_eq!(
+        status_of(
+            json!({"metadata": {"name": "p"}, "spec": {"initContainers": [{"name": "i"}, {"name": "j"}], "containers": two},
+            "status": {"phase": "Pending", "initContainerStatuses": [
+                {"state": {"terminated": {"exitCode": 0}}}, {"state": {"running": {}}}]}})
+        ),
+        "Init:1/2"
+    );
+    assert_eq!(
+        status_of(
+            json!({"metadata": {"name": "p"}, "spec": {"initContainers": [{"name": "i"}], "containers": two},
+            "status": {"phase": "Pending", "initContainerStatuses": [{"state": {"waiting": {"reason": "CrashLoopBackOff"}}}]}})
+        ),
+        "Init:CrashLoopBackOff"
+    );
+    assert_eq!(
+        status_of(
+            json!({"metadata": {"name": "p"}, "spec": {"containers": two},
+            "status": {"phase": "Running", "containerStatuses": [
+                {"ready": false, "state": {"waiting": {"reason": "CrashLoopBackOff"}}},
+                {"ready": true, "state": {"running": {}}}]}})
+        ),
+        "CrashLoopBackOff"
+    );
+    assert_eq!(
+        status_of(
+            json!({"metadata": {"name": "p"}, "spec": {"containers": [{"name": "a"}]},
+            "status": {"phase": "Failed", "containerStatuses": [{"state": {"terminated": {"exitCode": 3}}}]}})
+        ),
+        "ExitCode:3"
+    );
+    assert_eq!(
+        status_of(
+            json!({"metadata": {"name": "p"}, "spec": {"containers": [{"name": "a"}]},
+            "status": {"phase": "Succeeded", "containerStatuses": [{"state": {"terminated": {"exitCode": 0, "reason": "Completed"}}}]}})
+        ),
+        "Completed"
+    );
+    assert_eq!(
+        status_of(
+            json!({"metadata": {"name": "p", "deletionTimestamp": "2026-01-01T00:00:05Z"}, "spec": {"containers": [{"name": "a"}]},
+            "status": {"phase": "Running"}})
+        ),
+        "Terminating"
+    );
+}
