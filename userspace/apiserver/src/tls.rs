@@ -29,20 +29,24 @@ pub struct Credentials {
     pub admin_token: String,
 }
 
-/// Writes a secret file readable only by its owner.
+/// Writes a secret file readable only by its owner, atomically: the contents go to a temporary
+/// file in the same directory that is then renamed over `path`, so a reader (kubectl, a test
+/// waiting for the kubeconfig of a restarting server) never sees it half-written.
 fn write_private(path: &Path, contents: &str) -> Result<()> {
+    let tmp = path.with_extension("tmp");
     let mut f = fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .mode(0o600)
-        .open(path)
-        .with_context(|| format!("writing {}", path.display()))?;
+        .open(&tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
     f.write_all(contents.as_bytes())
         .and_then(|_| f.sync_all())
-        .with_context(|| format!("writing {}", path.display()))?;
-    fs::set_permissions(path, fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("setting permissions of {}", path.display()))?;
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    fs::set_permissions(&tmp, fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("setting permissions of {}", tmp.display()))?;
+    fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
     Ok(())
 }
 

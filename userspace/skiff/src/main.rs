@@ -18,10 +18,20 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the control plane in one process (today: the apiserver).
+    /// Run the control plane in one process: apiserver, controllers and scheduler.
     Server(ServerArgs),
     /// Run the apiserver alone.
     Apiserver(ServerArgs),
+    /// Run the controllers alone, against a server (one per cluster: no leader election yet).
+    ControllerManager {
+        #[arg(long, env = "KUBECONFIG")]
+        kubeconfig: PathBuf,
+    },
+    /// Run the scheduler alone, against a server (one per cluster: no leader election yet).
+    Scheduler {
+        #[arg(long, env = "KUBECONFIG")]
+        kubeconfig: PathBuf,
+    },
     /// Print the admin kubeconfig written by the server.
     Kubeconfig {
         #[arg(long, default_value = "/var/lib/skiff")]
@@ -113,6 +123,42 @@ async fn shutdown_signal() {
     }
 }
 
+/// A kube-rs client from kubeconfig text.
+async fn client_from(kubeconfig_text: &str) -> Result<kube::Client> {
+    let kubeconfig = kube::config::Kubeconfig::from_yaml(kubeconfig_text).context("parsing the kubeconfig")?;
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &kube::config::KubeConfigOptions::default())
+        .await
+        .context("loading the kubeconfig")?;
+    kube::Client::try_from(config).context("building the API client")
+}
+
+/// The whole control plane in one process. The controllers and the scheduler are clients of the
+/// apiserver like any other (through the admin kubeconfig), never shortcuts into its store.
+async fn run_server(config: skiff_apiserver::ServerConfig) -> Result<()> {
+    let data_dir = config.data_dir.clone();
+    let server = skiff_apiserver::start(config).await?;
+    tracing::info!("listening on {} (kubeconfig: {})", server.url, data_dir.join("admin.kubeconfig").display());
+    let client = client_from(&skiff_apiserver::kubeconfig(&data_dir)?).await?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    let controllers = tokio::spawn(skiff_controller_manager::run_controllers(client.clone(), stopped(stop_rx.clone())));
+    let scheduler = tokio::spawn(skiff_controller_manager::run_scheduler(client, stopped(stop_rx)));
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    let _ = stop_tx.send(true);
+    for (name, task) in [("controllers", controllers), ("scheduler", scheduler)] {
+        match task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!("{name} stopped with an error: {e:#}"),
+            Err(e) => tracing::warn!("{name} task failed: {e}"),
+        }
+    }
+    server.stop().await;
+    Ok(())
+}
+
 fn main() -> std::process::ExitCode {
     match real_main() {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -134,10 +180,33 @@ fn real_main() -> Result<()> {
         .init();
     let cli = Cli::parse();
     match cli.command {
-        Command::Server(args) | Command::Apiserver(args) => {
+        Command::Apiserver(args) => {
             let config = server_config(args)?;
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             runtime.block_on(skiff_apiserver::run(config, shutdown_signal()))
+        }
+        Command::Server(args) => {
+            let config = server_config(args)?;
+            let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            runtime.block_on(run_server(config))
+        }
+        Command::ControllerManager { kubeconfig } => {
+            let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            runtime.block_on(async {
+                let client = client_from(&std::fs::read_to_string(&kubeconfig)
+                    .with_context(|| format!("reading {}", kubeconfig.display()))?)
+                .await?;
+                skiff_controller_manager::run_controllers(client, shutdown_signal()).await
+            })
+        }
+        Command::Scheduler { kubeconfig } => {
+            let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            runtime.block_on(async {
+                let client = client_from(&std::fs::read_to_string(&kubeconfig)
+                    .with_context(|| format!("reading {}", kubeconfig.display()))?)
+                .await?;
+                skiff_controller_manager::run_scheduler(client, shutdown_signal()).await
+            })
         }
         Command::Kubeconfig { data_dir } => {
             print!("{}", skiff_apiserver::kubeconfig(&data_dir)?);

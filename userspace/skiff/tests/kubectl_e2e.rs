@@ -339,3 +339,37 @@ fn serde_yaml_from(text: &str) -> Value {
         .unwrap_or_default();
     serde_json::json!({"clusters": [{"cluster": {"server": server}}]})
 }
+
+/// `skiff server` runs the controllers and the scheduler beside the apiserver: a Deployment gets
+/// its ReplicaSet and pods, and with no node to run them the scheduler says so the way
+/// kube-scheduler does.
+#[test]
+fn server_runs_the_controllers_and_the_scheduler() {
+    let Some(bin) = kubectl_path() else {
+        require("kubectl 1.32", false);
+        return;
+    };
+    let server = Server::start(&[]);
+    let k = Kubectl::new(bin, &server.kubeconfig());
+    let files = tempfile::tempdir().expect("tmp");
+    let manifest = write_manifest(files.path(), "web.yaml", "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: web\n  namespace: default\nspec:\n  replicas: 2\n  selector:\n    matchLabels: {app: web}\n  template:\n    metadata:\n      labels: {app: web}\n    spec:\n      containers:\n      - name: web\n        image: skiff/echo:1.0\n");
+    k.ok(&["apply", "-f", &manifest]);
+    let pods = eventually("the Deployment's pods to be created", Duration::from_secs(30), || {
+        let pods = k.json(&["get", "pods", "-l", "app=web"]);
+        let items = pods["items"].as_array().cloned().unwrap_or_default();
+        (items.len() == 2).then_some(items)
+    });
+    let rs = k.json(&["get", "rs", "-l", "app=web"]);
+    assert_eq!(rs["items"].as_array().map(|i| i.len()), Some(1), "one ReplicaSet: {rs}");
+    assert!(pods.iter().all(|p| p["metadata"]["ownerReferences"][0]["kind"] == "ReplicaSet"));
+    let message = eventually("the scheduler to mark a pod unschedulable", Duration::from_secs(30), || {
+        let pods = k.json(&["get", "pods", "-l", "app=web"]);
+        pods["items"].as_array()?.iter().find_map(|p| {
+            p["status"]["conditions"].as_array()?.iter().find_map(|c| {
+                (c["type"] == "PodScheduled" && c["status"] == "False").then(|| c["message"].as_str().unwrap_or("").to_string())
+            })
+        })
+    });
+    // kube-scheduler's words when the cluster has no node at all.
+    assert_eq!(message, "no nodes available to schedule pods");
+}

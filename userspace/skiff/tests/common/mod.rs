@@ -67,6 +67,8 @@ impl Server {
 
     /// (Re)starts the process on the same data directory and port.
     pub fn spawn(&mut self) {
+        // A restart rewrites the kubeconfig once it listens: wait for the new one, not the old.
+        let _ = std::fs::remove_file(self.kubeconfig());
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
