@@ -19,7 +19,18 @@ use skiff_api::status::ApiError;
 use skiff_api::table::{self, IncludeObject};
 
 /// How many times a write retries against a newer revision when the client did not pin one.
-const WRITE_RETRIES: usize = 8;
+/// How often a read-modify-write without a client precondition is retried when another writer got
+/// in between (Kubernetes' GuaranteedUpdate retries until the request times out). Each retry
+/// waits a little longer (`retry_pause`), so contending writers spread out instead of colliding
+/// again at once.
+const WRITE_RETRIES: usize = 64;
+
+async fn retry_pause(attempt: usize) {
+    if attempt > 0 {
+        let millis = (attempt as u64).min(20);
+        tokio::time::sleep(std::time::Duration::from_millis(millis)).await;
+    }
+}
 
 pub fn group_segment(info: &ResourceInfo) -> &'static str {
     if info.group.is_empty() {
@@ -605,6 +616,21 @@ fn conflict(info: &ResourceInfo, name: &str) -> ApiError {
     )
 }
 
+/// Whether a patch document sets or tests `metadata.resourceVersion` (an optimistic-concurrency
+/// precondition from the client).
+fn patch_names_resource_version(ty: PatchType, doc: &Value) -> bool {
+    match ty {
+        PatchType::Json => doc.as_array().is_some_and(|ops| {
+            ops.iter().any(|op| {
+                op.get("path").and_then(Value::as_str) == Some("/metadata/resourceVersion")
+            })
+        }),
+        PatchType::Merge | PatchType::Strategic | PatchType::Apply => doc
+            .pointer("/metadata/resourceVersion")
+            .is_some_and(|v| !v.is_null()),
+    }
+}
+
 fn requested_rv(obj: &Value) -> Result<Option<i64>, ApiError> {
     match obj.pointer("/metadata/resourceVersion") {
         None | Some(Value::Null) => Ok(None),
@@ -645,7 +671,8 @@ async fn update(
     }
     let pinned = requested_rv(&admitted.object)?;
     let key = key(info, ns, name);
-    for _ in 0..WRITE_RETRIES {
+    for attempt in 0..WRITE_RETRIES {
+        retry_pause(attempt).await;
         let current = state
             .store
             .get(&key)
@@ -804,7 +831,8 @@ async fn patch_object(
     let dry_run = ctx.dry_run()?;
     let (ty, doc) = parse_patch(ctx)?;
     let key = key(info, ns, name);
-    for _ in 0..WRITE_RETRIES {
+    for attempt in 0..WRITE_RETRIES {
+        retry_pause(attempt).await;
         let Some(current) = state.store.get(&key).await.map_err(store_error)? else {
             if ty == PatchType::Apply && sub.is_none() {
                 let mut admitted = admit_body(ctx, info, ns, doc.clone())?;
@@ -818,7 +846,14 @@ async fn patch_object(
         };
         let old = decode_kv(&current)?;
         let patched = apply_patch(ty, &old, &doc)?;
-        let pinned = requested_rv(&patched)?;
+        // `old` carries the current resourceVersion, so `patched` does too: it is a
+        // precondition only when the patch itself names one. Otherwise a concurrent write (a
+        // controller updating status) is retried here, as Kubernetes does, not answered 409.
+        let pinned = if patch_names_resource_version(ty, &doc) {
+            requested_rv(&patched)?
+        } else {
+            None
+        };
         if pinned.is_some_and(|rv| rv != current.mod_revision) {
             return Err(conflict(info, name));
         }
@@ -904,7 +939,8 @@ pub async fn delete_object(
     dry_run: bool,
 ) -> Result<Value, ApiError> {
     let key = key(info, ns, name);
-    for _ in 0..WRITE_RETRIES {
+    for attempt in 0..WRITE_RETRIES {
+        retry_pause(attempt).await;
         let current = state
             .store
             .get(&key)
@@ -1141,7 +1177,8 @@ async fn scale_write(
         None
     };
     let key = key(info, ns, name);
-    for _ in 0..WRITE_RETRIES {
+    for attempt in 0..WRITE_RETRIES {
+        retry_pause(attempt).await;
         let current = state
             .store
             .get(&key)
@@ -1211,7 +1248,8 @@ async fn bind(
         })?
         .to_string();
     let key = key(info, ns, name);
-    for _ in 0..WRITE_RETRIES {
+    for attempt in 0..WRITE_RETRIES {
+        retry_pause(attempt).await;
         let current = state
             .store
             .get(&key)

@@ -326,3 +326,49 @@ async fn immutable_fields_refuse_changes_and_keep_the_object() {
         .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text);
 }
+
+/// Patches without a resourceVersion are not preconditions: when they race each other (or a
+/// controller writing status), the server re-reads and re-applies them, as Kubernetes does, and
+/// every one lands. (A 409 here once broke the Python client while a controller was running.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_patches_without_resource_version_all_land() {
+    let s = std::sync::Arc::new(start().await);
+    s.configmap("default", "busy", json!({})).await;
+    let mut tasks = Vec::new();
+    for w in 0..6 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut codes = Vec::new();
+            for n in 0..10 {
+                let r = s
+                    .patch(
+                        "/api/v1/namespaces/default/configmaps/busy",
+                        "application/merge-patch+json",
+                        &format!(r#"{{"data":{{"w{w}-{n}":"x"}}}}"#),
+                    )
+                    .await;
+                codes.push(r.status);
+            }
+            codes
+        }));
+    }
+    for t in tasks {
+        for code in t.await.expect("patch task") {
+            assert_eq!(
+                code,
+                StatusCode::OK,
+                "a patch without resourceVersion must not conflict"
+            );
+        }
+    }
+    let data = s
+        .get("/api/v1/namespaces/default/configmaps/busy")
+        .await
+        .body["data"]
+        .clone();
+    assert_eq!(
+        data.as_object().map(|m| m.len()),
+        Some(60),
+        "every patch landed: {data}"
+    );
+}
