@@ -1,0 +1,1 @@
+//! skiff-agent: the node agent (issue 5).

@@ -1,0 +1,1 @@
+//! skiff-proxy: the service proxy (issue 5).

@@ -1,0 +1,1 @@
+//! skiff-runtime: image store and runtimes (issue 5).
