@@ -1,0 +1,1 @@
+//! skiff-dns: cluster DNS (work in progress).
