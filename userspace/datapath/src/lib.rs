@@ -18,7 +18,8 @@
 //! - services: [`Datapath::upsert_service`], [`Datapath::delete_service`],
 //!   [`Datapath::sync_services`] run the pure diff in [`plan`] against a cached view of the maps
 //!   and apply only what differs; [`Datapath::upsert_nodeport`] also writes the Maglev table.
-//! - pods: [`Datapath::upsert_endpoint`] (for bpf_redirect_peer), [`Datapath::set_policy`].
+//! - pods: [`Datapath::upsert_endpoint`] (for bpf_redirect_peer), [`Datapath::set_policy`];
+//!   from another process (the CNI plugin): [`attach_pod`], [`detach_pod`] (see [`pod`]).
 //! - seeing inside: [`Datapath::dump_services`], [`Datapath::dump_backends`],
 //!   [`Datapath::dump_conntrack`], [`Datapath::counters`]; [`Datapath::gc_conntrack`].
 //! - stale connected UDP sockets (cilium #12859): [`Datapath::destroy_stale_udp_sockets`], run
@@ -27,6 +28,7 @@
 pub mod lab;
 pub mod nodeport;
 pub mod plan;
+pub mod pod;
 pub mod policy;
 pub mod sockdiag;
 
@@ -56,6 +58,7 @@ use skiff_ebpf_common::{
 use tracing::{debug, info, warn};
 
 pub use plan::{BackendSpec, MapOp, MapState, Proto, ServiceSpec};
+pub use pod::{attach_pod, detach_pod};
 
 /// The datapath object, built by build.rs from ebpf/programs.
 static DATAPATH_OBJECT: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/datapath"));
@@ -290,6 +293,8 @@ impl Datapath {
             .try_into()
             .map_err(prog_err(program_names::FROM_POD))?;
         tc.load().map_err(prog_err(program_names::FROM_POD))?;
+        // Pinned so that skiff-cni (another process) can attach it to new pod veths.
+        pod::pin_from_pod(tc, pin_dir)?;
         let xdp: &mut Xdp = ebpf
             .program_mut(program_names::NODEPORT)
             .ok_or_else(|| DatapathError::Missing(format!("program {}", program_names::NODEPORT)))?
