@@ -529,3 +529,312 @@ fn soa_record(domain: &Name, ttl: u32, serial: u32) -> Record {
         RData::SOA(SOA::new(mname, rname, serial, 7200, 1800, 86400, ttl)),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use std::str::FromStr;
+
+    fn svc(v: serde_json::Value) -> Service {
+        serde_json::from_value(v).expect("service json")
+    }
+
+    fn slice(v: serde_json::Value) -> EndpointSlice {
+        serde_json::from_value(v).expect("slice json")
+    }
+
+    fn name(s: &str) -> Name {
+        Name::from_str(s).expect("name")
+    }
+
+    fn fixture() -> ClusterZone {
+        let services = vec![
+            svc(json!({"metadata": {"name": "web", "namespace": "prod"},
+                "spec": {"clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10", "fd00::a"],
+                         "ports": [{"name": "http", "port": 80, "protocol": "TCP"},
+                                   {"name": "dns", "port": 53, "protocol": "UDP"},
+                                   {"port": 9000}]}})),
+            svc(json!({"metadata": {"name": "db", "namespace": "prod"},
+                "spec": {"clusterIP": "None",
+                         "ports": [{"name": "pg", "port": 5432}]}})),
+            svc(json!({"metadata": {"name": "ext", "namespace": "prod"},
+                "spec": {"type": "ExternalName", "externalName": "db.example.com"}})),
+            svc(json!({"metadata": {"name": "alias", "namespace": "prod"},
+                "spec": {"type": "ExternalName",
+                         "externalName": "web.prod.svc.cluster.local"}})),
+            svc(json!({"metadata": {"name": "pending", "namespace": "prod"},
+                "spec": {"clusterIP": ""}})),
+            svc(json!({"metadata": {"name": "Bad_Name!", "namespace": "prod"},
+                "spec": {"type": "ExternalName", "externalName": "a..b"}})),
+        ];
+        let slices = vec![
+            slice(json!({"metadata": {"name": "db-abc", "namespace": "prod",
+                          "labels": {"kubernetes.io/service-name": "db"}},
+                "addressType": "IPv4",
+                "ports": [{"name": "pg", "port": 15432, "protocol": "TCP"}],
+                "endpoints": [
+                    {"addresses": ["10.244.1.5"], "hostname": "db-0",
+                     "conditions": {"ready": true}},
+                    {"addresses": ["10.244.2.6"], "hostname": "db-1"},
+                    {"addresses": ["10.244.2.7"], "conditions": {"ready": true}},
+                    {"addresses": ["10.244.2.8"], "hostname": "db-3",
+                     "conditions": {"ready": false}},
+                    {"addresses": ["not-an-ip"]},
+                ]})),
+            // A slice of the same name in another namespace must not leak in.
+            slice(json!({"metadata": {"name": "db-x", "namespace": "other",
+                          "labels": {"kubernetes.io/service-name": "db"}},
+                "addressType": "IPv4",
+                "endpoints": [{"addresses": ["10.244.9.9"]}]})),
+            // Slices of a ClusterIP Service do not change its answer.
+            slice(json!({"metadata": {"name": "web-1", "namespace": "prod",
+                          "labels": {"kubernetes.io/service-name": "web"}},
+                "addressType": "IPv4",
+                "endpoints": [{"addresses": ["10.244.3.3"]}]})),
+        ];
+        ClusterZone::build(&name("cluster.local."), 5, 42, &services, &slices)
+    }
+
+    fn rdatas(a: &Answer) -> Vec<String> {
+        let mut v: Vec<String> = a.answers.iter().map(|r| r.data.to_string()).collect();
+        v.sort();
+        v
+    }
+
+    fn lookup(z: &ClusterZone, n: &str, t: RecordType) -> Answer {
+        z.lookup(&name(n), t).expect("inside the zone")
+    }
+
+    #[test]
+    fn cluster_ip_service_answers_a_and_aaaa() {
+        let z = fixture();
+        let a = lookup(&z, "web.prod.svc.cluster.local.", RecordType::A);
+        assert_eq!(a.code, ResponseCode::NoError);
+        assert!(a.authoritative);
+        assert_eq!(rdatas(&a), vec!["10.96.0.10"]);
+        assert_eq!(a.answers[0].ttl, 5);
+        let aaaa = lookup(&z, "web.prod.svc.cluster.local.", RecordType::AAAA);
+        assert_eq!(rdatas(&aaaa), vec!["fd00::a"]);
+        // Case-insensitive.
+        let upper = lookup(&z, "WEB.Prod.SVC.cluster.LOCAL.", RecordType::A);
+        assert_eq!(rdatas(&upper), vec!["10.96.0.10"]);
+    }
+
+    #[test]
+    fn headless_service_answers_ready_endpoints_and_hostnames() {
+        let z = fixture();
+        let a = lookup(&z, "db.prod.svc.cluster.local.", RecordType::A);
+        // db-1 has no conditions (nil = ready); db-3 is not ready; the bad address is skipped.
+        assert_eq!(rdatas(&a), vec!["10.244.1.5", "10.244.2.6", "10.244.2.7"]);
+        let host = lookup(&z, "db-0.db.prod.svc.cluster.local.", RecordType::A);
+        assert_eq!(rdatas(&host), vec!["10.244.1.5"]);
+        let dashed = lookup(&z, "10-244-2-7.db.prod.svc.cluster.local.", RecordType::A);
+        assert_eq!(rdatas(&dashed), vec!["10.244.2.7"]);
+        let not_ready = lookup(&z, "db-3.db.prod.svc.cluster.local.", RecordType::A);
+        assert_eq!(not_ready.code, ResponseCode::NXDomain);
+        assert!(z.skipped().iter().any(|s| s.contains("not-an-ip")), "{:?}", z.skipped());
+    }
+
+    #[test]
+    fn publish_not_ready_addresses_includes_unready_endpoints() {
+        let services = [svc(json!({"metadata": {"name": "db", "namespace": "prod"},
+            "spec": {"clusterIP": "None", "publishNotReadyAddresses": true}}))];
+        let slices = [slice(json!({"metadata": {"name": "db-a", "namespace": "prod",
+                "labels": {"kubernetes.io/service-name": "db"}},
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": ["10.244.2.8"], "conditions": {"ready": false}}]}))];
+        let z = ClusterZone::build(&name("cluster.local."), 5, 1, &services, &slices);
+        let a = lookup(&z, "db.prod.svc.cluster.local.", RecordType::A);
+        assert_eq!(rdatas(&a), vec!["10.244.2.8"]);
+    }
+
+    #[test]
+    fn external_name_is_a_cname_followed_inside_the_zone() {
+        let z = fixture();
+        let a = lookup(&z, "ext.prod.svc.cluster.local.", RecordType::A);
+        assert_eq!(a.code, ResponseCode::NoError);
+        assert_eq!(a.answers.len(), 1);
+        assert_eq!(a.answers[0].record_type(), RecordType::CNAME);
+        assert_eq!(a.answers[0].data.to_string(), "db.example.com.");
+        let alias = lookup(&z, "alias.prod.svc.cluster.local.", RecordType::A);
+        let types: Vec<_> = alias.answers.iter().map(|r| r.record_type()).collect();
+        assert_eq!(types, vec![RecordType::CNAME, RecordType::A]);
+        assert_eq!(alias.answers[1].data.to_string(), "10.96.0.10");
+        let cname = lookup(&z, "alias.prod.svc.cluster.local.", RecordType::CNAME);
+        assert_eq!(cname.answers.len(), 1);
+    }
+
+    #[test]
+    fn srv_for_named_ports_only_with_service_or_endpoint_targets() {
+        let z = fixture();
+        let http = lookup(&z, "_http._tcp.web.prod.svc.cluster.local.", RecordType::SRV);
+        assert_eq!(rdatas(&http), vec!["0 100 80 web.prod.svc.cluster.local."]);
+        assert!(http.additionals.iter().any(|r| r.data.to_string() == "10.96.0.10"));
+        let dns = lookup(&z, "_dns._udp.web.prod.svc.cluster.local.", RecordType::SRV);
+        assert_eq!(rdatas(&dns), vec!["0 100 53 web.prod.svc.cluster.local."]);
+        // The protocol is part of the name.
+        let wrong = lookup(&z, "_dns._tcp.web.prod.svc.cluster.local.", RecordType::SRV);
+        assert_eq!(wrong.code, ResponseCode::NXDomain);
+        // Headless: one per ready endpoint, the endpoint port, weights share 100.
+        let pg = lookup(&z, "_pg._tcp.db.prod.svc.cluster.local.", RecordType::SRV);
+        assert_eq!(
+            rdatas(&pg),
+            vec![
+                "0 33 15432 10-244-2-7.db.prod.svc.cluster.local.",
+                "0 33 15432 db-0.db.prod.svc.cluster.local.",
+                "0 33 15432 db-1.db.prod.svc.cluster.local.",
+            ]
+        );
+        assert_eq!(pg.additionals.len(), 3, "{:?}", pg.additionals);
+        // `_tcp.<svc>` is an empty non-terminal.
+        let ent = lookup(&z, "_tcp.web.prod.svc.cluster.local.", RecordType::SRV);
+        assert_eq!(ent.code, ResponseCode::NoError);
+        assert!(ent.answers.is_empty());
+    }
+
+    #[test]
+    fn ptr_for_cluster_ips_and_headless_endpoints() {
+        let z = fixture();
+        let ptr = z
+            .lookup(&name("10.0.96.10.in-addr.arpa."), RecordType::PTR)
+            .expect("ours");
+        assert_eq!(rdatas(&ptr), vec!["web.prod.svc.cluster.local."]);
+        let v6 = reverse_name("fd00::a".parse().expect("ip"));
+        let ptr6 = z.lookup(&v6, RecordType::PTR).expect("ours");
+        assert_eq!(rdatas(&ptr6), vec!["web.prod.svc.cluster.local."]);
+        let ep = z
+            .lookup(&name("5.1.244.10.in-addr.arpa."), RecordType::PTR)
+            .expect("ours");
+        assert_eq!(rdatas(&ep), vec!["db-0.db.prod.svc.cluster.local."]);
+        // Unknown reverse names are not ours: forwarded or refused by the caller.
+        assert!(z.lookup(&name("1.2.3.4.in-addr.arpa."), RecordType::PTR).is_none());
+    }
+
+    #[test]
+    fn unknown_names_get_nxdomain_with_soa_and_known_names_nodata() {
+        let z = fixture();
+        let nx = lookup(&z, "nope.prod.svc.cluster.local.", RecordType::A);
+        assert_eq!(nx.code, ResponseCode::NXDomain);
+        assert!(nx.answers.is_empty());
+        assert_eq!(nx.authorities.len(), 1);
+        assert_eq!(nx.authorities[0].record_type(), RecordType::SOA);
+        assert_eq!(nx.authorities[0].name, name("cluster.local."));
+        let RData::SOA(soa) = &nx.authorities[0].data else {
+            panic!("SOA expected");
+        };
+        assert_eq!(soa.serial, 42);
+        assert_eq!(soa.minimum, 5);
+        // A ClusterIP service with no allocated IP yet has no records.
+        let pending = lookup(&z, "pending.prod.svc.cluster.local.", RecordType::A);
+        assert_eq!(pending.code, ResponseCode::NXDomain);
+        // Exists, other type: NODATA.
+        let mx = lookup(&z, "web.prod.svc.cluster.local.", RecordType::MX);
+        assert_eq!(mx.code, ResponseCode::NoError);
+        assert!(mx.answers.is_empty());
+        assert_eq!(mx.authorities[0].record_type(), RecordType::SOA);
+        // Empty non-terminals: namespace and svc labels.
+        for ent in ["prod.svc.cluster.local.", "svc.cluster.local."] {
+            let a = lookup(&z, ent, RecordType::A);
+            assert_eq!(a.code, ResponseCode::NoError, "{ent}");
+        }
+        let other_ns = lookup(&z, "web.staging.svc.cluster.local.", RecordType::A);
+        assert_eq!(other_ns.code, ResponseCode::NXDomain);
+        // The apex answers its SOA; dns-version its TXT.
+        let apex = lookup(&z, "cluster.local.", RecordType::SOA);
+        assert_eq!(apex.answers.len(), 1);
+        let version = lookup(&z, "dns-version.cluster.local.", RecordType::TXT);
+        assert_eq!(rdatas(&version), vec!["1.1.0"]);
+    }
+
+    #[test]
+    fn names_outside_the_domain_are_not_ours() {
+        let z = fixture();
+        assert!(z.lookup(&name("example.com."), RecordType::A).is_none());
+        assert!(z.lookup(&name("local."), RecordType::A).is_none());
+        assert!(z.lookup(&Name::root(), RecordType::NS).is_none());
+        // A suffix that only looks similar is not inside the domain.
+        assert!(z.lookup(&name("web.prod.svc.xcluster.local."), RecordType::A).is_none());
+    }
+
+    #[test]
+    fn other_domains_and_non_fqdn_queries() {
+        let services = [svc(json!({"metadata": {"name": "web", "namespace": "prod"},
+            "spec": {"clusterIP": "10.96.0.10"}}))];
+        let domain = parse_domain("Example.Test").expect("domain");
+        assert_eq!(domain, name("example.test."));
+        let z = ClusterZone::build(&domain, 5, 1, &services, &[]);
+        let a = z
+            .lookup(&name("web.prod.svc.example.test"), RecordType::A)
+            .expect("ours");
+        assert_eq!(rdatas(&a), vec!["10.96.0.10"]);
+        assert!(z.lookup(&name("web.prod.svc.cluster.local."), RecordType::A).is_none());
+    }
+
+    #[test]
+    fn bad_domains_are_refused() {
+        for bad in ["", ".", "   ", "a..b"] {
+            assert!(parse_domain(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn cname_loops_are_bounded() {
+        let services = [
+            svc(json!({"metadata": {"name": "a", "namespace": "x"},
+                "spec": {"type": "ExternalName", "externalName": "b.x.svc.cluster.local"}})),
+            svc(json!({"metadata": {"name": "b", "namespace": "x"},
+                "spec": {"type": "ExternalName", "externalName": "a.x.svc.cluster.local"}})),
+        ];
+        let z = ClusterZone::build(&name("cluster.local."), 5, 1, &services, &[]);
+        let a = lookup(&z, "a.x.svc.cluster.local.", RecordType::A);
+        assert_eq!(a.code, ResponseCode::NoError);
+        assert_eq!(a.answers.len(), MAX_CNAME_CHAIN);
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+        /// Any question (arbitrary label bytes, any type) gets an answer or None, never a panic.
+        #[test]
+        fn any_question_is_answered_without_panic(
+            labels in proptest::collection::vec(proptest::collection::vec(proptest::num::u8::ANY, 1..20), 0..12),
+            suffix in proptest::bool::ANY,
+            qtype in proptest::num::u16::ANY,
+        ) {
+            let z = fixture();
+            let mut all: Vec<Vec<u8>> = labels;
+            if suffix {
+                all.extend([b"svc".to_vec(), b"cluster".to_vec(), b"local".to_vec()]);
+            }
+            if let Ok(n) = Name::from_labels(all.iter().map(|l| l.as_slice())) {
+                let answer = z.lookup(&n, RecordType::from(qtype));
+                if z.contains(&n) {
+                    proptest::prop_assert!(answer.is_some());
+                }
+            }
+        }
+
+        /// Arbitrary strings in the objects never panic the build.
+        #[test]
+        fn any_object_strings_build_without_panic(
+            svc_name in ".{0,70}", ns in ".{0,70}", ip in ".{0,40}", ext in ".{0,300}",
+            host in ".{0,70}", port_name in ".{0,20}",
+        ) {
+            let services = [
+                svc(json!({"metadata": {"name": svc_name, "namespace": ns},
+                    "spec": {"clusterIP": ip, "ports": [{"name": port_name, "port": 80}]}})),
+                svc(json!({"metadata": {"name": svc_name, "namespace": ns},
+                    "spec": {"type": "ExternalName", "externalName": ext}})),
+                svc(json!({"metadata": {"name": "h", "namespace": ns},
+                    "spec": {"clusterIP": "None"}})),
+            ];
+            let slices = [slice(json!({"metadata": {"name": "s", "namespace": ns,
+                    "labels": {"kubernetes.io/service-name": "h"}},
+                "addressType": "IPv4",
+                "ports": [{"name": port_name, "port": 80}],
+                "endpoints": [{"addresses": [ip], "hostname": host}]}))];
+            let z = ClusterZone::build(&name("cluster.local."), 5, 1, &services, &slices);
+            let _ = z.lookup(&name("h.x.svc.cluster.local."), RecordType::A);
+        }
+    }
+}
