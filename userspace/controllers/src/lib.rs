@@ -13,6 +13,9 @@
 //!   [`endpointslice::endpoints`]`(service, pods, existing_endpoints)`
 //! - [`job::reconcile`]`(job, pods, names, now)` (includes ttlSecondsAfterFinished)
 //! - [`gc::collect`]`(objects)` -> [`gc::GcAction`]s
+//! - [`node_ipam::plan`]`(cluster_cidr, nodes, state)` -> [`node_ipam::IpamAction`]s (podCIDRs)
+//! - [`node_lifecycle::reconcile`]`(state, config, node, lease, pods, now)` ->
+//!   [`node_lifecycle::NodeOutcome`] (heartbeats, NotReady, taints, NoExecute eviction)
 //!
 //! Each returns `Result<`[`Outcome`]`, `[`ReconcileError`]`>` (gc: a plain list); an error means
 //! the object itself is invalid and nothing was decided.
@@ -52,6 +55,8 @@ pub mod endpointslice;
 pub mod gc;
 pub mod hash;
 pub mod job;
+pub mod node_ipam;
+pub mod node_lifecycle;
 pub mod pod_util;
 pub mod replicaset;
 #[cfg(test)]
