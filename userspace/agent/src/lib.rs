@@ -1,1 +1,257 @@
-//! skiff-agent: the node agent (issue 5).
+//! skiff-agent: the node agent. It registers its Node, heartbeats its Lease, sets up the node's
+//! network (pod gateway, routes to other nodes' pods, the eBPF datapath, the CNI config), and
+//! runs the pods bound to it through a container runtime, reporting their status.
+//!
+//! Shape: [`run`] starts independent loops that share nothing but the API client:
+//! `node::heartbeat_loop` (Lease + conditions), a routes loop (Nodes -> netlink routes),
+//! `pods::run` (a worker per pod). Each is level-triggered: it reads the API and makes the node
+//! match, so a restarted agent simply picks up where the last one stopped; pods keep running
+//! while no agent runs.
+
+pub mod network;
+pub mod node;
+pub mod pods;
+pub mod runtime;
+pub mod sandbox;
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use futures::StreamExt;
+use ipnet::Ipv4Net;
+use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::{WatchStreamExt, reflector, watcher};
+use serde_json::json;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+pub use runtime::ContainerRuntime;
+
+/// How the agent is set up (the `skiff agent` flags).
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    pub node_name: String,
+    pub node_ip: Ipv4Addr,
+    /// Agent state: pods (sandboxes, volumes, logs).
+    pub data_dir: PathBuf,
+    /// Where the node's datapath pins its maps and links; None runs without eBPF (pods still
+    /// get their network from skiff-cni, Services are then not translated on this node).
+    pub pin_dir: Option<PathBuf>,
+    pub cni_bin_dirs: Vec<PathBuf>,
+    pub cni_conf_dir: PathBuf,
+    /// The node's uplink (NodePort XDP, reverse NAT for replies from other nodes).
+    pub uplink: Option<String>,
+    /// Use this pod CIDR when the controller-manager assigns none (a cluster without node IPAM).
+    pub pod_cidr: Option<Ipv4Net>,
+    pub agent_port: u16,
+    pub cluster_domain: String,
+    pub labels: std::collections::BTreeMap<String, String>,
+    pub backoff_base: Duration,
+    pub max_pods: u32,
+}
+
+impl AgentConfig {
+    pub fn new(node_name: &str, node_ip: Ipv4Addr, data_dir: PathBuf) -> AgentConfig {
+        AgentConfig {
+            node_name: node_name.to_string(),
+            node_ip,
+            data_dir,
+            pin_dir: None,
+            cni_bin_dirs: vec![PathBuf::from("/opt/cni/bin")],
+            cni_conf_dir: PathBuf::from("/etc/cni/net.d"),
+            uplink: None,
+            pod_cidr: None,
+            agent_port: 10250,
+            cluster_domain: "cluster.local".into(),
+            labels: Default::default(),
+            backoff_base: Duration::from_secs(10),
+            max_pods: 110,
+        }
+    }
+}
+
+/// The first host address of a pod CIDR: the pods' gateway on this node.
+pub fn gateway_of(cidr: &Ipv4Net) -> Ipv4Addr {
+    let n = u32::from(cidr.network());
+    Ipv4Addr::from(n.saturating_add(1))
+}
+
+/// The conflist the agent installs for its node: skiff-cni over the node's pod CIDR.
+pub fn conflist(cfg: &AgentConfig, pod_cidr: &Ipv4Net) -> serde_json::Value {
+    let mut plugin = json!({
+        "type": "skiff-cni",
+        "podCIDR": pod_cidr.to_string(),
+        "dataDir": cfg.data_dir.join("cni").display().to_string(),
+        "mtu": 1500,
+    });
+    if let Some(pin) = &cfg.pin_dir {
+        plugin["pinDir"] = json!(pin.display().to_string());
+    }
+    json!({"cniVersion": "1.1.0", "name": "skiff", "plugins": [plugin]})
+}
+
+/// Waits for the Node's spec.podCIDR (the controller-manager's node IPAM), or sets the
+/// configured one when the Node has none.
+async fn pod_cidr(client: &kube::Client, cfg: &AgentConfig, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<Ipv4Net> {
+    let nodes: Api<Node> = Api::all(client.clone());
+    let mut warned = false;
+    loop {
+        let node = nodes.get(&cfg.node_name).await?;
+        if let Some(c) = node.spec.as_ref().and_then(|s| s.pod_cidr.clone()) {
+            return c.parse().with_context(|| format!("the Node's podCIDR {c:?} is not an IPv4 network"));
+        }
+        if let Some(c) = cfg.pod_cidr {
+            let patch = json!({"spec": {"podCIDR": c.to_string(), "podCIDRs": [c.to_string()]}});
+            nodes.patch(&cfg.node_name, &PatchParams::default(), &Patch::Merge(&patch)).await?;
+            return Ok(c);
+        }
+        if !warned {
+            info!("waiting for the controller-manager to assign this node a podCIDR");
+            warned = true;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = shutdown.changed() => bail!("stopped while waiting for a podCIDR"),
+        }
+    }
+}
+
+/// Keeps the routes to other nodes' pods equal to the Nodes in the API.
+async fn routes_loop(client: kube::Client, own: String, mut shutdown: watch::Receiver<bool>) {
+    let nodes: Api<Node> = Api::all(client);
+    let (store, writer) = reflector::store::<Node>();
+    let stream = reflector(writer, watcher(nodes, watcher::Config::default())).default_backoff().touched_objects();
+    let mut stream = std::pin::pin!(stream);
+    let mut last = None;
+    let mut tick = tokio::time::interval(Duration::from_secs(30));
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            ev = stream.next() => if ev.is_none() { return },
+            _ = tick.tick() => last = None,
+        }
+        if store.wait_until_ready().await.is_err() {
+            continue;
+        }
+        let all: Vec<Node> = store.state().iter().map(|n| (**n).clone()).collect();
+        let desired = network::routes_from_nodes(&all, &own);
+        if last.as_ref() == Some(&desired) {
+            continue;
+        }
+        match network::sync_routes(&desired).await {
+            Ok(()) => {
+                info!(routes = desired.len(), "routes to other nodes' pods in place");
+                last = Some(desired);
+            }
+            Err(e) => warn!("syncing routes failed: {e}"),
+        }
+    }
+}
+
+/// Runs the agent until `shutdown` flips. Pods keep running after it returns.
+pub async fn run(
+    client: kube::Client,
+    cfg: AgentConfig,
+    runtime: Arc<dyn ContainerRuntime>,
+    shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("creating {}", cfg.data_dir.display()))?;
+    let machine = node::Machine::probe(cfg.max_pods);
+    let identity = node::NodeIdentity {
+        name: cfg.node_name.clone(),
+        ip: cfg.node_ip.into(),
+        agent_port: cfg.agent_port,
+        runtime_version: runtime.version(),
+        labels: cfg.labels.clone(),
+    };
+    let mut node_obj = node::node_object(&identity, &machine, Timestamp::now());
+    if let Some(st) = node_obj.status.as_mut() {
+        st.conditions = Some(node::ready_conditions(Timestamp::now(), false, "node network not ready: waiting for a podCIDR"));
+    }
+    let registered = node::register(&client, &node_obj).await.context("registering the Node")?;
+    let cidr = pod_cidr(&client, &cfg, shutdown.clone()).await?;
+    let gateway = gateway_of(&cidr);
+    network::prepare_node(gateway).await.context("setting up the node network")?;
+
+    if let Some(pin) = &cfg.pin_dir {
+        let pin = pin.clone();
+        let uplink = cfg.uplink.clone();
+        tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+            let mut dp = skiff_datapath::Datapath::load(&pin).context("loading the eBPF datapath")?;
+            if let Some(up) = &uplink {
+                dp.attach_tc(up).with_context(|| format!("attaching tc to the uplink {up}"))?;
+                dp.attach_xdp(up).with_context(|| format!("attaching XDP to the uplink {up}"))?;
+            }
+            Ok(())
+        })
+        .await??;
+        info!(pin_dir = %cfg.pin_dir.as_ref().map(|p| p.display().to_string()).unwrap_or_default(), "datapath loaded");
+    }
+
+    std::fs::create_dir_all(&cfg.cni_conf_dir).with_context(|| format!("creating {}", cfg.cni_conf_dir.display()))?;
+    let conf_path = cfg.cni_conf_dir.join("10-skiff.conflist");
+    let tmp = conf_path.with_extension("tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(&conflist(&cfg, &cidr))?)?;
+    std::fs::rename(&tmp, &conf_path)?;
+    let cni = sandbox::CniNetwork::load(&cfg.cni_conf_dir, cfg.cni_bin_dirs.clone())?;
+
+    let node_status = k8s_openapi::api::core::v1::NodeStatus {
+        conditions: Some(node::ready_conditions(Timestamp::now(), true, "")),
+        ..Default::default()
+    };
+    node::post_status(&client, &cfg.node_name, node_status).await?;
+    info!(node = %cfg.node_name, pod_cidr = %cidr, "node ready");
+
+    let ctx = Arc::new(pods::PodContext {
+        client: client.clone(),
+        runtime,
+        cni,
+        node_name: cfg.node_name.clone(),
+        node_ip: cfg.node_ip.to_string(),
+        pods_dir: cfg.data_dir.join("pods"),
+        dns_server: Some(gateway.into()),
+        cluster_domain: cfg.cluster_domain.clone(),
+        backoff_base: cfg.backoff_base,
+        resync: Duration::from_secs(1),
+    });
+    std::fs::create_dir_all(&ctx.pods_dir)?;
+    let heartbeat = tokio::spawn(node::heartbeat_loop(client.clone(), registered, Duration::from_secs(10), Duration::from_secs(10), shutdown.clone()));
+    let routes = tokio::spawn(routes_loop(client.clone(), cfg.node_name.clone(), shutdown.clone()));
+    let pods = tokio::spawn(pods::run(ctx, shutdown.clone()));
+    let mut sd = shutdown.clone();
+    let _ = sd.wait_for(|s| *s).await;
+    let _ = heartbeat.await;
+    let _ = routes.await;
+    match pods.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => warn!("pod manager stopped: {e:#}"),
+        Err(e) => warn!("pod manager task: {e}"),
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gateway_is_first_host() {
+        assert_eq!(gateway_of(&"10.244.3.0/24".parse().unwrap()), Ipv4Addr::new(10, 244, 3, 1));
+    }
+
+    #[test]
+    fn conflist_names_skiff_cni_and_pins() {
+        let mut cfg = AgentConfig::new("n1", Ipv4Addr::new(172, 20, 0, 11), "/var/lib/skiff-agent".into());
+        let c = conflist(&cfg, &"10.244.1.0/24".parse().unwrap());
+        assert_eq!(c["plugins"][0]["type"], "skiff-cni");
+        assert_eq!(c["plugins"][0]["podCIDR"], "10.244.1.0/24");
+        assert!(c["plugins"][0].get("pinDir").is_none());
+        cfg.pin_dir = Some("/sys/fs/bpf/skiff/n1".into());
+        assert_eq!(conflist(&cfg, &"10.244.1.0/24".parse().unwrap())["plugins"][0]["pinDir"], "/sys/fs/bpf/skiff/n1");
+    }
+}

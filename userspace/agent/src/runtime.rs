@@ -1,0 +1,134 @@
+//! What the agent needs from a container runtime, in the agent's own terms. `skiff-runtime`'s
+//! runc (and later CRI) runtimes implement it (see `runc_adapter`); the pod logic is tested
+//! against the pure state machine in `pods::plan` without any of them.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use k8s_openapi::jiff::Timestamp;
+
+/// A container as the agent asks for it: all Kubernetes semantics (command/args vs entrypoint,
+/// env resolution, volume paths) are resolved by the agent before it gets here.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ContainerRequest {
+    /// `<pod uid>_<container name>_<attempt>`: unique, and parsed back by `ContainerKey`.
+    pub id: String,
+    pub image: String,
+    /// Kubernetes `command` (replaces the image entrypoint when set).
+    pub command: Vec<String>,
+    /// Kubernetes `args` (replace the image cmd when set).
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub working_dir: Option<String>,
+    pub hostname: String,
+    /// `/run/netns/<name>` of the pod sandbox.
+    pub netns_path: PathBuf,
+    pub mounts: Vec<Mount>,
+    pub memory_limit_bytes: Option<u64>,
+    /// CPU limit in millicores.
+    pub cpu_limit_millis: Option<u64>,
+    /// CPU request in millicores (cpu.shares).
+    pub cpu_request_millis: Option<u64>,
+    /// The cgroup the container's cgroup goes under (per pod).
+    pub cgroup_parent: String,
+    /// Where stdout/stderr go, in CRI log format.
+    pub log_path: PathBuf,
+    pub labels: BTreeMap<String, String>,
+    pub tty: bool,
+    pub stdin: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Mount {
+    pub host_path: PathBuf,
+    pub container_path: String,
+    pub read_only: bool,
+}
+
+/// What the runtime knows of a container.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Observed {
+    /// Created but not started.
+    Created,
+    Running { pid: u32, started_at: Timestamp },
+    Exited { exit_code: i32, oom_killed: bool, started_at: Option<Timestamp>, finished_at: Timestamp },
+    /// The runtime has no such container.
+    Absent,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("image {0} is not in the node's image store (import it with `skiff image import`)")]
+    ImageNotFound(String),
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// The image data the agent needs to resolve Kubernetes' command/args semantics.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ImageInfo {
+    pub id: String,
+    pub entrypoint: Vec<String>,
+    pub cmd: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub working_dir: Option<String>,
+}
+
+/// Blocking calls: the agent runs them on the blocking pool.
+pub trait ContainerRuntime: Send + Sync + 'static {
+    /// `runc://1.1.5`-style version for Node.status.nodeInfo.
+    fn version(&self) -> String;
+    fn image(&self, image: &str) -> Result<ImageInfo, RuntimeError>;
+    /// Creates and starts the container.
+    fn run(&self, req: &ContainerRequest) -> Result<(), RuntimeError>;
+    fn observe(&self, id: &str) -> Result<Observed, RuntimeError>;
+    /// SIGTERM, `grace`, then SIGKILL. No error when it is not running.
+    fn stop(&self, id: &str, grace: Duration) -> Result<(), RuntimeError>;
+    /// Deletes the container and its state (after it stopped). No error when absent.
+    fn remove(&self, id: &str) -> Result<(), RuntimeError>;
+    /// Every container id the runtime holds (adoption after an agent restart).
+    fn list(&self) -> Result<Vec<String>, RuntimeError>;
+    /// Starts `argv` inside a running container.
+    fn exec(&self, id: &str, argv: &[String], tty: bool) -> Result<std::process::Child, RuntimeError>;
+}
+
+/// The parts of a container id the agent chose.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ContainerKey {
+    pub pod_uid: String,
+    pub container: String,
+    pub attempt: u32,
+}
+
+impl ContainerKey {
+    pub fn id(&self) -> String {
+        format!("{}_{}_{}", self.pod_uid, self.container, self.attempt)
+    }
+
+    /// Parses an id this agent made; None for anything else (left alone).
+    pub fn parse(id: &str) -> Option<ContainerKey> {
+        let mut parts = id.splitn(3, '_');
+        let pod_uid = parts.next()?.to_string();
+        let container = parts.next()?.to_string();
+        let attempt = parts.next()?.parse().ok()?;
+        if pod_uid.is_empty() || container.is_empty() {
+            return None;
+        }
+        Some(ContainerKey { pod_uid, container, attempt })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn container_ids_round_trip_and_reject_foreign_ones() {
+        let k = ContainerKey { pod_uid: "0b5c-11".into(), container: "web".into(), attempt: 3 };
+        assert_eq!(ContainerKey::parse(&k.id()), Some(k));
+        assert_eq!(ContainerKey::parse("something-else"), None);
+        assert_eq!(ContainerKey::parse("a_b_c"), None);
+        assert_eq!(ContainerKey::parse("_b_1"), None);
+    }
+}
