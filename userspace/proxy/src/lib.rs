@@ -1,1 +1,99 @@
-//! skiff-proxy: the service proxy (issue 5).
+//! skiff-proxy: the node agent's service proxy. It watches Services and EndpointSlices through
+//! kube-rs reflectors and keeps this node's eBPF service maps (skiff-datapath) equal to them,
+//! changing only what changed.
+//!
+//! - [`translate`] is the pure core: a Service + its EndpointSlices + this node -> frontends
+//!   (datapath `ServiceSpec`s), with kube-proxy's rules (see its module docs).
+//! - [`ledger`] is the pure bookkeeping of what each Service owns and what was applied.
+//! - [`run`] is the shell: reflectors in, per-service recompute on every change, the datapath's
+//!   plan-based upsert/delete out; one `sync_services` against the pinned maps at startup (an
+//!   agent restart reprograms nothing that still matches and drops no flow); the stale-UDP-socket
+//!   sweep after backends go; periodic conntrack GC.
+//! - [`metrics_text`] renders the datapath counters and the proxy's [`ProxyStats`] as
+//!   Prometheus text for the agent's metrics endpoint.
+
+mod apply;
+pub mod ledger;
+pub mod metrics;
+mod shell;
+pub mod translate;
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use ledger::ServiceRef;
+pub use metrics::{ProxyStats, StatsSnapshot, metrics_text};
+pub use shell::run;
+pub use translate::{Frontend, FrontendKey, FrontendKind, NodeView, Skip, Translation, translate};
+
+/// Lists the network namespaces (paths such as `/run/netns/<pod>` or `/proc/<pid>/ns/net`)
+/// whose connected UDP sockets are swept after backends are removed. The agent knows its pods;
+/// include the node's own namespace (host-network pods, the agent itself) if it matters.
+pub type NetnsLister = Arc<dyn Fn() -> Vec<PathBuf> + Send + Sync>;
+
+/// How the proxy runs on one node.
+#[derive(Clone)]
+pub struct ProxyConfig {
+    /// This node's name (endpoints' nodeName for the Local traffic policies).
+    pub node_name: String,
+    /// Addresses NodePort frontends are programmed on (the node's InternalIP(s)). Empty: no
+    /// NodePort frontends (ClusterIP, externalIPs and LoadBalancer IPs still are).
+    pub node_ips: Vec<IpAddr>,
+    /// How often conntrack GC runs.
+    pub conntrack_gc_interval: Duration,
+    /// UDP flows idle this long are collected (nf_conntrack's udp_timeout_stream is 120 s).
+    pub udp_idle_timeout: Duration,
+    /// TCP flows idle this long are collected. The tc conntrack does not follow TCP state, so a
+    /// closed flow lingers until then; 3 h outlasts Linux's default 2 h keepalive interval, so
+    /// an idle connection kept alive is never collected.
+    pub tcp_idle_timeout: Duration,
+    /// Changes arriving within this window are applied together.
+    pub batch_delay: Duration,
+    /// Services whose writes failed are tried again after this long.
+    pub retry_interval: Duration,
+    /// Where to sweep stale connected UDP sockets after backends are removed (None: no sweep).
+    pub netns_lister: Option<NetnsLister>,
+    /// Statistics, shared with the metrics endpoint.
+    pub stats: Arc<ProxyStats>,
+}
+
+impl ProxyConfig {
+    pub fn new(node_name: impl Into<String>, node_ips: Vec<IpAddr>) -> ProxyConfig {
+        ProxyConfig {
+            node_name: node_name.into(),
+            node_ips,
+            conntrack_gc_interval: Duration::from_secs(30),
+            udp_idle_timeout: Duration::from_secs(120),
+            tcp_idle_timeout: Duration::from_secs(3 * 3600),
+            batch_delay: Duration::from_millis(10),
+            retry_interval: Duration::from_secs(5),
+            netns_lister: None,
+            stats: Arc::new(ProxyStats::default()),
+        }
+    }
+}
+
+impl std::fmt::Debug for ProxyConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProxyConfig")
+            .field("node_name", &self.node_name)
+            .field("node_ips", &self.node_ips)
+            .field("conntrack_gc_interval", &self.conntrack_gc_interval)
+            .field("udp_idle_timeout", &self.udp_idle_timeout)
+            .field("tcp_idle_timeout", &self.tcp_idle_timeout)
+            .field("batch_delay", &self.batch_delay)
+            .field("retry_interval", &self.retry_interval)
+            .field("netns_lister", &self.netns_lister.is_some())
+            .finish()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("proxy config: {0}")]
+    Config(String),
+    #[error("a datapath task of the proxy failed: {0}")]
+    Task(String),
+}
