@@ -478,3 +478,51 @@ async fn names_outside_the_domain_go_to_the_upstream_when_one_is_configured() {
     dns.shutdown().await.expect("clean shutdown");
     upstream.shutdown().await.expect("clean shutdown");
 }
+
+/// 60 endpoints do not fit 512 bytes: UDP without EDNS says TC (so the client retries over
+/// TCP), TCP and UDP with a large EDNS buffer carry them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_answers_truncate_over_plain_udp_and_come_whole_over_tcp_and_edns() {
+    let api = apiserver().await;
+    create_service(
+        &api.client,
+        json!({"metadata": {"name": "db", "namespace": "default"},
+               "spec": {"clusterIP": "None", "ports": [{"name": "pg", "port": 5432}]}}),
+    )
+    .await;
+    let endpoints: Vec<serde_json::Value> = (0..60)
+        .map(|i| json!({"addresses": [format!("10.244.7.{}", i + 2)]}))
+        .collect();
+    let slices: Api<EndpointSlice> = Api::namespaced(api.client.clone(), "default");
+    slices
+        .create(&PostParams::default(), &db_slice(json!(endpoints)))
+        .await
+        .expect("create slice");
+    let dns = Dns::start(&api.client, "cluster.local", Vec::new()).await;
+    let s = dns.addr;
+    let name = "db.default.svc.cluster.local.";
+    eventually(s, name, RecordType::A, Duration::from_secs(10), |m| {
+        m.metadata.truncation || !m.answers.is_empty()
+    })
+    .await;
+
+    let plain = udp(s, name, RecordType::A).await;
+    assert!(plain.metadata.truncation, "TC expected: {} answers", plain.answers.len());
+    assert!(plain.answers.len() < 60);
+    let whole = tcp(s, name, RecordType::A).await;
+    assert!(!whole.metadata.truncation);
+    assert_eq!(answers(&whole, RecordType::A).len(), 60);
+
+    let mut msg = Message::query();
+    msg.add_query(Query::query(Name::from_str(name).expect("name"), RecordType::A));
+    let mut edns = hickory_server::proto::op::Edns::new();
+    edns.set_max_payload(4096);
+    msg.edns = Some(edns);
+    let reply = udp_exchange(s, &msg.to_vec().expect("encode")).await.expect("reply");
+    let reply = Message::from_vec(&reply).expect("decodes");
+    assert!(!reply.metadata.truncation);
+    assert_eq!(answers(&reply, RecordType::A).len(), 60);
+    assert!(reply.edns.is_some(), "EDNS answered with EDNS");
+
+    dns.shutdown().await.expect("clean shutdown");
+}
