@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 mod datapath_cli;
 mod demo;
+mod image_cli;
 
 #[derive(Parser)]
 #[command(name = "skiff", version, about = "A container orchestrator whose Services run in eBPF")]
@@ -48,6 +49,8 @@ enum Command {
     /// Program a Service read from the API into the eBPF datapath of a netns lab and send traffic
     /// through its ClusterIP (the demo `scripts/up.sh` runs).
     Demo(demo::DemoArgs),
+    /// Manage the node's local image store: import, list, rm, gc.
+    Image(image_cli::ImageArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -214,6 +217,7 @@ fn real_main() -> Result<()> {
         }
         Command::Datapath { pin_dir, command } => datapath_cli::run(&pin_dir, command),
         Command::Demo(args) => demo::run(args),
+        Command::Image(args) => image_cli::run(args),
     }
 }
 
