@@ -17,6 +17,8 @@
 //! - PTR for ClusterIPs (to the Service name) and headless endpoint addresses (to the endpoint
 //!   name) under `in-addr.arpa` / `ip6.arpa`.
 //! - `dns-version.<domain>` TXT `1.1.0`; the SOA at the apex.
+//! - `<a-b-c-d>.<ns>.pod.<domain>` A (AAAA for dashed IPv6): the address the label spells, as
+//!   CoreDNS's `pods insecure` (kubeadm's default Corefile) answers it.
 //! - An unknown name inside the domain: NXDOMAIN with the SOA in the authority section (NODATA,
 //!   that is NOERROR with the SOA, for names that exist with another type and for empty
 //!   non-terminals such as `<ns>.svc.<domain>`). TTL 5 s everywhere, the SOA minimum included.

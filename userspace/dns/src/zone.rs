@@ -192,6 +192,10 @@ impl ClusterZone {
             });
         }
 
+        if let Some(answer) = self.pod_lookup(&name, qtype) {
+            return Some(answer);
+        }
+
         let mut answers = Vec::new();
         let mut current = name.clone();
         for _ in 0..MAX_CNAME_CHAIN {
@@ -242,6 +246,58 @@ impl ClusterZone {
             authoritative: true,
             answers: Vec::new(),
             authorities: vec![self.soa.clone()],
+            additionals: Vec::new(),
+        })
+    }
+
+    /// `<a-b-c-d>.<ns>.pod.<domain>` answers the address its first label spells, for any
+    /// namespace, as CoreDNS's `pods insecure` (kubeadm's default) does; `pod.<domain>` and
+    /// `<ns>.pod.<domain>` are empty non-terminals. `None` for other names.
+    fn pod_lookup(&self, name: &Name, qtype: RecordType) -> Option<Answer> {
+        let pod_zone = Name::from_ascii("pod")
+            .and_then(|p| p.append_domain(&self.domain))
+            .ok()?;
+        if !pod_zone.zone_of(name) {
+            return None;
+        }
+        let depth = name.num_labels().saturating_sub(pod_zone.num_labels());
+        let nodata = || Answer {
+            code: ResponseCode::NoError,
+            authoritative: true,
+            answers: Vec::new(),
+            authorities: vec![self.soa.clone()],
+            additionals: Vec::new(),
+        };
+        let nxdomain = || Answer {
+            code: ResponseCode::NXDomain,
+            ..nodata()
+        };
+        match depth {
+            0 | 1 => return Some(nodata()),
+            2 => {}
+            _ => return Some(nxdomain()),
+        }
+        let label = name.iter().next()?;
+        let Some(ip) = std::str::from_utf8(label).ok().and_then(undashed) else {
+            return Some(nxdomain());
+        };
+        let rtype = match ip {
+            IpAddr::V4(_) => RecordType::A,
+            IpAddr::V6(_) => RecordType::AAAA,
+        };
+        if qtype != rtype && qtype != RecordType::ANY {
+            return Some(nodata());
+        }
+        let rdata = match ip {
+            IpAddr::V4(v4) => RData::A(A(v4)),
+            IpAddr::V6(v6) => RData::AAAA(AAAA(v6)),
+        };
+        let ttl = self.soa.ttl;
+        Some(Answer {
+            code: ResponseCode::NoError,
+            authoritative: true,
+            answers: vec![Record::from_rdata(name.clone(), ttl, rdata)],
+            authorities: Vec::new(),
             additionals: Vec::new(),
         })
     }
@@ -514,6 +570,18 @@ fn dashed(ip: IpAddr) -> String {
     }
 }
 
+/// The inverse of [`dashed`]: `10-244-1-5` -> 10.244.1.5, `fd00--1` -> fd00::1.
+fn undashed(label: &str) -> Option<IpAddr> {
+    if let Ok(v4) = label.replace('-', ".").parse::<std::net::Ipv4Addr>() {
+        return Some(IpAddr::V4(v4));
+    }
+    label
+        .replace('-', ":")
+        .parse::<std::net::Ipv6Addr>()
+        .ok()
+        .map(IpAddr::V6)
+}
+
 fn soa_record(domain: &Name, ttl: u32, serial: u32) -> Record {
     let mname = Name::from_ascii("ns.dns")
         .and_then(|n| n.append_domain(domain))
@@ -769,6 +837,25 @@ mod tests {
             .expect("ours");
         assert_eq!(rdatas(&a), vec!["10.96.0.10"]);
         assert!(z.lookup(&name("web.prod.svc.cluster.local."), RecordType::A).is_none());
+    }
+
+    #[test]
+    fn pod_names_answer_the_address_they_spell() {
+        let z = fixture();
+        let a = lookup(&z, "10-244-1-7.prod.pod.cluster.local.", RecordType::A);
+        assert_eq!(rdatas(&a), vec!["10.244.1.7"]);
+        let v6 = lookup(&z, "fd00--7.any.pod.cluster.local.", RecordType::AAAA);
+        assert_eq!(rdatas(&v6), vec!["fd00::7"]);
+        let wrong_type = lookup(&z, "10-244-1-7.prod.pod.cluster.local.", RecordType::AAAA);
+        assert_eq!(wrong_type.code, ResponseCode::NoError);
+        assert!(wrong_type.answers.is_empty());
+        for bad in ["10-244-1.prod.pod.cluster.local.", "web.prod.pod.cluster.local.",
+                    "a.10-244-1-7.prod.pod.cluster.local.", "999-1-1-1.prod.pod.cluster.local."] {
+            assert_eq!(lookup(&z, bad, RecordType::A).code, ResponseCode::NXDomain, "{bad}");
+        }
+        for ent in ["pod.cluster.local.", "prod.pod.cluster.local."] {
+            assert_eq!(lookup(&z, ent, RecordType::A).code, ResponseCode::NoError, "{ent}");
+        }
     }
 
     #[test]
