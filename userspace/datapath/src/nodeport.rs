@@ -107,9 +107,17 @@ impl Datapath {
             _pad: 0,
         };
         table.ids.copy_from_slice(&ids);
-        self.maglev
-            .insert(svc.service_id, table, 0)
-            .map_err(map_err(map_names::MAGLEV))?;
+        // An unchanged table is not written again: a restarted agent re-upserting its NodePorts
+        // then applies nothing beyond the diff (the read is one 4 KB lookup).
+        let unchanged = self
+            .maglev
+            .get(&svc.service_id, 0)
+            .is_ok_and(|old| old.ids[..] == table.ids[..]);
+        if !unchanged {
+            self.maglev
+                .insert(svc.service_id, table, 0)
+                .map_err(map_err(map_names::MAGLEV))?;
+        }
         Ok(ops)
     }
 
