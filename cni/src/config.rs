@@ -524,6 +524,39 @@ mod tests {
         assert!(NetConf::parse(c, Command::Add).is_ok());
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+        /// Any bytes, and any JSON object built from the known field names with arbitrary
+        /// values, decode to a config or an error with a message: never a panic.
+        #[test]
+        fn arbitrary_input_never_panics(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256),
+                                        fields in proptest::collection::vec((0usize..10, ".{0,40}", proptest::prelude::any::<i64>(), 0u8..4), 0..8)) {
+            for cmd in [Command::Add, Command::Del, Command::Check, Command::Gc, Command::Status] {
+                if let Err(e) = NetConf::parse(&bytes, cmd) {
+                    proptest::prop_assert!(!e.msg.is_empty());
+                }
+            }
+            let names = ["cniVersion", "name", "type", "podCIDR", "pinDir", "dataDir", "mtu", "ipam", "prevResult", "cni.dev/valid-attachments"];
+            let mut obj = serde_json::Map::new();
+            for (i, text, n, kind) in fields {
+                let v = match kind {
+                    0 => serde_json::json!(text),
+                    1 => serde_json::json!(n),
+                    2 => serde_json::json!([text]),
+                    _ => serde_json::json!({"type": text, "containerID": text, "ifname": text}),
+                };
+                obj.insert(names[i].to_string(), v);
+            }
+            let input = serde_json::Value::Object(obj).to_string();
+            for cmd in [Command::Add, Command::Gc] {
+                if let Err(e) = NetConf::parse(input.as_bytes(), cmd) {
+                    proptest::prop_assert!(!e.msg.is_empty());
+                }
+            }
+            let _ = CniArgs::parse(&String::from_utf8_lossy(&bytes));
+        }
+    }
+
     #[test]
     fn cni_args() {
         assert!(CniArgs::parse("").is_ok());

@@ -803,7 +803,9 @@ fn bad_configurations_answer_errors_and_change_nothing() {
         e
     };
     let good_s = good.to_string();
-    let cases: Vec<(&str, Vec<(String, String)>, String, u64)> = {
+    // (what, environment, stdin, expected CNI error code)
+    type Case<'a> = (&'a str, Vec<(String, String)>, String, u64);
+    let cases: Vec<Case> = {
         let own = |e: Vec<(&str, &str)>| -> Vec<(String, String)> {
             e.into_iter()
                 .map(|(a, b)| (a.to_string(), b.to_string()))
@@ -998,4 +1000,44 @@ fn bad_configurations_answer_errors_and_change_nothing() {
     );
     // The same call with the good configuration works.
     lab.add(0, "1.1.0");
+}
+
+#[test]
+fn add_appends_to_a_previous_result() {
+    if !require_privileges("add_appends_to_a_previous_result") {
+        return;
+    }
+    let lab = Lab::new("chain", 1);
+    let mut conf = lab.conf("1.0.0");
+    conf["prevResult"] = json!({
+        "cniVersion": "1.0.0",
+        "interfaces": [{"name": "tap9", "mac": "02:00:00:00:00:09"}],
+        "ips": [{"address": "192.168.50.2/24", "interface": 0}],
+        "routes": [{"dst": "192.168.0.0/16"}],
+        "dns": {"nameservers": ["10.96.0.10"], "search": ["default.svc.cluster.local"]}
+    });
+    let r = lab
+        .call("ADD", 0, Some(&lab.netns_path(0)), &conf)
+        .ok()
+        .json();
+    let interfaces = r["interfaces"].as_array().expect("interfaces");
+    assert_eq!(interfaces.len(), 3, "{r}");
+    assert_eq!(
+        interfaces[0]["name"], "tap9",
+        "the previous interface stays first"
+    );
+    assert_eq!(interfaces[2]["name"], "eth0");
+    let ips = r["ips"].as_array().expect("ips");
+    assert_eq!(ips[0]["address"], "192.168.50.2/24");
+    assert_eq!(
+        ips[1]["interface"], 2,
+        "our address points at our pod interface"
+    );
+    assert_eq!(r["routes"][0]["dst"], "192.168.0.0/16");
+    assert_eq!(r["dns"]["nameservers"][0], "10.96.0.10");
+    // CHECK with this chained result as prevResult finds our address in it.
+    let mut check = lab.conf("1.0.0");
+    check["prevResult"] = r.clone();
+    lab.call("CHECK", 0, Some(&lab.netns_path(0)), &check).ok();
+    lab.del(0, "1.0.0");
 }
