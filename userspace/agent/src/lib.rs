@@ -178,20 +178,24 @@ pub async fn run(
     let gateway = gateway_of(&cidr);
     network::prepare_node(gateway).await.context("setting up the node network")?;
 
-    if let Some(pin) = &cfg.pin_dir {
-        let pin = pin.clone();
-        let uplink = cfg.uplink.clone();
-        tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-            let mut dp = skiff_datapath::Datapath::load(&pin).context("loading the eBPF datapath")?;
-            if let Some(up) = &uplink {
-                dp.attach_tc(up).with_context(|| format!("attaching tc to the uplink {up}"))?;
-                dp.attach_xdp(up).with_context(|| format!("attaching XDP to the uplink {up}"))?;
-            }
-            Ok(())
-        })
-        .await??;
-        info!(pin_dir = %cfg.pin_dir.as_ref().map(|p| p.display().to_string()).unwrap_or_default(), "datapath loaded");
-    }
+    let datapath = match &cfg.pin_dir {
+        Some(pin) => {
+            let pin = pin.clone();
+            let uplink = cfg.uplink.clone();
+            let dp = tokio::task::spawn_blocking(move || -> anyhow::Result<skiff_datapath::Datapath> {
+                let mut dp = skiff_datapath::Datapath::load(&pin).context("loading the eBPF datapath")?;
+                if let Some(up) = &uplink {
+                    dp.attach_tc(up).with_context(|| format!("attaching tc to the uplink {up}"))?;
+                    dp.attach_xdp(up).with_context(|| format!("attaching XDP to the uplink {up}"))?;
+                }
+                Ok(dp)
+            })
+            .await??;
+            info!(pin_dir = %cfg.pin_dir.as_ref().map(|p| p.display().to_string()).unwrap_or_default(), "datapath loaded");
+            Some(Arc::new(std::sync::Mutex::new(dp)))
+        }
+        None => None,
+    };
 
     std::fs::create_dir_all(&cfg.cni_conf_dir).with_context(|| format!("creating {}", cfg.cni_conf_dir.display()))?;
     let conf_path = cfg.cni_conf_dir.join("10-skiff.conflist");
@@ -222,11 +226,35 @@ pub async fn run(
     std::fs::create_dir_all(&ctx.pods_dir)?;
     let heartbeat = tokio::spawn(node::heartbeat_loop(client.clone(), registered, Duration::from_secs(10), Duration::from_secs(10), shutdown.clone()));
     let routes = tokio::spawn(routes_loop(client.clone(), cfg.node_name.clone(), shutdown.clone()));
+    let pods_dir = ctx.pods_dir.clone();
     let pods = tokio::spawn(pods::run(ctx, shutdown.clone()));
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    // The service proxy: Services and EndpointSlices into this node's eBPF maps.
+    let proxy = datapath.clone().map(|dp| {
+        let mut pcfg = skiff_proxy::ProxyConfig::new(cfg.node_name.clone(), vec![std::net::IpAddr::V4(cfg.node_ip)]);
+        let dir = pods_dir.clone();
+        pcfg.netns_lister = Some(Arc::new(move || pods::pod_netns_paths(&dir)));
+        tokio::spawn(skiff_proxy::run(client.clone(), dp, pcfg, stopped(shutdown.clone())))
+    });
+    // Node-local cluster DNS on the pods' gateway address (pods' resolv.conf points here).
+    let dns_listen = vec![std::net::SocketAddr::new(gateway.into(), 53)];
+    let dns = tokio::spawn(skiff_dns::serve(client.clone(), dns_listen, cfg.cluster_domain.clone(), stopped(shutdown.clone())));
     let mut sd = shutdown.clone();
     let _ = sd.wait_for(|s| *s).await;
     let _ = heartbeat.await;
     let _ = routes.await;
+    if let Some(p) = proxy {
+        match p.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => warn!("service proxy stopped: {e}"),
+            Err(e) => warn!("service proxy task: {e}"),
+        }
+    }
+    if let Ok(Err(e)) = dns.await {
+        warn!("cluster DNS stopped: {e:#}");
+    }
     match pods.await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => warn!("pod manager stopped: {e:#}"),

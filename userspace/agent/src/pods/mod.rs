@@ -199,6 +199,16 @@ fn read_sandbox(dir: &Path) -> Option<SandboxRecord> {
     serde_json::from_slice(&std::fs::read(dir.join("sandbox.json")).ok()?).ok()
 }
 
+/// The network namespaces of the pods this node runs (for the proxy's stale-UDP-socket sweep).
+pub fn pod_netns_paths(pods_dir: &Path) -> Vec<PathBuf> {
+    let Ok(rd) = std::fs::read_dir(pods_dir) else { return vec![] };
+    rd.flatten()
+        .filter_map(|e| read_sandbox(&e.path()))
+        .map(|r| sandbox::netns_path(&r.netns))
+        .filter(|p| p.exists())
+        .collect()
+}
+
 fn netns_name(uid: &str) -> String {
     format!("skp-{uid}")
 }
