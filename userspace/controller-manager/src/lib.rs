@@ -16,20 +16,38 @@
 //! does not show yet (by resourceVersion, skiff's store revision) is skipped until it does (or
 //! 30 s pass). Loops also wake at the earliest `requeue_after` and resync every 30 s.
 //!
-//! Limits (this session): no leader election, so run one controller-manager and one scheduler
-//! per cluster; a pass reconciles every object of its kind (fine for hundreds of objects, a
+//! - Node controllers (inside [`run_controllers_with`]): node IPAM gives each Node a podCIDR
+//!   block of `--cluster-cidr`; node lifecycle watches `kube-node-lease` Leases and Ready
+//!   heartbeats, sets silent Nodes' conditions Unknown after `--node-monitor-grace-period`,
+//!   taints them not-ready/unreachable, marks their pods not Ready and evicts pods whose
+//!   tolerations run out (see skiff-controllers' `node_lifecycle`).
+//! - [`run_leader_elected`]: runs any of these only while holding a coordination.k8s.io Lease
+//!   (`kube-system/skiff-controller-manager`, `kube-system/skiff-scheduler`), so several
+//!   servers can run side by side with one acting.
+//!
+//! Limits: a pass reconciles every object of its kind (fine for hundreds of objects, a
 //! per-key work queue is the next step); no garbage collector loop (the apiserver's own
 //! background GC deletes dependents).
 
 mod cache;
 mod controllers;
+mod flags;
+mod leader;
+mod nodes;
 mod scheduler;
+
+pub use flags::{
+    ControllerFlags, LeaderElectionFlags, run_controller_manager, run_scheduler_elected,
+};
+pub use leader::{LeaderElection, StopSignal, default_identity, run_leader_elected};
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Endpoints, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use tokio::sync::Notify;
@@ -37,6 +55,71 @@ use tokio::task::JoinHandle;
 
 use crate::cache::{reflect, wait_ready};
 use crate::controllers::{Caches, Which, control_loop};
+use crate::nodes::{NodeCaches, NodeLoopConfig, node_loop};
+
+/// Knobs of the controllers (flags of `skiff controller-manager` and `skiff server`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControllerOptions {
+    /// `--cluster-cidr`: the range Nodes' podCIDRs are cut from.
+    pub cluster_cidr: ipnet::Ipv4Net,
+    /// `--node-cidr-mask-size`: the prefix length of each Node's podCIDR.
+    pub node_cidr_mask_size: u8,
+    /// `--node-monitor-grace-period`: heartbeat silence after which a Node is NotReady (Unknown).
+    pub node_monitor_grace_period: Duration,
+    /// The same for a Node that never posted a Ready condition (Kubernetes: 60 s).
+    pub node_startup_grace_period: Duration,
+    /// `--node-monitor-period`: how often node health is checked without any change (5 s).
+    pub node_monitor_period: Duration,
+}
+
+impl Default for ControllerOptions {
+    fn default() -> Self {
+        ControllerOptions {
+            cluster_cidr: ipnet::Ipv4Net::new(std::net::Ipv4Addr::new(10, 244, 0, 0), 16)
+                .unwrap_or_default(),
+            node_cidr_mask_size: 24,
+            node_monitor_grace_period: Duration::from_secs(40),
+            node_startup_grace_period: Duration::from_secs(60),
+            node_monitor_period: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Parses a duration flag the way Kubernetes' flags read: `40s`, `500ms`, `2m`, `1h`, `1m30s`
+/// (a bare number is seconds).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    if let Ok(secs) = text.parse::<u64>() {
+        return Ok(Duration::from_secs(secs));
+    }
+    let bad = || format!("{text:?} is not a duration; write it like 40s, 500ms, 2m or 1m30s");
+    let mut total = Duration::ZERO;
+    let mut rest = text;
+    if rest.is_empty() {
+        return Err(bad());
+    }
+    while !rest.is_empty() {
+        let digits = rest.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
+        if digits == 0 {
+            return Err(bad());
+        }
+        let n: u64 = rest[..digits].parse().map_err(|_| bad())?;
+        rest = &rest[digits..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let part = match &rest[..unit_len] {
+            "ms" => Duration::from_millis(n),
+            "s" => Duration::from_secs(n),
+            "m" => Duration::from_secs(n.saturating_mul(60)),
+            "h" => Duration::from_secs(n.saturating_mul(3600)),
+            _ => return Err(bad()),
+        };
+        total = total.saturating_add(part);
+        rest = &rest[unit_len..];
+    }
+    Ok(total)
+}
 
 /// Aborts the tasks when dropped, so an error or the end of `shutdown` stops everything.
 struct Tasks(Vec<JoinHandle<()>>);
@@ -49,12 +132,31 @@ impl Drop for Tasks {
     }
 }
 
-/// Runs the Deployment, ReplicaSet, EndpointSlice, Endpoints and Job controllers until
-/// `shutdown` completes. Errors only if the watch caches cannot be filled at start.
+/// [`run_controllers_with`] the default [`ControllerOptions`].
 pub async fn run_controllers(
     client: kube::Client,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    run_controllers_with(client, ControllerOptions::default(), shutdown).await
+}
+
+/// Runs the Deployment, ReplicaSet, EndpointSlice, Endpoints, Job and node (IPAM, lifecycle)
+/// controllers until `shutdown` completes. Errors if the options are invalid or the watch
+/// caches cannot be filled at start.
+pub async fn run_controllers_with(
+    client: kube::Client,
+    options: ControllerOptions,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let range = skiff_controllers::node_ipam::ClusterCidr::new(
+        options.cluster_cidr,
+        options.node_cidr_mask_size,
+    )
+    .map_err(|e| anyhow::anyhow!("--cluster-cidr / --node-cidr-mask-size: {e}"))?;
+    if options.node_monitor_grace_period.is_zero() || options.node_monitor_period.is_zero() {
+        anyhow::bail!("--node-monitor-grace-period and --node-monitor-period must be above zero");
+    }
+    let node_wake = Arc::new(Notify::new());
     let deployment = Arc::new(Notify::new());
     let replica_set = Arc::new(Notify::new());
     let slices = Arc::new(Notify::new());
@@ -76,17 +178,20 @@ pub async fn run_controllers(
                 slices.clone(),
                 endpoints.clone(),
                 job.clone(),
+                node_wake.clone(),
             ],
             &mut tasks,
         ),
         services: reflect::<Service>(&client, vec![slices.clone(), endpoints.clone()], &mut tasks),
         slices: reflect::<EndpointSlice>(&client, vec![slices.clone()], &mut tasks),
         endpoints: reflect::<Endpoints>(&client, vec![endpoints.clone()], &mut tasks),
-        nodes: reflect::<Node>(&client, vec![slices.clone()], &mut tasks),
+        nodes: reflect::<Node>(&client, vec![slices.clone(), node_wake.clone()], &mut tasks),
         jobs: reflect::<Job>(&client, vec![job.clone()], &mut tasks),
     };
+    let leases = reflect::<Lease>(&client, vec![node_wake.clone()], &mut tasks);
     let mut tasks = Tasks(tasks);
     let ready = async {
+        wait_ready(&leases).await?;
         wait_ready(&caches.deployments).await?;
         wait_ready(&caches.replica_sets).await?;
         wait_ready(&caches.pods).await?;
@@ -103,6 +208,24 @@ pub async fn run_controllers(
         _ = &mut shutdown => return Ok(()),
     }
     tracing::info!("controller caches filled; controllers running");
+    let node_caches = Arc::new(NodeCaches {
+        nodes: caches.nodes.clone(),
+        leases,
+        pods: caches.pods.clone(),
+    });
+    tasks.0.push(tokio::spawn(node_loop(
+        client.clone(),
+        node_caches,
+        NodeLoopConfig {
+            range,
+            lifecycle: skiff_controllers::node_lifecycle::LifecycleConfig {
+                grace_period: options.node_monitor_grace_period,
+                startup_grace_period: options.node_startup_grace_period,
+            },
+            monitor_period: options.node_monitor_period,
+        },
+        node_wake,
+    )));
     let caches = Arc::new(caches);
     for (which, wake) in [
         (Which::Deployment, deployment),
@@ -154,4 +277,21 @@ pub async fn run_scheduler(
     shutdown.await;
     drop(tasks);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_like_kubernetes_flags() {
+        assert_eq!(parse_duration("40s"), Ok(Duration::from_secs(40)));
+        assert_eq!(parse_duration("40"), Ok(Duration::from_secs(40)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+        for bad in ["", "s", "10x", "1.5s", "-3s", "3 s"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?} refused");
+        }
+    }
 }
