@@ -20,18 +20,27 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the control plane in one process: apiserver, controllers and scheduler.
-    Server(ServerArgs),
+    Server {
+        #[command(flatten)]
+        server: ServerArgs,
+        #[command(flatten)]
+        controllers: skiff_controller_manager::ControllerFlags,
+    },
     /// Run the apiserver alone.
     Apiserver(ServerArgs),
-    /// Run the controllers alone, against a server (one per cluster: no leader election yet).
+    /// Run the controllers alone, against a server (leader-elected: several may run).
     ControllerManager {
         #[arg(long, env = "KUBECONFIG")]
         kubeconfig: PathBuf,
+        #[command(flatten)]
+        flags: skiff_controller_manager::ControllerFlags,
     },
-    /// Run the scheduler alone, against a server (one per cluster: no leader election yet).
+    /// Run the scheduler alone, against a server (leader-elected: several may run).
     Scheduler {
         #[arg(long, env = "KUBECONFIG")]
         kubeconfig: PathBuf,
+        #[command(flatten)]
+        leader: skiff_controller_manager::LeaderElectionFlags,
     },
     /// Print the admin kubeconfig written by the server.
     Kubeconfig {
@@ -137,7 +146,7 @@ async fn client_from(kubeconfig_text: &str) -> Result<kube::Client> {
 
 /// The whole control plane in one process. The controllers and the scheduler are clients of the
 /// apiserver like any other (through the admin kubeconfig), never shortcuts into its store.
-async fn run_server(config: skiff_apiserver::ServerConfig) -> Result<()> {
+async fn run_server(config: skiff_apiserver::ServerConfig, flags: skiff_controller_manager::ControllerFlags) -> Result<()> {
     let data_dir = config.data_dir.clone();
     let server = skiff_apiserver::start(config).await?;
     tracing::info!("listening on {} (kubeconfig: {})", server.url, data_dir.join("admin.kubeconfig").display());
@@ -146,8 +155,9 @@ async fn run_server(config: skiff_apiserver::ServerConfig) -> Result<()> {
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
-    let controllers = tokio::spawn(skiff_controller_manager::run_controllers(client.clone(), stopped(stop_rx.clone())));
-    let scheduler = tokio::spawn(skiff_controller_manager::run_scheduler(client, stopped(stop_rx)));
+    let (c, f, stop) = (client.clone(), flags.clone(), stopped(stop_rx.clone()));
+    let controllers = tokio::spawn(async move { skiff_controller_manager::run_controller_manager(c, &f, stop).await });
+    let scheduler = tokio::spawn(async move { skiff_controller_manager::run_scheduler_elected(client, &flags.leader, stopped(stop_rx)).await });
     shutdown_signal().await;
     tracing::info!("shutting down");
     let _ = stop_tx.send(true);
@@ -188,27 +198,27 @@ fn real_main() -> Result<()> {
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             runtime.block_on(skiff_apiserver::run(config, shutdown_signal()))
         }
-        Command::Server(args) => {
-            let config = server_config(args)?;
+        Command::Server { server, controllers } => {
+            let config = server_config(server)?;
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-            runtime.block_on(run_server(config))
+            runtime.block_on(run_server(config, controllers))
         }
-        Command::ControllerManager { kubeconfig } => {
+        Command::ControllerManager { kubeconfig, flags } => {
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             runtime.block_on(async {
                 let client = client_from(&std::fs::read_to_string(&kubeconfig)
                     .with_context(|| format!("reading {}", kubeconfig.display()))?)
                 .await?;
-                skiff_controller_manager::run_controllers(client, shutdown_signal()).await
+                skiff_controller_manager::run_controller_manager(client, &flags, shutdown_signal()).await
             })
         }
-        Command::Scheduler { kubeconfig } => {
+        Command::Scheduler { kubeconfig, leader } => {
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             runtime.block_on(async {
                 let client = client_from(&std::fs::read_to_string(&kubeconfig)
                     .with_context(|| format!("reading {}", kubeconfig.display()))?)
                 .await?;
-                skiff_controller_manager::run_scheduler(client, shutdown_signal()).await
+                skiff_controller_manager::run_scheduler_elected(client, &leader, shutdown_signal()).await
             })
         }
         Command::Kubeconfig { data_dir } => {
