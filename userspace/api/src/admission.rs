@@ -340,6 +340,33 @@ fn default_pod_spec(spec: &mut Value, restart_default: bool) {
     }
 }
 
+/// Kubernetes' DefaultTolerationSeconds admission plugin: a pod that does not tolerate the
+/// node-lifecycle NoExecute taints `node.kubernetes.io/not-ready` and
+/// `node.kubernetes.io/unreachable` gets a toleration of each for 300 s, so its pods leave a dead
+/// node 5 minutes after it is tainted (and stay through shorter blips). A toleration with an
+/// empty key (operator Exists) or an empty effect already covers the taint, as in Kubernetes.
+fn default_toleration_seconds(spec: &mut serde_json::Map<String, Value>) {
+    const KEYS: [&str; 2] = ["node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable"];
+    let covers = |t: &Value, key: &str| {
+        let k = t.get("key").and_then(Value::as_str).unwrap_or("");
+        let effect = t.get("effect").and_then(Value::as_str).unwrap_or("");
+        (k.is_empty() || k == key) && (effect.is_empty() || effect == "NoExecute")
+    };
+    let tolerations = spec.entry("tolerations").or_insert_with(|| json!([]));
+    if tolerations.is_null() {
+        *tolerations = json!([]);
+    }
+    let Some(list) = tolerations.as_array_mut() else {
+        return;
+    };
+    for key in KEYS {
+        if !list.iter().any(|t| covers(t, key)) {
+            list.push(json!({"key": key, "operator": "Exists", "effect": "NoExecute",
+                             "tolerationSeconds": 300}));
+        }
+    }
+}
+
 fn default_template(obj: &mut Value, restart_default: bool) {
     if let Some(spec) = obj.pointer_mut("/spec/template/spec") {
         default_pod_spec(spec, restart_default);
@@ -354,6 +381,7 @@ pub fn apply_defaults(info: &ResourceInfo, obj: &mut Value) {
                 default_pod_spec(spec, true);
                 if let Some(m) = spec.as_object_mut() {
                     set_default(m, "enableServiceLinks", json!(true));
+                    default_toleration_seconds(m);
                 }
             }
             if obj.pointer("/status/phase").is_none()
@@ -1425,6 +1453,51 @@ mod tests {
                 .message
                 .contains("Forbidden")
         );
+    }
+
+    #[test]
+    fn pods_get_default_toleration_seconds_unless_they_tolerate_already() {
+        let pods = registry::find("", "v1", "pods").expect("pods");
+        let tolerations = |spec_tolerations: Value| {
+            let mut pod = json!({"metadata": {"name": "p"}, "spec": {
+                "containers": [{"name": "c", "image": "i"}], "tolerations": spec_tolerations}});
+            if pod["spec"]["tolerations"].is_null() {
+                pod["spec"].as_object_mut().map(|m| m.remove("tolerations"));
+            }
+            apply_defaults(pods, &mut pod);
+            pod["spec"]["tolerations"].clone()
+        };
+        let not_ready = json!({"key": "node.kubernetes.io/not-ready", "operator": "Exists",
+                               "effect": "NoExecute", "tolerationSeconds": 300});
+        let unreachable = json!({"key": "node.kubernetes.io/unreachable", "operator": "Exists",
+                                 "effect": "NoExecute", "tolerationSeconds": 300});
+        assert_eq!(tolerations(Value::Null), json!([not_ready, unreachable]));
+        // A pod's own toleration of one taint is kept and not doubled; the other is added.
+        let own = json!({"key": "node.kubernetes.io/unreachable", "operator": "Exists",
+                         "effect": "NoExecute", "tolerationSeconds": 2});
+        assert_eq!(tolerations(json!([own])), json!([own, not_ready]));
+        // Tolerating everything (empty key, Exists) covers both.
+        let all = json!({"operator": "Exists"});
+        assert_eq!(tolerations(json!([all])), json!([all]));
+        // A NoSchedule toleration of the key does not cover the NoExecute taint.
+        let no_schedule = json!({"key": "node.kubernetes.io/not-ready", "operator": "Exists",
+                                 "effect": "NoSchedule"});
+        assert_eq!(
+            tolerations(json!([no_schedule])),
+            json!([no_schedule, not_ready, unreachable])
+        );
+        // Idempotent: defaulting again (an update) adds nothing.
+        let mut pod = json!({"metadata": {"name": "p"}, "spec": {"containers": [{"name": "c", "image": "i"}]}});
+        apply_defaults(pods, &mut pod);
+        let once = pod.clone();
+        apply_defaults(pods, &mut pod);
+        assert_eq!(pod, once);
+        // Templates are not pods: a Deployment's template is left alone.
+        let deploys = registry::find("apps", "v1", "deployments").expect("deployments");
+        let mut d = json!({"metadata": {"name": "d"}, "spec": {"template": {"spec": {
+            "containers": [{"name": "c", "image": "i"}]}}}});
+        apply_defaults(deploys, &mut d);
+        assert!(d.pointer("/spec/template/spec/tolerations").is_none());
     }
 
     #[test]
