@@ -75,6 +75,32 @@ impl ProxyConfig {
     }
 }
 
+impl ProxyConfig {
+    /// Checks what `run` relies on; `run` calls it first, so a bad config changes nothing.
+    pub fn validate(&self) -> Result<(), ProxyError> {
+        if self.node_name.trim().is_empty() {
+            return Err(ProxyError::Config(
+                "node_name is empty: the proxy needs this node's name for the Local traffic \
+                 policies"
+                    .into(),
+            ));
+        }
+        for (name, d) in [
+            ("conntrack_gc_interval", self.conntrack_gc_interval),
+            ("retry_interval", self.retry_interval),
+            ("udp_idle_timeout", self.udp_idle_timeout),
+            ("tcp_idle_timeout", self.tcp_idle_timeout),
+        ] {
+            if d.is_zero() {
+                return Err(ProxyError::Config(format!(
+                    "{name} is zero: give it a positive duration"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
 impl std::fmt::Debug for ProxyConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ProxyConfig")
@@ -96,4 +122,26 @@ pub enum ProxyError {
     Config(String),
     #[error("a datapath task of the proxy failed: {0}")]
     Task(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_bad_values_are_named() {
+        let ok = ProxyConfig::new("node-a", vec![]);
+        assert!(ok.validate().is_ok());
+        let mut c = ok.clone();
+        c.node_name = " ".into();
+        assert!(matches!(c.validate(), Err(ProxyError::Config(m)) if m.contains("node_name")));
+        let mut c = ok.clone();
+        c.conntrack_gc_interval = Duration::ZERO;
+        assert!(
+            matches!(c.validate(), Err(ProxyError::Config(m)) if m.contains("conntrack_gc_interval"))
+        );
+        let mut c = ok;
+        c.tcp_idle_timeout = Duration::ZERO;
+        assert!(c.validate().is_err());
+    }
 }

@@ -32,12 +32,7 @@ pub async fn run(
     config: ProxyConfig,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ProxyError> {
-    if config.node_name.is_empty() {
-        return Err(ProxyError::Config(
-            "node_name is empty: the proxy needs this node's name for the Local traffic policies"
-                .into(),
-        ));
-    }
+    config.validate()?;
     let (svc_store, svc_writer) = reflector::store::<Service>();
     let (eps_store, eps_writer) = reflector::store::<EndpointSlice>();
     let svc_events = watcher(
