@@ -207,6 +207,17 @@ impl Drop for PodmanLab {
         let _ = Command::new("ip")
             .args(["netns", "del", &self.node])
             .output();
+        // podman (cgroupfs manager) puts conmon in libpod_parent/conmon in every hierarchy;
+        // rmdir removes only empty cgroups, so another podman user's cgroups stay.
+        for root in std::fs::read_dir("/sys/fs/cgroup")
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let parent = root.path().join("libpod_parent");
+            let _ = std::fs::remove_dir(parent.join("conmon"));
+            let _ = std::fs::remove_dir(&parent);
+        }
     }
 }
 
