@@ -11,8 +11,10 @@
 pub mod network;
 pub mod node;
 pub mod pods;
+pub mod runc_adapter;
 pub mod runtime;
 pub mod sandbox;
+pub mod server;
 
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
@@ -49,6 +51,9 @@ pub struct AgentConfig {
     /// Use this pod CIDR when the controller-manager assigns none (a cluster without node IPAM).
     pub pod_cidr: Option<Ipv4Net>,
     pub agent_port: u16,
+    /// The bearer token the agent's HTTPS endpoint (logs, exec) accepts: the one the apiserver
+    /// proxies with. None: the endpoint is not started.
+    pub server_token: Option<String>,
     pub cluster_domain: String,
     pub labels: std::collections::BTreeMap<String, String>,
     pub backoff_base: Duration,
@@ -67,6 +72,7 @@ impl AgentConfig {
             uplink: None,
             pod_cidr: None,
             agent_port: 10250,
+            server_token: None,
             cluster_domain: "cluster.local".into(),
             labels: Default::default(),
             backoff_base: Duration::from_secs(10),
@@ -125,19 +131,25 @@ async fn pod_cidr(client: &kube::Client, cfg: &AgentConfig, mut shutdown: watch:
 async fn routes_loop(client: kube::Client, own: String, mut shutdown: watch::Receiver<bool>) {
     let nodes: Api<Node> = Api::all(client);
     let (store, writer) = reflector::store::<Node>();
-    let stream = reflector(writer, watcher(nodes, watcher::Config::default())).default_backoff().touched_objects();
-    let mut stream = std::pin::pin!(stream);
+    let changed = Arc::new(tokio::sync::Notify::new());
+    let feeder = {
+        let changed = changed.clone();
+        tokio::spawn(async move {
+            let stream = reflector(writer, watcher(nodes, watcher::Config::default())).default_backoff().touched_objects();
+            let mut stream = std::pin::pin!(stream);
+            while stream.next().await.is_some() {
+                changed.notify_one();
+            }
+        })
+    };
+    let _feeder = pods::AbortOnDrop(feeder);
+    tokio::select! {
+        r = store.wait_until_ready() => if r.is_err() { return },
+        _ = shutdown.changed() => return,
+    }
     let mut last = None;
     let mut tick = tokio::time::interval(Duration::from_secs(30));
     loop {
-        tokio::select! {
-            _ = shutdown.changed() => return,
-            ev = stream.next() => if ev.is_none() { return },
-            _ = tick.tick() => last = None,
-        }
-        if store.wait_until_ready().await.is_err() {
-            continue;
-        }
         let all: Vec<Node> = store.state().iter().map(|n| (**n).clone()).collect();
         let desired = network::routes_from_nodes(&all, &own);
         if last.as_ref() == Some(&desired) {
@@ -149,6 +161,11 @@ async fn routes_loop(client: kube::Client, own: String, mut shutdown: watch::Rec
                 last = Some(desired);
             }
             Err(e) => warn!("syncing routes failed: {e}"),
+        }
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            _ = changed.notified() => {}
+            _ = tick.tick() => last = None,
         }
     }
 }
@@ -211,6 +228,27 @@ pub async fn run(
     node::post_status(&client, &cfg.node_name, node_status).await?;
     info!(node = %cfg.node_name, pod_cidr = %cidr, "node ready");
 
+    let agent_server = match cfg.server_token.clone() {
+        Some(token) => {
+            let scfg = server::ServerConfig {
+                listen: std::net::SocketAddr::new(cfg.node_ip.into(), cfg.agent_port),
+                token,
+                node_name: cfg.node_name.clone(),
+                pods_dir: cfg.data_dir.join("pods"),
+                cert_names: vec![cfg.node_ip.to_string(), cfg.node_name.clone()],
+            };
+            let (client, runtime, shutdown) = (client.clone(), runtime.clone(), shutdown.clone());
+            Some(tokio::spawn(async move {
+                if let Err(e) = server::serve(scfg, client, runtime, shutdown).await {
+                    warn!("agent endpoint (kubectl logs/exec) stopped: {e:#}");
+                }
+            }))
+        }
+        None => {
+            warn!("no server token given: the agent endpoint (kubectl logs/exec) is not started");
+            None
+        }
+    };
     let ctx = Arc::new(pods::PodContext {
         client: client.clone(),
         runtime,
@@ -245,6 +283,9 @@ pub async fn run(
     let _ = sd.wait_for(|s| *s).await;
     let _ = heartbeat.await;
     let _ = routes.await;
+    if let Some(s) = agent_server {
+        let _ = s.await;
+    }
     if let Some(p) = proxy {
         match p.await {
             Ok(Ok(())) => {}

@@ -6,9 +6,11 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+mod agent_cli;
 mod datapath_cli;
 mod demo;
 mod image_cli;
+mod up;
 
 #[derive(Parser)]
 #[command(name = "skiff", version, about = "A container orchestrator whose Services run in eBPF")]
@@ -60,6 +62,12 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Manage the node's local image store: import, list, rm, gc.
     Image(image_cli::ImageArgs),
+    /// Run a node agent: register the Node, run the pods bound to it, program its datapath.
+    Agent(agent_cli::AgentArgs),
+    /// Bring up a whole cluster on this machine: the server and N nodes (network namespaces).
+    Up(up::UpArgs),
+    /// Remove everything `skiff up` made.
+    Down(up::DownArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -123,7 +131,7 @@ fn server_config(args: ServerArgs) -> Result<skiff_apiserver::ServerConfig> {
     Ok(config)
 }
 
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = match signal(SignalKind::terminate()) {
         Ok(s) => s,
@@ -133,6 +141,39 @@ async fn shutdown_signal() {
         _ = tokio::signal::ctrl_c() => {},
         _ = term.recv() => {},
     }
+}
+
+/// A kube-rs client from a kubeconfig file.
+pub(crate) async fn kube_client(path: &std::path::Path) -> Result<kube::Client> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    client_from(&text).await
+}
+
+/// A kube-rs client from a server URL, a bearer token and (optionally) the server's CA.
+pub(crate) async fn kube_client_for(url: &str, token: &str, ca_file: Option<&std::path::Path>) -> Result<kube::Client> {
+    let uri: http::Uri = url.parse().with_context(|| format!("{url:?} is not a URL"))?;
+    let mut config = kube::Config::new(uri);
+    config.auth_info.token = Some(token.to_string().into());
+    if let Some(ca) = ca_file {
+        let pem = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;
+        let certs = rustls_pemfile_certs(&pem)?;
+        config.root_cert = Some(certs);
+    }
+    kube::Client::try_from(config).context("building the API client")
+}
+
+/// DER certificates from PEM text.
+fn rustls_pemfile_certs(pem_text: &[u8]) -> Result<Vec<Vec<u8>>> {
+    let certs: Vec<Vec<u8>> = pem::parse_many(pem_text)
+        .context("the CA file is not PEM")?
+        .into_iter()
+        .filter(|p| p.tag() == "CERTIFICATE")
+        .map(|p| p.into_contents())
+        .collect();
+    if certs.is_empty() {
+        bail!("the CA file holds no certificate");
+    }
+    Ok(certs)
 }
 
 /// A kube-rs client from kubeconfig text.
@@ -187,7 +228,7 @@ fn real_main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,hickory_server=warn,hickory_proto=warn")),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -228,6 +269,9 @@ fn real_main() -> Result<()> {
         Command::Datapath { pin_dir, command } => datapath_cli::run(&pin_dir, command),
         Command::Demo(args) => demo::run(args),
         Command::Image(args) => image_cli::run(args),
+        Command::Agent(args) => agent_cli::run(args),
+        Command::Up(args) => up::up(args),
+        Command::Down(args) => up::down(args),
     }
 }
 

@@ -66,24 +66,30 @@ pub async fn run(ctx: Arc<PodContext>, mut shutdown: watch::Receiver<bool>) -> a
     let pods: Api<Pod> = Api::all(ctx.client.clone());
     let cfg = watcher::Config::default().fields(&format!("spec.nodeName={}", ctx.node_name));
     let (store, writer) = reflector::store::<Pod>();
-    let stream = reflector(writer, watcher(pods, cfg)).default_backoff().applied_objects();
-    let mut stream = std::pin::pin!(stream);
+    let changed = Arc::new(tokio::sync::Notify::new());
+    // The reflector stream runs on its own task so the store fills whatever this loop awaits.
+    let feeder = {
+        let changed = changed.clone();
+        tokio::spawn(async move {
+            let stream = reflector(writer, watcher(pods, cfg)).default_backoff().touched_objects();
+            let mut stream = std::pin::pin!(stream);
+            while let Some(ev) = stream.next().await {
+                if let Err(e) = ev {
+                    warn!("pod watch: {e}");
+                }
+                changed.notify_one();
+            }
+        })
+    };
+    let _feeder = AbortOnDrop(feeder);
+    tokio::select! {
+        r = store.wait_until_ready() => r?,
+        _ = shutdown.changed() => return Ok(()),
+    }
     let mut workers: HashMap<String, (watch::Sender<Option<Pod>>, tokio::task::JoinHandle<()>)> = HashMap::new();
     let mut swept = false;
     let mut tick = tokio::time::interval(Duration::from_secs(2));
     loop {
-        tokio::select! {
-            _ = shutdown.changed() => break,
-            ev = stream.next() => match ev {
-                Some(Ok(_)) => {}
-                Some(Err(e)) => { warn!("pod watch: {e}"); continue; }
-                None => break,
-            },
-            _ = tick.tick() => {}
-        }
-        if store.wait_until_ready().await.is_err() {
-            continue;
-        }
         let current: BTreeMap<String, Pod> = store.state().iter().map(|p| (pod_uid(p), (**p).clone())).collect();
         for (uid, pod) in &current {
             match workers.get(uid) {
@@ -119,8 +125,22 @@ pub async fn run(ctx: Arc<PodContext>, mut shutdown: watch::Receiver<bool>) -> a
                 }
             });
         }
+        tokio::select! {
+            _ = shutdown.changed() => break,
+            _ = changed.notified() => {}
+            _ = tick.tick() => {}
+        }
     }
     Ok(())
+}
+
+/// Aborts a task when dropped (the watch feeder ends with the loop that reads its store).
+pub(crate) struct AbortOnDrop(pub tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Tears down sandboxes and containers of pods this node no longer runs (after an agent restart
@@ -507,6 +527,15 @@ fn build_request(
         log_path: log_dir.join(format!("{attempt}.log")),
         tty: c.tty.unwrap_or(false),
         stdin: c.stdin.unwrap_or(false),
+        labels: [
+            ("io.kubernetes.pod.name", pod.metadata.name.clone().unwrap_or_default()),
+            ("io.kubernetes.pod.namespace", pod.metadata.namespace.clone().unwrap_or_default()),
+            ("io.kubernetes.pod.uid", uid.clone()),
+            ("io.kubernetes.container.name", c.name.clone()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect(),
         ..Default::default()
     };
     spec::apply_resources(&mut req, c)?;

@@ -1,0 +1,167 @@
+//! `skiff agent`: the node agent's command line, and the node-side helpers `skiff up/down`
+//! share with it (image import, removing a node's pods).
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+
+#[derive(clap::Args)]
+pub struct AgentArgs {
+    /// A kubeconfig for the server (or use --server and --token).
+    #[arg(long, env = "KUBECONFIG", conflicts_with = "server")]
+    kubeconfig: Option<PathBuf>,
+    /// The server's URL, e.g. https://10.0.0.1:6443.
+    #[arg(long, requires = "token")]
+    server: Option<String>,
+    /// A bearer token for the server.
+    #[arg(long, env = "SKIFF_TOKEN")]
+    token: Option<String>,
+    /// The server's CA certificate (PEM), with --server.
+    #[arg(long)]
+    ca_file: Option<PathBuf>,
+    /// The Node's name (default: the host name).
+    #[arg(long)]
+    node_name: Option<String>,
+    /// The node's address other nodes and the server reach it on.
+    #[arg(long)]
+    node_ip: Ipv4Addr,
+    /// Run inside this network namespace (/run/netns/NAME): the agent enters it before anything
+    /// else, so CNI and the runtime run there too.
+    #[arg(long)]
+    netns: Option<String>,
+    #[arg(long, default_value = "/var/lib/skiff-agent")]
+    data_dir: PathBuf,
+    /// The bpffs directory for this node's datapath (default /sys/fs/bpf/skiff/<node>).
+    #[arg(long)]
+    pin_dir: Option<PathBuf>,
+    /// Run without the eBPF datapath (pods get networks; Services are not translated here).
+    #[arg(long)]
+    no_datapath: bool,
+    #[arg(long, default_value = "/opt/cni/bin")]
+    cni_bin_dir: PathBuf,
+    #[arg(long, default_value = "/etc/cni/net.d")]
+    cni_conf_dir: PathBuf,
+    /// The local image store (`skiff image import` writes it).
+    #[arg(long, default_value = "/var/lib/skiff/images")]
+    image_dir: PathBuf,
+    /// The node's uplink interface (NodePort XDP and reverse NAT of replies from other nodes).
+    #[arg(long)]
+    uplink: Option<String>,
+    /// The pod CIDR to use when the controller-manager assigns none.
+    #[arg(long)]
+    pod_cidr: Option<ipnet::Ipv4Net>,
+    /// Seconds before the first container restart (doubling per crash, capped at 300).
+    #[arg(long, default_value_t = 10)]
+    restart_backoff: u64,
+    /// The container runtime.
+    #[arg(long, default_value = "runc", value_parser = ["runc"])]
+    runtime: String,
+}
+
+/// Enters `/run/netns/<name>` for this thread, before any other thread exists, so every thread
+/// and child process the agent makes lives in the node's namespace.
+fn enter_netns(name: &str) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let path = Path::new("/run/netns").join(name);
+    let f = std::fs::File::open(&path).with_context(|| format!("opening {} (ip netns add {name})", path.display()))?;
+    // SAFETY: a valid namespace fd; affects only this (still the only) thread.
+    if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        bail!("entering netns {name}: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The runtime the agent runs pods with, over its state under `data_dir`.
+pub fn node_runtime(data_dir: &Path, image_dir: &Path) -> Result<Arc<dyn skiff_agent::ContainerRuntime>> {
+    let rt = skiff_agent::runc_adapter::RuncRuntime::open(&data_dir.join("runc"), image_dir)
+        .context("opening the runc runtime")?;
+    Ok(Arc::new(rt))
+}
+
+/// Imports an OCI or docker archive into the image store at `image_dir`.
+pub fn import_image(image_dir: &Path, archive: &Path) -> Result<()> {
+    let store = skiff_runtime::images::ImageStore::open(image_dir)
+        .with_context(|| format!("opening the image store {}", image_dir.display()))?;
+    let imported = store.import(archive).with_context(|| format!("importing {}", archive.display()))?;
+    for i in imported {
+        eprintln!("[image] {i:?}");
+    }
+    Ok(())
+}
+
+/// Stops and removes every container the node's runtime holds and the pod namespaces its
+/// agent recorded (for `skiff down`, after the agent stopped). Best effort.
+pub fn remove_node_pods(data_dir: &Path, image_dir: &Path) {
+    if data_dir.join("runc").is_dir()
+        && let Ok(rt) = skiff_agent::runc_adapter::RuncRuntime::open(&data_dir.join("runc"), image_dir)
+    {
+        use skiff_agent::ContainerRuntime;
+        if let Ok(ids) = rt.list() {
+            let handles: Vec<_> = ids
+                .into_iter()
+                .map(|id| {
+                    let rt = rt.clone();
+                    std::thread::spawn(move || {
+                        let _ = rt.stop(&id, Duration::from_secs(5));
+                        let _ = rt.remove(&id);
+                    })
+                })
+                .collect();
+            for h in handles {
+                let _ = h.join();
+            }
+        }
+    }
+    if let Ok(rd) = std::fs::read_dir(data_dir.join("pods")) {
+        for e in rd.flatten() {
+            if let Ok(b) = std::fs::read(e.path().join("sandbox.json"))
+                && let Ok(v) = serde_json::from_slice::<serde_json::Value>(&b)
+                && let Some(ns) = v["netns"].as_str()
+            {
+                let _ = skiff_agent::sandbox::delete_netns(ns);
+            }
+        }
+    }
+}
+
+pub fn run(args: AgentArgs) -> Result<()> {
+    if let Some(ns) = &args.netns {
+        enter_netns(ns)?;
+    }
+    let node_name = match &args.node_name {
+        Some(n) => n.clone(),
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).context("reading the host name")?,
+    };
+    let mut cfg = skiff_agent::AgentConfig::new(&node_name, args.node_ip, args.data_dir.clone());
+    if !args.no_datapath {
+        cfg.pin_dir = Some(args.pin_dir.clone().unwrap_or_else(|| PathBuf::from("/sys/fs/bpf/skiff").join(&node_name)));
+    }
+    cfg.cni_bin_dirs = vec![args.cni_bin_dir.clone()];
+    cfg.cni_conf_dir = args.cni_conf_dir.clone();
+    cfg.uplink = args.uplink.clone();
+    cfg.pod_cidr = args.pod_cidr;
+    cfg.backoff_base = Duration::from_secs(args.restart_backoff.max(1));
+    let runtime = node_runtime(&args.data_dir, &args.image_dir)?;
+    let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    rt.block_on(async move {
+        let client = match (&args.kubeconfig, &args.server) {
+            (Some(k), _) => crate::kube_client(k).await?,
+            (None, Some(url)) => crate::kube_client_for(url, args.token.as_deref().unwrap_or_default(), args.ca_file.as_deref()).await?,
+            (None, None) => bail!("give --kubeconfig FILE, or --server URL and --token TOKEN"),
+        };
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        let mut agent = tokio::spawn(skiff_agent::run(client, cfg, runtime, rx));
+        tokio::select! {
+            _ = crate::shutdown_signal() => {
+                tracing::info!("stopping the agent (pods keep running)");
+                let _ = tx.send(true);
+                agent.await??;
+            }
+            r = &mut agent => r??,
+        }
+        Ok(())
+    })
+}

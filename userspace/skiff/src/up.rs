@@ -1,0 +1,497 @@
+//! `skiff up` / `skiff down`: a whole cluster on this machine.
+//!
+//! ```text
+//!   root namespace                               node namespaces (<name>-node-<i>)
+//!   skiff server  https://172.20.0.1:6443        eth0 172.20.0.1<i>/24   skiff agent (setns'd here)
+//!   bridge <name>-br 172.20.0.1/24 --- veth ---  lo: 10.244.<k>.1 (pod gateway)
+//!   blackhole 10.244.0.0/16, 10.96.0.0/12        pods: veth pairs, tc from_pod, routes to other nodes
+//! ```
+//! Safety: the node namespaces have no default route and the root namespace blackholes the
+//! pod and service ranges, so a lab packet that is not translated never leaves the machine.
+//!
+//! The lab plumbing (bridge, veths, namespaces, blackhole routes) is a dozen iproute2 commands,
+//! run as commands on purpose: a person can read them in `lab.json`'s order and redo or undo
+//! any of them by hand. The agent's own runtime networking goes through netlink.
+//! Everything made is recorded in `<data-dir>/lab.json` before it is made, so `skiff down`
+//! removes exactly that, by name and by the PIDs started, even after a half-finished `up`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/skiff-up";
+const LAB_PREFIX: u8 = 24;
+const POD_RANGE: &str = "10.244.0.0/16";
+const SERVICE_RANGE: &str = "10.96.0.0/12";
+
+#[derive(clap::Args, Clone)]
+pub struct UpArgs {
+    /// How many nodes (each a network namespace with its own agent).
+    #[arg(long, default_value_t = 3)]
+    pub nodes: u32,
+    /// Where the cluster keeps everything (server store, node state, logs, lab.json).
+    #[arg(long, default_value = DEFAULT_DATA_DIR)]
+    pub data_dir: PathBuf,
+    /// The cluster's name: the prefix of every namespace, link and pin it makes (<= 8 chars).
+    #[arg(long, default_value = "skiff")]
+    pub name: String,
+    /// The lab network's third octet: the bridge is 172.20.<N>.1/24.
+    #[arg(long, default_value_t = 0)]
+    pub lab_net: u8,
+    /// OCI or docker archives to import into the nodes' image store.
+    #[arg(long = "image")]
+    pub images: Vec<PathBuf>,
+    /// Seconds between container restarts, doubled per crash (kubelet: 10).
+    #[arg(long, default_value_t = 10)]
+    pub restart_backoff: u64,
+}
+
+#[derive(clap::Args, Clone)]
+pub struct DownArgs {
+    #[arg(long, default_value = DEFAULT_DATA_DIR)]
+    pub data_dir: PathBuf,
+}
+
+/// What `up` made, written before each thing is made.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct LabState {
+    pub name: String,
+    pub bridge: String,
+    pub bridge_ip: String,
+    pub server_pid: Option<u32>,
+    pub blackholes: Vec<String>,
+    pub nodes: Vec<NodeState>,
+    pub kubeconfig: String,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct NodeState {
+    pub name: String,
+    pub netns: String,
+    pub veth: String,
+    pub ip: String,
+    pub data_dir: String,
+    pub pin_dir: String,
+    pub agent_pid: Option<u32>,
+}
+
+fn save(dir: &Path, st: &LabState) -> Result<()> {
+    let tmp = dir.join("lab.json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(st)?)?;
+    std::fs::rename(&tmp, dir.join("lab.json"))?;
+    Ok(())
+}
+
+pub fn load(dir: &Path) -> Result<Option<LabState>> {
+    match std::fs::read(dir.join("lab.json")) {
+        Ok(b) => Ok(Some(serde_json::from_slice(&b).context("lab.json is unreadable")?)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn ip(args: &[&str]) -> Result<()> {
+    let out = Command::new("ip").args(args).output().context("running ip (install iproute2)")?;
+    if !out.status.success() {
+        bail!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+/// `ip` for cleanup: failures are expected (the thing is already gone) and ignored.
+fn ip_quiet(args: &[&str]) {
+    let _ = Command::new("ip").args(args).stdout(Stdio::null()).stderr(Stdio::null()).status();
+}
+
+fn check_prerequisites() -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("skiff up needs root (it creates network namespaces and loads eBPF programs)");
+    }
+    let mut missing = Vec::new();
+    for tool in ["ip", "runc"] {
+        if Command::new("sh").args(["-c", &format!("command -v {tool}")]).stdout(Stdio::null()).status().map(|s| !s.success()).unwrap_or(true) {
+            missing.push(tool);
+        }
+    }
+    if !missing.is_empty() {
+        bail!("missing {}: run scripts/setup.sh (apt-get install iproute2 runc)", missing.join(", "));
+    }
+    if !Path::new("/sys/fs/bpf").is_dir() {
+        bail!("no bpffs at /sys/fs/bpf: mount -t bpf bpf /sys/fs/bpf");
+    }
+    Ok(())
+}
+
+/// A sibling binary of this one (`skiff-cni` is built next to `skiff`).
+pub fn sibling_binary(name: &str) -> Result<PathBuf> {
+    let exe = std::env::current_exe().context("finding the skiff binary")?;
+    let p = exe.with_file_name(name);
+    if !p.is_file() {
+        bail!("{} not found next to {} (build it: cargo build --release -p skiff -p skiff-cni)", name, exe.display());
+    }
+    Ok(p)
+}
+
+/// Starts `skiff <args>` detached (own session, logs to `log`), returns its PID.
+fn spawn_detached(args: &[String], log: &Path) -> Result<u32> {
+    use std::os::unix::process::CommandExt;
+    let exe = std::env::current_exe()?;
+    let out = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+    let err = out.try_clone()?;
+    let mut cmd = Command::new(exe);
+    cmd.args(args).stdin(Stdio::null()).stdout(out).stderr(err);
+    // SAFETY: setsid is async-signal-safe; it detaches the child from our terminal's session so
+    // it outlives `skiff up`.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().context("starting a skiff process")?;
+    Ok(child.id())
+}
+
+fn wait_for(what: &str, timeout: Duration, mut ready: impl FnMut() -> Result<bool>) -> Result<()> {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if ready()? {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    bail!("timed out after {}s waiting for {what}", timeout.as_secs())
+}
+
+fn alive(pid: u32) -> bool {
+    // SAFETY: signal 0 only checks.
+    unsafe { libc::kill(pid as i32, 0) == 0 }
+}
+
+pub fn up(args: UpArgs) -> Result<()> {
+    check_prerequisites()?;
+    if args.nodes == 0 || args.nodes > 50 {
+        bail!("--nodes must be between 1 and 50");
+    }
+    if args.name.is_empty() || args.name.len() > 8 || !args.name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit()) {
+        bail!("--name must be 1-8 lowercase letters or digits (it prefixes interface names)");
+    }
+    let dir = &args.data_dir;
+    if let Some(st) = load(dir)? {
+        if st.server_pid.is_some_and(alive) {
+            bail!("a cluster is already up in {} (skiff down --data-dir {} first)", dir.display(), dir.display());
+        }
+        eprintln!("[up] removing what a previous `skiff up` left in {}", dir.display());
+        down_state(dir, &st);
+    }
+    std::fs::create_dir_all(dir)?;
+    let cni_bin = dir.join("cni-bin");
+    std::fs::create_dir_all(&cni_bin)?;
+    let plugin = sibling_binary("skiff-cni")?;
+    std::fs::copy(&plugin, cni_bin.join("skiff-cni")).context("installing skiff-cni")?;
+
+    let bridge_ip = format!("172.20.{}.1", args.lab_net);
+    let mut st = LabState { name: args.name.clone(), bridge: format!("{}-br", args.name), bridge_ip: bridge_ip.clone(), ..Default::default() };
+    save(dir, &st)?;
+
+    // The lab network and its guard rails.
+    eprintln!("[up] lab network: bridge {} {bridge_ip}/{LAB_PREFIX}", st.bridge);
+    ip(&["link", "add", &st.bridge, "type", "bridge"])?;
+    ip(&["addr", "add", &format!("{bridge_ip}/{LAB_PREFIX}"), "dev", &st.bridge])?;
+    ip(&["link", "set", &st.bridge, "up"])?;
+    for range in [POD_RANGE, SERVICE_RANGE] {
+        st.blackholes.push(range.to_string());
+        save(dir, &st)?;
+        // `replace`: another lab (or an earlier run) may have added the same guard already.
+        ip(&["route", "replace", "blackhole", range])?;
+    }
+
+    // The images every node can run.
+    let images = dir.join("images");
+    for image in &args.images {
+        crate::agent_cli::import_image(&images, image)?;
+    }
+
+    // The server.
+    let server_dir = dir.join("server");
+    std::fs::create_dir_all(&server_dir)?;
+    let _ = std::fs::remove_file(server_dir.join("admin.kubeconfig"));
+    let pid = spawn_detached(
+        &[
+            "server".into(),
+            "--data-dir".into(),
+            server_dir.display().to_string(),
+            "--bind".into(),
+            format!("{bridge_ip}:6443"),
+            "--tls-san".into(),
+            bridge_ip.clone(),
+        ],
+        &dir.join("server.log"),
+    )?;
+    st.server_pid = Some(pid);
+    st.kubeconfig = server_dir.join("admin.kubeconfig").display().to_string();
+    save(dir, &st)?;
+    eprintln!("[up] server pid {pid}, log {}", dir.join("server.log").display());
+    let kubeconfig = PathBuf::from(&st.kubeconfig);
+    wait_for("the server's kubeconfig", Duration::from_secs(60), || {
+        if !alive(pid) {
+            bail!("the server exited: see {}", dir.join("server.log").display());
+        }
+        Ok(kubeconfig.exists())
+    })?;
+
+    // The nodes.
+    for i in 1..=args.nodes {
+        let node = NodeState {
+            name: format!("{}-node-{i}", args.name),
+            netns: format!("{}-node-{i}", args.name),
+            veth: format!("{}-n{i}", args.name),
+            ip: format!("172.20.{}.{}", args.lab_net, 10 + i),
+            data_dir: dir.join("nodes").join(format!("{}-node-{i}", args.name)).display().to_string(),
+            pin_dir: format!("/sys/fs/bpf/skiff/{}-node-{i}", args.name),
+            agent_pid: None,
+        };
+        st.nodes.push(node.clone());
+        save(dir, &st)?;
+        ip(&["netns", "add", &node.netns])?;
+        ip(&["-n", &node.netns, "link", "set", "lo", "up"])?;
+        ip(&["link", "add", &node.veth, "type", "veth", "peer", "name", "eth0", "netns", &node.netns])?;
+        ip(&["link", "set", &node.veth, "master", &st.bridge])?;
+        ip(&["link", "set", &node.veth, "up"])?;
+        ip(&["-n", &node.netns, "addr", "add", &format!("{}/{LAB_PREFIX}", node.ip), "dev", "eth0"])?;
+        ip(&["-n", &node.netns, "link", "set", "eth0", "up"])?;
+        std::fs::create_dir_all(&node.data_dir)?;
+        let agent_args: Vec<String> = [
+            "agent", "--kubeconfig", &st.kubeconfig, "--node-name", &node.name, "--node-ip", &node.ip,
+            "--netns", &node.netns, "--data-dir", &node.data_dir, "--pin-dir", &node.pin_dir,
+            "--cni-bin-dir", &cni_bin.display().to_string(),
+            "--cni-conf-dir", &Path::new(&node.data_dir).join("cni-conf").display().to_string(),
+            "--image-dir", &images.display().to_string(), "--uplink", "eth0",
+            "--restart-backoff", &args.restart_backoff.to_string(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let pid = spawn_detached(&agent_args, &Path::new(&node.data_dir).join("agent.log"))?;
+        if let Some(n) = st.nodes.last_mut() {
+            n.agent_pid = Some(pid);
+        }
+        save(dir, &st)?;
+        eprintln!("[up] node {} ({}) agent pid {pid}", node.name, node.ip);
+    }
+
+    // Wait for every node to be Ready.
+    let names: Vec<String> = st.nodes.iter().map(|n| n.name.clone()).collect();
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let client = crate::kube_client(&kubeconfig).await?;
+        let nodes: kube::Api<k8s_openapi::api::core::v1::Node> = kube::Api::all(client);
+        let start = Instant::now();
+        loop {
+            let list = nodes.list(&Default::default()).await?;
+            let ready = names.iter().filter(|n| {
+                list.items.iter().any(|x| {
+                    x.metadata.name.as_deref() == Some(n.as_str())
+                        && x.status.as_ref().and_then(|s| s.conditions.as_ref()).is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+                })
+            }).count();
+            if ready == names.len() {
+                return Ok::<(), anyhow::Error>(());
+            }
+            for n in &st.nodes {
+                if n.agent_pid.is_some_and(|p| !alive(p)) {
+                    bail!("the agent of {} exited: see {}/agent.log", n.name, n.data_dir);
+                }
+            }
+            if start.elapsed() > Duration::from_secs(120) {
+                bail!("{ready} of {} nodes Ready after 120 s: see the agent logs under {}/nodes", names.len(), dir.display());
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    })?;
+    println!("skiff is up: {} nodes Ready.", args.nodes);
+    println!("  export KUBECONFIG={}", st.kubeconfig);
+    println!("  skiff down --data-dir {}   # removes everything it made", dir.display());
+    Ok(())
+}
+
+pub fn down(args: DownArgs) -> Result<()> {
+    check_prerequisites()?;
+    let dir = &args.data_dir;
+    let Some(st) = load(dir)? else {
+        println!("nothing to take down in {}", dir.display());
+        return Ok(());
+    };
+    let pod_netns = recorded_pod_netns(&st);
+    down_state(dir, &st);
+    let left = leftovers(&st, &pod_netns);
+    if !left.is_empty() {
+        bail!("could not remove: {}", left.join(", "));
+    }
+    println!("skiff is down: every namespace, link, route, pin, cgroup and process it made is gone.");
+    Ok(())
+}
+
+/// Stops a process we started: SIGTERM, up to `grace`, then SIGKILL. Only if it is still a
+/// skiff process (a PID can be reused after a reboot).
+fn stop_pid(pid: u32, grace: Duration) {
+    let is_ours = std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c.windows(5).any(|w| w == b"skiff"));
+    if !is_ours {
+        return;
+    }
+    // SAFETY: signalling a PID we started.
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    let start = Instant::now();
+    while alive(pid) && start.elapsed() < grace {
+        // Reap it if it is our child (it is not, after setsid from an earlier `up`: then
+        // kill(0) turns false once it exits).
+        unsafe { libc::waitpid(pid as i32, std::ptr::null_mut(), libc::WNOHANG) };
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if alive(pid) {
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    }
+}
+
+/// Removes what `st` records, in reverse order of creation. Best effort: every step runs even
+/// when an earlier one failed; `leftovers` then says what is still there.
+fn down_state(dir: &Path, st: &LabState) {
+    for n in &st.nodes {
+        if let Some(pid) = n.agent_pid {
+            stop_pid(pid, Duration::from_secs(10));
+        }
+    }
+    for n in &st.nodes {
+        crate::agent_cli::remove_node_pods(Path::new(&n.data_dir), &dir.join("images"));
+        let _ = std::fs::remove_dir_all(&n.pin_dir);
+        remove_cgroups(&format!("skiff/{}", n.name));
+        ip_quiet(&["netns", "del", &n.netns]);
+        ip_quiet(&["link", "del", &n.veth]);
+    }
+    let _ = std::fs::remove_dir("/sys/fs/bpf/skiff");
+    if let Some(pid) = st.server_pid {
+        stop_pid(pid, Duration::from_secs(10));
+    }
+    if !st.bridge.is_empty() {
+        ip_quiet(&["link", "del", &st.bridge]);
+    }
+    for range in &st.blackholes {
+        ip_quiet(&["route", "del", "blackhole", range]);
+    }
+    unmount_under(dir);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// The pod network namespaces the lab's agents recorded (`<node>/pods/<uid>/sandbox.json`).
+pub fn recorded_pod_netns(st: &LabState) -> Vec<String> {
+    let mut out = Vec::new();
+    for n in &st.nodes {
+        let Ok(rd) = std::fs::read_dir(Path::new(&n.data_dir).join("pods")) else { continue };
+        for e in rd.flatten() {
+            if let Ok(b) = std::fs::read(e.path().join("sandbox.json"))
+                && let Ok(v) = serde_json::from_slice::<serde_json::Value>(&b)
+                && let Some(ns) = v["netns"].as_str()
+            {
+                out.push(ns.to_string());
+            }
+        }
+    }
+    out
+}
+
+/// Removes a cgroup subtree in every hierarchy, deepest first.
+fn remove_cgroups(rel: &str) {
+    let mut roots = vec![PathBuf::from("/sys/fs/cgroup")];
+    if let Ok(rd) = std::fs::read_dir("/sys/fs/cgroup") {
+        roots.extend(rd.flatten().map(|e| e.path()));
+    }
+    for root in roots {
+        let top = root.join(rel);
+        if !top.is_dir() {
+            continue;
+        }
+        let mut dirs = Vec::new();
+        collect_dirs(&top, &mut dirs);
+        dirs.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
+        for d in dirs {
+            let _ = std::fs::remove_dir(&d);
+        }
+    }
+    // The shared parent goes too once empty.
+    if let Ok(rd) = std::fs::read_dir("/sys/fs/cgroup") {
+        for e in rd.flatten() {
+            let _ = std::fs::remove_dir(e.path().join("skiff"));
+        }
+    }
+}
+
+fn collect_dirs(dir: &Path, out: &mut Vec<PathBuf>) {
+    out.push(dir.to_path_buf());
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                collect_dirs(&e.path(), out);
+            }
+        }
+    }
+}
+
+/// Lazily unmounts anything still mounted under `dir` (container root filesystems, netns files).
+fn unmount_under(dir: &Path) {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else { return };
+    let prefix = dir.display().to_string();
+    let mut points: Vec<String> = info
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(4).map(String::from))
+        .filter(|p| p.starts_with(&prefix))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    for p in points {
+        if let Ok(c) = std::ffi::CString::new(p) {
+            // SAFETY: valid C string.
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        }
+    }
+}
+
+/// What of `st` is still on the machine (empty = clean).
+pub fn leftovers(st: &LabState, pod_netns: &[String]) -> Vec<String> {
+    let mut left = Vec::new();
+    let netns: String = Command::new("ip").args(["netns", "list"]).output().map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
+    for n in &st.nodes {
+        if netns.lines().any(|l| l.split_whitespace().next() == Some(n.netns.as_str())) {
+            left.push(format!("netns {}", n.netns));
+        }
+        if Path::new(&format!("/sys/class/net/{}", n.veth)).exists() {
+            left.push(format!("link {}", n.veth));
+        }
+        if Path::new(&n.pin_dir).exists() {
+            left.push(format!("pins {}", n.pin_dir));
+        }
+        if n.agent_pid.is_some_and(alive) {
+            left.push(format!("agent pid {}", n.agent_pid.unwrap_or_default()));
+        }
+    }
+    for p in pod_netns {
+        if netns.lines().any(|l| l.split_whitespace().next() == Some(p.as_str())) {
+            left.push(format!("pod netns {p}"));
+        }
+    }
+    if !st.bridge.is_empty() && Path::new(&format!("/sys/class/net/{}", st.bridge)).exists() {
+        left.push(format!("bridge {}", st.bridge));
+    }
+    if st.server_pid.is_some_and(alive) {
+        left.push(format!("server pid {}", st.server_pid.unwrap_or_default()));
+    }
+    let routes = Command::new("ip").args(["route", "show", "type", "blackhole"]).output().map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
+    for r in &st.blackholes {
+        if routes.lines().any(|l| l.contains(r.as_str())) {
+            left.push(format!("blackhole route {r}"));
+        }
+    }
+    left
+}

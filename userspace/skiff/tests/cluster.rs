@@ -1,0 +1,269 @@
+//! `skiff up --nodes 3` as a new user runs it, then real kubectl: a Deployment of 6 pods
+//! spreads over the 3 nodes and becomes Running and Ready; every pod reaches every other by pod
+//! IP across nodes and the Service's ClusterIP through the eBPF datapath; readiness gates
+//! endpoints; a crashing container is restarted and counted; `skiff down` leaves nothing.
+//!
+//! Traffic is sent from inside the pods' own network namespaces (the test enters them with
+//! setns on a thread of its own), to pod and service addresses of the lab only.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+
+fn geteuid() -> u32 {
+    unsafe extern "C" {
+        fn geteuid() -> u32;
+    }
+    // SAFETY: no preconditions.
+    unsafe { geteuid() }
+}
+
+fn have(tool: &str) -> bool {
+    Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().is_ok_and(|o| o.status.success())
+}
+
+/// The echo image archive, built once by the project's script.
+fn echo_image() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let out = root.join("target/images/skiff-echo-1.0.oci.tar");
+    let status = Command::new("bash").arg(root.join("scripts/build-image.sh")).arg(&out).status().expect("run build-image.sh");
+    assert!(status.success(), "scripts/build-image.sh failed");
+    out
+}
+
+/// `skiff up` installs skiff-cni and runs skiff-shim from beside the skiff binary: build them
+/// when this test runs alone (`cargo test --workspace` builds them anyway).
+fn ensure_sibling_binaries() {
+    let dir = Path::new(env!("CARGO_BIN_EXE_skiff")).parent().expect("bin dir").to_path_buf();
+    if dir.join("skiff-cni").is_file() && dir.join("skiff-shim").is_file() {
+        return;
+    }
+    let release = dir.ends_with("release");
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.args(["build", "--bins", "-p", "skiff-cni", "-p", "skiff-runtime"]);
+    if release {
+        cmd.arg("--release");
+    }
+    let status = cmd.status().expect("run cargo build");
+    assert!(status.success(), "building skiff-cni and skiff-shim failed");
+}
+
+/// A `skiff up` cluster, taken down (and checked clean) on drop.
+struct Cluster {
+    dir: tempfile::TempDir,
+    kubeconfig: PathBuf,
+    downed: bool,
+}
+
+impl Cluster {
+    fn up(nodes: u32, image: &Path) -> Cluster {
+        let dir = tempfile::Builder::new().prefix("skiff-up-test").tempdir().expect("tempdir");
+        let out = Command::new(env!("CARGO_BIN_EXE_skiff"))
+            .args(["up", "--nodes", &nodes.to_string(), "--name", "skt", "--lab-net", "77", "--restart-backoff", "1", "--data-dir"])
+            .arg(dir.path())
+            .arg("--image")
+            .arg(image)
+            .output()
+            .expect("run skiff up");
+        let c = Cluster { kubeconfig: dir.path().join("server/admin.kubeconfig"), dir, downed: false };
+        assert!(
+            out.status.success(),
+            "skiff up failed:\n{}\n{}\nserver log:\n{}\nagent logs:\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            std::fs::read_to_string(c.dir.path().join("server.log")).unwrap_or_default(),
+            c.agent_logs()
+        );
+        c
+    }
+
+    fn agent_logs(&self) -> String {
+        let mut s = String::new();
+        if let Ok(rd) = std::fs::read_dir(self.dir.path().join("nodes")) {
+            for e in rd.flatten() {
+                let log = std::fs::read_to_string(e.path().join("agent.log")).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                s.push_str(&format!("--- {}\n{}\n", e.path().display(), tail.into_iter().rev().collect::<Vec<_>>().join("\n")));
+            }
+        }
+        s
+    }
+
+    fn down(&mut self) -> String {
+        self.downed = true;
+        let out = Command::new(env!("CARGO_BIN_EXE_skiff")).args(["down", "--data-dir"]).arg(self.dir.path()).output().expect("run skiff down");
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "skiff down failed:\n{text}");
+        text
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if !self.downed {
+            let _ = Command::new(env!("CARGO_BIN_EXE_skiff")).args(["down", "--data-dir"]).arg(self.dir.path()).output();
+        }
+    }
+}
+
+/// Runs `f` on a thread inside the network namespace at `netns`.
+fn in_netns<T: Send>(netns: &Path, f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let file = std::fs::File::open(netns).expect("open netns");
+            // SAFETY: a valid netns fd, for this thread only.
+            assert_eq!(unsafe { libc_setns(file.as_raw_fd(), 0x4000_0000) }, 0, "setns {}", netns.display());
+            f()
+        })
+        .join()
+        .expect("netns thread")
+    })
+}
+
+unsafe fn libc_setns(fd: i32, nstype: i32) -> i32 {
+    unsafe extern "C" {
+        fn setns(fd: i32, nstype: i32) -> i32;
+    }
+    unsafe { setns(fd, nstype) }
+}
+
+/// One line from the echo server's TCP port: `<hostname> <pod-ip>`.
+fn ask(dst: SocketAddr) -> std::io::Result<String> {
+    let mut s = TcpStream::connect_timeout(&dst, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    s.write_all(b"hello\n")?;
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line)?;
+    Ok(line.trim().to_string())
+}
+
+const DEPLOYMENT: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: e2e}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: echo, namespace: e2e}
+spec:
+  replicas: 6
+  selector: {matchLabels: {app: echo}}
+  template:
+    metadata: {labels: {app: echo}}
+    spec:
+      containers:
+      - name: echo
+        image: skiff/echo:1.0
+        ports: [{name: http, containerPort: 8080}, {name: tcp, containerPort: 9000}]
+        readinessProbe:
+          httpGet: {path: /healthz, port: http}
+          periodSeconds: 1
+---
+apiVersion: v1
+kind: Service
+metadata: {name: echo, namespace: e2e}
+spec:
+  selector: {app: echo}
+  ports:
+  - {name: tcp, port: 9000, targetPort: tcp}
+"#;
+
+#[test]
+fn three_node_cluster_runs_pods_that_reach_each_other_and_services() {
+    let Some(kubectl) = kubectl_path() else {
+        require("kubectl 1.32", false);
+        return;
+    };
+    if !require("root (skiff up creates namespaces and loads eBPF)", geteuid() == 0) || !require("runc", have("runc")) || !require("iproute2", have("ip")) {
+        return;
+    }
+    ensure_sibling_binaries();
+    let image = echo_image();
+    let mut cluster = Cluster::up(3, &image);
+    let k = Kubectl::new(kubectl, &cluster.kubeconfig);
+
+    let nodes = k.json(&["get", "nodes", "-o", "json"]);
+    let node_names: BTreeSet<String> = nodes["items"].as_array().unwrap().iter().map(|n| n["metadata"]["name"].as_str().unwrap().to_string()).collect();
+    assert_eq!(node_names.len(), 3, "three nodes registered: {node_names:?}");
+    let cidrs: BTreeSet<String> = nodes["items"].as_array().unwrap().iter().map(|n| n["spec"]["podCIDR"].as_str().unwrap_or_default().to_string()).collect();
+    assert_eq!(cidrs.len(), 3, "each node has its own podCIDR: {cidrs:?}");
+
+    k.run_with_stdin(&["apply", "-f", "-"], Some(DEPLOYMENT));
+    let pods = eventually("6 pods Running and Ready", Duration::from_secs(120), || {
+        let pods = k.json(&["get", "pods", "-n", "e2e", "-o", "json"]);
+        let items = pods["items"].as_array().cloned().unwrap_or_default();
+        let ready = items.iter().filter(|p| {
+            p["status"]["phase"] == "Running"
+                && p["status"]["conditions"].as_array().is_some_and(|c| c.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"))
+        }).count();
+        (items.len() == 6 && ready == 6).then_some(items)
+    });
+    let mut per_node: BTreeMap<String, usize> = BTreeMap::new();
+    let mut targets = Vec::new();
+    for p in &pods {
+        *per_node.entry(p["spec"]["nodeName"].as_str().unwrap().to_string()).or_default() += 1;
+        let ip = p["status"]["podIP"].as_str().expect("podIP").to_string();
+        let uid = p["metadata"]["uid"].as_str().unwrap().to_string();
+        targets.push((p["metadata"]["name"].as_str().unwrap().to_string(), ip, uid));
+    }
+    assert_eq!(per_node.len(), 3, "the 6 pods spread over the 3 nodes: {per_node:?}");
+    assert!(per_node.values().all(|n| *n == 2), "2 pods per node: {per_node:?}");
+
+    // Every pod reaches every other pod by IP, across nodes; each answers with its own name.
+    for (from_name, _, from_uid) in &targets {
+        let netns = PathBuf::from(format!("/run/netns/skp-{from_uid}"));
+        for (to_name, to_ip, _) in &targets {
+            let dst: SocketAddr = format!("{to_ip}:9000").parse().unwrap();
+            let answer = in_netns(&netns, || ask(dst)).unwrap_or_else(|e| panic!("{from_name} -> {to_name} ({to_ip}): {e}\n{}", cluster.agent_logs()));
+            assert!(answer.starts_with(to_name.as_str()) && answer.ends_with(to_ip.as_str()), "{from_name} -> {to_name}: answered {answer:?}");
+        }
+    }
+
+    // The Service's ClusterIP, from a pod: the eBPF datapath balances over all 6 backends.
+    let cluster_ip = k.ok(&["get", "svc", "echo", "-n", "e2e", "-o", "jsonpath={.spec.clusterIP}"]);
+    let vip: SocketAddr = format!("{cluster_ip}:9000").parse().unwrap();
+    let client_ns = PathBuf::from(format!("/run/netns/skp-{}", targets[0].2));
+    let answered: BTreeSet<String> = eventually("every backend answers through the ClusterIP", Duration::from_secs(30), || {
+        let seen: BTreeSet<String> = in_netns(&client_ns, || (0..60).filter_map(|_| ask(vip).ok()).collect());
+        (seen.len() == 6).then_some(seen)
+    });
+    for (name, ip, _) in &targets {
+        assert!(answered.contains(&format!("{name} {ip}")), "{name} answered through {vip}: {answered:?}");
+    }
+
+    // No iptables or nft rule of ours for Services.
+    let nft = Command::new("sh").args(["-c", "iptables-save 2>/dev/null; nft list ruleset 2>/dev/null"]).output().map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
+    assert!(!nft.contains(&cluster_ip), "no firewall rule mentions the ClusterIP {cluster_ip}");
+
+    // The README's demo on the same cluster: examples/demo.yaml, then `skiff demo`.
+    k.ok(&["apply", "-f", concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/demo.yaml")]);
+    eventually("the demo's 3 pods Running", Duration::from_secs(60), || {
+        let pods = k.json(&["get", "pods", "-n", "demo", "-o", "json"]);
+        let items = pods["items"].as_array().cloned().unwrap_or_default();
+        (items.len() == 3 && items.iter().all(|p| p["status"]["phase"] == "Running")).then_some(())
+    });
+    let demo = Command::new(env!("CARGO_BIN_EXE_skiff")).args(["demo", "--requests", "30", "--data-dir"]).arg(cluster.dir.path()).output().expect("run skiff demo");
+    let demo_out = String::from_utf8_lossy(&demo.stdout);
+    assert!(demo.status.success(), "skiff demo failed:\n{demo_out}\n{}", String::from_utf8_lossy(&demo.stderr));
+    assert_eq!(demo_out.lines().filter(|l| l.contains("answered by")).count(), 3, "all three demo pods answered:\n{demo_out}");
+    assert!(demo_out.contains("service_hit +30"), "the datapath counted 30 service hits:\n{demo_out}");
+
+    let text = cluster.down();
+    assert!(text.contains("skiff is down"), "{text}");
+    let netns = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    let netns = String::from_utf8_lossy(&netns.stdout);
+    for (_, _, uid) in &targets {
+        assert!(!netns.contains(uid.as_str()), "pod netns of {uid} removed:\n{netns}");
+    }
+    assert!(!netns.contains("skt-node"), "node namespaces removed:\n{netns}");
+    assert!(!Path::new("/sys/fs/bpf/skiff/skt-node-1").exists(), "pins removed");
+    assert!(!Path::new("/sys/class/net/skt-br").exists(), "bridge removed");
+}
