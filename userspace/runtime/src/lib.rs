@@ -9,9 +9,34 @@
 pub mod digest;
 pub mod images;
 pub mod reference;
+pub mod runc;
+pub mod shim;
 
 pub use images::{GcReport, ImageConfig, ImageInfo, ImageStore, ImportedImage, ResolvedImage};
 pub use reference::Reference;
+pub use runc::{
+    BindMount, ContainerConfig, ContainerId, ContainerInfo, ContainerState, ExecProcess, PodRuntime, Resources, Runc,
+    RuncOptions,
+};
+
+/// Errors of the runtimes.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Image(ImageError),
+    #[error("invalid container config: {0}")]
+    InvalidConfig(String),
+    #[error("runc {command}: {message}")]
+    Runc { command: String, message: String },
+    #[error("container {0} not found")]
+    NotFound(String),
+}
 
 /// Errors of the image store.
 #[derive(Debug, thiserror::Error)]
