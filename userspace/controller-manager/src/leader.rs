@@ -286,6 +286,16 @@ impl Elector {
 /// How long a leader's work gets to stop after its StopSignal before it is dropped.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Aborts the work task when dropped, so dropping (aborting) the elector never leaves the
+/// work running unelected.
+struct AbortOnDrop(tokio::task::JoinHandle<anyhow::Result<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 enum Leading {
     Shutdown,
     Lost,
@@ -343,12 +353,12 @@ where
         let stop: StopSignal = Box::pin(async move {
             let _ = stop_rx.await;
         });
-        let mut task = tokio::spawn(work(stop));
+        let mut task = AbortOnDrop(tokio::spawn(work(stop)));
         let mut renewed = Instant::now();
         let why = loop {
             tokio::select! {
                 _ = &mut shutdown => break Leading::Shutdown,
-                r = &mut task => break Leading::WorkEnded(r),
+                r = &mut task.0 => break Leading::WorkEnded(r),
                 _ = tokio::time::sleep(election.retry_period) => {}
             }
             let left = election.renew_deadline.saturating_sub(renewed.elapsed());
@@ -372,14 +382,14 @@ where
         match why {
             Leading::Shutdown | Leading::Lost => {
                 let _ = stop_tx.send(());
-                match tokio::time::timeout(STOP_TIMEOUT, &mut task).await {
+                match tokio::time::timeout(STOP_TIMEOUT, &mut task.0).await {
                     Ok(Ok(Err(e))) => tracing::warn!("{who}: work ended with an error: {e:#}"),
                     Ok(_) => {}
                     Err(_) => {
                         tracing::warn!(
                             "{who}: work did not stop within {STOP_TIMEOUT:?}; aborting it"
                         );
-                        task.abort();
+                        task.0.abort();
                     }
                 }
                 if matches!(why, Leading::Shutdown) {
