@@ -1,61 +1,51 @@
 #!/usr/bin/env bash
-# Brings up skiff on this machine with a demo workload and shows Service traffic flowing through
-# the eBPF datapath. Needs root. Idempotent: a server already started by this script is reused.
+# The README's first command: a local multi-node skiff cluster on this machine, a demo workload on
+# it, and Service traffic shown flowing through the eBPF datapath. Needs root. Idempotent: a
+# cluster already up in the data directory is reused.
 #
-#   SKIFF_DATA=/var/lib/skiff-lab   where the server keeps its store, certificates and kubeconfig
-#   SKIFF_PORT=6443                 the HTTPS port (on 127.0.0.1)
-#   ./scripts/up.sh down            stops the server this script started and removes the lab
+#   SKIFF_DATA=/var/lib/skiff-up   where the cluster keeps everything (see skiff up --help)
+#   SKIFF_NODES=3                  how many nodes (network namespaces, each with its own agent)
+#   ./scripts/up.sh down           removes everything the cluster made (skiff down)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-DATA=${SKIFF_DATA:-/var/lib/skiff-lab}
-PORT=${SKIFF_PORT:-6443}
-PIDFILE="$DATA/server.pid"
+DATA=${SKIFF_DATA:-/var/lib/skiff-up}
+NODES=${SKIFF_NODES:-3}
+SKIFF=$PWD/target/release/skiff
 say() { printf '\033[1m[up]\033[0m %s\n' "$*"; }
 
 if [ "${1:-}" = down ]; then
-  if [ -f "$PIDFILE" ] && kill -0 "$(cat "$PIDFILE")" 2>/dev/null; then
-    kill "$(cat "$PIDFILE")" && say "stopped the server (pid $(cat "$PIDFILE"))"
-  fi
-  rm -f "$PIDFILE"
-  exit 0
+  [ -x "$SKIFF" ] || { echo "no skiff binary at $SKIFF: nothing was brought up by this script" >&2; exit 0; }
+  exec "$SKIFF" down --data-dir "$DATA"
 fi
 
 ./scripts/setup.sh
-say "building skiff (release)"
-cargo build --release --locked -p skiff
-SKIFF=$PWD/target/release/skiff
+say "building skiff, skiff-cni and skiff-shim (release)"
+cargo build --release --locked -p skiff -p skiff-cni -p skiff-runtime --bins
+say "building the demo image skiff/echo:1.0"
+./scripts/build-image.sh target/images/skiff-echo-1.0.oci.tar
 KUBECTL=/usr/lib/google-cloud-sdk/bin/kubectl.1.32
 command -v kubectl.1.32 >/dev/null && KUBECTL=$(command -v kubectl.1.32)
 
-mkdir -p "$DATA"
-if [ -f "$PIDFILE" ] && kill -0 "$(cat "$PIDFILE")" 2>/dev/null; then
-  say "server already running (pid $(cat "$PIDFILE"))"
-else
-  say "starting skiff server on https://127.0.0.1:$PORT (data in $DATA, log in $DATA/server.log)"
-  rm -f "$DATA/admin.kubeconfig"
-  nohup "$SKIFF" server --data-dir "$DATA" --bind "127.0.0.1:$PORT" >"$DATA/server.log" 2>&1 &
-  echo $! >"$PIDFILE"
-  for _ in $(seq 1 100); do
-    [ -f "$DATA/admin.kubeconfig" ] && break
-    kill -0 "$(cat "$PIDFILE")" 2>/dev/null || { cat "$DATA/server.log"; exit 1; }
-    sleep 0.2
-  done
-fi
-export KUBECONFIG="$DATA/admin.kubeconfig"
+say "bringing up $NODES nodes (data in $DATA)"
+"$SKIFF" up --nodes "$NODES" --data-dir "$DATA" --image target/images/skiff-echo-1.0.oci.tar --keep-existing
+export KUBECONFIG="$DATA/server/admin.kubeconfig"
 K() { "$KUBECTL" --cache-dir "$DATA/kube-cache" "$@"; }
+K get nodes -o wide
 
-say "applying the demo workload (examples/demo.yaml)"
+say "applying the demo workload (examples/demo.yaml): a Deployment of 3 and a Service"
 K apply -f examples/demo.yaml
-K get all -n demo -o wide
+K rollout status deployment/echo -n demo --timeout=180s
+K get pods -n demo -o wide
+K get svc -n demo
 
-say "Service traffic through eBPF: the demo Service's ClusterIP, programmed into the datapath"
-"$SKIFF" demo --kubeconfig "$KUBECONFIG" --namespace demo --service echo
+say "Service traffic from a pod to the demo Service's ClusterIP, through eBPF"
+"$SKIFF" demo --data-dir "$DATA"
 
 cat <<MSG
 
 skiff is up.
   export KUBECONFIG=$KUBECONFIG
-  $KUBECTL get all -A
-  ./scripts/up.sh down       # stop the server
+  $KUBECTL get pods -A -o wide
+  ./scripts/up.sh down       # removes every namespace, link, route, pin, cgroup and process it made
 MSG

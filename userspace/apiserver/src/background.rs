@@ -11,8 +11,12 @@ use crate::services;
 use skiff_api::registry;
 use skiff_api::status::ApiError;
 
-/// Creates the standard namespaces and the `default/kubernetes` Service when missing.
-pub async fn bootstrap(state: &State, port: u16) -> Result<(), ApiError> {
+/// Creates the standard namespaces and the `default/kubernetes` Service when missing, and points
+/// that Service at this apiserver (its EndpointSlice and Endpoints) when it serves on a
+/// specific, non-loopback address: pods reach the API through `kubernetes.default` as in
+/// Kubernetes, where the apiserver's advertise address is the Service's endpoint.
+pub async fn bootstrap(state: &State, addr: std::net::SocketAddr) -> Result<(), ApiError> {
+    let port = addr.port();
     let ns_info = registry::find("", "v1", "namespaces")
         .ok_or_else(|| ApiError::internal("namespaces are not registered"))?;
     for ns in ["default", "kube-system", "kube-public", "kube-node-lease"] {
@@ -54,6 +58,37 @@ pub async fn bootstrap(state: &State, port: u16) -> Result<(), ApiError> {
             Ok(_) => {}
             Err(e) if e.code == 409 => {}
             Err(e) => return Err(e),
+        }
+    }
+    let ip = addr.ip();
+    if !ip.is_unspecified() && !ip.is_loopback() && ip.is_ipv4() {
+        let slice = json!({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": "kubernetes", "namespace": "default",
+                         "labels": {"kubernetes.io/service-name": "kubernetes",
+                                    "endpointslice.kubernetes.io/managed-by": "skiff-apiserver"}},
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": [ip.to_string()], "conditions": {"ready": true, "serving": true, "terminating": false}}],
+            "ports": [{"name": "https", "port": port, "protocol": "TCP"}],
+        });
+        let endpoints = json!({
+            "apiVersion": "v1", "kind": "Endpoints",
+            "metadata": {"name": "kubernetes", "namespace": "default"},
+            "subsets": [{"addresses": [{"ip": ip.to_string()}], "ports": [{"name": "https", "port": port, "protocol": "TCP"}]}],
+        });
+        for (group, version, resource, obj) in [("discovery.k8s.io", "v1", "endpointslices", slice), ("", "v1", "endpoints", endpoints)] {
+            let info = registry::find(group, version, resource)
+                .ok_or_else(|| ApiError::internal(format!("{resource} are not registered")))?;
+            let key = objects::key(info, Some("default"), "kubernetes");
+            // A restart on another address replaces what an earlier start wrote.
+            if let Some(kv) = state.store.get(&key).await.map_err(store_error)? {
+                let _ = state.store.delete(&key, Some(kv.mod_revision)).await;
+            }
+            match objects::create_object(state, info, Some("default"), obj, false).await {
+                Ok(_) => {}
+                Err(e) if e.code == 409 => {}
+                Err(e) => return Err(e),
+            }
         }
     }
     Ok(())

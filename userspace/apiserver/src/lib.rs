@@ -9,6 +9,7 @@
 
 mod background;
 mod http;
+mod node_proxy;
 mod objects;
 mod services;
 mod tls;
@@ -174,7 +175,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer> {
         reaper_wake: tokio::sync::Notify::new(),
         bookmark_interval: Duration::from_secs(15),
     });
-    background::bootstrap(&state, addr.port())
+    background::bootstrap(&state, addr)
         .await
         .context("creating the default namespaces and the kubernetes Service")?;
     // Written last, once the server can answer: its presence means "ready" to scripts.

@@ -47,6 +47,9 @@ pub struct UpArgs {
     /// Seconds between container restarts, doubled per crash (kubelet: 10).
     #[arg(long, default_value_t = 10)]
     pub restart_backoff: u64,
+    /// When a cluster is already up in --data-dir, say so and succeed instead of failing.
+    #[arg(long)]
+    pub keep_existing: bool,
 }
 
 #[derive(clap::Args, Clone)]
@@ -183,6 +186,10 @@ pub fn up(args: UpArgs) -> Result<()> {
     let dir = &args.data_dir;
     if let Some(st) = load(dir)? {
         if st.server_pid.is_some_and(alive) {
+            if args.keep_existing {
+                println!("skiff is already up in {} (export KUBECONFIG={})", dir.display(), st.kubeconfig);
+                return Ok(());
+            }
             bail!("a cluster is already up in {} (skiff down --data-dir {} first)", dir.display(), dir.display());
         }
         eprintln!("[up] removing what a previous `skiff up` left in {}", dir.display());

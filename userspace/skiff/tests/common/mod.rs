@@ -2,6 +2,8 @@
 //! kubectl, and stop it by the PID we started.
 #![allow(dead_code)]
 
+pub mod cluster;
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};

@@ -1,0 +1,137 @@
+//! A `skiff up` cluster for end-to-end tests, and ways to send traffic from inside its pods.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+pub fn geteuid() -> u32 {
+    unsafe extern "C" {
+        pub fn geteuid() -> u32;
+    }
+    // SAFETY: no preconditions.
+    unsafe { geteuid() }
+}
+
+pub fn have(tool: &str) -> bool {
+    Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().is_ok_and(|o| o.status.success())
+}
+
+/// The echo image archive, built once by the project's script.
+pub fn echo_image() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let out = root.join("target/images/skiff-echo-1.0.oci.tar");
+    let status = Command::new("bash").arg(root.join("scripts/build-image.sh")).arg(&out).status().expect("run build-image.sh");
+    assert!(status.success(), "scripts/build-image.sh failed");
+    out
+}
+
+/// `skiff up` installs skiff-cni and runs skiff-shim from beside the skiff binary: build them
+/// when this test runs alone (`cargo test --workspace` builds them anyway).
+pub fn ensure_sibling_binaries() {
+    let dir = Path::new(env!("CARGO_BIN_EXE_skiff")).parent().expect("bin dir").to_path_buf();
+    if dir.join("skiff-cni").is_file() && dir.join("skiff-shim").is_file() {
+        return;
+    }
+    let release = dir.ends_with("release");
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.args(["build", "--bins", "-p", "skiff-cni", "-p", "skiff-runtime"]);
+    if release {
+        cmd.arg("--release");
+    }
+    let status = cmd.status().expect("run cargo build");
+    assert!(status.success(), "building skiff-cni and skiff-shim failed");
+}
+
+/// A `skiff up` cluster, taken down (and checked clean) on drop.
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub kubeconfig: PathBuf,
+    downed: bool,
+}
+
+impl Cluster {
+    pub fn up(nodes: u32, image: &Path) -> Cluster {
+        let dir = tempfile::Builder::new().prefix("skiff-up-test").tempdir().expect("tempdir");
+        let out = Command::new(env!("CARGO_BIN_EXE_skiff"))
+            .args(["up", "--nodes", &nodes.to_string(), "--name", "skt", "--lab-net", "77", "--restart-backoff", "1", "--data-dir"])
+            .arg(dir.path())
+            .arg("--image")
+            .arg(image)
+            .output()
+            .expect("run skiff up");
+        let c = Cluster { kubeconfig: dir.path().join("server/admin.kubeconfig"), dir, downed: false };
+        assert!(
+            out.status.success(),
+            "skiff up failed:\n{}\n{}\nserver log:\n{}\nagent logs:\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            std::fs::read_to_string(c.dir.path().join("server.log")).unwrap_or_default(),
+            c.agent_logs()
+        );
+        c
+    }
+
+    pub fn agent_logs(&self) -> String {
+        let mut s = String::new();
+        if let Ok(rd) = std::fs::read_dir(self.dir.path().join("nodes")) {
+            for e in rd.flatten() {
+                let log = std::fs::read_to_string(e.path().join("agent.log")).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                s.push_str(&format!("--- {}\n{}\n", e.path().display(), tail.into_iter().rev().collect::<Vec<_>>().join("\n")));
+            }
+        }
+        s
+    }
+
+    pub fn down(&mut self) -> String {
+        self.downed = true;
+        let out = Command::new(env!("CARGO_BIN_EXE_skiff")).args(["down", "--data-dir"]).arg(self.dir.path()).output().expect("run skiff down");
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "skiff down failed:\n{text}");
+        text
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if !self.downed {
+            let _ = Command::new(env!("CARGO_BIN_EXE_skiff")).args(["down", "--data-dir"]).arg(self.dir.path()).output();
+        }
+    }
+}
+
+/// Runs `f` on a thread inside the network namespace at `netns`.
+pub fn in_netns<T: Send>(netns: &Path, f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let file = std::fs::File::open(netns).expect("open netns");
+            // SAFETY: a valid netns fd, for this thread only.
+            assert_eq!(unsafe { libc_setns(file.as_raw_fd(), 0x4000_0000) }, 0, "setns {}", netns.display());
+            f()
+        })
+        .join()
+        .expect("netns thread")
+    })
+}
+
+unsafe fn libc_setns(fd: i32, nstype: i32) -> i32 {
+    unsafe extern "C" {
+        fn setns(fd: i32, nstype: i32) -> i32;
+    }
+    unsafe { setns(fd, nstype) }
+}
+
+/// One line from the echo server's TCP port: `<hostname> <pod-ip>`.
+pub fn ask(dst: SocketAddr) -> std::io::Result<String> {
+    let mut s = TcpStream::connect_timeout(&dst, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    s.write_all(b"hello\n")?;
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line)?;
+    Ok(line.trim().to_string())
+}
+

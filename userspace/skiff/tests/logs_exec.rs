@@ -1,0 +1,349 @@
+//! `kubectl logs` and `kubectl exec` end to end: real kubectl 1.32 -> the in-process apiserver
+//! (pods/log, pods/exec) -> the real agent endpoint (skiff_agent::server) of a "node" on
+//! loopback. The node's runtime is a stand-in (the runc adapter is tested on its own): its
+//! `exec` runs a real local process, and the container logs are CRI log files the test writes
+//! where the agent's runtime writes them.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use serde_json::json;
+use skiff_agent::runtime::{ContainerKey, ContainerRequest, ContainerRuntime, ImageInfo, Observed, RuntimeError};
+
+const NODE: &str = "fake-node";
+
+/// Containers "exist" as the test says; exec runs the command on this host.
+#[derive(Default)]
+struct StandInRuntime {
+    containers: Mutex<BTreeMap<String, Observed>>,
+}
+
+impl StandInRuntime {
+    fn set(&self, id: &str, o: Observed) {
+        self.containers.lock().expect("lock").insert(id.to_string(), o);
+    }
+}
+
+fn running() -> Observed {
+    Observed::Running { pid: 1, started_at: Timestamp::now() }
+}
+
+fn exited(code: i32) -> Observed {
+    Observed::Exited { exit_code: code, oom_killed: false, started_at: None, finished_at: Timestamp::now() }
+}
+
+impl ContainerRuntime for StandInRuntime {
+    fn version(&self) -> String {
+        "stand-in://0".into()
+    }
+    fn image(&self, image: &str) -> Result<ImageInfo, RuntimeError> {
+        Err(RuntimeError::ImageNotFound(image.into()))
+    }
+    fn run(&self, _req: &ContainerRequest) -> Result<(), RuntimeError> {
+        Err(RuntimeError::Failed("the stand-in runtime runs no containers".into()))
+    }
+    fn observe(&self, id: &str) -> Result<Observed, RuntimeError> {
+        Ok(self.containers.lock().expect("lock").get(id).cloned().unwrap_or(Observed::Absent))
+    }
+    fn stop(&self, _id: &str, _grace: Duration) -> Result<(), RuntimeError> {
+        Ok(())
+    }
+    fn remove(&self, _id: &str) -> Result<(), RuntimeError> {
+        Ok(())
+    }
+    fn list(&self) -> Result<Vec<String>, RuntimeError> {
+        Ok(self.containers.lock().expect("lock").keys().cloned().collect())
+    }
+    fn exec(&self, id: &str, argv: &[String], _tty: bool) -> Result<std::process::Child, RuntimeError> {
+        if !matches!(self.observe(id)?, Observed::Running { .. }) {
+            return Err(RuntimeError::Failed(format!("{id} is not running")));
+        }
+        let (cmd, args) = argv.split_first().ok_or_else(|| RuntimeError::Failed("empty command".into()))?;
+        Command::new(cmd)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| RuntimeError::Failed(format!("starting {cmd}: {e}")))
+    }
+}
+
+/// A CRI log line at `t`.
+fn cri(t: &str, stream: &str, tag: &str, content: &str) -> String {
+    format!("{t} {stream} {tag} {content}\n")
+}
+
+fn write_log(pods_dir: &Path, uid: &str, container: &str, attempt: u32, text: &str) -> PathBuf {
+    let dir = pods_dir.join(uid).join("logs").join(container);
+    std::fs::create_dir_all(&dir).expect("log dir");
+    let path = dir.join(format!("{attempt}.log"));
+    std::fs::write(&path, text).expect("write log");
+    path
+}
+
+async fn create_pod(pods: &Api<Pod>, name: &str, containers: &[&str], node: Option<&str>) -> String {
+    let cs: Vec<_> = containers.iter().map(|c| json!({"name": c, "image": "busybox"})).collect();
+    let mut spec = json!({"containers": cs});
+    if let Some(n) = node {
+        spec["nodeName"] = json!(n);
+    }
+    let pod: Pod = serde_json::from_value(json!({"metadata": {"name": name}, "spec": spec})).expect("pod");
+    let created = pods.create(&PostParams::default(), &pod).await.expect("create pod");
+    let uid = created.metadata.uid.expect("uid");
+    pods.patch_status(name, &PatchParams::default(), &Patch::Merge(json!({"status": {"phase": "Running"}})))
+        .await
+        .expect("pod status");
+    uid
+}
+
+struct Cluster {
+    server: skiff_apiserver::RunningServer,
+    kubeconfig: PathBuf,
+    pods_dir: PathBuf,
+    agent_port: u16,
+    runtime: Arc<StandInRuntime>,
+    client: kube::Client,
+    stop_agent: tokio::sync::watch::Sender<bool>,
+    _tmp: tempfile::TempDir,
+}
+
+async fn cluster() -> Cluster {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let data = tmp.path().join("apiserver");
+    let mut config = skiff_apiserver::ServerConfig::new(data.clone());
+    config.bind = "127.0.0.1:0".parse().expect("loopback");
+    let server = skiff_apiserver::start(config).await.expect("apiserver starts");
+    let kubeconfig = data.join(skiff_apiserver::KUBECONFIG);
+    let kc = kube::config::Kubeconfig::read_from(&kubeconfig).expect("kubeconfig");
+    let kcfg = kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default()).await.expect("kube config");
+    let client = kube::Client::try_from(kcfg).expect("client");
+
+    // The node: the real agent endpoint on a loopback port, with the admin token (as in `skiff up`).
+    let pods_dir = tmp.path().join("agent").join("pods");
+    std::fs::create_dir_all(&pods_dir).expect("pods dir");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind agent");
+    let agent_port = listener.local_addr().expect("addr").port();
+    let runtime = Arc::new(StandInRuntime::default());
+    let (stop_agent, stop_rx) = tokio::sync::watch::channel(false);
+    let scfg = skiff_agent::server::ServerConfig {
+        listen: listener.local_addr().expect("addr"),
+        token: server.admin_token.clone(),
+        node_name: NODE.into(),
+        pods_dir: pods_dir.clone(),
+        cert_names: vec!["127.0.0.1".into()],
+    };
+    tokio::spawn(skiff_agent::server::serve_listener(listener, scfg, client.clone(), runtime.clone(), stop_rx));
+
+    let nodes: Api<Node> = Api::all(client.clone());
+    let node: Node = serde_json::from_value(json!({"metadata": {"name": NODE}})).expect("node");
+    nodes.create(&PostParams::default(), &node).await.expect("create node");
+    let status = json!({"status": {
+        "addresses": [{"type": "InternalIP", "address": "127.0.0.1"}, {"type": "Hostname", "address": NODE}],
+        "daemonEndpoints": {"kubeletEndpoint": {"Port": agent_port}},
+    }});
+    nodes.patch_status(NODE, &PatchParams::default(), &Patch::Merge(status)).await.expect("node status");
+    Cluster { server, kubeconfig, pods_dir, agent_port, runtime, client, stop_agent, _tmp: tmp }
+}
+
+/// Runs blocking kubectl off the async workers (the servers run on them).
+async fn kubectl(k: &Arc<Kubectl>, args: &[&str], stdin: Option<&str>) -> std::process::Output {
+    let k = k.clone();
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    let stdin = stdin.map(str::to_string);
+    tokio::task::spawn_blocking(move || {
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        k.run_with_stdin(&a, stdin.as_deref())
+    })
+    .await
+    .expect("kubectl task")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn ok(out: &std::process::Output, what: &str) -> String {
+    assert!(out.status.success(), "{what} failed ({}):\nstdout: {}\nstderr: {}", out.status, text(&out.stdout), text(&out.stderr));
+    text(&out.stdout)
+}
+
+fn failed(out: &std::process::Output, what: &str) -> String {
+    assert!(!out.status.success(), "{what} should fail but printed: {}", text(&out.stdout));
+    text(&out.stderr)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_logs_and_exec_reach_the_agent() {
+    let Some(bin) = kubectl_path() else {
+        require("kubectl 1.32", false);
+        return;
+    };
+    let c = cluster().await;
+    let k = Arc::new(Kubectl::new(bin, &c.kubeconfig));
+    let pods: Api<Pod> = Api::namespaced(c.client.clone(), "default");
+    let uid = create_pod(&pods, "one", &["main"], Some(NODE)).await;
+    let two = create_pod(&pods, "two", &["a", "b"], Some(NODE)).await;
+    create_pod(&pods, "floating", &["main"], None).await;
+
+    // Attempt 0 crashed; attempt 1 runs. Its log has an old line, a partial line and two new ones.
+    write_log(&c.pods_dir, &uid, "main", 0, &cri("2024-01-01T00:00:00.5Z", "stdout", "F", "from the first run"));
+    c.runtime.set(&ContainerKey { pod_uid: uid.clone(), container: "main".into(), attempt: 0 }.id(), exited(1));
+    let now = Timestamp::now();
+    let recent = format!("{now}");
+    let current = [
+        cri("2024-01-01T00:01:00Z", "stdout", "F", "old line"),
+        cri(&recent, "stderr", "P", "joined "),
+        cri(&recent, "stderr", "F", "partial"),
+        cri(&recent, "stdout", "F", "newest"),
+    ]
+    .concat();
+    let log1 = write_log(&c.pods_dir, &uid, "main", 1, &current);
+    let main1 = ContainerKey { pod_uid: uid.clone(), container: "main".into(), attempt: 1 }.id();
+    c.runtime.set(&main1, running());
+    write_log(&c.pods_dir, &two, "b", 0, &cri(&recent, "stdout", "F", "from b"));
+
+    // logs, --previous, --tail, --timestamps, --since.
+    let out = ok(&kubectl(&k, &["logs", "one"], None).await, "logs");
+    assert_eq!(out, "old line\njoined partial\nnewest\n");
+    let out = ok(&kubectl(&k, &["logs", "one", "--previous"], None).await, "logs --previous");
+    assert_eq!(out, "from the first run\n");
+    let out = ok(&kubectl(&k, &["logs", "one", "--tail=1"], None).await, "logs --tail=1");
+    assert_eq!(out, "newest\n");
+    let out = ok(&kubectl(&k, &["logs", "one", "--timestamps", "--tail=2"], None).await, "logs --timestamps");
+    assert_eq!(out, format!("{now:.9} joined partial\n{now:.9} newest\n"));
+    let out = ok(&kubectl(&k, &["logs", "one", "--since=1h"], None).await, "logs --since");
+    assert_eq!(out, "joined partial\nnewest\n");
+    let out = ok(&kubectl(&k, &["logs", "one", "--limit-bytes=5"], None).await, "logs --limit-bytes");
+    assert_eq!(out, "old l");
+    let out = ok(&kubectl(&k, &["logs", "two", "-c", "b"], None).await, "logs -c b");
+    assert_eq!(out, "from b\n");
+
+    // Errors, as Kubernetes words them.
+    let err = failed(&kubectl(&k, &["logs", "one", "-c", "nope"], None).await, "logs -c nope");
+    assert!(err.contains("container nope is not valid for pod one"), "{err}");
+    let err = failed(&kubectl(&k, &["logs", "floating"], None).await, "logs of an unscheduled pod");
+    assert!(err.contains("pod floating does not have a host assigned"), "{err}");
+    let err = failed(&kubectl(&k, &["logs", "ghost"], None).await, "logs of a missing pod");
+    assert!(err.contains("pods \"ghost\" not found"), "{err}");
+    let err = failed(&kubectl(&k, &["get", "--raw", "/api/v1/namespaces/default/pods/two/log"], None).await, "raw log without container");
+    assert!(err.contains("a container name must be specified for pod two, choose one of: [a b]"), "{err}");
+    let err = failed(&kubectl(&k, &["logs", "two", "-c", "a"], None).await, "logs of a container that never started");
+    assert!(err.contains("is waiting to start"), "{err}");
+    let err = failed(&kubectl(&k, &["logs", "two", "-c", "b", "--previous"], None).await, "--previous without one");
+    assert!(err.contains("previous terminated container \"b\" in pod \"two\" not found"), "{err}");
+
+    // exec: streams relayed, the exit code becomes kubectl's.
+    let out = kubectl(&k, &["exec", "one", "--", "sh", "-c", "echo out; echo err >&2; exit 3"], None).await;
+    assert_eq!(out.status.code(), Some(3), "stdout: {} stderr: {}", text(&out.stdout), text(&out.stderr));
+    assert_eq!(text(&out.stdout), "out\n");
+    assert!(text(&out.stderr).contains("err\n"), "{}", text(&out.stderr));
+    let out = kubectl(&k, &["exec", "one", "--", "sh", "-c", "echo fine"], None).await;
+    assert_eq!(ok(&out, "exec success"), "fine\n");
+    let out = kubectl(&k, &["exec", "-i", "one", "--", "sh", "-c", "read first; echo got:$first; cat; echo done"], Some("hello\nworld\n")).await;
+    assert_eq!(ok(&out, "exec -i"), "got:hello\nworld\ndone\n");
+    // A larger stdin arrives whole (several websocket frames, then the v5 close of stdin).
+    let big: String = (0..20000).map(|i| format!("line {i}\n")).collect();
+    let out = kubectl(&k, &["exec", "-i", "one", "--", "wc", "-l"], Some(&big)).await;
+    assert_eq!(ok(&out, "exec -i big").trim(), "20000");
+    let err = failed(&kubectl(&k, &["exec", "one", "-c", "nope", "--", "true"], None).await, "exec -c nope");
+    assert!(err.contains("container nope is not valid for pod one"), "{err}");
+    let err = failed(&kubectl(&k, &["exec", "two", "-c", "a", "--", "true"], None).await, "exec in a container that never started");
+    assert!(err.contains("container a is not running"), "{err}");
+    let err = failed(&kubectl(&k, &["exec", "floating", "--", "true"], None).await, "exec in an unscheduled pod");
+    assert!(err.contains("pod floating does not have a host assigned"), "{err}");
+
+    // The agent answers only its token: straight to it with another one is 401.
+    let direct = |token: &str| {
+        vec![
+            "--server".to_string(),
+            format!("https://127.0.0.1:{}", c.agent_port),
+            "--insecure-skip-tls-verify".into(),
+            "--token".into(),
+            token.to_string(),
+            "get".into(),
+            "--raw".into(),
+            "/containerLogs/default/one/main?tailLines=1".into(),
+        ]
+    };
+    let empty_kubeconfig = c._tmp.path().join("empty.kubeconfig");
+    std::fs::write(&empty_kubeconfig, "apiVersion: v1\nkind: Config\n").expect("write");
+    let raw = Arc::new(Kubectl::new(k.bin.clone(), &empty_kubeconfig));
+    let args = direct("wrong");
+    let out = kubectl(&raw, &args.iter().map(String::as_str).collect::<Vec<_>>(), None).await;
+    let err = failed(&out, "agent with a wrong token");
+    assert!(err.contains("Unauthorized"), "{err}");
+    let args = direct(&c.server.admin_token);
+    let out = kubectl(&raw, &args.iter().map(String::as_str).collect::<Vec<_>>(), None).await;
+    assert_eq!(ok(&out, "agent with its token"), "newest\n");
+
+    // logs -f: the backlog, then a line written later, then the end when the attempt exits.
+    let mut follow = k.command(&["logs", "-f", "one", "--tail=1"]);
+    let mut child = follow.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("kubectl logs -f");
+    let stdout = child.stdout.take().expect("stdout");
+    let (line_tx, mut line_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { return };
+            if line_tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    async fn next(rx: &mut tokio::sync::mpsc::UnboundedReceiver<String>) -> Option<String> {
+        tokio::time::timeout(Duration::from_secs(15), rx.recv()).await.expect("a followed line in time")
+    }
+    assert_eq!(next(&mut line_rx).await.as_deref(), Some("newest"));
+    let mut f = std::fs::OpenOptions::new().append(true).open(&log1).expect("append");
+    // Written in two pieces, as a runtime may flush half a line.
+    let later = format!("{}", Timestamp::now());
+    let line = cri(&later, "stdout", "F", "written later");
+    f.write_all(&line.as_bytes()[..10]).expect("write");
+    f.flush().expect("flush");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    f.write_all(&line.as_bytes()[10..]).expect("write");
+    assert_eq!(next(&mut line_rx).await.as_deref(), Some("written later"));
+    // The container ends: the stream ends and kubectl exits 0 by itself.
+    c.runtime.set(&main1, exited(0));
+    assert_eq!(next(&mut line_rx).await, None, "the follow ends with the container");
+    let started = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("wait") {
+            break st;
+        }
+        assert!(started.elapsed() < Duration::from_secs(15), "kubectl logs -f did not end");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(status.success(), "kubectl logs -f: {status}");
+
+    // logs -f on a running container, stopped by the client: kubectl goes, nothing hangs.
+    c.runtime.set(&main1, running());
+    let mut child = k.command(&["logs", "-f", "one"]).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().expect("kubectl logs -f");
+    let mut reader = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+    let first = tokio::task::spawn_blocking(move || {
+        let mut l = String::new();
+        reader.read_line(&mut l).map(|_| l)
+    })
+    .await
+    .expect("read task")
+    .expect("first line");
+    assert_eq!(first, "old line\n");
+    child.kill().expect("kill kubectl");
+    child.wait().expect("reap kubectl");
+    // The agent still answers afterwards.
+    let out = ok(&kubectl(&k, &["logs", "one", "--tail=1"], None).await, "logs after a killed follower");
+    assert_eq!(out, "written later\n");
+
+    let _ = c.stop_agent.send(true);
+    c.server.stop().await;
+}
