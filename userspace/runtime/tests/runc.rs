@@ -407,7 +407,9 @@ fn exec_with_pipes_and_with_a_tty() {
     assert_eq!(out, "got:ping:yes\n", "stdin reached it; the container's env applies");
     assert_eq!(err, "oops\n");
 
-    let argv: Vec<String> = ["/bin/sh", "-c", "tty; stty size; exit 4"].iter().map(|s| s.to_string()).collect();
+    // runc sizes the container's terminal from ours just after the process starts: give it a
+    // moment before asking.
+    let argv: Vec<String> = ["/bin/sh", "-c", "tty; sleep 0.5; stty size; exit 4"].iter().map(|s| s.to_string()).collect();
     let mut p = fx.runc.exec(&id, &argv, true).expect("exec tty");
     p.resize(100, 30).expect("resize");
     let mut pty = p.pty.take().expect("pty");
