@@ -238,7 +238,7 @@ async fn read_body(body: Incoming, headers: &HeaderMap) -> Result<Bytes, ApiErro
 }
 
 async fn handle_inner(state: Arc<State>, req: Request<Incoming>) -> Result<Resp, ApiError> {
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
     let path = parts.uri.path().to_string();
     let query = Query::parse(parts.uri.query());
 
@@ -257,6 +257,11 @@ async fn handle_inner(state: Arc<State>, req: Request<Incoming>) -> Result<Resp,
     }
     if !authorized(&state, &parts.headers) {
         return Err(ApiError::unauthorized());
+    }
+    // Logs, exec and port-forward go to the pod's node agent, before any body is read (an
+    // upgrade keeps its connection).
+    if let Some((ns, name, sub)) = crate::node_proxy::pod_stream_path(&path) {
+        return crate::node_proxy::serve(&state, &mut parts, &ns, &name, &sub).await;
     }
     let body = if matches!(
         parts.method,

@@ -1053,10 +1053,15 @@ async fn status_scale_and_binding_subresources() {
         .await;
     assert_status(&r, 409, "Conflict");
 
-    // Logs and exec answer a clear error until the agent serves them.
+    // Logs go to the node's agent: with no such Node registered, the node is not found.
     let r = s.get("/api/v1/namespaces/default/pods/b/log").await;
+    assert_status(&r, 404, "NotFound");
+    assert!(r.text.contains("node-1"), "{}", r.text);
+    let r = s.get("/api/v1/namespaces/default/pods/b/log?container=nope").await;
     assert_status(&r, 400, "BadRequest");
-    assert!(r.text.contains("node agent"), "{}", r.text);
+    assert!(r.text.contains("container nope is not valid for pod b"), "{}", r.text);
+    let r = s.get("/api/v1/namespaces/default/pods/none/log").await;
+    assert_status(&r, 404, "NotFound");
 }
 
 #[tokio::test]
