@@ -163,28 +163,34 @@ pub struct RuncOptions {
     pub state_dir: PathBuf,
     /// The runc binary (default: `runc` on PATH).
     pub runc: PathBuf,
-    /// The shim binary (default: `skiff-shim` beside the current executable, else on PATH).
+    /// The shim command and the arguments that come before the shim's own (see `default_shim`).
     pub shim: PathBuf,
+    pub shim_args: Vec<std::ffi::OsString>,
 }
 
 impl RuncOptions {
     pub fn new(state_dir: impl Into<PathBuf>) -> Self {
-        RuncOptions { state_dir: state_dir.into(), runc: PathBuf::from("runc"), shim: default_shim_path() }
+        let (shim, shim_args) = default_shim();
+        RuncOptions { state_dir: state_dir.into(), runc: PathBuf::from("runc"), shim, shim_args }
     }
 }
 
-/// `skiff-shim` next to the running binary (target/debug/ when built by cargo, or the install
-/// dir), falling back to PATH.
-pub fn default_shim_path() -> PathBuf {
+/// The shim to spawn: `skiff-shim` next to the running binary (cargo's target/debug/, or an
+/// install dir); else, when the running binary is `skiff`, its hidden `runtime-shim` subcommand
+/// (one binary to install); else `skiff-shim` on PATH.
+pub fn default_shim() -> (PathBuf, Vec<std::ffi::OsString>) {
     if let Ok(exe) = std::env::current_exe() {
         for dir in exe.ancestors().skip(1).take(2) {
             let p = dir.join("skiff-shim");
             if p.is_file() {
-                return p;
+                return (p, Vec::new());
             }
         }
+        if exe.file_name().is_some_and(|n| n == "skiff") {
+            return (exe, vec!["runtime-shim".into()]);
+        }
     }
-    PathBuf::from("skiff-shim")
+    (PathBuf::from("skiff-shim"), Vec::new())
 }
 
 pub struct Runc {
@@ -605,6 +611,7 @@ impl Runc {
         };
         let shim_log = File::create(dir.join("shim.log")).map_err(io_err("creating shim.log"))?;
         let out = Command::new(&self.opts.shim)
+            .args(&self.opts.shim_args)
             .args(shim_args.to_args())
             .stdin(Stdio::null())
             .stderr(Stdio::from(shim_log))

@@ -132,7 +132,19 @@ impl Fixture {
 
 fn runc_options(state_dir: &Path) -> RuncOptions {
     let mut o = RuncOptions::new(state_dir);
-    o.shim = PathBuf::from(env!("CARGO_BIN_EXE_skiff-shim"));
+    // SKIFF_TEST_SHIM="target/debug/skiff runtime-shim" runs the same tests through the skiff
+    // binary's hidden subcommand.
+    match std::env::var("SKIFF_TEST_SHIM") {
+        Ok(cmd) if !cmd.trim().is_empty() => {
+            let mut words = cmd.split_whitespace();
+            o.shim = PathBuf::from(words.next().unwrap_or_default());
+            o.shim_args = words.map(Into::into).collect();
+        }
+        _ => {
+            o.shim = PathBuf::from(env!("CARGO_BIN_EXE_skiff-shim"));
+            o.shim_args.clear();
+        }
+    }
     o
 }
 

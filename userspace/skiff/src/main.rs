@@ -62,6 +62,12 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Manage the node's local image store: import, list, rm, gc.
     Image(image_cli::ImageArgs),
+    /// (internal) The per-container shim that skiff-runtime's runc runtime spawns.
+    #[command(hide = true)]
+    RuntimeShim {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
     /// Run a node agent: register the Node, run the pods bound to it, program its datapath.
     Agent(agent_cli::AgentArgs),
     /// Bring up a whole cluster on this machine: the server and N nodes (network namespaces).
@@ -269,6 +275,7 @@ fn real_main() -> Result<()> {
         Command::Datapath { pin_dir, command } => datapath_cli::run(&pin_dir, command),
         Command::Demo(args) => demo::run(args),
         Command::Image(args) => image_cli::run(args),
+        Command::RuntimeShim { args } => std::process::exit(skiff_runtime::shim::main(args)),
         Command::Agent(args) => agent_cli::run(args),
         Command::Up(args) => up::up(args),
         Command::Down(args) => up::down(args),
