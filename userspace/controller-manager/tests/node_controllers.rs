@@ -23,6 +23,9 @@ use skiff_controller_manager::{ControllerOptions, LeaderElection, run_leader_ele
 const WAIT: Duration = Duration::from_secs(30);
 const GRACE: Duration = Duration::from_secs(3);
 const TOLERATION_SECONDS: u64 = 2;
+/// Leader lease duration in the election tests: long enough that "released" (next retry, 200 ms)
+/// and "expired" (4 s) cannot be confused on a loaded machine.
+const LEASE: Duration = Duration::from_secs(4);
 
 struct Cluster {
     client: Client,
@@ -545,7 +548,7 @@ async fn silent_node_goes_not_ready_and_its_pods_come_back_elsewhere() {
         "not before the grace period: {not_ready_after:?}"
     );
     assert!(
-        not_ready_after <= GRACE + Duration::from_secs(2),
+        not_ready_after <= GRACE + Duration::from_secs(3),
         "within the grace period (+ monitor period and slack): {not_ready_after:?}"
     );
 
@@ -565,7 +568,7 @@ async fn silent_node_goes_not_ready_and_its_pods_come_back_elsewhere() {
     .await;
     let moved_after = silenced.elapsed();
     eprintln!("{on_dead} pod(s) of {dead} recreated elsewhere after {moved_after:?}");
-    let bound = GRACE + Duration::from_secs(TOLERATION_SECONDS) + Duration::from_secs(4);
+    let bound = GRACE + Duration::from_secs(TOLERATION_SECONDS) + Duration::from_secs(6);
     assert!(
         moved_after <= bound,
         "pods recreated within grace + toleration (+ slack {bound:?}): {moved_after:?}"
@@ -672,8 +675,8 @@ fn elected(
 ) {
     let election = LeaderElection {
         identity: identity.to_string(),
-        lease_duration: Duration::from_secs(2),
-        renew_deadline: Duration::from_millis(1500),
+        lease_duration: LEASE,
+        renew_deadline: Duration::from_secs(3),
         retry_period: Duration::from_millis(200),
         ..LeaderElection::controller_manager()
     };
@@ -762,7 +765,7 @@ async fn only_the_leader_acts_and_a_standby_takes_over() {
     })
     .await;
     assert!(
-        stopped_at.elapsed() < Duration::from_millis(1800),
+        stopped_at.elapsed() < LEASE - Duration::from_secs(1),
         "released, not expired: {:?}",
         stopped_at.elapsed()
     );
@@ -794,11 +797,11 @@ async fn only_the_leader_acts_and_a_standby_takes_over() {
         "cm-2's work died with it"
     );
     assert!(
-        took >= Duration::from_millis(1500),
+        took >= LEASE - Duration::from_millis(500),
         "waited for the lease to expire: {took:?}"
     );
     assert!(
-        took < Duration::from_secs(6),
+        took < LEASE + Duration::from_secs(4),
         "took over soon after: {took:?}"
     );
     assert_eq!(holder(&c.client).await.as_deref(), Some("cm-3"));
@@ -817,5 +820,61 @@ async fn only_the_leader_acts_and_a_standby_takes_over() {
         acting.most.load(Ordering::SeqCst),
         1,
         "never two acting at once"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_elected_scheduler_holds_its_lease_and_binds() {
+    let c = cluster(&["node-a"]).await;
+    let flags = skiff_controller_manager::LeaderElectionFlags {
+        leader_elect: true,
+        leader_elect_lease_duration: LEASE,
+        leader_elect_renew_deadline: Duration::from_secs(3),
+        leader_elect_retry_period: Duration::from_millis(200),
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let client = c.client.clone();
+    let task = tokio::spawn(async move {
+        skiff_controller_manager::run_scheduler_elected(client, &flags, async move {
+            let _ = stopped.await;
+        })
+        .await
+    });
+    let pods: Api<Pod> = Api::namespaced(c.client.clone(), "default");
+    let pod: Pod = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "p", "namespace": "default"},
+        "spec": {"containers": [{"name": "c", "image": "busybox"}]},
+    }))
+    .expect("pod json");
+    pods.create(&PostParams::default(), &pod)
+        .await
+        .expect("create pod");
+    wait_for("the pod bound by the elected scheduler", || async {
+        let p = pods.get("p").await.map_err(|e| e.to_string())?;
+        match p.spec.and_then(|s| s.node_name) {
+            Some(n) if n == "node-a" => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    let leases: Api<Lease> = Api::namespaced(c.client.clone(), "kube-system");
+    let lease = leases
+        .get("skiff-scheduler")
+        .await
+        .expect("scheduler lease");
+    let holder = lease.spec.and_then(|s| s.holder_identity).expect("held");
+    assert!(!holder.is_empty());
+    let _ = stop.send(());
+    tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("returns on shutdown")
+        .expect("no panic")
+        .expect("clean");
+    let released = leases.get("skiff-scheduler").await.expect("lease");
+    assert_eq!(
+        released.spec.and_then(|s| s.holder_identity),
+        None,
+        "released on shutdown"
     );
 }
