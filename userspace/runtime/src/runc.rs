@@ -771,6 +771,12 @@ impl PodRuntime for Runc {
         if !dir.exists() {
             return Ok(());
         }
+        // Let the shim record the exit before the bundle goes, so it never writes into a
+        // directory being removed.
+        if matches!(self.state(id)?, ContainerState::Running { .. } | ContainerState::Created) {
+            self.kill(id, libc::SIGKILL)?;
+            let _ = self.wait_exited(id, Duration::from_secs(10))?;
+        }
         match self.runc_run(&["delete", "--force", id]) {
             Ok(_) => {}
             Err(RuntimeError::Runc { message, .. }) if message.contains("does not exist") || message.contains("not exist") => {}
