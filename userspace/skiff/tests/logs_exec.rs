@@ -112,13 +112,12 @@ struct Cluster {
     kubeconfig: PathBuf,
     pods_dir: PathBuf,
     agent_port: u16,
-    runtime: Arc<StandInRuntime>,
     client: kube::Client,
     stop_agent: tokio::sync::watch::Sender<bool>,
     _tmp: tempfile::TempDir,
 }
 
-async fn cluster() -> Cluster {
+async fn cluster(runtime: Arc<dyn ContainerRuntime>) -> Cluster {
     let tmp = tempfile::tempdir().expect("tmp");
     let data = tmp.path().join("apiserver");
     let mut config = skiff_apiserver::ServerConfig::new(data.clone());
@@ -134,7 +133,6 @@ async fn cluster() -> Cluster {
     std::fs::create_dir_all(&pods_dir).expect("pods dir");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind agent");
     let agent_port = listener.local_addr().expect("addr").port();
-    let runtime = Arc::new(StandInRuntime::default());
     let (stop_agent, stop_rx) = tokio::sync::watch::channel(false);
     let scfg = skiff_agent::server::ServerConfig {
         listen: listener.local_addr().expect("addr"),
@@ -143,7 +141,7 @@ async fn cluster() -> Cluster {
         pods_dir: pods_dir.clone(),
         cert_names: vec!["127.0.0.1".into()],
     };
-    tokio::spawn(skiff_agent::server::serve_listener(listener, scfg, client.clone(), runtime.clone(), stop_rx));
+    tokio::spawn(skiff_agent::server::serve_listener(listener, scfg, client.clone(), runtime, stop_rx));
 
     let nodes: Api<Node> = Api::all(client.clone());
     let node: Node = serde_json::from_value(json!({"metadata": {"name": NODE}})).expect("node");
@@ -153,7 +151,7 @@ async fn cluster() -> Cluster {
         "daemonEndpoints": {"kubeletEndpoint": {"Port": agent_port}},
     }});
     nodes.patch_status(NODE, &PatchParams::default(), &Patch::Merge(status)).await.expect("node status");
-    Cluster { server, kubeconfig, pods_dir, agent_port, runtime, client, stop_agent, _tmp: tmp }
+    Cluster { server, kubeconfig, pods_dir, agent_port, client, stop_agent, _tmp: tmp }
 }
 
 /// Runs blocking kubectl off the async workers (the servers run on them).
@@ -189,7 +187,8 @@ async fn kubectl_logs_and_exec_reach_the_agent() {
         require("kubectl 1.32", false);
         return;
     };
-    let c = cluster().await;
+    let runtime = Arc::new(StandInRuntime::default());
+    let c = cluster(runtime.clone()).await;
     let k = Arc::new(Kubectl::new(bin, &c.kubeconfig));
     let pods: Api<Pod> = Api::namespaced(c.client.clone(), "default");
     let uid = create_pod(&pods, "one", &["main"], Some(NODE)).await;
@@ -198,7 +197,7 @@ async fn kubectl_logs_and_exec_reach_the_agent() {
 
     // Attempt 0 crashed; attempt 1 runs. Its log has an old line, a partial line and two new ones.
     write_log(&c.pods_dir, &uid, "main", 0, &cri("2024-01-01T00:00:00.5Z", "stdout", "F", "from the first run"));
-    c.runtime.set(&ContainerKey { pod_uid: uid.clone(), container: "main".into(), attempt: 0 }.id(), exited(1));
+    runtime.set(&ContainerKey { pod_uid: uid.clone(), container: "main".into(), attempt: 0 }.id(), exited(1));
     let now = Timestamp::now();
     let recent = format!("{now}");
     let current = [
@@ -210,7 +209,7 @@ async fn kubectl_logs_and_exec_reach_the_agent() {
     .concat();
     let log1 = write_log(&c.pods_dir, &uid, "main", 1, &current);
     let main1 = ContainerKey { pod_uid: uid.clone(), container: "main".into(), attempt: 1 }.id();
-    c.runtime.set(&main1, running());
+    runtime.set(&main1, running());
     write_log(&c.pods_dir, &two, "b", 0, &cri(&recent, "stdout", "F", "from b"));
 
     // logs, --previous, --tail, --timestamps, --since.
@@ -314,7 +313,7 @@ async fn kubectl_logs_and_exec_reach_the_agent() {
     f.write_all(&line.as_bytes()[10..]).expect("write");
     assert_eq!(next(&mut line_rx).await.as_deref(), Some("written later"));
     // The container ends: the stream ends and kubectl exits 0 by itself.
-    c.runtime.set(&main1, exited(0));
+    runtime.set(&main1, exited(0));
     assert_eq!(next(&mut line_rx).await, None, "the follow ends with the container");
     let started = Instant::now();
     let status = loop {
@@ -327,7 +326,7 @@ async fn kubectl_logs_and_exec_reach_the_agent() {
     assert!(status.success(), "kubectl logs -f: {status}");
 
     // logs -f on a running container, stopped by the client: kubectl goes, nothing hangs.
-    c.runtime.set(&main1, running());
+    runtime.set(&main1, running());
     let mut child = k.command(&["logs", "-f", "one"]).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().expect("kubectl logs -f");
     let mut reader = std::io::BufReader::new(child.stdout.take().expect("stdout"));
     let first = tokio::task::spawn_blocking(move || {
@@ -346,4 +345,184 @@ async fn kubectl_logs_and_exec_reach_the_agent() {
 
     let _ = c.stop_agent.send(true);
     c.server.stop().await;
+}
+
+fn have(cmd: &str) -> bool {
+    Command::new("sh").args(["-c", &format!("command -v {cmd}")]).output().map(|o| o.status.success()).unwrap_or(false)
+}
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// A network namespace for the pod (runc joins it); deleted by name on drop.
+struct PodNetns(String);
+
+impl PodNetns {
+    fn new() -> PodNetns {
+        let name = format!("skiff-le-{}", std::process::id());
+        let _ = Command::new("ip").args(["netns", "del", &name]).stderr(Stdio::null()).status();
+        let st = Command::new("ip").args(["netns", "add", &name]).status().expect("ip netns add");
+        assert!(st.success(), "ip netns add {name}");
+        let ns = PodNetns(name);
+        let st = Command::new("ip").args(["-n", &ns.0, "link", "set", "lo", "up"]).status().expect("ip link");
+        assert!(st.success());
+        ns
+    }
+    fn path(&self) -> PathBuf {
+        PathBuf::from("/run/netns").join(&self.0)
+    }
+}
+
+impl Drop for PodNetns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+/// Stops and removes the test's containers and its cgroup parent, whatever happened.
+struct RuncCleanup {
+    runtime: Arc<skiff_agent::runc_adapter::RuncRuntime>,
+    cgroup_parent: String,
+}
+
+impl Drop for RuncCleanup {
+    fn drop(&mut self) {
+        if let Ok(ids) = self.runtime.list() {
+            for id in ids {
+                let _ = self.runtime.stop(&id, Duration::from_secs(1));
+                let _ = self.runtime.remove(&id);
+            }
+        }
+        let rel = self.cgroup_parent.trim_start_matches('/');
+        let mut tops = vec![Path::new("/sys/fs/cgroup").join(rel)];
+        if let Ok(entries) = std::fs::read_dir("/sys/fs/cgroup") {
+            tops.extend(entries.flatten().map(|e| e.path().join(rel)));
+        }
+        for top in tops {
+            remove_cgroup_tree(&top, 4);
+        }
+    }
+}
+
+/// Removes a cgroup directory and the (empty) ones below it, children first, `depth` levels down.
+fn remove_cgroup_tree(dir: &Path, depth: u32) {
+    if depth > 0
+        && let Ok(entries) = std::fs::read_dir(dir)
+    {
+        for e in entries.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_cgroup_tree(&e.path(), depth - 1);
+            }
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
+}
+
+/// The same path against a real container: skiff's echo image run by runc through the agent's
+/// runc adapter, its log written by skiff-shim, exec through `runc exec`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_logs_and_exec_in_a_runc_container() {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let shim = repo_root().join("target/debug/skiff-shim");
+    let ok_all = require("root", root)
+        && require("runc", have("runc"))
+        && require("ip (iproute2)", have("ip"))
+        && require("busybox-static (for the echo image)", Path::new("/bin/busybox").exists())
+        && require("target/debug/skiff-shim (cargo build -p skiff-runtime)", shim.is_file());
+    let bin = kubectl_path();
+    if !ok_all || !require("kubectl 1.32", bin.is_some()) {
+        return;
+    }
+    let bin = bin.expect("kubectl");
+
+    // The echo image, imported into a fresh store.
+    let archive = repo_root().join("target/images/skiff-echo-1.0.oci.tar");
+    let st = Command::new("bash").arg(repo_root().join("scripts/build-image.sh")).arg(&archive).stdout(Stdio::null()).status().expect("build-image.sh");
+    assert!(st.success(), "scripts/build-image.sh failed");
+    let store_dir = tempfile::tempdir().expect("tmp");
+    let images = store_dir.path().join("images");
+    skiff_runtime::images::ImageStore::open(&images).expect("image store").import(&archive).expect("import the echo image");
+    let rt = Arc::new(skiff_agent::runc_adapter::RuncRuntime::open(&store_dir.path().join("runc"), &images).expect("runc runtime"));
+    let cleanup = RuncCleanup { runtime: rt.clone(), cgroup_parent: format!("/skiff-logs-exec-{}", std::process::id()) };
+    let netns = PodNetns::new();
+
+    let c = cluster(rt.clone()).await;
+    let k = Arc::new(Kubectl::new(bin, &c.kubeconfig));
+    let pods: Api<Pod> = Api::namespaced(c.client.clone(), "default");
+    let uid = create_pod(&pods, "web", &["echo"], Some(NODE)).await;
+    let key = ContainerKey { pod_uid: uid.clone(), container: "echo".into(), attempt: 0 };
+    let log_path = c.pods_dir.join(&uid).join("logs").join("echo").join("0.log");
+    std::fs::create_dir_all(log_path.parent().expect("parent")).expect("log dir");
+    let req = ContainerRequest {
+        id: key.id(),
+        image: "skiff/echo:1.0".into(),
+        command: vec!["sh".into(), "-c".into(), "echo hello from runc; echo oops >&2; i=0; while [ $i -lt 600 ]; do i=$((i+1)); echo tick $i; sleep 0.2; done".into()],
+        hostname: "web".into(),
+        netns_path: netns.path(),
+        cgroup_parent: format!("{}/pod{uid}", cleanup.cgroup_parent),
+        log_path: log_path.clone(),
+        ..Default::default()
+    };
+    let rt2 = rt.clone();
+    tokio::task::spawn_blocking(move || rt2.run(&req)).await.expect("task").expect("runc runs the container");
+    eventually("the container's first ticks in its log", Duration::from_secs(20), || {
+        std::fs::read_to_string(&log_path).ok().filter(|t| t.contains("tick 2")).map(|_| ())
+    });
+
+    let out = ok(&kubectl(&k, &["logs", "web"], None).await, "logs");
+    // stdout and stderr are two pipes: their relative order in the log is the shim's.
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.first(), Some(&"hello from runc"), "{out}");
+    assert!(lines.contains(&"oops") && lines.contains(&"tick 1"), "{out}");
+    let out = ok(&kubectl(&k, &["logs", "web", "--tail=1", "--timestamps"], None).await, "logs --tail=1");
+    let (ts, line) = out.trim_end().split_once(' ').expect("timestamped line");
+    assert!(ts.parse::<Timestamp>().is_ok() && line.starts_with("tick "), "{out}");
+    assert_eq!(out.lines().count(), 1, "{out}");
+
+    let out = kubectl(&k, &["exec", "web", "--", "sh", "-c", "echo out; echo err >&2; exit 3"], None).await;
+    assert_eq!(out.status.code(), Some(3), "stdout: {} stderr: {}", text(&out.stdout), text(&out.stderr));
+    assert_eq!(text(&out.stdout), "out\n");
+    assert!(text(&out.stderr).contains("err\n"), "{}", text(&out.stderr));
+    // It runs inside the container: its hostname and its image's files.
+    let out = ok(&kubectl(&k, &["exec", "web", "--", "sh", "-c", "hostname; test -x /skiff-echo || ls /"], None).await, "exec hostname");
+    assert!(out.starts_with("web\n"), "{out}");
+    let out = kubectl(&k, &["exec", "-i", "web", "--", "sh", "-c", "read x; echo got:$x"], Some("hi there\n")).await;
+    assert_eq!(ok(&out, "exec -i"), "got:hi there\n");
+
+    // logs -f follows the live container and ends when it stops.
+    let mut child = k.command(&["logs", "-f", "web", "--tail=1"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("logs -f");
+    let stdout = child.stdout.take().expect("stdout");
+    let (line_tx, mut line_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { return };
+            if line_tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let mut ticks = Vec::new();
+    while ticks.len() < 3 {
+        let l = tokio::time::timeout(Duration::from_secs(15), line_rx.recv()).await.expect("a followed line in time").expect("more lines");
+        assert!(l.starts_with("tick "), "{l}");
+        ticks.push(l);
+    }
+    let n = |l: &str| l.trim_start_matches("tick ").parse::<u32>().expect("tick number");
+    assert!(n(&ticks[1]) == n(&ticks[0]) + 1 && n(&ticks[2]) == n(&ticks[1]) + 1, "consecutive live lines: {ticks:?}");
+    let (rt2, id) = (rt.clone(), key.id());
+    tokio::task::spawn_blocking(move || rt2.stop(&id, Duration::from_secs(1))).await.expect("task").expect("stop");
+    let ended = tokio::time::timeout(Duration::from_secs(20), async {
+        while line_rx.recv().await.is_some() {}
+    })
+    .await;
+    assert!(ended.is_ok(), "kubectl logs -f did not end after the container stopped");
+    let status = tokio::task::spawn_blocking(move || child.wait()).await.expect("task").expect("wait");
+    assert!(status.success(), "kubectl logs -f: {status}");
+
+    let _ = c.stop_agent.send(true);
+    c.server.stop().await;
+    drop(cleanup);
+    drop(netns);
 }
