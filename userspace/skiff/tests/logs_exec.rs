@@ -64,19 +64,54 @@ impl ContainerRuntime for StandInRuntime {
     fn list(&self) -> Result<Vec<String>, RuntimeError> {
         Ok(self.containers.lock().expect("lock").keys().cloned().collect())
     }
-    fn exec(&self, id: &str, argv: &[String], _tty: bool) -> Result<std::process::Child, RuntimeError> {
+    fn exec(&self, id: &str, argv: &[String], tty: bool) -> Result<std::process::Child, RuntimeError> {
         if !matches!(self.observe(id)?, Observed::Running { .. }) {
             return Err(RuntimeError::Failed(format!("{id} is not running")));
         }
         let (cmd, args) = argv.split_first().ok_or_else(|| RuntimeError::Failed("empty command".into()))?;
-        Command::new(cmd)
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| RuntimeError::Failed(format!("starting {cmd}: {e}")))
+        let fail = |e: std::io::Error| RuntimeError::Failed(format!("starting {cmd}: {e}"));
+        let mut command = Command::new(cmd);
+        command.args(args);
+        if !tty {
+            return command.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().map_err(fail);
+        }
+        // The ContainerRuntime contract for a tty: the Child's stdin and stdout are the pty master.
+        let (master, slave) = open_pty().map_err(fail)?;
+        command
+            .stdin(Stdio::from(slave.try_clone().map_err(fail)?))
+            .stdout(Stdio::from(slave.try_clone().map_err(fail)?))
+            .stderr(Stdio::from(slave));
+        // SAFETY: setsid and ioctl are async-signal-safe; fd 0 is the pty slave here.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            command.pre_exec(|| {
+                if libc::setsid() == -1 || libc::ioctl(0, libc::TIOCSCTTY, 0) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = command.spawn().map_err(fail)?;
+        // Our copies of the slave go with `command`, so the master reads EOF (EIO) when the process ends.
+        drop(command);
+        child.stdin = Some(std::process::ChildStdin::from(master.try_clone().map_err(fail)?));
+        child.stdout = Some(std::process::ChildStdout::from(master));
+        Ok(child)
     }
+}
+
+fn open_pty() -> std::io::Result<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let (mut master, mut slave) = (0, 0);
+    // SAFETY: openpty with valid out pointers and no name, termios or size.
+    if unsafe { libc::openpty(&mut master, &mut slave, std::ptr::null_mut(), std::ptr::null(), std::ptr::null()) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: both fds were just opened here and belong to nobody else.
+    let (m, s) = unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+    // SAFETY: fcntl on an fd we own; the child must not inherit the master.
+    unsafe { libc::fcntl(m.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
+    Ok((m, s))
 }
 
 /// A CRI log line at `t`.
@@ -255,6 +290,28 @@ async fn kubectl_logs_and_exec_reach_the_agent() {
     let big: String = (0..20000).map(|i| format!("line {i}\n")).collect();
     let out = kubectl(&k, &["exec", "-i", "one", "--", "wc", "-l"], Some(&big)).await;
     assert_eq!(ok(&out, "exec -i big").trim(), "20000");
+    // exec -it: kubectl in a terminal (script(1) gives it one, sized 33x77): the process gets a
+    // pty, kubectl's resize reaches it, and the exit code still comes back.
+    if require("script (util-linux)", have("script")) {
+        let inner = format!(
+            "stty rows 33 cols 77; {} --kubeconfig {} --cache-dir {} exec -it one -- sh -c {}",
+            k.bin.display(),
+            c.kubeconfig.display(),
+            k.home.path().join("cache").display(),
+            "'tty; i=0; while [ $i -lt 50 ] && [ \"$(stty size)\" != \"33 77\" ]; do i=$((i+1)); sleep 0.1; done; echo size $(stty size); exit 4'",
+        );
+        let home = k.home.path().to_path_buf();
+        let out = tokio::task::spawn_blocking(move || {
+            Command::new("script").args(["-qec", &inner, "/dev/null"]).env("HOME", home).stdin(Stdio::null()).output()
+        })
+        .await
+        .expect("task")
+        .expect("script");
+        let printed = text(&out.stdout);
+        assert_eq!(out.status.code(), Some(4), "{printed}\n{}", text(&out.stderr));
+        assert!(printed.contains("/dev/pts/"), "the process has a terminal: {printed}");
+        assert!(printed.contains("size 33 77"), "the resize reached the pty: {printed}");
+    }
     let err = failed(&kubectl(&k, &["exec", "one", "-c", "nope", "--", "true"], None).await, "exec -c nope");
     assert!(err.contains("container nope is not valid for pod one"), "{err}");
     let err = failed(&kubectl(&k, &["exec", "two", "-c", "a", "--", "true"], None).await, "exec in a container that never started");
