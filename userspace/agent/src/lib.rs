@@ -58,6 +58,8 @@ pub struct AgentConfig {
     pub labels: std::collections::BTreeMap<String, String>,
     pub backoff_base: Duration,
     pub max_pods: u32,
+    /// Lease renewal and Node status period (kubelet: 10 s, a quarter of the 40 s grace).
+    pub heartbeat_interval: Duration,
 }
 
 impl AgentConfig {
@@ -77,6 +79,7 @@ impl AgentConfig {
             labels: Default::default(),
             backoff_base: Duration::from_secs(10),
             max_pods: 110,
+            heartbeat_interval: Duration::from_secs(10),
         }
     }
 }
@@ -262,7 +265,7 @@ pub async fn run(
         resync: Duration::from_secs(1),
     });
     std::fs::create_dir_all(&ctx.pods_dir)?;
-    let heartbeat = tokio::spawn(node::heartbeat_loop(client.clone(), registered, Duration::from_secs(10), Duration::from_secs(10), shutdown.clone()));
+    let heartbeat = tokio::spawn(node::heartbeat_loop(client.clone(), registered, cfg.heartbeat_interval, cfg.heartbeat_interval, shutdown.clone()));
     let routes = tokio::spawn(routes_loop(client.clone(), cfg.node_name.clone(), shutdown.clone()));
     let pods_dir = ctx.pods_dir.clone();
     let pods = tokio::spawn(pods::run(ctx, shutdown.clone()));

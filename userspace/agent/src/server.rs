@@ -93,6 +93,22 @@ pub fn self_signed_tls(names: &[String]) -> anyhow::Result<Arc<rustls::ServerCon
     Ok(Arc::new(config))
 }
 
+/// The bearer token of a kubeconfig's current user (`token`, else `tokenFile`): what
+/// `skiff agent --kubeconfig` passes as [`crate::AgentConfig::server_token`], since the
+/// apiserver proxies with the token `skiff up` gives the agents (debt: the admin token).
+pub fn kubeconfig_token(text: &str) -> Option<String> {
+    use secrecy::ExposeSecret as _;
+    let kc = kube::config::Kubeconfig::from_yaml(text).ok()?;
+    let context_name = kc.current_context.clone().or_else(|| kc.contexts.first().map(|c| c.name.clone()))?;
+    let user = kc.contexts.iter().find(|c| c.name == context_name)?.context.as_ref()?.user.clone()?;
+    let auth = kc.auth_infos.iter().find(|a| a.name == user)?.auth_info.as_ref()?;
+    if let Some(t) = &auth.token {
+        return Some(t.expose_secret().trim().to_string()).filter(|t| !t.is_empty());
+    }
+    let file = auth.token_file.as_ref()?;
+    std::fs::read_to_string(file).ok().map(|t| t.trim().to_string()).filter(|t| !t.is_empty())
+}
+
 /// Binds `cfg.listen` and serves until `shutdown` flips.
 pub async fn serve(
     cfg: ServerConfig,
@@ -562,6 +578,20 @@ mod tests {
         }
         assert_eq!(log_attempts(d.path()), vec![0, 2, 10]);
         assert!(log_attempts(&d.path().join("missing")).is_empty());
+    }
+
+    #[test]
+    fn token_comes_from_the_current_context_user() {
+        let kc = "apiVersion: v1\nkind: Config\ncurrent-context: b\nclusters: [{name: c, cluster: {server: 'https://127.0.0.1:6443'}}]\n\
+contexts: [{name: a, context: {cluster: c, user: ua}}, {name: b, context: {cluster: c, user: ub}}]\n\
+users: [{name: ua, user: {token: wrong}}, {name: ub, user: {token: ' right '}}]\n";
+        assert_eq!(kubeconfig_token(kc).as_deref(), Some("right"));
+        assert_eq!(kubeconfig_token("not: [yaml"), None);
+        let d = tempfile::tempdir().expect("tmp");
+        let f = d.path().join("token");
+        std::fs::write(&f, "from-file\n").expect("write");
+        let kc = format!("apiVersion: v1\nkind: Config\ncontexts: [{{name: a, context: {{cluster: c, user: u}}}}]\nusers: [{{name: u, user: {{tokenFile: {}}}}}]\n", f.display());
+        assert_eq!(kubeconfig_token(&kc).as_deref(), Some("from-file"));
     }
 
     #[test]

@@ -56,6 +56,9 @@ pub struct AgentArgs {
     /// Seconds before the first container restart (doubling per crash, capped at 300).
     #[arg(long, default_value_t = 10)]
     restart_backoff: u64,
+    /// How often the agent renews its node Lease and posts its Node's conditions.
+    #[arg(long, default_value = "10s", value_parser = skiff_controller_manager::parse_duration)]
+    heartbeat_interval: Duration,
     /// The container runtime.
     #[arg(long, default_value = "runc", value_parser = ["runc"])]
     runtime: String,
@@ -144,6 +147,7 @@ pub fn run(args: AgentArgs) -> Result<()> {
     cfg.uplink = args.uplink.clone();
     cfg.pod_cidr = args.pod_cidr;
     cfg.backoff_base = Duration::from_secs(args.restart_backoff.max(1));
+    cfg.heartbeat_interval = args.heartbeat_interval.max(Duration::from_millis(500));
     let runtime = node_runtime(&args.data_dir, &args.image_dir)?;
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     rt.block_on(async move {

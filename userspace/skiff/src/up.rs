@@ -47,6 +47,12 @@ pub struct UpArgs {
     /// Seconds between container restarts, doubled per crash (kubelet: 10).
     #[arg(long, default_value_t = 10)]
     pub restart_backoff: u64,
+    /// An extra flag for `skiff server`, e.g. --server-arg=--node-monitor-grace-period=10s.
+    #[arg(long = "server-arg", allow_hyphen_values = true)]
+    pub server_args: Vec<String>,
+    /// An extra flag for every `skiff agent`, e.g. --agent-arg=--heartbeat-interval=2s.
+    #[arg(long = "agent-arg", allow_hyphen_values = true)]
+    pub agent_args: Vec<String>,
     /// When a cluster is already up in --data-dir, say so and succeed instead of failing.
     #[arg(long)]
     pub keep_existing: bool,
@@ -66,6 +72,10 @@ pub struct LabState {
     pub bridge_ip: String,
     pub server_pid: Option<u32>,
     pub blackholes: Vec<String>,
+    /// `<podCIDR> via <node IP>` routes in the root namespace (more specific than the
+    /// blackhole): the machine plays the lab's router, so the server can answer pods.
+    #[serde(default)]
+    pub pod_routes: Vec<(String, String)>,
     pub nodes: Vec<NodeState>,
     pub kubeconfig: String,
 }
@@ -227,18 +237,17 @@ pub fn up(args: UpArgs) -> Result<()> {
     let server_dir = dir.join("server");
     std::fs::create_dir_all(&server_dir)?;
     let _ = std::fs::remove_file(server_dir.join("admin.kubeconfig"));
-    let pid = spawn_detached(
-        &[
-            "server".into(),
-            "--data-dir".into(),
-            server_dir.display().to_string(),
-            "--bind".into(),
-            format!("{bridge_ip}:6443"),
-            "--tls-san".into(),
-            bridge_ip.clone(),
-        ],
-        &dir.join("server.log"),
-    )?;
+    let mut server_args: Vec<String> = vec![
+        "server".into(),
+        "--data-dir".into(),
+        server_dir.display().to_string(),
+        "--bind".into(),
+        format!("{bridge_ip}:6443"),
+        "--tls-san".into(),
+        bridge_ip.clone(),
+    ];
+    server_args.extend(args.server_args.iter().cloned());
+    let pid = spawn_detached(&server_args, &dir.join("server.log"))?;
     st.server_pid = Some(pid);
     st.kubeconfig = server_dir.join("admin.kubeconfig").display().to_string();
     save(dir, &st)?;
@@ -272,7 +281,7 @@ pub fn up(args: UpArgs) -> Result<()> {
         ip(&["-n", &node.netns, "addr", "add", &format!("{}/{LAB_PREFIX}", node.ip), "dev", "eth0"])?;
         ip(&["-n", &node.netns, "link", "set", "eth0", "up"])?;
         std::fs::create_dir_all(&node.data_dir)?;
-        let agent_args: Vec<String> = [
+        let mut agent_args: Vec<String> = [
             "agent", "--kubeconfig", &st.kubeconfig, "--node-name", &node.name, "--node-ip", &node.ip,
             "--netns", &node.netns, "--data-dir", &node.data_dir, "--pin-dir", &node.pin_dir,
             "--cni-bin-dir", &cni_bin.display().to_string(),
@@ -283,6 +292,7 @@ pub fn up(args: UpArgs) -> Result<()> {
         .iter()
         .map(|s| s.to_string())
         .collect();
+        agent_args.extend(args.agent_args.iter().cloned());
         let pid = spawn_detached(&agent_args, &Path::new(&node.data_dir).join("agent.log"))?;
         if let Some(n) = st.nodes.last_mut() {
             n.agent_pid = Some(pid);
@@ -294,7 +304,7 @@ pub fn up(args: UpArgs) -> Result<()> {
     // Wait for every node to be Ready.
     let names: Vec<String> = st.nodes.iter().map(|n| n.name.clone()).collect();
     let rt = tokio::runtime::Runtime::new()?;
-    rt.block_on(async {
+    let routes = rt.block_on(async {
         let client = crate::kube_client(&kubeconfig).await?;
         let nodes: kube::Api<k8s_openapi::api::core::v1::Node> = kube::Api::all(client);
         let start = Instant::now();
@@ -307,7 +317,17 @@ pub fn up(args: UpArgs) -> Result<()> {
                 })
             }).count();
             if ready == names.len() {
-                return Ok::<(), anyhow::Error>(());
+                let routes: Vec<(String, String)> = list
+                    .items
+                    .iter()
+                    .filter(|x| names.iter().any(|n| x.metadata.name.as_deref() == Some(n.as_str())))
+                    .filter_map(|x| {
+                        let cidr = x.spec.as_ref()?.pod_cidr.clone()?;
+                        let ip = x.status.as_ref()?.addresses.as_ref()?.iter().find(|a| a.type_ == "InternalIP")?.address.clone();
+                        Some((cidr, ip))
+                    })
+                    .collect();
+                return Ok::<_, anyhow::Error>(routes);
             }
             for n in &st.nodes {
                 if n.agent_pid.is_some_and(|p| !alive(p)) {
@@ -320,6 +340,13 @@ pub fn up(args: UpArgs) -> Result<()> {
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
     })?;
+    // The pod ranges route to their nodes from here (the server answers pods that reach it
+    // through the `kubernetes` Service); the blackhole keeps catching everything else.
+    for (cidr, via) in routes {
+        st.pod_routes.push((cidr.clone(), via.clone()));
+        save(dir, &st)?;
+        ip(&["route", "replace", &cidr, "via", &via])?;
+    }
     println!("skiff is up: {} nodes Ready.", args.nodes);
     println!("  export KUBECONFIG={}", st.kubeconfig);
     println!("  skiff down --data-dir {}   # removes everything it made", dir.display());
@@ -385,6 +412,9 @@ fn down_state(dir: &Path, st: &LabState) {
     }
     if !st.bridge.is_empty() {
         ip_quiet(&["link", "del", &st.bridge]);
+    }
+    for (cidr, via) in &st.pod_routes {
+        ip_quiet(&["route", "del", cidr, "via", via]);
     }
     for range in &st.blackholes {
         ip_quiet(&["route", "del", "blackhole", range]);

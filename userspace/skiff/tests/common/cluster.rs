@@ -46,6 +46,23 @@ pub fn ensure_sibling_binaries() {
     assert!(status.success(), "building skiff-cni and skiff-shim failed");
 }
 
+/// The parts of lab.json the tests read.
+#[derive(serde::Deserialize, Clone, Debug)]
+pub struct Lab {
+    pub nodes: Vec<LabNode>,
+    pub kubeconfig: String,
+}
+
+#[derive(serde::Deserialize, Clone, Debug)]
+pub struct LabNode {
+    pub name: String,
+    pub netns: String,
+    pub ip: String,
+    pub data_dir: String,
+    pub pin_dir: String,
+    pub agent_pid: Option<u32>,
+}
+
 /// A `skiff up` cluster, taken down (and checked clean) on drop.
 pub struct Cluster {
     pub dir: tempfile::TempDir,
@@ -55,12 +72,18 @@ pub struct Cluster {
 
 impl Cluster {
     pub fn up(nodes: u32, image: &Path) -> Cluster {
+        Cluster::up_with(nodes, image, &[])
+    }
+
+    /// `skiff up` with extra flags (e.g. `--server-arg=...`).
+    pub fn up_with(nodes: u32, image: &Path, extra: &[&str]) -> Cluster {
         let dir = tempfile::Builder::new().prefix("skiff-up-test").tempdir().expect("tempdir");
         let out = Command::new(env!("CARGO_BIN_EXE_skiff"))
             .args(["up", "--nodes", &nodes.to_string(), "--name", "skt", "--lab-net", "77", "--restart-backoff", "1", "--data-dir"])
             .arg(dir.path())
             .arg("--image")
             .arg(image)
+            .args(extra)
             .output()
             .expect("run skiff up");
         let c = Cluster { kubeconfig: dir.path().join("server/admin.kubeconfig"), dir, downed: false };
@@ -73,6 +96,11 @@ impl Cluster {
             c.agent_logs()
         );
         c
+    }
+
+    /// What `skiff up` recorded (lab.json).
+    pub fn lab(&self) -> Lab {
+        serde_json::from_slice(&std::fs::read(self.dir.path().join("lab.json")).expect("lab.json")).expect("lab.json parses")
     }
 
     pub fn agent_logs(&self) -> String {
