@@ -57,6 +57,10 @@ pub struct ControllerFlags {
     /// How often Node health is checked when nothing changes.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub node_monitor_period: Duration,
+    /// Addresses for Services of type LoadBalancer, FIRST-LAST or a CIDR (e.g.
+    /// 172.20.0.200-172.20.0.250); without it such Services stay pending, as without a cloud.
+    #[arg(long)]
+    pub loadbalancer_ip_pool: Option<crate::IpPool>,
     #[command(flatten)]
     pub leader: LeaderElectionFlags,
 }
@@ -69,6 +73,7 @@ impl ControllerFlags {
             node_monitor_grace_period: self.node_monitor_grace_period,
             node_startup_grace_period: self.node_startup_grace_period,
             node_monitor_period: self.node_monitor_period,
+            loadbalancer_ip_pool: self.loadbalancer_ip_pool,
         }
     }
 }

@@ -33,6 +33,7 @@ mod cache;
 mod controllers;
 mod flags;
 mod leader;
+mod loadbalancer;
 mod nodes;
 mod scheduler;
 
@@ -40,6 +41,7 @@ pub use flags::{
     ControllerFlags, LeaderElectionFlags, run_controller_manager, run_scheduler_elected,
 };
 pub use leader::{LeaderElection, StopSignal, default_identity, run_leader_elected};
+pub use loadbalancer::{IpPool, LbAction, LbService, plan as plan_loadbalancer_ips};
 
 use std::future::Future;
 use std::sync::Arc;
@@ -70,6 +72,9 @@ pub struct ControllerOptions {
     pub node_startup_grace_period: Duration,
     /// `--node-monitor-period`: how often node health is checked without any change (5 s).
     pub node_monitor_period: Duration,
+    /// `--loadbalancer-ip-pool`: where Services of type LoadBalancer get their address (None:
+    /// no allocation, as without a cloud provider).
+    pub loadbalancer_ip_pool: Option<IpPool>,
 }
 
 impl Default for ControllerOptions {
@@ -81,6 +86,7 @@ impl Default for ControllerOptions {
             node_monitor_grace_period: Duration::from_secs(40),
             node_startup_grace_period: Duration::from_secs(60),
             node_monitor_period: Duration::from_secs(5),
+            loadbalancer_ip_pool: None,
         }
     }
 }
@@ -162,6 +168,7 @@ pub async fn run_controllers_with(
     let slices = Arc::new(Notify::new());
     let endpoints = Arc::new(Notify::new());
     let job = Arc::new(Notify::new());
+    let lb_wake = Arc::new(Notify::new());
     let mut tasks = Vec::new();
     let caches = Caches {
         deployments: reflect::<Deployment>(&client, vec![deployment.clone()], &mut tasks),
@@ -182,7 +189,11 @@ pub async fn run_controllers_with(
             ],
             &mut tasks,
         ),
-        services: reflect::<Service>(&client, vec![slices.clone(), endpoints.clone()], &mut tasks),
+        services: reflect::<Service>(
+            &client,
+            vec![slices.clone(), endpoints.clone(), lb_wake.clone()],
+            &mut tasks,
+        ),
         slices: reflect::<EndpointSlice>(&client, vec![slices.clone()], &mut tasks),
         endpoints: reflect::<Endpoints>(&client, vec![endpoints.clone()], &mut tasks),
         nodes: reflect::<Node>(&client, vec![slices.clone(), node_wake.clone()], &mut tasks),
@@ -226,6 +237,14 @@ pub async fn run_controllers_with(
         },
         node_wake,
     )));
+    if let Some(pool) = options.loadbalancer_ip_pool {
+        tasks.0.push(tokio::spawn(loadbalancer::loadbalancer_loop(
+            client.clone(),
+            caches.services.clone(),
+            pool,
+            lb_wake,
+        )));
+    }
     let caches = Arc::new(caches);
     for (which, wake) in [
         (Which::Deployment, deployment),
