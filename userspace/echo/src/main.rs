@@ -1,6 +1,7 @@
 //! skiff-echo: the server inside skiff's own test image.
 //!
-//! `skiff-echo [serve]` answers `<hostname> <pod-ip>\n` over HTTP (`GET /`, `/healthz`), TCP (every
+//! `skiff-echo [serve]` answers `<hostname> <pod-ip>\n` over HTTP (`GET /`, `/healthz`; `GET /whoami`
+//! answers the client's `<ip>:<port>`), TCP (every
 //! line) and UDP (every datagram); `skiff-echo pause` sleeps until SIGTERM/SIGINT (a pause
 //! container). Modes are subcommands so benchmark servers (RR/CRR/STREAM) can be added beside
 //! `serve` without touching it.
@@ -355,6 +356,10 @@ fn respond(w: &mut TcpStream, status: &str, body: &str, head_only: bool, keep_al
 }
 
 fn serve_http(stream: TcpStream, identity: &str) {
+    // `GET /whoami` answers the client's address as this server sees it (`<ip>:<port>\n`), so a
+    // test can tell whether a load balancer kept the source address (externalTrafficPolicy=Local)
+    // or replaced it (SNAT).
+    let whoami = stream.peer_addr().map(|a| format!("{a}\n")).unwrap_or_else(|_| "unknown\n".into());
     let Ok(mut writer) = stream.try_clone() else { return };
     let mut reader = BufReader::new(stream);
     for _ in 0..MAX_REQUESTS_PER_CONNECTION {
@@ -380,6 +385,7 @@ fn serve_http(stream: TcpStream, identity: &str) {
         let (status, body) = match (get, req.path.as_str()) {
             (true, "/") => ("200 OK", identity),
             (true, "/healthz") => ("200 OK", "ok\n"),
+            (true, "/whoami") => ("200 OK", whoami.as_str()),
             _ => ("404 Not Found", "not found\n"),
         };
         if !respond(&mut writer, status, body, head_only, req.keep_alive) || !req.keep_alive {

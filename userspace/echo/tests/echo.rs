@@ -117,3 +117,17 @@ fn bad_flags_fail_cleanly() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("invalid value"));
 }
+
+#[test]
+fn whoami_answers_the_clients_address() {
+    let e = Echo::start();
+    let mut s = TcpStream::connect(("127.0.0.1", e.http)).expect("connect");
+    let me = s.local_addr().expect("local addr");
+    s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    s.write_all(b"GET /whoami HTTP/1.1\r\nConnection: close\r\n\r\n").expect("write");
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    assert!(out.starts_with("HTTP/1.1 200 OK\r\n"), "{out}");
+    assert!(out.ends_with(&format!("\r\n\r\n{me}\n")), "answers {me}: {out}");
+    e.terminate();
+}
