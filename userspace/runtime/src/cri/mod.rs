@@ -9,6 +9,7 @@
 //! The pure parts (what a status means, where a sandbox's netns is, an image's config) are in
 //! [`status`] and unit-tested without a runtime.
 
+pub mod containerd;
 pub mod status;
 
 use std::collections::{BTreeMap, HashMap};
