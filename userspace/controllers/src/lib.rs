@@ -13,6 +13,11 @@
 //!   [`endpointslice::endpoints`]`(service, pods, existing_endpoints)`
 //! - [`job::reconcile`]`(job, pods, names, now)` (includes ttlSecondsAfterFinished)
 //! - [`gc::collect`]`(objects)` -> [`gc::GcAction`]s
+//! - [`daemonset::reconcile`]`(daemon_set, nodes, pods, names, now)` (one pod per eligible node,
+//!   eligibility judged by skiff-scheduler's NodeAffinity and TaintToleration filters)
+//! - [`cronjob::reconcile`]`(cron_job, jobs, now, time_zones)`
+//! - [`hpa::reconcile`]`(hpa, target, pods, metrics, history, config, now)` -> [`hpa::HpaOutcome`]
+//! - [`quota::status`]`(quota, usage)` and [`quota::check`]`(quotas, requested)` (admission)
 //! - [`node_ipam::plan`]`(cluster_cidr, nodes, state)` -> [`node_ipam::IpamAction`]s (podCIDRs)
 //! - [`node_lifecycle::reconcile`]`(state, config, node, lease, pods, now)` ->
 //!   [`node_lifecycle::NodeOutcome`] (heartbeats, NotReady, taints, NoExecute eviction)
@@ -42,22 +47,27 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
-use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{Endpoints, ObjectReference, Pod};
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet};
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use k8s_openapi::api::batch::v1::{CronJob, Job};
+use k8s_openapi::api::core::v1::{Endpoints, ObjectReference, Pod, ResourceQuota};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference, Time};
 use k8s_openapi::jiff::Timestamp;
 use serde_json::Value;
 
+pub mod cronjob;
+pub mod daemonset;
 pub mod deployment;
 pub mod endpointslice;
 pub mod gc;
 pub mod hash;
+pub mod hpa;
 pub mod job;
 pub mod node_ipam;
 pub mod node_lifecycle;
 pub mod pod_util;
+pub mod quota;
 pub mod replicaset;
 #[cfg(test)]
 mod testkit;
@@ -71,6 +81,10 @@ pub enum Object {
     EndpointSlice(Box<EndpointSlice>),
     Endpoints(Box<Endpoints>),
     Job(Box<Job>),
+    DaemonSet(Box<DaemonSet>),
+    CronJob(Box<CronJob>),
+    HorizontalPodAutoscaler(Box<HorizontalPodAutoscaler>),
+    ResourceQuota(Box<ResourceQuota>),
 }
 
 impl Object {
@@ -83,6 +97,10 @@ impl Object {
             Object::EndpointSlice(_) => Kind::EndpointSlice,
             Object::Endpoints(_) => Kind::Endpoints,
             Object::Job(_) => Kind::Job,
+            Object::DaemonSet(_) => Kind::DaemonSet,
+            Object::CronJob(_) => Kind::CronJob,
+            Object::HorizontalPodAutoscaler(_) => Kind::HorizontalPodAutoscaler,
+            Object::ResourceQuota(_) => Kind::ResourceQuota,
         }
     }
 
@@ -95,6 +113,10 @@ impl Object {
             Object::EndpointSlice(o) => &o.metadata,
             Object::Endpoints(o) => &o.metadata,
             Object::Job(o) => &o.metadata,
+            Object::DaemonSet(o) => &o.metadata,
+            Object::CronJob(o) => &o.metadata,
+            Object::HorizontalPodAutoscaler(o) => &o.metadata,
+            Object::ResourceQuota(o) => &o.metadata,
         }
     }
 
@@ -107,6 +129,10 @@ impl Object {
             Object::EndpointSlice(o) => serde_json::to_value(o),
             Object::Endpoints(o) => serde_json::to_value(o),
             Object::Job(o) => serde_json::to_value(o),
+            Object::DaemonSet(o) => serde_json::to_value(o),
+            Object::CronJob(o) => serde_json::to_value(o),
+            Object::HorizontalPodAutoscaler(o) => serde_json::to_value(o),
+            Object::ResourceQuota(o) => serde_json::to_value(o),
         }
     }
 }
@@ -121,6 +147,10 @@ pub enum Kind {
     Endpoints,
     Job,
     Service,
+    DaemonSet,
+    CronJob,
+    HorizontalPodAutoscaler,
+    ResourceQuota,
 }
 
 impl Kind {
@@ -134,6 +164,10 @@ impl Kind {
             Kind::Endpoints => ("v1", "Endpoints"),
             Kind::Job => ("batch/v1", "Job"),
             Kind::Service => ("v1", "Service"),
+            Kind::DaemonSet => ("apps/v1", "DaemonSet"),
+            Kind::CronJob => ("batch/v1", "CronJob"),
+            Kind::HorizontalPodAutoscaler => ("autoscaling/v2", "HorizontalPodAutoscaler"),
+            Kind::ResourceQuota => ("v1", "ResourceQuota"),
         }
     }
 }
@@ -177,6 +211,14 @@ pub enum Action {
         uid: Option<String>,
     },
     Event(EventRecord),
+    /// Set the replicas of a scalable object through its `scale` subresource (the HPA).
+    Scale {
+        api_version: String,
+        kind: String,
+        namespace: String,
+        name: String,
+        replicas: i32,
+    },
 }
 
 /// What a reconcile decided.

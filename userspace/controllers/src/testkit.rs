@@ -167,6 +167,7 @@ impl Cluster {
                 Action::Delete {
                     kind, name, uid, ..
                 } => self.delete(kind, &name, uid.as_deref()),
+                Action::Scale { .. } => panic!("the deployment testkit does not scale"),
                 Action::Event(e) => {
                     // "Scaled up|down replica set X from A to B" must go the way it says.
                     let words: Vec<&str> = e.message.split(' ').collect();
