@@ -1,1 +1,7 @@
-//! (being built)
+//! skiff-bench: benchmarks whose results live in bench/results/.
+//!
+//! - `svc`: the Service datapath benchmark behind the `svcbench` binary (skiff's eBPF socket, tc
+//!   and XDP layers against kube-proxy-shaped iptables-legacy, iptables-nft and nftables rules and
+//!   the direct pod path, on one netns lab, in one run).
+
+pub mod svc;

@@ -1,0 +1,242 @@
+//! svcbench: skiff's Service datapath against kube-proxy's iptables / nftables modes and the
+//! direct pod path, in one run on one netns lab (see bench/results/service.md).
+//!
+//! ```text
+//! sudo cargo run -p skiff-bench --release --bin svcbench -- run            # the full run (~10 min)
+//! sudo cargo run -p skiff-bench --release --bin svcbench -- run --quick    # scales 1 and 10,000, < 2 min
+//! ```
+//! `server` and `client` are the programs the harness starts inside the lab's namespaces.
+
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use skiff_bench::svc::{
+    self, report,
+    run::{Backend, Options},
+    workload::Workload,
+};
+
+#[derive(Parser)]
+#[command(name = "svcbench", about = "Service datapath benchmark: skiff vs kube-proxy vs direct")]
+struct Cli {
+    /// (internal) Pin this process to a CPU before anything else.
+    #[arg(long, global = true, hide = true)]
+    cpu: Option<usize>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Build the labs, measure every path at every scale, write the results.
+    Run(RunArgs),
+    /// (internal) The server program, inside a pod namespace.
+    #[command(hide = true)]
+    Server {
+        #[arg(long)]
+        netns: String,
+        #[arg(long)]
+        ip: Ipv4Addr,
+        #[arg(long, value_delimiter = ',', required = true)]
+        ports: Vec<u16>,
+        #[arg(long, default_value_t = 4)]
+        workers: usize,
+        #[arg(long, default_value_t = 3600)]
+        max_seconds: u64,
+    },
+    /// (internal) The client program: runs workloads, prints JSON.
+    #[command(hide = true)]
+    Client {
+        #[arg(long)]
+        netns: String,
+        #[arg(long)]
+        cgroup: Option<PathBuf>,
+        #[arg(long, value_delimiter = ',', required = true)]
+        targets: Vec<SocketAddrV4>,
+        #[arg(long, value_delimiter = ',', required = true)]
+        workloads: Vec<String>,
+        #[arg(long)]
+        duration_ms: u64,
+    },
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// A short run: scales 1 and 10,000, 0.6 s per workload, no profiles.
+    #[arg(long)]
+    quick: bool,
+    /// Numbers of Services to sweep.
+    #[arg(long, value_delimiter = ',')]
+    scales: Option<Vec<usize>>,
+    /// Milliseconds per workload per path.
+    #[arg(long)]
+    duration_ms: Option<u64>,
+    #[arg(long, value_delimiter = ',', default_value = "crr,crr_x4,rr,stream,udp_rr")]
+    workloads: Vec<String>,
+    /// Datapaths to set up (each gets its own lab).
+    #[arg(long, value_delimiter = ',', default_value = "plain,skiff,iptables-legacy,iptables-nft,nftables")]
+    datapaths: Vec<String>,
+    #[arg(long, default_value_t = 2)]
+    servers: usize,
+    /// Services the clients aim at, spread over the installed set.
+    #[arg(long, default_value_t = 16)]
+    probes: usize,
+    #[arg(long, default_value_t = 10)]
+    endpoints: usize,
+    /// Services in the programming-time benchmark (0 skips it).
+    #[arg(long, default_value_t = 10_000)]
+    program_services: usize,
+    #[arg(long, default_value_t = 10)]
+    program_endpoints: usize,
+    /// Where the client and server programs run: `split` pins clients to CPU 0 and servers to
+    /// CPU 1 (reproducible cross-CPU round trips), `none` leaves it to the scheduler.
+    #[arg(long, default_value = "split", value_parser = ["split", "none"])]
+    pin: String,
+    /// Skip the perf profiles.
+    #[arg(long)]
+    no_profile: bool,
+    /// Seconds any one rule install may take before it counts as failed.
+    #[arg(long, default_value_t = 300)]
+    install_timeout_s: u64,
+    /// Where the JSON, markdown and SVG files go.
+    #[arg(long, default_value = "bench/results")]
+    out: PathBuf,
+    /// File name stem of the outputs.
+    #[arg(long, default_value = "service")]
+    stem: String,
+}
+
+fn preflight() -> anyhow::Result<()> {
+    let mut missing = Vec::new();
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        missing.push("root (netns, eBPF, iptables)".to_string());
+    }
+    if !Path::new("/sys/fs/bpf").is_dir() {
+        missing.push("a bpffs at /sys/fs/bpf".into());
+    }
+    for tool in ["ip", "nsenter", "iptables-legacy-restore", "iptables-nft-restore", "nft"] {
+        let found = std::env::var_os("PATH")
+            .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+            .unwrap_or(false);
+        if !found {
+            missing.push(format!("`{tool}` (scripts/setup.sh installs iptables, nftables, iproute2)"));
+        }
+    }
+    if !missing.is_empty() {
+        bail!("svcbench needs: {}", missing.join(", "));
+    }
+    Ok(())
+}
+
+fn run(a: RunArgs) -> anyhow::Result<()> {
+    preflight()?;
+    let scales = a
+        .scales
+        .unwrap_or_else(|| if a.quick { vec![1, 10_000] } else { vec![1, 1_000, 10_000, 30_000] });
+    if scales.is_empty() || scales.iter().any(|&s| s == 0 || s > svc::model::MAX_SERVICES) {
+        bail!("--scales: each between 1 and {}", svc::model::MAX_SERVICES);
+    }
+    let duration = Duration::from_millis(a.duration_ms.unwrap_or(if a.quick { 600 } else { 2000 }));
+    if duration < Duration::from_millis(100) || duration > Duration::from_secs(60) {
+        bail!("--duration-ms: between 100 and 60000");
+    }
+    let workloads = a
+        .workloads
+        .iter()
+        .map(|w| Workload::parse(w).map_err(anyhow::Error::msg))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let backends = a
+        .datapaths
+        .iter()
+        .map(|d| Backend::parse(d).map_err(anyhow::Error::msg))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    if a.servers == 0 || a.servers > 8 {
+        bail!("--servers: between 1 and 8");
+    }
+    if a.probes == 0 || a.probes > 1000 {
+        bail!("--probes: between 1 and 1000");
+    }
+    if a.endpoints == 0 || a.endpoints > 64 {
+        bail!("--endpoints: between 1 and 64");
+    }
+    let profile_scale = if a.no_profile || a.quick {
+        None
+    } else if scales.contains(&10_000) {
+        Some(10_000)
+    } else {
+        scales.iter().copied().max()
+    };
+    let nproc = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let pin = (a.pin == "split" && nproc >= 2).then_some((0, 1));
+    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    let opts = Options {
+        scales,
+        duration,
+        workloads,
+        backends,
+        servers: a.servers,
+        probes: a.probes,
+        endpoints_per_service: a.endpoints,
+        program_services: a.program_services,
+        program_endpoints: a.program_endpoints,
+        profile_scale,
+        install_timeout: Duration::from_secs(a.install_timeout_s),
+        pin,
+        command,
+        exe: std::env::current_exe().context("locating this program")?,
+    };
+    let record = svc::run::run(&opts)?;
+    let files = report::write_all(&record, &a.out, &a.stem)?;
+    for t in &record.targets {
+        println!(
+            "{:<90} {:>9} {}",
+            t.name,
+            t.measured.map(|v| format!("{v:.3}")).unwrap_or_else(|| "n/a".into()),
+            match t.met {
+                Some(true) => "met",
+                Some(false) => "MISSED",
+                None => "not measured",
+            }
+        );
+    }
+    for f in files {
+        println!("wrote {}", f.display());
+    }
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,aya=warn".into()),
+        )
+        .init();
+    let cli = Cli::parse();
+    if let Some(cpu) = cli.cpu {
+        svc::pin_to_cpu(cpu)?;
+    }
+    match cli.cmd {
+        Cmd::Run(a) => run(a),
+        Cmd::Server { netns, ip, ports, workers, max_seconds } => {
+            if workers == 0 || workers > 64 {
+                bail!("--workers: between 1 and 64");
+            }
+            svc::server_main(&netns, ip, &ports, workers, Duration::from_secs(max_seconds.min(24 * 3600)))
+        }
+        Cmd::Client { netns, cgroup, targets, workloads, duration_ms } => {
+            let wl = workloads
+                .iter()
+                .map(|w| Workload::parse(w).map_err(anyhow::Error::msg))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            svc::client_main(&netns, cgroup.as_deref(), &targets, &wl, Duration::from_millis(duration_ms.min(120_000)))
+        }
+    }
+}
