@@ -62,6 +62,7 @@ fn roundtrip(info: &ResourceInfo, v: &Value) -> Result<Value, String> {
         ("", "Secret") => rt!(core::v1::Secret),
         ("", "Event") => rt!(core::v1::Event),
         ("", "ServiceAccount") => rt!(core::v1::ServiceAccount),
+        ("", "ResourceQuota") => rt!(core::v1::ResourceQuota),
         ("apps", "Deployment") => rt!(apps::v1::Deployment),
         ("apps", "ReplicaSet") => rt!(apps::v1::ReplicaSet),
         ("apps", "DaemonSet") => rt!(apps::v1::DaemonSet),

@@ -38,6 +38,7 @@ fn add_schema(generator: &mut k8s_openapi::schemars::SchemaGenerator, group: &st
         ("", "Secret") => add!(core::v1::Secret),
         ("", "Event") => add!(core::v1::Event),
         ("", "ServiceAccount") => add!(core::v1::ServiceAccount),
+        ("", "ResourceQuota") => add!(core::v1::ResourceQuota),
         ("apps", "Deployment") => add!(apps::v1::Deployment),
         ("apps", "ReplicaSet") => add!(apps::v1::ReplicaSet),
         ("apps", "DaemonSet") => add!(apps::v1::DaemonSet),

@@ -161,6 +161,17 @@ static RESOURCES: &[ResourceInfo] = &[
         NONE
     ),
     res!(
+        "",
+        "v1",
+        "ResourceQuota",
+        "resourcequotas",
+        "resourcequota",
+        true,
+        &["quota"],
+        NONE,
+        &["status"]
+    ),
+    res!(
         "apps",
         "v1",
         "Deployment",
@@ -266,6 +277,30 @@ static RESOURCES: &[ResourceInfo] = &[
         "endpointslices",
         "endpointslice",
         true,
+        NONE,
+        NONE,
+        NONE
+    ),
+    // Resource metrics (what metrics-server serves, not in k8s-openapi): stored objects here,
+    // written by the node agents every 15 s, read by the HPA controller and `kubectl top`.
+    res!(
+        "metrics.k8s.io",
+        "v1beta1",
+        "PodMetrics",
+        "pods",
+        "",
+        true,
+        NONE,
+        NONE,
+        NONE
+    ),
+    res!(
+        "metrics.k8s.io",
+        "v1beta1",
+        "NodeMetrics",
+        "nodes",
+        "",
+        false,
         NONE,
         NONE,
         NONE

@@ -461,6 +461,75 @@ fn random_suffix() -> String {
         .collect()
 }
 
+/// ResourceQuota admission: refuses (403, Kubernetes' message) a create that would take a
+/// quota of the namespace over its `spec.hard`, else charges it: the quotas' `status.used` grow
+/// by the object's usage (compare-and-swap, so concurrent creates cannot both take the last
+/// unit); the controller-manager's quota loop recomputes `used` from what exists.
+async fn admit_quota(
+    state: &State,
+    info: &ResourceInfo,
+    ns: &str,
+    name: &str,
+    obj: &Value,
+    dry_run: bool,
+) -> Result<(), ApiError> {
+    use skiff_controllers::quota;
+    let Some(quota_info) = registry::find("", "v1", "resourcequotas") else {
+        return Ok(());
+    };
+    let requested = quota::object_usage(info.group, info.plural, obj);
+    let pod = is_kind(info, "", "Pod")
+        .then(|| serde_json::from_value::<k8s_openapi::api::core::v1::Pod>(obj.clone()).ok())
+        .flatten();
+    for attempt in 0..WRITE_RETRIES {
+        retry_pause(attempt).await;
+        let listed = state
+            .store
+            .list(&prefix(quota_info, Some(ns)))
+            .await
+            .map_err(store_error)?;
+        if listed.items.is_empty() {
+            return Ok(());
+        }
+        let mut quotas = Vec::new();
+        for kv in &listed.items {
+            let q = serde_json::from_value(decode_kv(kv)?)
+                .map_err(|e| ApiError::internal(format!("a stored ResourceQuota does not decode: {e}")))?;
+            quotas.push((q, kv));
+        }
+        let only: Vec<_> = quotas.iter().map(|(q, _)| q).cloned().collect();
+        let charged = quota::check(&only, &requested, pod.as_ref()).map_err(|message| {
+            ApiError::forbidden(format!("{} \"{name}\" is forbidden: {message}", info.plural))
+        })?;
+        if dry_run {
+            return Ok(());
+        }
+        let mut raced = false;
+        for next in charged {
+            let Some((_, kv)) = quotas.iter().find(|(q, _)| q.metadata.name == next.metadata.name) else {
+                continue;
+            };
+            let value = serde_json::to_value(&next).map_err(|e| ApiError::internal(e.to_string()))?;
+            match write_update(state, quota_info, &kv.key, kv, value, false).await {
+                Ok(_) => {}
+                Err(WriteFail::Conflict) => {
+                    raced = true;
+                    break;
+                }
+                Err(WriteFail::Api(e)) => return Err(e),
+            }
+        }
+        if !raced {
+            return Ok(());
+        }
+    }
+    Err(ApiError::conflict(
+        "resourcequotas",
+        ns,
+        "the namespace's quotas kept changing; try again",
+    ))
+}
+
 /// Creates an admitted object: name, namespace checks, server metadata, defaults, allocation.
 pub async fn create_object(
     state: &State,
@@ -498,6 +567,9 @@ pub async fn create_object(
     }
     admission::prepare_create(info, &mut obj, now());
     admission::validate(info, &obj)?;
+    if let Some(ns) = ns.filter(|_| info.namespaced) {
+        admit_quota(state, info, ns, &name, &obj, dry_run).await?;
+    }
     let key = key(info, ns, &name);
     let _guard = if services::is_service(info) {
         let guard = state.service_lock.lock().await;
@@ -894,7 +966,6 @@ async fn patch_object(
 #[serde(rename_all = "camelCase")]
 struct DeleteOptions {
     grace_period_seconds: Option<i64>,
-    #[allow(dead_code)]
     propagation_policy: Option<String>,
     preconditions: Option<Preconditions>,
 }
@@ -1036,6 +1107,58 @@ pub async fn delete_object(
     Err(conflict(info, name))
 }
 
+/// `propagationPolicy` Foreground or Orphan: before the object is marked for deletion, it gets
+/// the `foregroundDeletion` or `orphan` finalizer (as Kubernetes' apiserver does), so it stays
+/// until the controller-manager's garbage collector has deleted (foreground) or released
+/// (orphan) its dependents and removed the finalizer. Background (the default) adds nothing: the
+/// object goes at once and the collector deletes its dependents afterwards.
+async fn add_propagation_finalizer(
+    state: &State,
+    info: &ResourceInfo,
+    ns: Option<&str>,
+    name: &str,
+    policy: Option<&str>,
+) -> Result<(), ApiError> {
+    let finalizer = match policy {
+        None | Some("Background") => return Ok(()),
+        Some("Foreground") => "foregroundDeletion",
+        Some("Orphan") => "orphan",
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "propagationPolicy {other:?} is not one of Background, Foreground, Orphan"
+            )));
+        }
+    };
+    let key = key(info, ns, name);
+    for attempt in 0..WRITE_RETRIES {
+        retry_pause(attempt).await;
+        let Some(current) = state.store.get(&key).await.map_err(store_error)? else {
+            return Ok(()); // delete_object answers the 404
+        };
+        let mut obj = decode_kv(&current)?;
+        if obj
+            .pointer("/metadata/deletionTimestamp")
+            .is_some_and(|v| !v.is_null())
+        {
+            return Ok(());
+        }
+        let list = obj["metadata"]
+            .as_object_mut()
+            .map(|m| m.entry("finalizers").or_insert_with(|| json!([])));
+        match list.and_then(Value::as_array_mut) {
+            Some(list) if list.iter().any(|f| f.as_str() == Some(finalizer)) => return Ok(()),
+            Some(list) => list.push(json!(finalizer)),
+            None => return Ok(()),
+        }
+        match write_update(state, info, &key, &current, obj, false).await {
+            Ok(_) => return Ok(()),
+            Err(WriteFail::Conflict) => continue,
+            Err(WriteFail::Api(e)) => return Err(e),
+        }
+    }
+    Err(conflict(info, name))
+}
+
 async fn delete(
     state: &Arc<State>,
     ctx: &Ctx,
@@ -1049,6 +1172,10 @@ async fn delete(
         .preconditions
         .as_ref()
         .map(|p| (&p.uid, &p.resource_version));
+    if !dry_run {
+        add_propagation_finalizer(state, info, ns, name, opts.propagation_policy.as_deref())
+            .await?;
+    }
     let obj = delete_object(
         state,
         info,
