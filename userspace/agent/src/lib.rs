@@ -8,6 +8,7 @@
 //! match, so a restarted agent simply picks up where the last one stopped; pods keep running
 //! while no agent runs.
 
+pub mod cri_adapter;
 pub mod network;
 pub mod node;
 pub mod pods;
@@ -220,7 +221,12 @@ pub async fn run(
     std::fs::create_dir_all(&cfg.cni_conf_dir).with_context(|| format!("creating {}", cfg.cni_conf_dir.display()))?;
     let conf_path = cfg.cni_conf_dir.join("10-skiff.conflist");
     let tmp = conf_path.with_extension("tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(&conflist(&cfg, &cidr))?)?;
+    let mut list = conflist(&cfg, &cidr);
+    if let Some(sb) = runtime.sandbox() {
+        // The runtime runs CNI itself (CRI): its libcni must read the results.
+        list["cniVersion"] = json!(sb.cni_version());
+    }
+    std::fs::write(&tmp, serde_json::to_vec_pretty(&list)?)?;
     std::fs::rename(&tmp, &conf_path)?;
     let cni = sandbox::CniNetwork::load(&cfg.cni_conf_dir, cfg.cni_bin_dirs.clone())?;
 

@@ -75,6 +75,40 @@ pub struct ImageInfo {
     pub working_dir: Option<String>,
 }
 
+/// What a runtime that owns pod sandboxes (CRI) needs to make one.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SandboxRequest {
+    pub pod_uid: String,
+    pub pod_name: String,
+    pub pod_namespace: String,
+    pub hostname: String,
+    /// `<pod dir>/logs`: containers' logs go to `<container>/<attempt>.log` below it.
+    pub log_directory: PathBuf,
+    /// The pod-level cgroup (`/skiff/<node>/pod<uid>`); the agent removes it after the pod.
+    pub cgroup_parent: String,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A ready sandbox: its network namespace (a name under /run/netns) and the address CNI gave it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SandboxInfo {
+    pub netns: String,
+    pub pod_ip: String,
+}
+
+/// Pod sandboxes made by the runtime itself (CRI's RunPodSandbox: it creates the netns and runs
+/// CNI), instead of the agent's own netns + CNI ADD.
+pub trait SandboxRuntime: Send + Sync {
+    /// The pod's ready sandbox, made if needed (idempotent: an existing ready one is returned).
+    fn run_sandbox(&self, req: &SandboxRequest) -> Result<SandboxInfo, RuntimeError>;
+    /// Stops and removes every sandbox of the pod (its network goes). No error when none.
+    fn remove_sandbox(&self, pod_uid: &str) -> Result<(), RuntimeError>;
+    /// The uids of the pods the runtime holds sandboxes for (orphan sweep after a restart).
+    fn sandbox_pod_uids(&self) -> Result<Vec<String>, RuntimeError>;
+    /// The CNI version the runtime's CNI library reads results of (the conflist says it).
+    fn cni_version(&self) -> &'static str;
+}
+
 /// Blocking calls: the agent runs them on the blocking pool.
 pub trait ContainerRuntime: Send + Sync + 'static {
     /// `runc://1.1.5`-style version for Node.status.nodeInfo.
@@ -91,6 +125,30 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     fn list(&self) -> Result<Vec<String>, RuntimeError>;
     /// Starts `argv` inside a running container.
     fn exec(&self, id: &str, argv: &[String], tty: bool) -> Result<std::process::Child, RuntimeError>;
+    /// Runs `argv` to completion (exec probes): its exit code, or an error when it could not
+    /// run or outlived `timeout` (then it is killed). Default: `exec` and wait.
+    fn exec_sync(&self, id: &str, argv: &[String], timeout: Duration) -> Result<i32, RuntimeError> {
+        let mut child = self.exec(id, argv, false)?;
+        drop(child.stdin.take());
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            match child.try_wait() {
+                Ok(Some(status)) => return Ok(status.code().unwrap_or(-1)),
+                Ok(None) if std::time::Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+                Ok(None) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(RuntimeError::Failed(format!("{argv:?} timed out after {timeout:?}")));
+                }
+                Err(e) => return Err(RuntimeError::Failed(format!("waiting for {argv:?}: {e}"))),
+            }
+        }
+    }
+    /// Some when the runtime makes pod sandboxes itself (CRI); None: the agent makes them
+    /// (a netns + CNI ADD, `sandbox.rs`).
+    fn sandbox(&self) -> Option<&dyn SandboxRuntime> {
+        None
+    }
 }
 
 /// The parts of a container id the agent chose.

@@ -154,6 +154,8 @@ async fn sweep_orphans(ctx: &Arc<PodContext>, known: &BTreeSet<String>) -> anyho
             uids.insert(k.pod_uid);
         }
     }
+    let rt = ctx.runtime.clone();
+    uids.extend(tokio::task::spawn_blocking(move || rt.sandbox().map_or(Ok(vec![]), |s| s.sandbox_pod_uids())).await??);
     if let Ok(rd) = std::fs::read_dir(&ctx.pods_dir) {
         for e in rd.flatten() {
             uids.insert(e.file_name().to_string_lossy().into_owned());
@@ -254,6 +256,9 @@ async fn ensure_sandbox(ctx: &Arc<PodContext>, pod: &Pod, dir: &Path) -> anyhow:
     let uid = pod_uid(pod);
     let ns = pod.metadata.namespace.clone().unwrap_or_default();
     let name = pod.metadata.name.clone().unwrap_or_default();
+    if ctx.runtime.sandbox().is_some() {
+        return runtime_sandbox(ctx, pod, dir).await;
+    }
     let netns = netns_name(&uid);
     let cni = ctx.cni.clone();
     let dir2 = dir.to_path_buf();
@@ -276,6 +281,31 @@ async fn ensure_sandbox(ctx: &Arc<PodContext>, pod: &Pod, dir: &Path) -> anyhow:
     })
     .await??;
     info!(pod = %pod_name(pod), ip = %rec.pod_ip, "sandbox ready");
+    Ok(rec)
+}
+
+/// The sandbox made by the runtime (CRI: RunPodSandbox makes the netns and calls CNI).
+async fn runtime_sandbox(ctx: &Arc<PodContext>, pod: &Pod, dir: &Path) -> anyhow::Result<SandboxRecord> {
+    let uid = pod_uid(pod);
+    let req = crate::runtime::SandboxRequest {
+        pod_uid: uid.clone(),
+        pod_name: pod.metadata.name.clone().unwrap_or_default(),
+        pod_namespace: pod.metadata.namespace.clone().unwrap_or_default(),
+        hostname: pod.spec.as_ref().and_then(|s| s.hostname.clone()).unwrap_or_else(|| pod.metadata.name.clone().unwrap_or_default()),
+        log_directory: dir.join("logs"),
+        cgroup_parent: format!("/skiff/{}/pod{}", ctx.node_name, uid),
+        labels: pod.metadata.labels.clone().unwrap_or_default(),
+    };
+    let (rt, dir2) = (ctx.runtime.clone(), dir.to_path_buf());
+    let rec = tokio::task::spawn_blocking(move || -> anyhow::Result<SandboxRecord> {
+        std::fs::create_dir_all(dir2.join("logs"))?;
+        let sb = rt.sandbox().ok_or_else(|| anyhow::anyhow!("the runtime makes no sandboxes"))?.run_sandbox(&req)?;
+        let rec = SandboxRecord { netns: sb.netns, pod_ip: sb.pod_ip, namespace: req.pod_namespace, name: req.pod_name };
+        std::fs::write(dir2.join("sandbox.json"), serde_json::to_vec(&rec)?)?;
+        Ok(rec)
+    })
+    .await??;
+    info!(pod = %pod_name(pod), ip = %rec.pod_ip, netns = %rec.netns, "sandbox ready (made by the runtime)");
     Ok(rec)
 }
 
@@ -597,6 +627,21 @@ async fn teardown(ctx: &Arc<PodContext>, uid: &str, grace: Duration) {
 /// CNI DEL and the netns go; the record stays until the directory goes (a DEL is idempotent).
 async fn release_network(ctx: &Arc<PodContext>, uid: &str) {
     let dir = pod_dir(ctx, uid);
+    if ctx.runtime.sandbox().is_some() {
+        let (rt, uid) = (ctx.runtime.clone(), uid.to_string());
+        let res = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+            rt.sandbox().map_or(Ok(()), |s| s.remove_sandbox(&uid))?;
+            match std::fs::remove_file(dir.join("sandbox.json")) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
+                _ => Ok(()),
+            }
+        })
+        .await;
+        if let Ok(Err(e)) = res {
+            warn!("removing a pod sandbox failed: {e:#}");
+        }
+        return;
+    }
     let Some(rec) = read_sandbox(&dir) else { return };
     let cni = ctx.cni.clone();
     let uid = uid.to_string();

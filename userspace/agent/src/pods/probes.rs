@@ -99,21 +99,7 @@ pub async fn check(p: &Probe, c: &Container, pod_ip: &str, runtime: Arc<dyn Cont
             return false;
         }
         let id = container_id.to_string();
-        let job = tokio::task::spawn_blocking(move || -> bool {
-            let Ok(mut child) = runtime.exec(&id, &argv, false) else { return false };
-            let deadline = Instant::now() + timeout;
-            loop {
-                match child.try_wait() {
-                    Ok(Some(status)) => return status.success(),
-                    Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
-                    _ => {
-                        let _ = child.kill();
-                        let _ = child.wait();
-                        return false;
-                    }
-                }
-            }
-        });
+        let job = tokio::task::spawn_blocking(move || runtime.exec_sync(&id, &argv, timeout).is_ok_and(|code| code == 0));
         return job.await.unwrap_or(false);
     }
     if let Some(tcp) = &p.tcp_socket {
