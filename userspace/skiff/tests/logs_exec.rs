@@ -312,6 +312,11 @@ async fn kubectl_logs_and_exec_reach_the_agent() {
         assert!(printed.contains("/dev/pts/"), "the process has a terminal: {printed}");
         assert!(printed.contains("size 33 77"), "the resize reached the pty: {printed}");
     }
+    // Much output (many frames through both proxies) arrives whole and in order.
+    let out = kubectl(&k, &["exec", "one", "--", "seq", "1", "200000"], None).await;
+    let printed = ok(&out, "exec seq");
+    assert_eq!(printed.lines().count(), 200000);
+    assert!(printed.lines().enumerate().all(|(i, l)| l == (i + 1).to_string()), "seq output out of order");
     let err = failed(&kubectl(&k, &["exec", "one", "-c", "nope", "--", "true"], None).await, "exec -c nope");
     assert!(err.contains("container nope is not valid for pod one"), "{err}");
     let err = failed(&kubectl(&k, &["exec", "two", "-c", "a", "--", "true"], None).await, "exec in a container that never started");
