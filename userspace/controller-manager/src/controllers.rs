@@ -6,20 +6,25 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::NamespaceResourceScope;
-use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
-use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{Endpoints, Event, EventSource, Node, Pod, Service};
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet};
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use k8s_openapi::api::batch::v1::{CronJob, Job};
+use k8s_openapi::api::core::v1::{
+    Endpoints, Event, EventSource, Node, Pod, ResourceQuota, Service,
+};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, Time};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{DeleteParams, PostParams, Preconditions, PropagationPolicy};
+use kube::api::{
+    DeleteParams, DynamicObject, Patch, PatchParams, PostParams, Preconditions, PropagationPolicy,
+};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use skiff_controllers::{
-    Action, EventRecord, Kind, Object, Outcome, ReconcileError, SeededSuffixes, deployment,
-    endpointslice, job, replicaset,
+    Action, EventRecord, Kind, Object, Outcome, ReconcileError, SeededSuffixes, cronjob, daemonset,
+    deployment, endpointslice, job, quota, replicaset,
 };
 use tokio::sync::Notify;
 
@@ -43,6 +48,12 @@ pub(crate) struct Caches {
     pub endpoints: Store<Endpoints>,
     pub nodes: Store<Node>,
     pub jobs: Store<Job>,
+    pub daemon_sets: Store<DaemonSet>,
+    pub cron_jobs: Store<CronJob>,
+    pub quotas: Store<ResourceQuota>,
+    pub hpas: Store<HorizontalPodAutoscaler>,
+    /// Every served resource, for the garbage collector and quota usage.
+    pub dynamic: Arc<crate::gc::DynamicCaches>,
 }
 
 /// What the cache shows of one object: (uid, resourceVersion, being deleted).
@@ -73,13 +84,17 @@ impl Caches {
             Kind::Endpoints => seen(&self.endpoints, ns, name),
             Kind::Job => seen(&self.jobs, ns, name),
             Kind::Service => seen(&self.services, ns, name),
+            Kind::DaemonSet => seen(&self.daemon_sets, ns, name),
+            Kind::CronJob => seen(&self.cron_jobs, ns, name),
+            Kind::ResourceQuota => seen(&self.quotas, ns, name),
+            Kind::HorizontalPodAutoscaler => seen(&self.hpas, ns, name),
         }
     }
 }
 
 /// One of our writes that the cache must show before we reconcile its owner again.
 #[derive(Debug, Clone)]
-enum Expect {
+pub(crate) enum Expect {
     /// Written with this resourceVersion (skiff's resourceVersion is the store revision, so
     /// a cache entry at or past it includes the write).
     Written {
@@ -174,7 +189,11 @@ fn written(kind: Kind, meta: &ObjectMeta) -> Option<Expect> {
 /// Applies an Outcome's actions in order. Returns the expectations of the writes that
 /// succeeded and whether to retry soon (a conflict or failure: the cache was stale or the
 /// apiserver refused; the next reconcile decides again from fresh state).
-async fn apply_outcome(client: &Client, component: &str, outcome: &Outcome) -> (Vec<Expect>, bool) {
+pub(crate) async fn apply_outcome(
+    client: &Client,
+    component: &str,
+    outcome: &Outcome,
+) -> (Vec<Expect>, bool) {
     let mut expects = Vec::new();
     // resourceVersions our own Updates produced, so a following UpdateStatus of the same object
     // does not conflict with the write just made.
@@ -220,6 +239,13 @@ fn describe(action: &Action) -> String {
             ..
         } => format!("delete {kind:?} {namespace}/{name}"),
         Action::Event(e) => format!("event {}", e.reason),
+        Action::Scale {
+            kind,
+            namespace,
+            name,
+            replicas,
+            ..
+        } => format!("scale {kind} {namespace}/{name} to {replicas}"),
     }
 }
 
@@ -310,6 +336,10 @@ macro_rules! each_object {
             Object::EndpointSlice($o) => $body,
             Object::Endpoints($o) => $body,
             Object::Job($o) => $body,
+            Object::DaemonSet($o) => $body,
+            Object::CronJob($o) => $body,
+            Object::HorizontalPodAutoscaler($o) => $body,
+            Object::ResourceQuota($o) => $body,
         }
     };
 }
@@ -364,6 +394,14 @@ async fn apply(
                 Kind::Endpoints => delete::<Endpoints>(client, namespace, name, uid).await?,
                 Kind::Job => delete::<Job>(client, namespace, name, uid).await?,
                 Kind::Service => delete::<Service>(client, namespace, name, uid).await?,
+                Kind::DaemonSet => delete::<DaemonSet>(client, namespace, name, uid).await?,
+                Kind::CronJob => delete::<CronJob>(client, namespace, name, uid).await?,
+                Kind::ResourceQuota => {
+                    delete::<ResourceQuota>(client, namespace, name, uid).await?
+                }
+                Kind::HorizontalPodAutoscaler => {
+                    delete::<HorizontalPodAutoscaler>(client, namespace, name, uid).await?
+                }
             }
             Ok(Some(Expect::Deleted {
                 kind: *kind,
@@ -374,6 +412,36 @@ async fn apply(
         }
         Action::Event(record) => {
             post_event(client, component, record).await?;
+            Ok(None)
+        }
+        Action::Scale {
+            api_version,
+            kind,
+            namespace,
+            name,
+            replicas,
+        } => {
+            let ar = crate::gc::served(api_version, kind)
+                .map(|s| s.resource)
+                .ok_or_else(|| {
+                    kube::Error::Api(
+                        kube::core::Status::failure(
+                            &format!(
+                                "{kind} in {api_version} is not a resource this cluster serves"
+                            ),
+                            "NotFound",
+                        )
+                        .with_code(404)
+                        .boxed(),
+                    )
+                })?;
+            let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), namespace, &ar);
+            api.patch_scale(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(serde_json::json!({"spec": {"replicas": replicas}})),
+            )
+            .await?;
             Ok(None)
         }
     }
@@ -431,6 +499,9 @@ pub(crate) enum Which {
     EndpointSlice,
     Endpoints,
     Job,
+    DaemonSet,
+    CronJob,
+    ResourceQuota,
 }
 
 impl Which {
@@ -441,6 +512,9 @@ impl Which {
             Which::EndpointSlice => "endpointslice-controller",
             Which::Endpoints => "endpoint-controller",
             Which::Job => "job-controller",
+            Which::DaemonSet => "daemonset-controller",
+            Which::CronJob => "cronjob-controller",
+            Which::ResourceQuota => "resourcequota-controller",
         }
     }
 }
@@ -502,7 +576,15 @@ async fn pass(
         Which::ReplicaSet => meta_list(&caches.replica_sets),
         Which::EndpointSlice | Which::Endpoints => meta_list(&caches.services),
         Which::Job => meta_list(&caches.jobs),
+        Which::DaemonSet => meta_list(&caches.daemon_sets),
+        Which::CronJob => meta_list(&caches.cron_jobs),
+        Which::ResourceQuota => meta_list(&caches.quotas),
     };
+    let nodes: Vec<Node> = match which {
+        Which::DaemonSet => caches.nodes.state().iter().map(|n| (**n).clone()).collect(),
+        _ => Vec::new(),
+    };
+    let mut usage_by_ns: HashMap<String, quota::Usage> = HashMap::new();
     for meta in owners {
         let key = key_of(&meta);
         if !expectations.ready(&key, caches) {
@@ -559,6 +641,27 @@ async fn pass(
                 .jobs
                 .get(&ObjectRef::new(&name).within(&ns))
                 .map(|j| job::reconcile(&j, &in_namespace(&caches.pods, &ns), names, now)),
+            Which::DaemonSet => caches
+                .daemon_sets
+                .get(&ObjectRef::new(&name).within(&ns))
+                .map(|d| {
+                    daemonset::reconcile(&d, &nodes, &in_namespace(&caches.pods, &ns), names, now)
+                }),
+            Which::CronJob => caches
+                .cron_jobs
+                .get(&ObjectRef::new(&name).within(&ns))
+                .map(|c| cronjob::reconcile(&c, &in_namespace(&caches.jobs, &ns), now, &time_zone)),
+            Which::ResourceQuota => {
+                caches
+                    .quotas
+                    .get(&ObjectRef::new(&name).within(&ns))
+                    .map(|q| {
+                        let usage = usage_by_ns
+                            .entry(ns.clone())
+                            .or_insert_with(|| caches.dynamic.namespace_usage(&ns));
+                        Ok(quota::reconcile(&q, usage))
+                    })
+            }
         };
         let outcome = match decided {
             None => continue,
@@ -591,6 +694,15 @@ async fn pass(
         sooner(d + Duration::from_millis(10));
     }
     next
+}
+
+/// CronJob time zones from the system's tz database; no zone named: the local zone (as
+/// kube-controller-manager does).
+fn time_zone(name: Option<&str>) -> Option<jiff::tz::TimeZone> {
+    match name {
+        None => Some(jiff::tz::TimeZone::system()),
+        Some(n) => jiff::tz::TimeZone::get(n).ok(),
+    }
 }
 
 fn meta_list<K: Resource<DynamicType = ()> + Clone + 'static>(store: &Store<K>) -> Vec<ObjectMeta> {

@@ -61,6 +61,13 @@ pub struct ControllerFlags {
     /// 172.20.0.200-172.20.0.250); without it such Services stay pending, as without a cloud.
     #[arg(long)]
     pub loadbalancer_ip_pool: Option<crate::IpPool>,
+    /// How often every HorizontalPodAutoscaler is evaluated.
+    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    pub horizontal_pod_autoscaler_sync_period: Duration,
+    /// How long an HPA remembers higher recommendations before it scales down (the scale-down
+    /// stabilization window, unless the HPA's behavior sets its own).
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    pub horizontal_pod_autoscaler_downscale_stabilization: Duration,
     #[command(flatten)]
     pub leader: LeaderElectionFlags,
 }
@@ -74,6 +81,8 @@ impl ControllerFlags {
             node_startup_grace_period: self.node_startup_grace_period,
             node_monitor_period: self.node_monitor_period,
             loadbalancer_ip_pool: self.loadbalancer_ip_pool,
+            hpa_sync_period: self.horizontal_pod_autoscaler_sync_period,
+            hpa_downscale_stabilization: self.horizontal_pod_autoscaler_downscale_stabilization,
         }
     }
 }

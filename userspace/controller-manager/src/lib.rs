@@ -25,13 +25,21 @@
 //!   (`kube-system/skiff-controller-manager`, `kube-system/skiff-scheduler`), so several
 //!   servers can run side by side with one acting.
 //!
+//! - DaemonSet, CronJob and ResourceQuota (status.used) controllers, loops like the others.
+//! - The garbage collector (ownerReferences; background, foreground and orphan propagation;
+//!   see `gc.rs`) over dynamic watch caches of every served resource, which also give the quota
+//!   controller its object counts.
+//! - The HorizontalPodAutoscaler (autoscaling/v2, Resource metrics from the agents' PodMetrics),
+//!   every `--horizontal-pod-autoscaler-sync-period`, scaling through the scale subresource.
+//!
 //! Limits: a pass reconciles every object of its kind (fine for hundreds of objects, a
-//! per-key work queue is the next step); no garbage collector loop (the apiserver's own
-//! background GC deletes dependents).
+//! per-key work queue is the next step).
 
 mod cache;
 mod controllers;
 mod flags;
+mod gc;
+mod hpa;
 mod leader;
 mod loadbalancer;
 mod nodes;
@@ -47,10 +55,11 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
-use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet};
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use k8s_openapi::api::batch::v1::{CronJob, Job};
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Endpoints, Node, Pod, Service};
+use k8s_openapi::api::core::v1::{Endpoints, Node, Pod, ResourceQuota, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
@@ -75,6 +84,10 @@ pub struct ControllerOptions {
     /// `--loadbalancer-ip-pool`: where Services of type LoadBalancer get their address (None:
     /// no allocation, as without a cloud provider).
     pub loadbalancer_ip_pool: Option<IpPool>,
+    /// `--horizontal-pod-autoscaler-sync-period`: how often every HPA is evaluated.
+    pub hpa_sync_period: Duration,
+    /// `--horizontal-pod-autoscaler-downscale-stabilization`: the scale-down window.
+    pub hpa_downscale_stabilization: Duration,
 }
 
 impl Default for ControllerOptions {
@@ -87,6 +100,8 @@ impl Default for ControllerOptions {
             node_startup_grace_period: Duration::from_secs(60),
             node_monitor_period: Duration::from_secs(5),
             loadbalancer_ip_pool: None,
+            hpa_sync_period: Duration::from_secs(15),
+            hpa_downscale_stabilization: Duration::from_secs(300),
         }
     }
 }
@@ -162,12 +177,19 @@ pub async fn run_controllers_with(
     if options.node_monitor_grace_period.is_zero() || options.node_monitor_period.is_zero() {
         anyhow::bail!("--node-monitor-grace-period and --node-monitor-period must be above zero");
     }
+    if options.hpa_sync_period.is_zero() {
+        anyhow::bail!("--horizontal-pod-autoscaler-sync-period must be above zero");
+    }
     let node_wake = Arc::new(Notify::new());
     let deployment = Arc::new(Notify::new());
     let replica_set = Arc::new(Notify::new());
     let slices = Arc::new(Notify::new());
     let endpoints = Arc::new(Notify::new());
     let job = Arc::new(Notify::new());
+    let daemon_set = Arc::new(Notify::new());
+    let cron_job = Arc::new(Notify::new());
+    let quota = Arc::new(Notify::new());
+    let gc_wake = Arc::new(Notify::new());
     let lb_wake = Arc::new(Notify::new());
     let mut tasks = Vec::new();
     let caches = Caches {
@@ -186,6 +208,7 @@ pub async fn run_controllers_with(
                 endpoints.clone(),
                 job.clone(),
                 node_wake.clone(),
+                daemon_set.clone(),
             ],
             &mut tasks,
         ),
@@ -196,8 +219,21 @@ pub async fn run_controllers_with(
         ),
         slices: reflect::<EndpointSlice>(&client, vec![slices.clone()], &mut tasks),
         endpoints: reflect::<Endpoints>(&client, vec![endpoints.clone()], &mut tasks),
-        nodes: reflect::<Node>(&client, vec![slices.clone(), node_wake.clone()], &mut tasks),
-        jobs: reflect::<Job>(&client, vec![job.clone()], &mut tasks),
+        nodes: reflect::<Node>(
+            &client,
+            vec![slices.clone(), node_wake.clone(), daemon_set.clone()],
+            &mut tasks,
+        ),
+        jobs: reflect::<Job>(&client, vec![job.clone(), cron_job.clone()], &mut tasks),
+        daemon_sets: reflect::<DaemonSet>(&client, vec![daemon_set.clone()], &mut tasks),
+        cron_jobs: reflect::<CronJob>(&client, vec![cron_job.clone()], &mut tasks),
+        quotas: reflect::<ResourceQuota>(&client, vec![quota.clone()], &mut tasks),
+        hpas: reflect::<HorizontalPodAutoscaler>(&client, vec![], &mut tasks),
+        dynamic: Arc::new(gc::DynamicCaches::start(
+            &client,
+            vec![gc_wake.clone(), quota.clone()],
+            &mut tasks,
+        )),
     };
     let leases = reflect::<Lease>(&client, vec![node_wake.clone()], &mut tasks);
     let mut tasks = Tasks(tasks);
@@ -211,6 +247,11 @@ pub async fn run_controllers_with(
         wait_ready(&caches.endpoints).await?;
         wait_ready(&caches.nodes).await?;
         wait_ready(&caches.jobs).await?;
+        wait_ready(&caches.daemon_sets).await?;
+        wait_ready(&caches.cron_jobs).await?;
+        wait_ready(&caches.quotas).await?;
+        wait_ready(&caches.hpas).await?;
+        caches.dynamic.wait_ready().await?;
         anyhow::Ok(())
     };
     tokio::pin!(shutdown);
@@ -246,12 +287,30 @@ pub async fn run_controllers_with(
         )));
     }
     let caches = Arc::new(caches);
+    tasks.0.push(tokio::spawn(gc::gc_loop(
+        client.clone(),
+        caches.dynamic.clone(),
+        gc_wake,
+    )));
+    tasks.0.push(tokio::spawn(hpa::hpa_loop(
+        client.clone(),
+        caches.clone(),
+        skiff_controllers::hpa::HpaConfig {
+            downscale_stabilization: i64::try_from(options.hpa_downscale_stabilization.as_secs())
+                .unwrap_or(i64::MAX),
+            ..Default::default()
+        },
+        options.hpa_sync_period,
+    )));
     for (which, wake) in [
         (Which::Deployment, deployment),
         (Which::ReplicaSet, replica_set),
         (Which::EndpointSlice, slices),
         (Which::Endpoints, endpoints),
         (Which::Job, job),
+        (Which::DaemonSet, daemon_set),
+        (Which::CronJob, cron_job),
+        (Which::ResourceQuota, quota),
     ] {
         tasks.0.push(tokio::spawn(control_loop(
             which,
