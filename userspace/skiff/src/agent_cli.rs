@@ -59,9 +59,13 @@ pub struct AgentArgs {
     /// How often the agent renews its node Lease and posts its Node's conditions.
     #[arg(long, default_value = "10s", value_parser = skiff_controller_manager::parse_duration)]
     heartbeat_interval: Duration,
-    /// The container runtime.
-    #[arg(long, default_value = "runc", value_parser = ["runc"])]
+    /// The container runtime: runc (skiff's own, over the local image store) or cri (a CRI v1
+    /// runtime such as containerd at --cri-endpoint; it makes the pod sandboxes and runs CNI).
+    #[arg(long, default_value = "runc", value_parser = ["runc", "cri"])]
     runtime: String,
+    /// The CRI runtime's socket, with --runtime cri.
+    #[arg(long, default_value = "unix:///run/containerd/containerd.sock")]
+    cri_endpoint: String,
 }
 
 /// Enters `/run/netns/<name>` for this thread, before any other thread exists, so every thread
@@ -77,11 +81,49 @@ fn enter_netns(name: &str) -> Result<()> {
     Ok(())
 }
 
-/// The runtime the agent runs pods with, over its state under `data_dir`.
-pub fn node_runtime(data_dir: &Path, image_dir: &Path) -> Result<Arc<dyn skiff_agent::ContainerRuntime>> {
+/// The runtime the agent runs pods with: runc over its state under `data_dir`, or the CRI
+/// runtime at `cri_endpoint`.
+pub fn node_runtime(runtime: &str, data_dir: &Path, image_dir: &Path, cri_endpoint: &str) -> Result<Arc<dyn skiff_agent::ContainerRuntime>> {
+    if runtime == "cri" {
+        let rt = skiff_agent::cri_adapter::CriAdapter::connect(cri_endpoint)
+            .with_context(|| format!("connecting to the CRI runtime at {cri_endpoint}"))?;
+        tracing::info!(endpoint = cri_endpoint, version = %skiff_agent::ContainerRuntime::version(&rt), "CRI runtime");
+        return Ok(Arc::new(rt));
+    }
     let rt = skiff_agent::runc_adapter::RuncRuntime::open(&data_dir.join("runc"), image_dir)
         .context("opening the runc runtime")?;
     Ok(Arc::new(rt))
+}
+
+/// The private containerd `skiff up --runtime cri` runs for a node (`<data dir>/containerd`).
+pub fn node_containerd(data_dir: &Path, cni_bin_dir: &Path) -> skiff_runtime::cri::containerd::ContainerdPaths {
+    skiff_runtime::cri::containerd::ContainerdPaths::new(&data_dir.join("containerd"), cni_bin_dir, &data_dir.join("cni-conf"))
+}
+
+/// Stops and removes every pod sandbox and container the agent made in the CRI runtime at
+/// `endpoint` (StopPodSandbox runs CNI DEL, so addresses and veths go too). Best effort.
+fn remove_cri_pods(endpoint: &str) {
+    use skiff_agent::ContainerRuntime;
+    use skiff_agent::runtime::SandboxRuntime;
+    let Ok(rt) = skiff_agent::cri_adapter::CriAdapter::connect(endpoint) else { return };
+    if let Ok(ids) = rt.list() {
+        let handles: Vec<_> = ids
+            .into_iter()
+            .map(|id| {
+                let rt = rt.clone();
+                std::thread::spawn(move || {
+                    let _ = rt.stop(&id, Duration::from_secs(5));
+                    let _ = rt.remove(&id);
+                })
+            })
+            .collect();
+        for h in handles {
+            let _ = h.join();
+        }
+    }
+    for uid in rt.sandbox_pod_uids().unwrap_or_default() {
+        let _ = rt.remove_sandbox(&uid);
+    }
 }
 
 /// Imports an OCI or docker archive into the image store at `image_dir`.
@@ -98,6 +140,10 @@ pub fn import_image(image_dir: &Path, archive: &Path) -> Result<()> {
 /// Stops and removes every container the node's runtime holds and the pod namespaces its
 /// agent recorded (for `skiff down`, after the agent stopped). Best effort.
 pub fn remove_node_pods(data_dir: &Path, image_dir: &Path) {
+    let containerd = data_dir.join("containerd/containerd.sock");
+    if containerd.exists() {
+        remove_cri_pods(&format!("unix://{}", containerd.display()));
+    }
     if data_dir.join("runc").is_dir()
         && let Ok(rt) = skiff_agent::runc_adapter::RuncRuntime::open(&data_dir.join("runc"), image_dir)
     {
@@ -148,7 +194,14 @@ pub fn run(args: AgentArgs) -> Result<()> {
     cfg.pod_cidr = args.pod_cidr;
     cfg.backoff_base = Duration::from_secs(args.restart_backoff.max(1));
     cfg.heartbeat_interval = args.heartbeat_interval.max(Duration::from_millis(500));
-    let runtime = node_runtime(&args.data_dir, &args.image_dir)?;
+    // The agent endpoint (kubectl logs/exec) accepts the token the apiserver proxies with: the
+    // one this agent was given (see skiff_agent::server::kubeconfig_token).
+    cfg.server_token = match (&args.kubeconfig, &args.token) {
+        (Some(k), _) => std::fs::read_to_string(k).ok().and_then(|t| skiff_agent::server::kubeconfig_token(&t)),
+        (None, Some(t)) => Some(t.clone()),
+        (None, None) => None,
+    };
+    let runtime = node_runtime(&args.runtime, &args.data_dir, &args.image_dir, &args.cri_endpoint)?;
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     rt.block_on(async move {
         let client = match (&args.kubeconfig, &args.server) {

@@ -56,6 +56,12 @@ pub struct UpArgs {
     /// When a cluster is already up in --data-dir, say so and succeed instead of failing.
     #[arg(long)]
     pub keep_existing: bool,
+    /// The nodes' container runtime: runc (skiff's own), or cri: one private containerd per node
+    /// (root, state and socket under the node's folder, running in the node's namespace) that
+    /// the agent drives over CRI and that calls skiff-cni itself. Every --image goes into each
+    /// node's containerd; one of them must be the pause image (scripts/build-pause-image.sh).
+    #[arg(long, default_value = "runc", value_parser = ["runc", "cri"])]
+    pub runtime: String,
 }
 
 #[derive(clap::Args, Clone)]
@@ -89,6 +95,11 @@ pub struct NodeState {
     pub data_dir: String,
     pub pin_dir: String,
     pub agent_pid: Option<u32>,
+    /// `--runtime cri`: the node's containerd (its folder holds everything it made).
+    #[serde(default)]
+    pub containerd_pid: Option<u32>,
+    #[serde(default)]
+    pub containerd_dir: Option<String>,
 }
 
 fn save(dir: &Path, st: &LabState) -> Result<()> {
@@ -210,6 +221,10 @@ pub fn up(args: UpArgs) -> Result<()> {
     std::fs::create_dir_all(&cni_bin)?;
     let plugin = sibling_binary("skiff-cni")?;
     std::fs::copy(&plugin, cni_bin.join("skiff-cni")).context("installing skiff-cni")?;
+    let cri = args.runtime == "cri";
+    if cri {
+        prepare_cri(&cni_bin)?;
+    }
 
     let bridge_ip = format!("172.20.{}.1", args.lab_net);
     let mut st = LabState { name: args.name.clone(), bridge: format!("{}-br", args.name), bridge_ip: bridge_ip.clone(), ..Default::default() };
@@ -229,7 +244,7 @@ pub fn up(args: UpArgs) -> Result<()> {
 
     // The images every node can run.
     let images = dir.join("images");
-    for image in &args.images {
+    for image in args.images.iter().filter(|_| !cri) {
         crate::agent_cli::import_image(&images, image)?;
     }
 
@@ -270,6 +285,8 @@ pub fn up(args: UpArgs) -> Result<()> {
             data_dir: dir.join("nodes").join(format!("{}-node-{i}", args.name)).display().to_string(),
             pin_dir: format!("/sys/fs/bpf/skiff/{}-node-{i}", args.name),
             agent_pid: None,
+            containerd_pid: None,
+            containerd_dir: None,
         };
         st.nodes.push(node.clone());
         save(dir, &st)?;
@@ -281,6 +298,7 @@ pub fn up(args: UpArgs) -> Result<()> {
         ip(&["-n", &node.netns, "addr", "add", &format!("{}/{LAB_PREFIX}", node.ip), "dev", "eth0"])?;
         ip(&["-n", &node.netns, "link", "set", "eth0", "up"])?;
         std::fs::create_dir_all(&node.data_dir)?;
+        let cri_endpoint = if cri { Some(start_containerd(dir, &mut st, &cni_bin, &args.images)?) } else { None };
         let mut agent_args: Vec<String> = [
             "agent", "--kubeconfig", &st.kubeconfig, "--node-name", &node.name, "--node-ip", &node.ip,
             "--netns", &node.netns, "--data-dir", &node.data_dir, "--pin-dir", &node.pin_dir,
@@ -292,6 +310,9 @@ pub fn up(args: UpArgs) -> Result<()> {
         .iter()
         .map(|s| s.to_string())
         .collect();
+        if let Some(ep) = &cri_endpoint {
+            agent_args.extend(["--runtime".to_string(), "cri".to_string(), "--cri-endpoint".to_string(), ep.clone()]);
+        }
         agent_args.extend(args.agent_args.iter().cloned());
         let pid = spawn_detached(&agent_args, &Path::new(&node.data_dir).join("agent.log"))?;
         if let Some(n) = st.nodes.last_mut() {
@@ -401,6 +422,12 @@ fn down_state(dir: &Path, st: &LabState) {
     }
     for n in &st.nodes {
         crate::agent_cli::remove_node_pods(Path::new(&n.data_dir), &dir.join("images"));
+        if let Some(cdir) = &n.containerd_dir {
+            // After the pods: the daemon, then any shim it left, then its mounts and files.
+            let paths = skiff_runtime::cri::containerd::ContainerdPaths::new(Path::new(cdir), &dir.join("cni-bin"), &Path::new(&n.data_dir).join("cni-conf"));
+            skiff_runtime::cri::containerd::stop(&paths, n.containerd_pid);
+            skiff_runtime::cri::containerd::remove_all(&paths);
+        }
         let _ = std::fs::remove_dir_all(&n.pin_dir);
         remove_cgroups(&format!("skiff/{}", n.name));
         ip_quiet(&["netns", "del", &n.netns]);
@@ -512,6 +539,15 @@ pub fn leftovers(st: &LabState, pod_netns: &[String]) -> Vec<String> {
         if n.agent_pid.is_some_and(alive) {
             left.push(format!("agent pid {}", n.agent_pid.unwrap_or_default()));
         }
+        if let Some(pid) = n.containerd_pid.filter(|p| alive(*p)) {
+            left.push(format!("containerd pid {pid}"));
+        }
+        if let Some(d) = &n.containerd_dir {
+            let mounts = skiff_runtime::cri::containerd::mounts_under(Path::new(d));
+            if !mounts.is_empty() {
+                left.push(format!("mounts {}", mounts.join(" ")));
+            }
+        }
     }
     for p in pod_netns {
         if netns.lines().any(|l| l.split_whitespace().next() == Some(p.as_str())) {
@@ -531,4 +567,48 @@ pub fn leftovers(st: &LabState, pod_netns: &[String]) -> Vec<String> {
         }
     }
     left
+}
+
+/// containerd's CRI plugin needs, besides skiff-cni, the reference `loopback` plugin in the same
+/// bin_dir (it always brings up the sandbox's `lo` with it).
+const LOOPBACK_PLUGIN: &str = "/usr/lib/cni/loopback";
+
+fn prepare_cri(cni_bin: &Path) -> Result<()> {
+    for tool in ["containerd", "ctr", "containerd-shim-runc-v2"] {
+        if Command::new("sh").args(["-c", &format!("command -v {tool}")]).stdout(Stdio::null()).status().map(|s| !s.success()).unwrap_or(true) {
+            bail!("--runtime cri needs {tool}: run scripts/setup.sh (apt-get install containerd)");
+        }
+    }
+    if !Path::new(LOOPBACK_PLUGIN).is_file() {
+        bail!("--runtime cri needs {LOOPBACK_PLUGIN}: apt-get install containernetworking-plugins");
+    }
+    std::fs::copy(LOOPBACK_PLUGIN, cni_bin.join("loopback")).context("installing the loopback CNI plugin")?;
+    Ok(())
+}
+
+/// Starts the last node's containerd in its namespace (recorded before it starts), waits for its
+/// CRI plugin, imports the images into it; returns its CRI endpoint.
+fn start_containerd(dir: &Path, st: &mut LabState, cni_bin: &Path, images: &[PathBuf]) -> Result<String> {
+    use skiff_runtime::cri::containerd;
+    let node = st.nodes.last().cloned().context("no node to start containerd for")?;
+    let paths = crate::agent_cli::node_containerd(Path::new(&node.data_dir), cni_bin);
+    if let Some(n) = st.nodes.last_mut() {
+        n.containerd_dir = Some(paths.dir.display().to_string());
+    }
+    save(dir, st)?;
+    let child = containerd::spawn(&paths, Some(&node.netns), true).with_context(|| format!("starting containerd for {}", node.name))?;
+    let pid = child.id();
+    if let Some(n) = st.nodes.last_mut() {
+        n.containerd_pid = Some(pid);
+    }
+    save(dir, st)?;
+    let cri = containerd::wait_ready(&paths, pid, Duration::from_secs(60)).with_context(|| format!("containerd of {}", node.name))?;
+    for image in images {
+        containerd::import_image(&paths, image).with_context(|| format!("importing {} into the containerd of {}", image.display(), node.name))?;
+    }
+    if cri.image_status(containerd::PAUSE_IMAGE).ok().flatten().is_none() {
+        bail!("the pause image {} is not among the --image archives: build it with scripts/build-pause-image.sh and pass it with --image", containerd::PAUSE_IMAGE);
+    }
+    eprintln!("[up] node {} containerd pid {pid}, {}", node.name, paths.endpoint());
+    Ok(paths.endpoint())
 }

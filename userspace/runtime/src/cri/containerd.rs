@@ -314,9 +314,11 @@ pub fn stop(paths: &ContainerdPaths, pid: Option<u32>) {
 pub fn remove_all(paths: &ContainerdPaths) {
     unmount_under(&paths.dir);
     let _ = std::fs::remove_dir_all(&paths.dir);
-    // The shims' socket folder is fixed (its names hash the daemon's address); it goes when
-    // empty, so a system containerd's live sockets are never touched.
+    // The shims' socket folder is fixed (its names hash the daemon's address); these go only
+    // when empty, so a system containerd's live files are never touched.
     let _ = std::fs::remove_dir("/run/containerd/s");
+    // `ctr tasks exec` keeps its fifos here (one folder per exec, removed when it ends).
+    let _ = std::fs::remove_dir("/run/containerd/fifo");
     let _ = std::fs::remove_dir("/run/containerd");
 }
 

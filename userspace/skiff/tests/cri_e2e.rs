@@ -1,0 +1,255 @@
+//! `skiff up --nodes 2 --runtime cri`: every node runs its own containerd (Debian's 1.6) in its
+//! namespace, the agents drive it over CRI, and containerd calls skiff-cni itself, as on a
+//! Kubernetes node. Then real kubectl: the Deployment of tests/cluster.rs becomes Running and
+//! Ready; pods reach each other by IP across nodes and through the ClusterIP; `kubectl exec`
+//! returns output and exit codes; an exec readiness probe (CRI ExecSync) gates Ready; a pod over
+//! its memory limit is OOMKilled; a fresh CRI adapter finds every container again by labels (what
+//! a restarted agent does); `skiff down` leaves no containerd, mount, netns or cgroup.
+//!
+//! Traffic goes only to pod and service addresses of the lab, from inside its namespaces.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::cluster::*;
+use common::*;
+
+const DEPLOYMENT: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: e2e}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: echo, namespace: e2e}
+spec:
+  replicas: 4
+  selector: {matchLabels: {app: echo}}
+  template:
+    metadata: {labels: {app: echo}}
+    spec:
+      containers:
+      - name: echo
+        image: skiff/echo:1.0
+        ports: [{name: http, containerPort: 8080}, {name: tcp, containerPort: 9000}]
+        readinessProbe:
+          httpGet: {path: /healthz, port: http}
+          periodSeconds: 1
+---
+apiVersion: v1
+kind: Service
+metadata: {name: echo, namespace: e2e}
+spec:
+  selector: {app: echo}
+  ports:
+  - {name: tcp, port: 9000, targetPort: tcp}
+"#;
+
+const EXTRA_PODS: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: gated, namespace: e2e}
+spec:
+  containers:
+  - name: main
+    image: skiff/echo:1.0
+    command: [sh, -c, "echo started; exec sleep 100000"]
+    readinessProbe:
+      exec: {command: [cat, /tmp/ready]}
+      periodSeconds: 1
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: hog, namespace: e2e}
+spec:
+  restartPolicy: Never
+  containers:
+  - name: hog
+    image: skiff/echo:1.0
+    command: [sh, -c, "x=a; while true; do x=$x$x; done"]
+    resources:
+      limits: {memory: 32Mi}
+"#;
+
+fn pause_image() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let out = root.join("target/images/skiff-pause-1.0.oci.tar");
+    let status = Command::new("bash").arg(root.join("scripts/build-pause-image.sh")).arg(&out).status().expect("run build-pause-image.sh");
+    assert!(status.success(), "scripts/build-pause-image.sh failed");
+    out
+}
+
+/// `/run/netns/<name>` of a pod, from the sandbox record its node's agent keeps.
+fn pod_netns(lab: &serde_json::Value, node: &str, uid: &str) -> PathBuf {
+    let n = lab["nodes"].as_array().into_iter().flatten().find(|n| n["name"] == node).expect("the pod's node in lab.json");
+    let rec: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(Path::new(n["data_dir"].as_str().unwrap_or_default()).join("pods").join(uid).join("sandbox.json")).expect("sandbox.json"),
+    )
+    .expect("sandbox.json parses");
+    let name = rec["netns"].as_str().expect("netns name");
+    assert!(name.starts_with("cni-"), "containerd made the pod's netns (not the agent): {name}");
+    Path::new("/run/netns").join(name)
+}
+
+fn cgroup_dirs_named(prefix: &str) -> Vec<PathBuf> {
+    let mut out = vec![];
+    for root in std::fs::read_dir("/sys/fs/cgroup").into_iter().flatten().flatten() {
+        for e in std::fs::read_dir(root.path().join("skiff")).into_iter().flatten().flatten() {
+            if e.file_name().to_string_lossy().starts_with(prefix) {
+                out.push(e.path());
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn two_node_cluster_on_containerd_runs_the_deployment() {
+    let Some(kubectl) = kubectl_path() else {
+        require("kubectl 1.32", false);
+        return;
+    };
+    if !require("root (skiff up creates namespaces and loads eBPF)", geteuid() == 0)
+        || !require("runc", have("runc"))
+        || !require("iproute2", have("ip"))
+        || !require("containerd and ctr (apt-get install containerd)", have("containerd") && have("ctr") && have("containerd-shim-runc-v2"))
+        || !require("/usr/lib/cni/loopback (apt-get install containernetworking-plugins)", Path::new("/usr/lib/cni/loopback").is_file())
+    {
+        return;
+    }
+    ensure_sibling_binaries();
+    let image = echo_image();
+    let pause = pause_image();
+    let pause_arg = pause.display().to_string();
+    let mut cluster = Cluster::up_with(2, &image, &["--runtime", "cri", "--image", &pause_arg]);
+    let k = Kubectl::new(kubectl, &cluster.kubeconfig);
+    let lab: serde_json::Value = serde_json::from_slice(&std::fs::read(cluster.dir.path().join("lab.json")).expect("lab.json")).expect("lab.json parses");
+    let containerd_pids: Vec<u32> = lab["nodes"].as_array().into_iter().flatten().filter_map(|n| n["containerd_pid"].as_u64()).map(|p| p as u32).collect();
+    assert_eq!(containerd_pids.len(), 2, "one containerd per node: {lab}");
+
+    let nodes = k.json(&["get", "nodes"]);
+    let items = nodes["items"].as_array().cloned().unwrap_or_default();
+    assert_eq!(items.len(), 2);
+    for n in &items {
+        let v = n["status"]["nodeInfo"]["containerRuntimeVersion"].as_str().unwrap_or_default();
+        assert!(v.starts_with("containerd://"), "the node reports its CRI runtime: {v:?}");
+    }
+
+    k.run_with_stdin(&["apply", "-f", "-"], Some(DEPLOYMENT));
+    let pods = eventually("4 pods Running and Ready on containerd", Duration::from_secs(180), || {
+        let pods = k.json(&["get", "pods", "-n", "e2e", "-l", "app=echo"]);
+        let items = pods["items"].as_array().cloned().unwrap_or_default();
+        let ready = items
+            .iter()
+            .filter(|p| {
+                p["status"]["phase"] == "Running"
+                    && p["status"]["conditions"].as_array().is_some_and(|c| c.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"))
+            })
+            .count();
+        (items.len() == 4 && ready == 4).then_some(items)
+    });
+    let mut targets = Vec::new();
+    let mut per_node = BTreeSet::new();
+    for p in &pods {
+        let node = p["spec"]["nodeName"].as_str().expect("nodeName").to_string();
+        per_node.insert(node.clone());
+        let ip = p["status"]["podIP"].as_str().expect("podIP").to_string();
+        let uid = p["metadata"]["uid"].as_str().expect("uid").to_string();
+        let cid = p["status"]["containerStatuses"][0]["containerID"].as_str().unwrap_or_default().to_string();
+        let netns = pod_netns(&lab, &node, &uid);
+        targets.push((p["metadata"]["name"].as_str().expect("name").to_string(), ip, netns, node, cid));
+    }
+    assert_eq!(per_node.len(), 2, "the pods spread over both nodes: {per_node:?}");
+
+    // Pod to pod by IP, across nodes, each answering with its own name.
+    for (from, _, netns, _, _) in &targets {
+        for (to, ip, _, _, _) in &targets {
+            let dst: SocketAddr = format!("{ip}:9000").parse().expect("addr");
+            let answer = in_netns(netns, || ask(dst)).unwrap_or_else(|e| panic!("{from} -> {to} ({ip}): {e}\n{}", cluster.agent_logs()));
+            assert!(answer.starts_with(to.as_str()) && answer.ends_with(ip.as_str()), "{from} -> {to}: {answer:?}");
+        }
+    }
+    // The ClusterIP, through the eBPF datapath, reaches every backend.
+    let cluster_ip = k.ok(&["get", "svc", "echo", "-n", "e2e", "-o", "jsonpath={.spec.clusterIP}"]);
+    let vip: SocketAddr = format!("{cluster_ip}:9000").parse().expect("vip");
+    let client = targets[0].2.clone();
+    let seen: BTreeSet<String> = eventually("every backend answers through the ClusterIP", Duration::from_secs(30), || {
+        let seen: BTreeSet<String> = in_netns(&client, || (0..40).filter_map(|_| ask(vip).ok()).collect());
+        (seen.len() == 4).then_some(seen)
+    });
+    for (name, ip, _, _, _) in &targets {
+        assert!(seen.contains(&format!("{name} {ip}")), "{name} answered through {vip}: {seen:?}");
+    }
+
+    // kubectl exec: output and the exit code.
+    let out = k.run_with_stdin(&["exec", "-n", "e2e", &targets[0].0, "--", "sh", "-c", "echo from-$(hostname); exit 3"], None);
+    assert_eq!(out.status.code(), Some(3), "exec's exit code: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("from-{}", targets[0].0));
+
+    // An exec readiness probe (ExecSync) gates Ready; OOMKilled comes from CRI's status.
+    k.run_with_stdin(&["apply", "-f", "-"], Some(EXTRA_PODS));
+    eventually("gated Running", Duration::from_secs(60), || {
+        let p = k.json(&["get", "pod", "gated", "-n", "e2e"]);
+        (p["status"]["phase"] == "Running").then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    let p = k.json(&["get", "pod", "gated", "-n", "e2e"]);
+    assert_eq!(p["status"]["containerStatuses"][0]["ready"], false, "not ready while its exec probe fails: {}", p["status"]);
+    k.ok(&["exec", "-n", "e2e", "gated", "--", "touch", "/tmp/ready"]);
+    eventually("gated Ready once the probe passes", Duration::from_secs(30), || {
+        let p = k.json(&["get", "pod", "gated", "-n", "e2e"]);
+        (p["status"]["containerStatuses"][0]["ready"] == true).then_some(())
+    });
+    let term = eventually("hog OOMKilled", Duration::from_secs(90), || {
+        let p = k.json(&["get", "pod", "hog", "-n", "e2e"]);
+        let t = p["status"]["containerStatuses"][0]["state"]["terminated"].clone();
+        t.is_object().then_some(t)
+    });
+    assert_eq!(term["reason"], "OOMKilled", "{term}");
+    assert_eq!(term["exitCode"], 137, "{term}");
+
+    // kubectl logs reads what containerd wrote at the agent's log path.
+    let logs = k.ok(&["logs", "-n", "e2e", "gated"]);
+    assert!(logs.contains("started"), "kubectl logs of a CRI container: {logs:?}");
+
+    // Adoption: a fresh adapter (an agent after a restart) finds every container by its labels.
+    {
+        use skiff_agent::ContainerRuntime;
+        for n in lab["nodes"].as_array().into_iter().flatten() {
+            let sock = Path::new(n["data_dir"].as_str().unwrap_or_default()).join("containerd/containerd.sock");
+            let rt = skiff_agent::cri_adapter::CriAdapter::connect(&format!("unix://{}", sock.display())).expect("connect to the node's containerd");
+            let ids = rt.list().expect("list");
+            for (name, _, _, node, _) in targets.iter().filter(|t| n["name"] == t.3.as_str()) {
+                let p = k.json(&["get", "pod", name, "-n", "e2e"]);
+                let uid = p["metadata"]["uid"].as_str().unwrap_or_default();
+                let id = ids.iter().find(|i| i.starts_with(&format!("{uid}_echo_"))).unwrap_or_else(|| panic!("{name}'s container on {node} found again: {ids:?}"));
+                assert!(matches!(rt.observe(id), Ok(skiff_agent::runtime::Observed::Running { .. })), "{id} is running");
+            }
+        }
+    }
+
+    let pod_netns: Vec<PathBuf> = targets.iter().map(|t| t.2.clone()).collect();
+    let dir = cluster.dir.path().to_path_buf();
+    let text = cluster.down();
+    assert!(text.contains("skiff is down"), "{text}");
+    for pid in &containerd_pids {
+        assert!(!Path::new(&format!("/proc/{pid}")).exists(), "containerd {pid} stopped");
+    }
+    let ps = Command::new("ps").args(["-eo", "args"]).output().expect("ps");
+    let ps = String::from_utf8_lossy(&ps.stdout);
+    assert!(!ps.lines().any(|l| l.contains(&dir.display().to_string())), "no process of the lab left:\n{ps}");
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    assert!(!mounts.contains(&dir.display().to_string()), "no mount under the lab folder left");
+    for ns in &pod_netns {
+        assert!(!ns.exists(), "pod netns {} removed", ns.display());
+        assert!(!mounts.contains(&ns.display().to_string()), "pod netns {} unmounted", ns.display());
+    }
+    let netns = Command::new("ip").args(["netns", "list"]).output().expect("ip");
+    assert!(!String::from_utf8_lossy(&netns.stdout).contains("skt-node"), "node namespaces removed");
+    assert!(cgroup_dirs_named("skt-node").is_empty(), "node cgroups removed: {:?}", cgroup_dirs_named("skt-node"));
+}
