@@ -173,6 +173,16 @@ impl ContainerRuntime for RuncRuntime {
     fn exec(&self, id: &str, argv: &[String], tty: bool) -> Result<std::process::Child, RuntimeError> {
         let rid = self.runc_id(id)?.ok_or_else(|| RuntimeError::Failed(format!("container {id} not found")))?;
         let p = self.runc.exec(&rid, argv, tty).map_err(fail)?;
-        Ok(p.child)
+        let mut child = p.child;
+        // With a tty the process's stdio is the terminal: hand its master side out as the
+        // child's stdin and stdout (the contract the agent's exec endpoint relies on).
+        if let Some(pty) = p.pty {
+            let fd = std::os::fd::OwnedFd::from(pty);
+            let out = fd.try_clone().map_err(fail)?;
+            child.stdout = Some(std::process::ChildStdout::from(out));
+            child.stdin = Some(std::process::ChildStdin::from(fd));
+            child.stderr = None;
+        }
+        Ok(child)
     }
 }

@@ -70,7 +70,9 @@ spec:
   containers:
   - name: client
     image: skiff/echo:1.0
-    command: ["sh", "-c", "nslookup gated.pods.svc.cluster.local && wget -q -T 3 -O- http://gated/ | grep -q gated"]
+    # busybox-static's wget cannot resolve names (static glibc has no NSS) and crashes with -T:
+    # resolve with nslookup (the search path: the short name), then fetch by the address.
+    command: ["sh", "-c", "nslookup gated.pods.svc.cluster.local && ip=$(nslookup gated | awk '/^Address: /{print $2}' | tail -1) && echo resolved $ip && wget -q -O- http://$ip/ | grep gated"]
 "#;
 
 const SPREAD: &str = r#"
@@ -132,10 +134,12 @@ fn pods_restart_probe_resolve_and_move_off_a_lost_node() {
     });
 
     // OOM: killed at its limit, reported as OOMKilled, restarted and counted.
-    let oom = eventually("oom restarted after an OOM kill", Duration::from_secs(90), || {
+    let last = std::cell::RefCell::new(serde_json::Value::Null);
+    let oom = eventually_or("oom restarted after an OOM kill", Duration::from_secs(90), || {
         let cs = container_status(&pod(&k, "oom"));
+        *last.borrow_mut() = cs.clone();
         (cs["restartCount"].as_i64().unwrap_or(0) >= 1 && cs["lastState"]["terminated"]["reason"] == "OOMKilled").then_some(cs)
-    });
+    }, || format!("last status: {}\n{}", last.borrow(), cluster.agent_logs()));
     assert_eq!(oom["lastState"]["terminated"]["exitCode"], 137, "{oom}");
     let table = k.ok(&["get", "pod", "oom", "-n", "pods"]);
     assert!(table.lines().nth(1).is_some_and(|l| l.split_whitespace().nth(3).is_some_and(|r| r != "0")), "RESTARTS counts the OOM kill:\n{table}");
@@ -189,6 +193,18 @@ fn pods_restart_probe_resolve_and_move_off_a_lost_node() {
     let text = cluster.down();
     assert!(text.contains("skiff is down"), "{text}");
     assert!(!Path::new(&victim.pin_dir).exists(), "the lost node's pins are removed too");
+}
+
+/// `eventually`, with more to say when it times out.
+fn eventually_or<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>, why: impl FnOnce() -> String) -> T {
+    let start = std::time::Instant::now();
+    while start.elapsed() < timeout {
+        if let Some(v) = f() {
+            return v;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    panic!("timed out after {}s waiting for {what}: {}", timeout.as_secs(), why())
 }
 
 fn libc_kill(pid: i32, sig: i32) -> i32 {
