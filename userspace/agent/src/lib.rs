@@ -9,6 +9,7 @@
 //! while no agent runs.
 
 pub mod cri_adapter;
+pub mod metrics;
 pub mod network;
 pub mod node;
 pub mod pods;
@@ -275,6 +276,7 @@ pub async fn run(
     let routes = tokio::spawn(routes_loop(client.clone(), cfg.node_name.clone(), shutdown.clone()));
     let pods_dir = ctx.pods_dir.clone();
     let pods = tokio::spawn(pods::run(ctx, shutdown.clone()));
+    tokio::spawn(metrics::metrics_loop(client.clone(), cfg.node_name.clone(), shutdown.clone()));
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
