@@ -157,15 +157,16 @@ async fn routes_loop(client: kube::Client, own: String, mut shutdown: watch::Rec
     loop {
         let all: Vec<Node> = store.state().iter().map(|n| (**n).clone()).collect();
         let desired = network::routes_from_nodes(&all, &own);
-        if last.as_ref() == Some(&desired) {
-            continue;
-        }
-        match network::sync_routes(&desired).await {
-            Ok(()) => {
-                info!(routes = desired.len(), "routes to other nodes' pods in place");
-                last = Some(desired);
+        // Unchanged (a Node heartbeat, say): nothing to write, but still wait below; a bare
+        // `continue` here spun this task at 100% of a core on every agent.
+        if last.as_ref() != Some(&desired) {
+            match network::sync_routes(&desired).await {
+                Ok(()) => {
+                    info!(routes = desired.len(), "routes to other nodes' pods in place");
+                    last = Some(desired);
+                }
+                Err(e) => warn!("syncing routes failed: {e}"),
             }
-            Err(e) => warn!("syncing routes failed: {e}"),
         }
         tokio::select! {
             _ = shutdown.changed() => return,
@@ -204,11 +205,30 @@ pub async fn run(
         Some(pin) => {
             let pin = pin.clone();
             let uplink = cfg.uplink.clone();
+            let (node_ip, node_name) = (cfg.node_ip, cfg.node_name.clone());
             let dp = tokio::task::spawn_blocking(move || -> anyhow::Result<skiff_datapath::Datapath> {
                 let mut dp = skiff_datapath::Datapath::load(&pin).context("loading the eBPF datapath")?;
                 if let Some(up) = &uplink {
                     dp.attach_tc(up).with_context(|| format!("attaching tc to the uplink {up}"))?;
                     dp.attach_xdp(up).with_context(|| format!("attaching XDP to the uplink {up}"))?;
+                    // NodePort/LoadBalancer traffic is SNATed to the node's own address, so a
+                    // backend on another node replies here (where the conntrack entry is). The
+                    // translated packet never meets the stack's martian-source check: tc on the
+                    // uplink delivers it by redirect (peer or neigh) before any routing.
+                    dp.set_nodeport_snat(node_ip).context("setting the NodePort SNAT address")?;
+                }
+                // Processes of the node itself (not in a pod) reach ClusterIPs through the
+                // socket-LB programs on the node's host cgroup: tc sits only on pod veths and the
+                // node has no route to the service range, so connect()/sendmsg() must translate.
+                match skiff_datapath::cgroup2_root().map(|r| r.join("skiff").join(&node_name).join("host")) {
+                    Ok(host_cg) => {
+                        if let Err(e) = std::fs::create_dir_all(&host_cg).map_err(anyhow::Error::from).and_then(|()| Ok(dp.attach_cgroup(&host_cg)?)) {
+                            warn!(cgroup = %host_cg.display(), "node processes get no ClusterIP (socket LB not attached): {e:#}");
+                        } else {
+                            info!(cgroup = %host_cg.display(), "socket LB attached for the node's host processes");
+                        }
+                    }
+                    Err(e) => warn!("node processes get no ClusterIP: {e}"),
                 }
                 Ok(dp)
             })

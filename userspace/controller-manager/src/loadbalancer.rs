@@ -17,7 +17,7 @@
 //! clears its status, which frees the address too.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::Ipv4Addr;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -326,8 +326,9 @@ async fn event(client: &Client, services: &Store<Service>, namespace: &str, name
     }
 }
 
-/// An address as the allocator sees it in a status (for tests and tools).
-pub fn ingress_ips(svc: &Service) -> Vec<IpAddr> {
+/// The addresses as the allocator reads them from a status.
+#[cfg(test)]
+fn ingress_ips(svc: &Service) -> Vec<std::net::IpAddr> {
     LbService::from_service(svc).ingress.iter().filter_map(|s| s.parse().ok()).collect()
 }
 
@@ -493,7 +494,7 @@ mod tests {
         assert!(v.wants_ip && !v.foreign);
         assert_eq!(v.requested.as_deref(), Some("172.20.0.201"));
         assert_eq!(v.ingress, vec!["172.20.0.201".to_string()]);
-        assert_eq!(ingress_ips(&svc), vec![IpAddr::V4(ip(201))]);
+        assert_eq!(ingress_ips(&svc), vec![std::net::IpAddr::V4(ip(201))]);
         let svc: Service = serde_json::from_value(json!({
             "metadata": {"name": "x", "namespace": "prod"},
             "spec": {"type": "LoadBalancer", "loadBalancerClass": "example.com/other"}

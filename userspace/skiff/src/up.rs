@@ -62,6 +62,20 @@ pub struct UpArgs {
     /// node's containerd; one of them must be the pause image (scripts/build-pause-image.sh).
     #[arg(long, default_value = "runc", value_parser = ["runc", "cri"])]
     pub runtime: String,
+    /// Addresses for Services of type LoadBalancer (FIRST-LAST or a CIDR), passed to the server
+    /// as --loadbalancer-ip-pool; default 172.20.<lab-net>.200-172.20.<lab-net>.250 (on the lab
+    /// network); `none` turns allocation off.
+    #[arg(long)]
+    pub loadbalancer_ip_pool: Option<String>,
+    /// Also make an "external client": a namespace `<name>-client` on the lab bridge
+    /// (172.20.<lab-net>.100, checksum offload off as behind a real NIC) with a route for the
+    /// LoadBalancer pool via the first node, as a router in front of a bare-metal cluster has.
+    #[arg(long)]
+    pub external_client: bool,
+    /// Instead of bringing a cluster up: restart the agent of this node of the cluster in
+    /// --data-dir with the arguments it was first started with (stopping it first if it runs).
+    #[arg(long, value_name = "NODE")]
+    pub restart_agent: Option<String>,
 }
 
 #[derive(clap::Args, Clone)]
@@ -84,6 +98,11 @@ pub struct LabState {
     pub pod_routes: Vec<(String, String)>,
     pub nodes: Vec<NodeState>,
     pub kubeconfig: String,
+    #[serde(default)]
+    pub client: Option<ClientState>,
+    /// The LoadBalancer pool given to the server (FIRST-LAST), if any.
+    #[serde(default)]
+    pub loadbalancer_ip_pool: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -100,6 +119,20 @@ pub struct NodeState {
     pub containerd_pid: Option<u32>,
     #[serde(default)]
     pub containerd_dir: Option<String>,
+    /// The `skiff` arguments the agent was started with (`--restart-agent` reuses them).
+    #[serde(default)]
+    pub agent_args: Vec<String>,
+}
+
+/// The external client namespace (`--external-client`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ClientState {
+    pub netns: String,
+    /// The root-namespace end of its veth (a port of the bridge).
+    pub veth: String,
+    pub ip: String,
+    /// Routes in the client for the LoadBalancer pool: (prefix, via node IP).
+    pub routes: Vec<(String, String)>,
 }
 
 fn save(dir: &Path, st: &LabState) -> Result<()> {
@@ -205,6 +238,17 @@ pub fn up(args: UpArgs) -> Result<()> {
         bail!("--name must be 1-8 lowercase letters or digits (it prefixes interface names)");
     }
     let dir = &args.data_dir;
+    if let Some(node) = &args.restart_agent {
+        return restart_agent(dir, node);
+    }
+    let lb_pool = match args.loadbalancer_ip_pool.as_deref() {
+        Some("none") => None,
+        Some(p) => Some(p.to_string()),
+        None => Some(format!("172.20.{n}.200-172.20.{n}.250", n = args.lab_net)),
+    };
+    if let Some(p) = &lb_pool {
+        p.parse::<skiff_controller_manager::IpPool>().map_err(anyhow::Error::msg)?;
+    }
     if let Some(st) = load(dir)? {
         if st.server_pid.is_some_and(alive) {
             if args.keep_existing {
@@ -261,6 +305,10 @@ pub fn up(args: UpArgs) -> Result<()> {
         "--tls-san".into(),
         bridge_ip.clone(),
     ];
+    if let Some(p) = &lb_pool {
+        server_args.extend(["--loadbalancer-ip-pool".to_string(), p.clone()]);
+        st.loadbalancer_ip_pool = Some(p.clone());
+    }
     server_args.extend(args.server_args.iter().cloned());
     let pid = spawn_detached(&server_args, &dir.join("server.log"))?;
     st.server_pid = Some(pid);
@@ -287,6 +335,7 @@ pub fn up(args: UpArgs) -> Result<()> {
             agent_pid: None,
             containerd_pid: None,
             containerd_dir: None,
+            agent_args: Vec::new(),
         };
         st.nodes.push(node.clone());
         save(dir, &st)?;
@@ -317,6 +366,7 @@ pub fn up(args: UpArgs) -> Result<()> {
         let pid = spawn_detached(&agent_args, &Path::new(&node.data_dir).join("agent.log"))?;
         if let Some(n) = st.nodes.last_mut() {
             n.agent_pid = Some(pid);
+            n.agent_args = agent_args.clone();
         }
         save(dir, &st)?;
         eprintln!("[up] node {} ({}) agent pid {pid}", node.name, node.ip);
@@ -368,6 +418,9 @@ pub fn up(args: UpArgs) -> Result<()> {
         save(dir, &st)?;
         ip(&["route", "replace", &cidr, "via", &via])?;
     }
+    if args.external_client {
+        add_external_client(dir, &mut st, args.lab_net, lb_pool.as_deref())?;
+    }
     println!("skiff is up: {} nodes Ready.", args.nodes);
     println!("  export KUBECONFIG={}", st.kubeconfig);
     println!("  skiff down --data-dir {}   # removes everything it made", dir.display());
@@ -415,6 +468,10 @@ fn stop_pid(pid: u32, grace: Duration) {
 /// Removes what `st` records, in reverse order of creation. Best effort: every step runs even
 /// when an earlier one failed; `leftovers` then says what is still there.
 fn down_state(dir: &Path, st: &LabState) {
+    if let Some(c) = &st.client {
+        ip_quiet(&["netns", "del", &c.netns]);
+        ip_quiet(&["link", "del", &c.veth]);
+    }
     for n in &st.nodes {
         if let Some(pid) = n.agent_pid {
             stop_pid(pid, Duration::from_secs(10));
@@ -554,6 +611,14 @@ pub fn leftovers(st: &LabState, pod_netns: &[String]) -> Vec<String> {
             left.push(format!("pod netns {p}"));
         }
     }
+    if let Some(c) = &st.client {
+        if netns.lines().any(|l| l.split_whitespace().next() == Some(c.netns.as_str())) {
+            left.push(format!("netns {}", c.netns));
+        }
+        if Path::new(&format!("/sys/class/net/{}", c.veth)).exists() {
+            left.push(format!("link {}", c.veth));
+        }
+    }
     if !st.bridge.is_empty() && Path::new(&format!("/sys/class/net/{}", st.bridge)).exists() {
         left.push(format!("bridge {}", st.bridge));
     }
@@ -567,6 +632,112 @@ pub fn leftovers(st: &LabState, pod_netns: &[String]) -> Vec<String> {
         }
     }
     left
+}
+
+/// The client host of `--external-client`: a namespace on the lab bridge that is no node, the
+/// stand-in for a machine outside the cluster. It reaches node IPs (NodePort) directly; the
+/// LoadBalancer pool is routed via the first node, as a router in front of a bare-metal cluster
+/// would route it (or BGP would announce it): the node's XDP program then answers for the
+/// address, so no node needs to own it or answer ARP for it.
+fn add_external_client(dir: &Path, st: &mut LabState, lab_net: u8, pool: Option<&str>) -> Result<()> {
+    let Some(first_node) = st.nodes.first().map(|n| n.ip.clone()) else { bail!("no node to route the LoadBalancer pool to") };
+    let mut c = ClientState {
+        netns: format!("{}-client", st.name),
+        veth: format!("{}-c", st.name),
+        ip: format!("172.20.{lab_net}.100"),
+        routes: Vec::new(),
+    };
+    if let Some(pool) = pool {
+        let p: skiff_controller_manager::IpPool = pool.parse().map_err(anyhow::Error::msg)?;
+        // The smallest set of prefixes covering exactly the pool.
+        for net in ipnet::Ipv4Subnets::new(p.first(), p.last(), 0) {
+            c.routes.push((net.to_string(), first_node.clone()));
+        }
+    }
+    st.client = Some(c.clone());
+    save(dir, st)?;
+    eprintln!("[up] external client {} ({}), LoadBalancer pool via {first_node}", c.netns, c.ip);
+    ip(&["netns", "add", &c.netns])?;
+    ip(&["-n", &c.netns, "link", "set", "lo", "up"])?;
+    ip(&["link", "add", &c.veth, "type", "veth", "peer", "name", "eth0", "netns", &c.netns])?;
+    ip(&["link", "set", &c.veth, "master", &st.bridge])?;
+    ip(&["link", "set", &c.veth, "up"])?;
+    ip(&["-n", &c.netns, "addr", "add", &format!("{}/{LAB_PREFIX}", c.ip), "dev", "eth0"])?;
+    ip(&["-n", &c.netns, "link", "set", "eth0", "up"])?;
+    for (net, via) in &c.routes {
+        ip(&["-n", &c.netns, "route", "add", net, "via", via])?;
+    }
+    // Complete checksums on what the client sends, as packets from a real NIC carry: XDP cannot
+    // finish a CHECKSUM_PARTIAL packet from a veth whose sender offloads checksums.
+    let ns_path = Path::new("/run/netns").join(&c.netns);
+    let done = std::thread::spawn(move || -> Result<()> {
+        use std::os::fd::AsRawFd;
+        let f = std::fs::File::open(&ns_path).with_context(|| format!("opening {}", ns_path.display()))?;
+        // SAFETY: a valid namespace fd; affects only this short-lived thread.
+        if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            bail!("entering {}: {}", ns_path.display(), std::io::Error::last_os_error());
+        }
+        skiff_datapath::lab::set_tx_checksum("eth0", false);
+        Ok(())
+    })
+    .join();
+    match done {
+        Ok(r) => r.context("turning checksum offload off in the client")?,
+        Err(_) => bail!("turning checksum offload off in the client failed"),
+    }
+    Ok(())
+}
+
+/// `skiff up --restart-agent NODE`: stops the node's agent if it still runs (SIGTERM, then
+/// SIGKILL after 10 s) and starts it again with the arguments recorded in lab.json, appending to
+/// its log. The datapath's pins and the pods stay: the new agent adopts them.
+fn restart_agent(dir: &Path, node: &str) -> Result<()> {
+    let Some(mut st) = load(dir)? else { bail!("no cluster in {} (nothing recorded in lab.json)", dir.display()) };
+    let Some(i) = st.nodes.iter().position(|n| n.name == node) else {
+        let names: Vec<&str> = st.nodes.iter().map(|n| n.name.as_str()).collect();
+        bail!("no node {node:?} in {} (nodes: {})", dir.display(), names.join(", "));
+    };
+    let n = st.nodes[i].clone();
+    if n.agent_args.is_empty() {
+        bail!("lab.json records no agent arguments for {node} (brought up by an older skiff): take it down and up again");
+    }
+    if let Some(pid) = n.agent_pid
+        && alive(pid)
+        && !is_zombie(pid)
+    {
+        stop_pid(pid, Duration::from_secs(10));
+    }
+    let log = Path::new(&n.data_dir).join("agent.log");
+    let pid = spawn_detached_appending(&n.agent_args, &log)?;
+    st.nodes[i].agent_pid = Some(pid);
+    save(dir, &st)?;
+    println!("restarted the agent of {node}: pid {pid}, log {}", log.display());
+    Ok(())
+}
+
+fn is_zombie(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(')').map(|(_, rest)| rest.trim_start().starts_with('Z')))
+        .unwrap_or(false)
+}
+
+/// As `spawn_detached`, appending to the log (a restarted agent keeps its predecessor's lines).
+fn spawn_detached_appending(args: &[String], log: &Path) -> Result<u32> {
+    use std::os::unix::process::CommandExt;
+    let exe = std::env::current_exe()?;
+    let out = std::fs::OpenOptions::new().create(true).append(true).open(log).with_context(|| format!("opening {}", log.display()))?;
+    let err = out.try_clone()?;
+    let mut cmd = Command::new(exe);
+    cmd.args(args).stdin(Stdio::null()).stdout(out).stderr(err);
+    // SAFETY: setsid is async-signal-safe (see spawn_detached).
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    Ok(cmd.spawn().context("starting the agent")?.id())
 }
 
 /// containerd's CRI plugin needs, besides skiff-cni, the reference `loopback` plugin in the same
