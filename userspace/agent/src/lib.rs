@@ -17,6 +17,7 @@ pub mod runc_adapter;
 pub mod runtime;
 pub mod sandbox;
 pub mod server;
+pub mod vxlan;
 
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
@@ -62,6 +63,8 @@ pub struct AgentConfig {
     pub max_pods: u32,
     /// Lease renewal and Node status period (kubelet: 10 s, a quarter of the 40 s grace).
     pub heartbeat_interval: Duration,
+    /// How pods reach other nodes: native routes or the VXLAN overlay.
+    pub network: network::NetworkMode,
 }
 
 impl AgentConfig {
@@ -82,6 +85,7 @@ impl AgentConfig {
             backoff_base: Duration::from_secs(10),
             max_pods: 110,
             heartbeat_interval: Duration::from_secs(10),
+            network: network::NetworkMode::Native,
         }
     }
 }
@@ -132,8 +136,8 @@ async fn pod_cidr(client: &kube::Client, cfg: &AgentConfig, mut shutdown: watch:
     }
 }
 
-/// Keeps the routes to other nodes' pods equal to the Nodes in the API.
-async fn routes_loop(client: kube::Client, own: String, mut shutdown: watch::Receiver<bool>) {
+/// Keeps the routes to other nodes' pods (or the overlay's entries) equal to the Nodes in the API.
+async fn routes_loop(client: kube::Client, own: String, mode: network::NetworkMode, own_ip: Ipv4Addr, own_cidr: Ipv4Net, mut shutdown: watch::Receiver<bool>) {
     let nodes: Api<Node> = Api::all(client);
     let (store, writer) = reflector::store::<Node>();
     let changed = Arc::new(tokio::sync::Notify::new());
@@ -156,16 +160,16 @@ async fn routes_loop(client: kube::Client, own: String, mut shutdown: watch::Rec
     let mut tick = tokio::time::interval(Duration::from_secs(30));
     loop {
         let all: Vec<Node> = store.state().iter().map(|n| (**n).clone()).collect();
-        let desired = network::routes_from_nodes(&all, &own);
+        let desired = network::Desired::from_nodes(mode, &all, &own, own_ip, Some(&own_cidr));
         // Unchanged (a Node heartbeat, say): nothing to write, but still wait below; a bare
         // `continue` here spun this task at 100% of a core on every agent.
         if last.as_ref() != Some(&desired) {
-            match network::sync_routes(&desired).await {
+            match desired.sync().await {
                 Ok(()) => {
-                    info!(routes = desired.len(), "routes to other nodes' pods in place");
+                    info!(routes = desired.len(), %mode, "routes to other nodes' pods in place");
                     last = Some(desired);
                 }
-                Err(e) => warn!("syncing routes failed: {e}"),
+                Err(e) => warn!("syncing routes ({mode}) failed: {e}"),
             }
         }
         tokio::select! {
@@ -200,6 +204,8 @@ pub async fn run(
     let cidr = pod_cidr(&client, &cfg, shutdown.clone()).await?;
     let gateway = gateway_of(&cidr);
     network::prepare_node(gateway).await.context("setting up the node network")?;
+    // The VXLAN device exists before the datapath loads (tc attaches to it); its MTU is the pods'.
+    let overlay_mtu = vxlan::prepare(cfg.network, cfg.uplink.as_deref(), cfg.node_ip, &cidr).await.context("setting up the VXLAN overlay")?;
 
     let datapath = match &cfg.pin_dir {
         Some(pin) => {
@@ -239,6 +245,8 @@ pub async fn run(
         None => None,
     };
 
+    vxlan::finish(cfg.network, datapath.clone()).await.context("attaching the datapath to the overlay")?;
+
     std::fs::create_dir_all(&cfg.cni_conf_dir).with_context(|| format!("creating {}", cfg.cni_conf_dir.display()))?;
     let conf_path = cfg.cni_conf_dir.join("10-skiff.conflist");
     let tmp = conf_path.with_extension("tmp");
@@ -246,6 +254,9 @@ pub async fn run(
     if let Some(sb) = runtime.sandbox() {
         // The runtime runs CNI itself (CRI): its libcni must read the results.
         list["cniVersion"] = json!(sb.cni_version());
+    }
+    if let Some(mtu) = overlay_mtu {
+        list["plugins"][0]["mtu"] = json!(mtu);
     }
     std::fs::write(&tmp, serde_json::to_vec_pretty(&list)?)?;
     std::fs::rename(&tmp, &conf_path)?;
@@ -293,7 +304,7 @@ pub async fn run(
     });
     std::fs::create_dir_all(&ctx.pods_dir)?;
     let heartbeat = tokio::spawn(node::heartbeat_loop(client.clone(), registered, cfg.heartbeat_interval, cfg.heartbeat_interval, shutdown.clone()));
-    let routes = tokio::spawn(routes_loop(client.clone(), cfg.node_name.clone(), shutdown.clone()));
+    let routes = tokio::spawn(routes_loop(client.clone(), cfg.node_name.clone(), cfg.network, cfg.node_ip, cidr, shutdown.clone()));
     let pods_dir = ctx.pods_dir.clone();
     let pods = tokio::spawn(pods::run(ctx, shutdown.clone()));
     tokio::spawn(metrics::metrics_loop(client.clone(), cfg.node_name.clone(), shutdown.clone()));

@@ -1,7 +1,8 @@
 //! The node's own network plumbing, in the namespace the agent runs in: the pod gateway
-//! address, forwarding, and routes to the other nodes' pod CIDRs through their node IPs
-//! (native routing). Through rtnetlink; routes skiff owns carry their own protocol number, so
-//! a sync removes only what skiff added.
+//! address, forwarding, and how pods reach other nodes' pod CIDRs: native routing (routes via
+//! the other nodes' IPs, for nodes on one L2 segment) or the VXLAN overlay (`crate::vxlan`, for
+//! nodes that only reach each other through routers). Through rtnetlink; routes skiff owns carry
+//! their own protocol number, so a sync removes only what skiff added.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
@@ -21,9 +22,79 @@ pub enum NetworkError {
     Netlink(#[from] rtnetlink::Error),
     #[error("{what}: {source}")]
     Io { what: String, #[source] source: std::io::Error },
+    #[error("{0}")]
+    Invalid(String),
 }
 
-fn connect() -> Result<Handle, NetworkError> {
+/// How pods reach other nodes (`skiff agent --network`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum NetworkMode {
+    /// Routes `<podCIDR> via <node IP>`: the nodes must share an L2 segment (or a router that
+    /// knows the pod ranges).
+    #[default]
+    Native,
+    /// The VXLAN overlay (`crate::vxlan`): the nodes only need to reach each other's IPs.
+    Vxlan,
+}
+
+impl std::str::FromStr for NetworkMode {
+    type Err = NetworkError;
+    fn from_str(s: &str) -> Result<NetworkMode, NetworkError> {
+        match s {
+            "native" => Ok(NetworkMode::Native),
+            "vxlan" => Ok(NetworkMode::Vxlan),
+            other => Err(NetworkError::Invalid(format!("unknown network mode {other:?} (native or vxlan)"))),
+        }
+    }
+}
+
+impl std::fmt::Display for NetworkMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            NetworkMode::Native => "native",
+            NetworkMode::Vxlan => "vxlan",
+        })
+    }
+}
+
+/// What the routes loop keeps in place, per mode.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Desired {
+    Native(RouteTable),
+    Vxlan(crate::vxlan::Overlay),
+}
+
+impl Desired {
+    /// The Nodes' desired state for `mode`. `own_ip`/`own_cidr` keep clashing Nodes out of the
+    /// overlay.
+    pub fn from_nodes(mode: NetworkMode, nodes: &[k8s_openapi::api::core::v1::Node], own: &str, own_ip: Ipv4Addr, own_cidr: Option<&Ipv4Net>) -> Desired {
+        match mode {
+            NetworkMode::Native => Desired::Native(routes_from_nodes(nodes, own)),
+            NetworkMode::Vxlan => Desired::Vxlan(crate::vxlan::overlay_from_nodes(nodes, own, own_ip, own_cidr)),
+        }
+    }
+
+    /// How many other nodes it reaches.
+    pub fn len(&self) -> usize {
+        match self {
+            Desired::Native(r) => r.len(),
+            Desired::Vxlan(o) => o.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub async fn sync(&self) -> Result<(), NetworkError> {
+        match self {
+            Desired::Native(r) => sync_routes(r).await,
+            Desired::Vxlan(o) => crate::vxlan::sync_overlay(o).await,
+        }
+    }
+}
+
+pub(crate) fn connect() -> Result<Handle, NetworkError> {
     let (conn, handle, _) = rtnetlink::new_connection().map_err(|source| NetworkError::Io { what: "opening a netlink socket".into(), source })?;
     tokio::spawn(conn);
     Ok(handle)
@@ -62,6 +133,13 @@ fn route_dst(m: &RouteMessage) -> Option<Ipv4Net> {
     })
 }
 
+fn route_oif(m: &RouteMessage) -> Option<u32> {
+    m.attributes.iter().find_map(|a| match a {
+        RouteAttribute::Oif(i) => Some(*i),
+        _ => None,
+    })
+}
+
 fn route_gw(m: &RouteMessage) -> Option<Ipv4Addr> {
     m.attributes.iter().find_map(|a| match a {
         RouteAttribute::Gateway(RouteAddress::Inet(ip)) => Some(*ip),
@@ -69,33 +147,58 @@ fn route_gw(m: &RouteMessage) -> Option<Ipv4Addr> {
     })
 }
 
+/// Where a skiff route sends its traffic.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Nexthop {
+    pub gateway: Ipv4Addr,
+    /// The output device; None: wherever the gateway is reachable (native routes).
+    pub oif: Option<u32>,
+    /// `onlink`: the gateway is on the device even though no prefix of the device covers it
+    /// (the VXLAN overlay's remote VTEP addresses).
+    pub onlink: bool,
+}
+
 /// Makes skiff's routes equal `desired`: adds or replaces what differs, deletes skiff routes no
 /// longer wanted, and leaves every other route alone.
 pub async fn sync_routes(desired: &RouteTable) -> Result<(), NetworkError> {
     let handle = connect()?;
-    let mut current: BTreeMap<Ipv4Net, (Ipv4Addr, RouteMessage)> = BTreeMap::new();
+    let desired = desired.iter().map(|(dst, gw)| (*dst, Nexthop { gateway: *gw, oif: None, onlink: false })).collect();
+    sync_skiff_routes(&handle, &desired).await
+}
+
+/// The routes of protocol 200 equal `desired`, in either mode: a route of the other mode to the
+/// same podCIDR is replaced in place (the kernel keys routes by destination), and one to a
+/// podCIDR no longer wanted is deleted.
+pub(crate) async fn sync_skiff_routes(handle: &Handle, desired: &BTreeMap<Ipv4Net, Nexthop>) -> Result<(), NetworkError> {
+    let mut current: BTreeMap<Ipv4Net, (Ipv4Addr, Option<u32>, RouteMessage)> = BTreeMap::new();
     let mut routes = handle.route().get(RouteMessageBuilder::<Ipv4Addr>::new().build()).execute();
     while let Some(m) = routes.try_next().await? {
         if m.header.protocol != RouteProtocol::Other(SKIFF_ROUTE_PROTOCOL) {
             continue;
         }
         if let (Some(dst), Some(gw)) = (route_dst(&m), route_gw(&m)) {
-            current.insert(dst, (gw, m));
+            current.insert(dst, (gw, route_oif(&m), m));
         }
     }
-    for (dst, gw) in desired {
-        if current.get(dst).map(|(g, _)| g) == Some(gw) {
+    for (dst, hop) in desired {
+        let same = current.get(dst).is_some_and(|(g, oif, _)| *g == hop.gateway && (hop.oif.is_none() || hop.oif == *oif));
+        if same {
             continue;
         }
-        let msg = RouteMessageBuilder::<Ipv4Addr>::new()
+        let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
             .destination_prefix(dst.network(), dst.prefix_len())
-            .gateway(*gw)
-            .protocol(RouteProtocol::Other(SKIFF_ROUTE_PROTOCOL))
-            .build();
-        handle.route().add(msg).replace().execute().await?;
-        debug!(%dst, %gw, "route to a node's pods");
+            .gateway(hop.gateway)
+            .protocol(RouteProtocol::Other(SKIFF_ROUTE_PROTOCOL));
+        if let Some(oif) = hop.oif {
+            b = b.output_interface(oif);
+        }
+        if hop.onlink {
+            b = b.onlink();
+        }
+        handle.route().add(b.build()).replace().execute().await?;
+        debug!(%dst, gw = %hop.gateway, oif = ?hop.oif, "route to a node's pods");
     }
-    for (dst, (_, msg)) in current {
+    for (dst, (_, _, msg)) in current {
         if !desired.contains_key(&dst) {
             handle.route().del(msg).execute().await?;
             debug!(%dst, "route removed");
@@ -149,5 +252,14 @@ mod tests {
         let r = routes_from_nodes(&nodes, "a");
         assert_eq!(r.len(), 1);
         assert_eq!(r[&"10.244.2.0/24".parse::<Ipv4Net>().unwrap()], Ipv4Addr::new(172, 20, 0, 12));
+    }
+
+    #[test]
+    fn mode_parses_and_prints() {
+        assert_eq!("native".parse::<NetworkMode>().unwrap(), NetworkMode::Native);
+        assert_eq!("vxlan".parse::<NetworkMode>().unwrap(), NetworkMode::Vxlan);
+        assert!("geneve".parse::<NetworkMode>().is_err());
+        assert_eq!(NetworkMode::Vxlan.to_string(), "vxlan");
+        assert_eq!(NetworkMode::default(), NetworkMode::Native);
     }
 }
