@@ -27,7 +27,7 @@ pub const DEFAULT_IMAGE_DIR: &str = "/var/lib/skiff/images";
 /// Bounds on what an archive may make the store do.
 const MAX_ARCHIVE_ENTRIES: usize = 100_000;
 const MAX_LAYER_ENTRIES: usize = 1_000_000;
-const MAX_JSON: u64 = 4 * 1024 * 1024;
+pub(crate) const MAX_JSON: u64 = 4 * 1024 * 1024;
 const MAX_LINK_HOPS: usize = 16;
 
 const ANNOTATION_IMAGE_NAME: &str = "io.containerd.image.name";
@@ -102,7 +102,7 @@ pub struct ImageStore {
     dir: PathBuf,
 }
 
-fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> ImageError {
+pub(crate) fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> ImageError {
     let context = context.into();
     move |source| ImageError::Io { context, source }
 }
@@ -176,9 +176,19 @@ impl ImageStore {
         if pending.is_empty() {
             return Err(ImageError::Malformed(format!("{}: the archive holds no image", archive.display())));
         }
+        let imported = self.store_pending(&pending, &staging)?;
+        tracing::info!(archive = %archive.display(), images = imported.len(), "imported images");
+        Ok(imported)
+    }
+
+    /// The one path by which images enter the store (archive import and registry pull): unpacks
+    /// each image's layers in `staging` (checking diff_ids and paths), then, under the lock,
+    /// moves blobs and root filesystems into place and records the images and their tags. Every
+    /// digest must have been checked by the caller; nothing is stored if unpacking fails.
+    pub(crate) fn store_pending(&self, pending: &[PendingImage], staging: &StagingDir) -> Result<Vec<ImportedImage>, ImageError> {
         // Unpack (and so verify the layers' diff_ids and paths) in staging first.
         let mut unpacked: HashMap<String, PathBuf> = HashMap::new();
-        for img in &pending {
+        for img in pending {
             if unpacked.contains_key(&img.manifest_digest) || self.rootfs_path(&img.manifest_digest)?.exists() {
                 continue;
             }
@@ -192,7 +202,7 @@ impl ImageStore {
         let _lock = self.lock()?;
         let mut records = self.load()?;
         let mut imported = Vec::new();
-        for img in &pending {
+        for img in pending {
             let mut blobs: Vec<(&str, &Path)> = vec![(&img.manifest_digest, &img.manifest_file), (&img.config.digest, &img.config.file)];
             blobs.extend(img.layers.iter().map(|l| (l.digest.as_str(), l.file.as_path())));
             let mut size = 0;
@@ -229,8 +239,18 @@ impl ImageStore {
             imported.push(ImportedImage { manifest_digest: img.manifest_digest.clone(), references: refs });
         }
         self.save(&records)?;
-        tracing::info!(archive = %archive.display(), images = imported.len(), "imported images");
         Ok(imported)
+    }
+
+    /// When `manifest_digest` is stored already: points `reference` at it and returns its config
+    /// digest (a pull that finds nothing new). None: not stored.
+    pub(crate) fn tag_if_stored(&self, manifest_digest: &str, reference: &Reference) -> Result<Option<String>, ImageError> {
+        let _lock = self.lock()?;
+        let mut records = self.load()?;
+        let Some(config) = records.images.get(manifest_digest).map(|i| i.config.clone()) else { return Ok(None) };
+        records.tags.insert(reference.to_string(), manifest_digest.to_string());
+        self.save(&records)?;
+        Ok(Some(config))
     }
 
     /// Every stored image, by manifest digest.
@@ -402,12 +422,12 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ImageError> {
 }
 
 /// A directory under the store's tmp/ removed on drop (so every error path cleans up).
-struct StagingDir {
-    path: PathBuf,
+pub(crate) struct StagingDir {
+    pub(crate) path: PathBuf,
 }
 
 impl StagingDir {
-    fn new(tmp: &Path, kind: &str) -> Result<Self, ImageError> {
+    pub(crate) fn new(tmp: &Path, kind: &str) -> Result<Self, ImageError> {
         use std::sync::atomic::{AtomicU64, Ordering};
         static N: AtomicU64 = AtomicU64::new(0);
         let path = tmp.join(format!("{kind}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst)));
@@ -482,7 +502,7 @@ impl ArchiveContents {
     }
 }
 
-fn read_json<T: for<'de> Deserialize<'de>>(file: &Path, name: &str) -> Result<T, ImageError> {
+pub(crate) fn read_json<T: for<'de> Deserialize<'de>>(file: &Path, name: &str) -> Result<T, ImageError> {
     let f = File::open(file).map_err(io_err(format!("reading {name}")))?;
     let mut bytes = Vec::new();
     f.take(MAX_JSON + 1).read_to_end(&mut bytes).map_err(io_err(format!("reading {name}")))?;
@@ -570,19 +590,19 @@ fn normalize_lexically(p: &Path) -> Option<String> {
 }
 
 /// An image found in an archive, its blobs still in staging.
-struct PendingImage {
-    manifest_digest: String,
-    manifest_file: PathBuf,
-    config: PendingBlob,
-    layers: Vec<PendingBlob>,
-    diff_ids: Vec<String>,
-    parsed_config: ImageConfig,
-    references: Vec<Reference>,
+pub(crate) struct PendingImage {
+    pub(crate) manifest_digest: String,
+    pub(crate) manifest_file: PathBuf,
+    pub(crate) config: PendingBlob,
+    pub(crate) layers: Vec<PendingBlob>,
+    pub(crate) diff_ids: Vec<String>,
+    pub(crate) parsed_config: ImageConfig,
+    pub(crate) references: Vec<Reference>,
 }
 
-struct PendingBlob {
-    digest: String,
-    file: PathBuf,
+pub(crate) struct PendingBlob {
+    pub(crate) digest: String,
+    pub(crate) file: PathBuf,
 }
 
 impl From<&StagedFile> for PendingBlob {
@@ -620,7 +640,7 @@ struct RawRootFs {
     diff_ids: Vec<String>,
 }
 
-fn parse_config(file: &Path, what: &str) -> Result<(ImageConfig, Vec<String>), ImageError> {
+pub(crate) fn parse_config(file: &Path, what: &str) -> Result<(ImageConfig, Vec<String>), ImageError> {
     let raw: RawConfigFile = read_json(file, what)?;
     let c = raw.config.unwrap_or_default();
     let config = ImageConfig {

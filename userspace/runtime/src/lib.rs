@@ -10,11 +10,13 @@
 pub mod cri;
 pub mod digest;
 pub mod images;
+pub mod pull;
 pub mod reference;
 pub mod runc;
 pub mod shim;
 
 pub use images::{GcReport, ImageConfig, ImageInfo, ImageStore, ImportedImage, ResolvedImage};
+pub use pull::{PullOptions, PulledImage, RegistryCredentials};
 pub use reference::Reference;
 pub use runc::{
     BindMount, ContainerConfig, ContainerId, ContainerInfo, ContainerState, ExecProcess, PodRuntime, Resources, Runc,
@@ -63,4 +65,10 @@ pub enum ImageError {
     InvalidReference(String),
     #[error("image {0} not found")]
     NotFound(String),
+    /// A registry refused the credentials (or their absence).
+    #[error("unauthorized: {0}")]
+    Unauthorized(String),
+    /// A registry could not be reached, or answered with an error.
+    #[error("registry: {0}")]
+    Registry(String),
 }
