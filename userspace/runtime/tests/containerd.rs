@@ -351,7 +351,9 @@ fn containerd_runs_a_pod_on_skiff_cni_and_removes_it_cleanly() {
     lab.cri().start_container(&failing).expect("start");
     let s = wait_exited(lab.cri(), &failing, Duration::from_secs(15));
     assert_eq!((s.exit_code, s.reason.as_str()), (3, "Error"), "{s:?}");
-    assert!(s.finished_at >= s.started_at && s.started_at > 0, "{s:?}");
+    // Both times are set; containerd stamps started_at after the start returns, so a container
+    // this quick can look finished before it started.
+    assert!(s.started_at > 0 && s.finished_at > 0, "{s:?}");
     assert_eq!(Path::new(&s.log_path), logs.join("failing/0.log"));
     let log = std::fs::read_to_string(logs.join("failing/0.log")).expect("the container's log");
     let lines: Vec<&str> = log.lines().collect();

@@ -77,7 +77,8 @@ pub struct ExecOutput {
 
 /// A blocking CRI client over one gRPC channel.
 pub struct CriRuntime {
-    rt: tokio::runtime::Runtime,
+    /// Some until dropped (see the Drop impl).
+    rt: Option<tokio::runtime::Runtime>,
     runtime: RuntimeServiceClient<Channel>,
     images: ImageServiceClient<Channel>,
     socket: PathBuf,
@@ -109,7 +110,7 @@ impl CriRuntime {
             })
             .map_err(|e| CriError::Connect { endpoint: endpoint.into(), message: format!("{e}: {:?}", std::error::Error::source(&e)) })?;
         let cri = CriRuntime {
-            rt,
+            rt: Some(rt),
             runtime: RuntimeServiceClient::new(channel.clone()).max_decoding_message_size(64 << 20),
             images: ImageServiceClient::new(channel).max_decoding_message_size(64 << 20),
             socket,
@@ -133,7 +134,8 @@ impl CriRuntime {
         f: impl Future<Output = Result<T, CriError>> + Send + 'static,
     ) -> Result<T, CriError> {
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        self.rt.spawn(async move {
+        let rt = self.rt.as_ref().ok_or(CriError::Gone)?;
+        rt.spawn(async move {
             let r = match tokio::time::timeout(deadline, f).await {
                 Ok(r) => r,
                 Err(_) => Err(CriError::Timeout { call: name, secs: deadline.as_secs() }),
@@ -335,5 +337,15 @@ impl CriRuntime {
             let resp = c.image_status(proto::ImageStatusRequest { image: Some(spec), verbose: true }).await.map_err(rpc("ImageStatus"))?.into_inner();
             Ok(status::image_summary(&resp))
         })
+    }
+}
+
+impl Drop for CriRuntime {
+    /// The last handle may go inside someone else's async task (the agent's): a tokio runtime
+    /// dropped there panics, so it is shut down without waiting for its (idle) worker.
+    fn drop(&mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
     }
 }
