@@ -1,11 +1,11 @@
-//! `skiff image import|list|rm|gc`: the node's local image store (skiff-runtime's ImageStore).
+//! `skiff image import|pull|list|rm|gc`: the node's local image store (skiff-runtime's ImageStore).
 
 use std::collections::HashSet;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
-use skiff_runtime::ImageStore;
+use skiff_runtime::{ImageStore, PullOptions, RegistryCredentials};
 
 #[derive(Args)]
 pub struct ImageArgs {
@@ -20,6 +20,22 @@ pub struct ImageArgs {
 pub enum ImageCommand {
     /// Import an OCI image layout archive or a `docker save` archive (plain or gzipped).
     Import { archives: Vec<PathBuf> },
+    /// Pull an image from an OCI registry (`127.0.0.1:5000/skiff/echo:1.0`, `repo@sha256:...`).
+    Pull {
+        reference: String,
+        /// A registry (HOST:PORT) spoken to over plain HTTP (repeatable; also read from
+        /// `<image-dir>/registries.json`: {"insecure": ["HOST:PORT"]}).
+        #[arg(long = "insecure-registry", value_name = "HOST:PORT")]
+        insecure_registries: Vec<String>,
+        /// Log in as this user; the password is read from stdin (`--password-stdin`).
+        #[arg(long, requires = "password_stdin")]
+        username: Option<String>,
+        #[arg(long, requires = "username")]
+        password_stdin: bool,
+        /// Credentials from a docker config.json (or a dockerconfigjson Secret's payload).
+        #[arg(long, value_name = "FILE", conflicts_with = "username")]
+        docker_config: Option<PathBuf>,
+    },
     /// List stored images.
     #[command(alias = "ls")]
     List,
@@ -43,6 +59,26 @@ pub fn run(args: ImageArgs) -> Result<()> {
                     println!("imported {names} ({})", img.manifest_digest);
                 }
             }
+        }
+        ImageCommand::Pull { reference, insecure_registries, username, password_stdin, docker_config } => {
+            let auth = match (username, docker_config) {
+                (Some(username), _) if password_stdin => {
+                    let mut password = String::new();
+                    std::io::stdin().read_line(&mut password).context("reading the password from stdin")?;
+                    let password = password.trim_end_matches(['\n', '\r']).to_string();
+                    Some(RegistryCredentials::Basic { username, password })
+                }
+                (_, Some(file)) => {
+                    let json = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+                    skiff_runtime::pull::credentials_from_docker_config(&json, &reference)
+                        .with_context(|| format!("reading credentials from {}", file.display()))?
+                }
+                _ => None,
+            };
+            let opts = PullOptions { auth, insecure_registries, ..Default::default() };
+            let pulled = store.pull(&reference, &opts).with_context(|| format!("pulling {reference}"))?;
+            let how = if pulled.fetched { "pulled" } else { "already present:" };
+            println!("{how} {} ({})", pulled.reference, pulled.manifest_digest);
         }
         ImageCommand::List => {
             let images = store.list()?;
