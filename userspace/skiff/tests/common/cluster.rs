@@ -65,6 +65,9 @@ pub struct LabNode {
 
 /// A `skiff up` cluster, taken down (and checked clean) on drop.
 pub struct Cluster {
+    /// Held while the cluster exists: clusters on one machine share the root namespace's
+    /// blackhole and pod routes, so test processes take turns (the lock goes with the process).
+    _turn: std::fs::File,
     pub dir: tempfile::TempDir,
     pub kubeconfig: PathBuf,
     downed: bool,
@@ -77,6 +80,14 @@ impl Cluster {
 
     /// `skiff up` with extra flags (e.g. `--server-arg=...`).
     pub fn up_with(nodes: u32, image: &Path, extra: &[&str]) -> Cluster {
+        let turn = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open("/run/lock/skiff-e2e-cluster.lock").expect("lock file");
+        // SAFETY: flock on a file we opened; blocks until another test's cluster is down.
+        unsafe {
+            unsafe extern "C" {
+                fn flock(fd: i32, op: i32) -> i32;
+            }
+            assert_eq!(flock(turn.as_raw_fd(), 2), 0, "flock");
+        }
         let dir = tempfile::Builder::new().prefix("skiff-up-test").tempdir().expect("tempdir");
         let out = Command::new(env!("CARGO_BIN_EXE_skiff"))
             .args(["up", "--nodes", &nodes.to_string(), "--name", "skt", "--lab-net", "77", "--restart-backoff", "1", "--data-dir"])
@@ -86,7 +97,7 @@ impl Cluster {
             .args(extra)
             .output()
             .expect("run skiff up");
-        let c = Cluster { kubeconfig: dir.path().join("server/admin.kubeconfig"), dir, downed: false };
+        let c = Cluster { _turn: turn, kubeconfig: dir.path().join("server/admin.kubeconfig"), dir, downed: false };
         assert!(
             out.status.success(),
             "skiff up failed:\n{}\n{}\nserver log:\n{}\nagent logs:\n{}",
