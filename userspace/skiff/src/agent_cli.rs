@@ -53,6 +53,11 @@ pub struct AgentArgs {
     /// The pod CIDR to use when the controller-manager assigns none.
     #[arg(long)]
     pod_cidr: Option<ipnet::Ipv4Net>,
+    /// How pods reach other nodes: native (routes via the other nodes' IPs: the nodes share an
+    /// L2 segment) or vxlan (an overlay between node IPs: device skiff.vxlan, VNI 1, UDP 8472;
+    /// pods get the uplink's MTU - 50).
+    #[arg(long, default_value = "native", value_parser = ["native", "vxlan"])]
+    network: String,
     /// Seconds before the first container restart (doubling per crash, capped at 300).
     #[arg(long, default_value_t = 10)]
     restart_backoff: u64,
@@ -192,6 +197,7 @@ pub fn run(args: AgentArgs) -> Result<()> {
     cfg.cni_conf_dir = args.cni_conf_dir.clone();
     cfg.uplink = args.uplink.clone();
     cfg.pod_cidr = args.pod_cidr;
+    cfg.network = args.network.parse()?;
     cfg.backoff_base = Duration::from_secs(args.restart_backoff.max(1));
     cfg.heartbeat_interval = args.heartbeat_interval.max(Duration::from_millis(500));
     // The agent endpoint (kubectl logs/exec) accepts the token the apiserver proxies with: the

@@ -14,6 +14,12 @@
 //! any of them by hand. The agent's own runtime networking goes through netlink.
 //! Everything made is recorded in `<data-dir>/lab.json` before it is made, so `skiff down`
 //! removes exactly that, by name and by the PIDs started, even after a half-finished `up`.
+//!
+//! `--network vxlan` splits the lab in two L2 segments (see [`add_segment_b`]): odd nodes stay
+//! on the bridge (as /25s), even nodes sit on a second bridge behind a router namespace, so
+//! nodes on different segments reach each other's IPs only through the router, which knows no
+//! pod range of the other segment's nodes: native routes could not even be installed, and pod
+//! traffic between the segments crosses only as VXLAN between node IPs.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -62,6 +68,11 @@ pub struct UpArgs {
     /// node's containerd; one of them must be the pause image (scripts/build-pause-image.sh).
     #[arg(long, default_value = "runc", value_parser = ["runc", "cri"])]
     pub runtime: String,
+    /// How pods reach other nodes (the agents' --network): native routes on one bridge, or
+    /// vxlan, where the nodes are also split over two L2 segments joined by a router namespace,
+    /// so only the overlay connects pods across them.
+    #[arg(long, default_value = "native", value_parser = ["native", "vxlan"])]
+    pub network: String,
     /// Addresses for Services of type LoadBalancer (FIRST-LAST or a CIDR), passed to the server
     /// as --loadbalancer-ip-pool; default 172.20.<lab-net>.200-172.20.<lab-net>.250 (on the lab
     /// network); `none` turns allocation off.
@@ -100,6 +111,9 @@ pub struct LabState {
     pub kubeconfig: String,
     #[serde(default)]
     pub client: Option<ClientState>,
+    /// `--network vxlan`: the second segment and its router.
+    #[serde(default)]
+    pub segment_b: Option<SegmentState>,
     /// The LoadBalancer pool given to the server (FIRST-LAST), if any.
     #[serde(default)]
     pub loadbalancer_ip_pool: Option<String>,
@@ -122,6 +136,22 @@ pub struct NodeState {
     /// The `skiff` arguments the agent was started with (`--restart-agent` reuses them).
     #[serde(default)]
     pub agent_args: Vec<String>,
+}
+
+/// The second L2 segment of `--network vxlan` (see [`add_segment_b`]).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct SegmentState {
+    /// Its bridge (no address in the root namespace: the root reaches it through the router).
+    pub bridge: String,
+    /// The router namespace, with a leg on each bridge and forwarding on.
+    pub router_netns: String,
+    /// The root-namespace ends of the router's veths (bridge ports).
+    pub router_veths: Vec<String>,
+    /// The router's address on the first bridge and on this one.
+    pub router_a: String,
+    pub router_b: String,
+    /// `(prefix, via)` routes added in the root namespace (the segment, via the router).
+    pub root_routes: Vec<(String, String)>,
 }
 
 /// The external client namespace (`--external-client`).
@@ -286,6 +316,11 @@ pub fn up(args: UpArgs) -> Result<()> {
         ip(&["route", "replace", "blackhole", range])?;
     }
 
+    let vxlan = args.network == "vxlan";
+    if vxlan {
+        add_segment_b(dir, &mut st, args.lab_net)?;
+    }
+
     // The images every node can run.
     let images = dir.join("images");
     for image in args.images.iter().filter(|_| !cri) {
@@ -329,7 +364,7 @@ pub fn up(args: UpArgs) -> Result<()> {
             name: format!("{}-node-{i}", args.name),
             netns: format!("{}-node-{i}", args.name),
             veth: format!("{}-n{i}", args.name),
-            ip: format!("172.20.{}.{}", args.lab_net, 10 + i),
+            ip: node_ip(args.lab_net, i, vxlan),
             data_dir: dir.join("nodes").join(format!("{}-node-{i}", args.name)).display().to_string(),
             pin_dir: format!("/sys/fs/bpf/skiff/{}-node-{i}", args.name),
             agent_pid: None,
@@ -342,10 +377,14 @@ pub fn up(args: UpArgs) -> Result<()> {
         ip(&["netns", "add", &node.netns])?;
         ip(&["-n", &node.netns, "link", "set", "lo", "up"])?;
         ip(&["link", "add", &node.veth, "type", "veth", "peer", "name", "eth0", "netns", &node.netns])?;
-        ip(&["link", "set", &node.veth, "master", &st.bridge])?;
+        let (bridge, prefix, other_segment) = node_segment(&st, i);
+        ip(&["link", "set", &node.veth, "master", &bridge])?;
         ip(&["link", "set", &node.veth, "up"])?;
-        ip(&["-n", &node.netns, "addr", "add", &format!("{}/{LAB_PREFIX}", node.ip), "dev", "eth0"])?;
+        ip(&["-n", &node.netns, "addr", "add", &format!("{}/{prefix}", node.ip), "dev", "eth0"])?;
         ip(&["-n", &node.netns, "link", "set", "eth0", "up"])?;
+        if let Some((net, via)) = other_segment {
+            ip(&["-n", &node.netns, "route", "add", &net, "via", &via])?;
+        }
         std::fs::create_dir_all(&node.data_dir)?;
         let cri_endpoint = if cri { Some(start_containerd(dir, &mut st, &cni_bin, &args.images)?) } else { None };
         let mut agent_args: Vec<String> = [
@@ -359,6 +398,9 @@ pub fn up(args: UpArgs) -> Result<()> {
         .iter()
         .map(|s| s.to_string())
         .collect();
+        if vxlan {
+            agent_args.extend(["--network".to_string(), "vxlan".to_string()]);
+        }
         if let Some(ep) = &cri_endpoint {
             agent_args.extend(["--runtime".to_string(), "cri".to_string(), "--cri-endpoint".to_string(), ep.clone()]);
         }
@@ -414,6 +456,7 @@ pub fn up(args: UpArgs) -> Result<()> {
     // The pod ranges route to their nodes from here (the server answers pods that reach it
     // through the `kubernetes` Service); the blackhole keeps catching everything else.
     for (cidr, via) in routes {
+        let via = route_pods_via_router(&st, &cidr, &via)?;
         st.pod_routes.push((cidr.clone(), via.clone()));
         save(dir, &st)?;
         ip(&["route", "replace", &cidr, "via", &via])?;
@@ -489,6 +532,16 @@ fn down_state(dir: &Path, st: &LabState) {
         remove_cgroups(&format!("skiff/{}", n.name));
         ip_quiet(&["netns", "del", &n.netns]);
         ip_quiet(&["link", "del", &n.veth]);
+    }
+    if let Some(seg) = &st.segment_b {
+        for (net, via) in &seg.root_routes {
+            ip_quiet(&["route", "del", net, "via", via]);
+        }
+        ip_quiet(&["netns", "del", &seg.router_netns]);
+        for v in &seg.router_veths {
+            ip_quiet(&["link", "del", v]);
+        }
+        ip_quiet(&["link", "del", &seg.bridge]);
     }
     let _ = std::fs::remove_dir("/sys/fs/bpf/skiff");
     if let Some(pid) = st.server_pid {
@@ -621,6 +674,22 @@ pub fn leftovers(st: &LabState, pod_netns: &[String]) -> Vec<String> {
     }
     if !st.bridge.is_empty() && Path::new(&format!("/sys/class/net/{}", st.bridge)).exists() {
         left.push(format!("bridge {}", st.bridge));
+    }
+    if let Some(seg) = &st.segment_b {
+        if netns.lines().any(|l| l.split_whitespace().next() == Some(seg.router_netns.as_str())) {
+            left.push(format!("netns {}", seg.router_netns));
+        }
+        for l in seg.router_veths.iter().chain([&seg.bridge]) {
+            if Path::new(&format!("/sys/class/net/{l}")).exists() {
+                left.push(format!("link {l}"));
+            }
+        }
+        let routes = Command::new("ip").args(["route", "show"]).output().map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
+        for (net, via) in &seg.root_routes {
+            if routes.lines().any(|l| l.starts_with(&format!("{net} via {via} "))) {
+                left.push(format!("route {net} via {via}"));
+            }
+        }
     }
     if st.server_pid.is_some_and(alive) {
         left.push(format!("server pid {}", st.server_pid.unwrap_or_default()));
@@ -782,4 +851,78 @@ fn start_containerd(dir: &Path, st: &mut LabState, cni_bin: &Path, images: &[Pat
     }
     eprintln!("[up] node {} containerd pid {pid}, {}", node.name, paths.endpoint());
     Ok(paths.endpoint())
+}
+
+/// A node's IP. Native: 172.20.<lab>.<10+i> on the one bridge. vxlan: odd nodes keep that
+/// address on segment A (172.20.<lab>.0/25), even nodes get 172.20.<lab>.<138+i> on segment B
+/// (172.20.<lab>.128/25); `--nodes` <= 50 keeps both clear of the routers (.126, .129).
+fn node_ip(lab_net: u8, i: u32, vxlan: bool) -> String {
+    if vxlan && i % 2 == 0 { format!("172.20.{lab_net}.{}", 138 + i) } else { format!("172.20.{lab_net}.{}", 10 + i) }
+}
+
+/// Where node `i` plugs in: its bridge, its address's prefix length, and (two segments) the
+/// route to the other segment through the router on its own.
+fn node_segment(st: &LabState, i: u32) -> (String, u8, Option<(String, String)>) {
+    let Some(seg) = &st.segment_b else { return (st.bridge.clone(), LAB_PREFIX, None) };
+    let lab = st.bridge_ip.rsplit_once('.').map(|(p, _)| p.to_string()).unwrap_or_default();
+    if i % 2 == 0 {
+        (seg.bridge.clone(), 25, Some((format!("{lab}.0/25"), seg.router_b.clone())))
+    } else {
+        (st.bridge.clone(), 25, Some((format!("{lab}.128/25"), seg.router_a.clone())))
+    }
+}
+
+/// `--network vxlan`: the second L2 segment. Segment A is the existing bridge (the root keeps
+/// 172.20.<lab>.1/24 on it, nodes there use /25s); segment B is bridge `<name>-br2` for
+/// 172.20.<lab>.128/25, which the root does not touch. A router namespace `<name>-rt` joins
+/// them (172.20.<lab>.126 on A, .129 on B, forwarding on); the root reaches B through it. The
+/// router gets routes to segment B's pod ranges (so the server can answer pods there) once the
+/// nodes have podCIDRs, never to A's: A's nodes have no route to them, so nothing but the
+/// overlay carries pod traffic between the segments. No namespace here has a default route.
+fn add_segment_b(dir: &Path, st: &mut LabState, lab_net: u8) -> Result<()> {
+    let n = st.name.clone();
+    let seg = SegmentState {
+        bridge: format!("{n}-br2"),
+        router_netns: format!("{n}-rt"),
+        router_veths: vec![format!("{n}-ra"), format!("{n}-rb")],
+        router_a: format!("172.20.{lab_net}.126"),
+        router_b: format!("172.20.{lab_net}.129"),
+        root_routes: vec![(format!("172.20.{lab_net}.128/25"), format!("172.20.{lab_net}.126"))],
+    };
+    st.segment_b = Some(seg.clone());
+    save(dir, st)?;
+    eprintln!("[up] second segment: bridge {} 172.20.{lab_net}.128/25, router {} ({} | {})", seg.bridge, seg.router_netns, seg.router_a, seg.router_b);
+    ip(&["link", "add", &seg.bridge, "type", "bridge"])?;
+    ip(&["link", "set", &seg.bridge, "up"])?;
+    ip(&["netns", "add", &seg.router_netns])?;
+    ip(&["-n", &seg.router_netns, "link", "set", "lo", "up"])?;
+    for ((veth, bridge), (leg, addr)) in seg.router_veths.iter().zip([&st.bridge, &seg.bridge]).zip([("eth0", &seg.router_a), ("eth1", &seg.router_b)]) {
+        ip(&["link", "add", veth, "type", "veth", "peer", "name", leg, "netns", &seg.router_netns])?;
+        ip(&["link", "set", veth, "master", bridge])?;
+        ip(&["link", "set", veth, "up"])?;
+        ip(&["-n", &seg.router_netns, "addr", "add", &format!("{addr}/25"), "dev", leg])?;
+        ip(&["-n", &seg.router_netns, "link", "set", leg, "up"])?;
+    }
+    // Forwarding in the router's namespace only (the root namespace does not forward).
+    let ok = Command::new("ip").args(["netns", "exec", &seg.router_netns, "sysctl", "-qw", "net.ipv4.ip_forward=1"]).status().is_ok_and(|s| s.success());
+    if !ok {
+        bail!("enabling forwarding in {}", seg.router_netns);
+    }
+    for (net, via) in &seg.root_routes {
+        ip(&["route", "replace", net, "via", via])?;
+    }
+    Ok(())
+}
+
+/// The root's route to a node's pods: straight to a node on segment A, through the router to
+/// one on segment B (the router then routes the range to the node: recorded nowhere, it goes
+/// with the router's namespace).
+fn route_pods_via_router(st: &LabState, cidr: &str, node_ip: &str) -> Result<String> {
+    let Some(seg) = &st.segment_b else { return Ok(node_ip.to_string()) };
+    let on_b = node_ip.rsplit_once('.').and_then(|(_, h)| h.parse::<u8>().ok()).is_some_and(|h| h >= 128);
+    if !on_b {
+        return Ok(node_ip.to_string());
+    }
+    ip(&["-n", &seg.router_netns, "route", "replace", cidr, "via", node_ip])?;
+    Ok(seg.router_a.clone())
 }
