@@ -52,7 +52,15 @@ struct ServeArgs {
     /// Overrides the address reported as the pod IP.
     #[arg(long, env = "POD_IP")]
     pod_ip: Option<IpAddr>,
+    /// Seconds to keep serving after SIGTERM before exiting, with `/healthz` answering 503
+    /// meanwhile (a lame duck): requests load balancers still send while the endpoint is being
+    /// withdrawn get answers instead of refused connections.
+    #[arg(long, env = "ECHO_SHUTDOWN_DELAY", default_value_t = 0)]
+    shutdown_delay: u64,
 }
+
+/// Set once SIGTERM arrived and the shutdown delay runs.
+static DRAINING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Concurrent TCP/HTTP connections served at once; further ones are closed at accept.
 const MAX_CONNECTIONS: usize = 512;
@@ -81,9 +89,15 @@ fn main() {
 }
 
 fn run_serve(args: ServeArgs, signals: SigSet) -> i32 {
+    let delay = Duration::from_secs(args.shutdown_delay);
     match serve(args) {
         Ok(()) => {
             wait_for_termination(&signals, false);
+            if !delay.is_zero() {
+                DRAINING.store(true, Ordering::SeqCst);
+                eprintln!("skiff-echo: terminating: serving {}s more, /healthz answers 503", delay.as_secs());
+                std::thread::sleep(delay);
+            }
             0
         }
         Err(e) => {
@@ -384,6 +398,7 @@ fn serve_http(stream: TcpStream, identity: &str) {
         let get = req.method == "GET" || head_only;
         let (status, body) = match (get, req.path.as_str()) {
             (true, "/") => ("200 OK", identity),
+            (true, "/healthz") if DRAINING.load(Ordering::SeqCst) => ("503 Service Unavailable", "draining\n"),
             (true, "/healthz") => ("200 OK", "ok\n"),
             (true, "/whoami") => ("200 OK", whoami.as_str()),
             _ => ("404 Not Found", "not found\n"),

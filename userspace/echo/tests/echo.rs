@@ -131,3 +131,37 @@ fn whoami_answers_the_clients_address() {
     assert!(out.ends_with(&format!("\r\n\r\n{me}\n")), "answers {me}: {out}");
     e.terminate();
 }
+
+#[test]
+fn shutdown_delay_keeps_serving_after_sigterm_with_healthz_failing() {
+    let (http, tcp, udp) = (free_port(), free_port(), free_port());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_skiff-echo"))
+        .args(["--bind", "127.0.0.1", "--http-port", &http.to_string(), "--tcp-port", &tcp.to_string(), "--udp-port", &udp.to_string()])
+        .env("ECHO_SHUTDOWN_DELAY", "1")
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn skiff-echo");
+    let get = |path: &str| -> String {
+        let mut s = TcpStream::connect(("127.0.0.1", http)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+        s.write_all(format!("GET {path} HTTP/1.1\r\nConnection: close\r\n\r\n").as_bytes()).expect("write");
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while TcpStream::connect(("127.0.0.1", http)).is_err() {
+        assert!(Instant::now() < deadline, "skiff-echo did not listen");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(get("/healthz").starts_with("HTTP/1.1 200"));
+    let t = Instant::now();
+    // SAFETY: kill on the pid of a child we spawned and have not reaped.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(get("/").starts_with("HTTP/1.1 200"), "still serving after SIGTERM");
+    assert!(get("/healthz").starts_with("HTTP/1.1 503"), "but no longer ready");
+    let code = child.wait().expect("wait").code();
+    assert_eq!(code, Some(0));
+    assert!(t.elapsed() >= Duration::from_secs(1), "stayed up for the delay: {:?}", t.elapsed());
+}
