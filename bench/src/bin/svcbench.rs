@@ -35,6 +35,28 @@ struct Cli {
 enum Cmd {
     /// Build the labs, measure every path at every scale, write the results.
     Run(RunArgs),
+    /// Render the markdown and charts again from a run's JSON record (targets re-judged).
+    Report {
+        #[arg(long)]
+        json: PathBuf,
+        #[arg(long, default_value = "bench/results")]
+        out: PathBuf,
+        #[arg(long, default_value = "service")]
+        stem: String,
+        /// A note to add to the record (repeatable).
+        #[arg(long)]
+        note: Vec<String>,
+    },
+    /// Print the kube-proxy-shaped rules the harness installs (to inspect or load by hand).
+    Rules {
+        #[arg(long, default_value_t = 100)]
+        services: usize,
+        #[arg(long, default_value_t = 10)]
+        endpoints: usize,
+        /// `iptables` (iptables-restore --noflush input), `iptables-base`, `nft` (nft -f input).
+        #[arg(long, default_value = "iptables", value_parser = ["iptables", "iptables-base", "nft"])]
+        format: String,
+    },
     /// (internal) The server program, inside a pod namespace.
     #[command(hide = true)]
     Server {
@@ -67,7 +89,8 @@ enum Cmd {
 
 #[derive(clap::Args)]
 struct RunArgs {
-    /// A short run: scales 1 and 10,000, 0.6 s per workload, no profiles.
+    /// A short run (< 2 min): scales 1 and 10,000, 0.6 s per workload, no profiles, nftables
+    /// only at scale 1, programming time at 1,000 Services.
     #[arg(long)]
     quick: bool,
     /// Numbers of Services to sweep.
@@ -88,9 +111,9 @@ struct RunArgs {
     probes: usize,
     #[arg(long, default_value_t = 10)]
     endpoints: usize,
-    /// Services in the programming-time benchmark (0 skips it).
-    #[arg(long, default_value_t = 10_000)]
-    program_services: usize,
+    /// Services in the programming-time benchmark (0 skips it; default 10,000, 1,000 with --quick).
+    #[arg(long)]
+    program_services: Option<usize>,
     #[arg(long, default_value_t = 10)]
     program_endpoints: usize,
     /// Where the client and server programs run: `split` pins clients to CPU 0 and servers to
@@ -103,6 +126,19 @@ struct RunArgs {
     /// Seconds any one rule install may take before it counts as failed.
     #[arg(long, default_value_t = 300)]
     install_timeout_s: u64,
+    /// Seconds each programming-benchmark step may take (kube-proxy's iptables-nft --noflush
+    /// restore of 10,000 x 10 takes minutes on iptables 1.8.9: it is reported as not finished).
+    #[arg(long, default_value_t = 60)]
+    program_timeout_s: u64,
+    /// Run nftables labs only up to this many Services (default 10,000; 1,000 with --quick).
+    #[arg(long)]
+    nft_max_scale: Option<usize>,
+    /// Run iptables-nft labs only up to this many Services.
+    #[arg(long, default_value_t = 10_000)]
+    iptables_nft_max_scale: usize,
+    /// A note to carry into the record (repeatable).
+    #[arg(long)]
+    note: Vec<String>,
     /// Where the JSON, markdown and SVG files go.
     #[arg(long, default_value = "bench/results")]
     out: PathBuf,
@@ -142,7 +178,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
     if scales.is_empty() || scales.iter().any(|&s| s == 0 || s > svc::model::MAX_SERVICES) {
         bail!("--scales: each between 1 and {}", svc::model::MAX_SERVICES);
     }
-    let duration = Duration::from_millis(a.duration_ms.unwrap_or(if a.quick { 600 } else { 2000 }));
+    let duration = Duration::from_millis(a.duration_ms.unwrap_or(if a.quick { 600 } else { 1500 }));
     if duration < Duration::from_millis(100) || duration > Duration::from_secs(60) {
         bail!("--duration-ms: between 100 and 60000");
     }
@@ -183,10 +219,14 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         servers: a.servers,
         probes: a.probes,
         endpoints_per_service: a.endpoints,
-        program_services: a.program_services,
+        program_services: a.program_services.unwrap_or(if a.quick { 1_000 } else { 10_000 }),
         program_endpoints: a.program_endpoints,
         profile_scale,
         install_timeout: Duration::from_secs(a.install_timeout_s),
+        program_timeout: Duration::from_secs(a.program_timeout_s.max(1)),
+        nft_max_scale: a.nft_max_scale.unwrap_or(if a.quick { 1_000 } else { 10_000 }),
+        iptables_nft_max_scale: a.iptables_nft_max_scale,
+        notes: a.note.clone(),
         pin,
         command,
         exe: std::env::current_exe().context("locating this program")?,
@@ -225,6 +265,27 @@ fn main() -> anyhow::Result<()> {
     }
     match cli.cmd {
         Cmd::Run(a) => run(a),
+        Cmd::Report { json, out, stem, note } => {
+            let text = std::fs::read_to_string(&json).with_context(|| format!("reading {}", json.display()))?;
+            let mut record: svc::run::Record = serde_json::from_str(&text).context("parsing the record")?;
+            record.notes.extend(note);
+            record.targets = report::evaluate(&record);
+            for f in report::write_all(&record, &out, &stem)? {
+                println!("wrote {}", f.display());
+            }
+            Ok(())
+        }
+        Cmd::Rules { services, endpoints, format } => {
+            let real = svc::model::real_endpoints(&[Ipv4Addr::new(10, 244, 1, 11), Ipv4Addr::new(10, 244, 1, 12)], endpoints);
+            let set = svc::model::build(services, endpoints, 16, &real)?;
+            let text = match format.as_str() {
+                "iptables" => svc::kubeproxy::iptables_full(&set),
+                "iptables-base" => svc::kubeproxy::iptables_base(),
+                _ => svc::kubeproxy::nft_full(&set),
+            };
+            print!("{text}");
+            Ok(())
+        }
         Cmd::Server { netns, ip, ports, workers, max_seconds } => {
             if workers == 0 || workers > 64 {
                 bail!("--workers: between 1 and 64");
