@@ -111,6 +111,32 @@ fn three_node_cluster_runs_pods_that_reach_each_other_and_services() {
         assert!(answered.contains(&format!("{name} {ip}")), "{name} answered through {vip}: {answered:?}");
     }
 
+    // kubectl logs, logs -f, exec (exit code, stdin) through the apiserver to the pod's agent.
+    let first = &targets[0].0;
+    let logs = k.ok(&["logs", "-n", "e2e", first]);
+    assert!(logs.contains("skiff-echo:") && logs.contains(first.as_str()), "kubectl logs shows the echo server's first line:\n{logs}");
+    let follow = Command::new("timeout")
+        .arg("5")
+        .arg(&k.bin)
+        .args(["--kubeconfig"])
+        .arg(&k.kubeconfig)
+        .args(["--cache-dir"])
+        .arg(k.home.path().join("cache"))
+        .args(["logs", "-f", "-n", "e2e", first])
+        .env("HOME", k.home.path())
+        .output()
+        .expect("kubectl logs -f");
+    assert_eq!(follow.status.code(), Some(124), "logs -f keeps streaming until stopped");
+    assert!(String::from_utf8_lossy(&follow.stdout).contains("skiff-echo:"), "logs -f streams the log");
+    let exec = k.run_with_stdin(&["exec", "-n", "e2e", first, "--", "sh", "-c", "echo out; echo err >&2; exit 3"], None);
+    assert_eq!(exec.status.code(), Some(3), "kubectl exec returns the command's exit code");
+    assert_eq!(String::from_utf8_lossy(&exec.stdout).trim(), "out");
+    assert!(String::from_utf8_lossy(&exec.stderr).contains("err"));
+    let stdin = k.run_with_stdin(&["exec", "-i", "-n", "e2e", first, "--", "wc", "-l"], Some("a\nb\nc\n"));
+    assert_eq!(String::from_utf8_lossy(&stdin.stdout).trim(), "3", "kubectl exec -i passes stdin");
+    let hostname = k.ok(&["exec", "-n", "e2e", first, "--", "hostname"]);
+    assert_eq!(hostname.trim(), first.as_str(), "the container's hostname is the pod name");
+
     // The API from a pod, through the `kubernetes` Service (10.96.0.1:443 -> the server).
     let api: SocketAddr = "10.96.0.1:443".parse().unwrap();
     in_netns(&client_ns, || std::net::TcpStream::connect_timeout(&api, Duration::from_secs(3)))
