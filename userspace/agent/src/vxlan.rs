@@ -264,7 +264,15 @@ pub async fn ensure_device(spec: &DeviceSpec) -> Result<u32, NetworkError> {
     let handle = network::connect()?;
     let existing = link_by_name(&handle, &spec.name).await?;
     let index = match existing {
-        Some(l) if tunnel_matches(&l, spec) => l.header.index,
+        Some(l) if tunnel_matches(&l, spec) => {
+            let mac = l.attributes.iter().find_map(|a| if let LinkAttribute::Address(m) = a { Some(m.clone()) } else { None });
+            if mac.as_deref() != Some(&spec.mac[..]) {
+                // A MAC change needs the device down (vxlan has no live address change).
+                handle.link().set(LinkUnspec::new_with_index(l.header.index).down().build()).execute().await?;
+                handle.link().set(LinkUnspec::new_with_index(l.header.index).address(spec.mac.to_vec()).build()).execute().await?;
+            }
+            l.header.index
+        }
         other => {
             if let Some(l) = other {
                 info!(device = %spec.name, "the VXLAN device's tunnel parameters changed: recreating it");
@@ -286,7 +294,7 @@ pub async fn ensure_device(spec: &DeviceSpec) -> Result<u32, NetworkError> {
                 .index
         }
     };
-    handle.link().set(LinkUnspec::new_with_index(index).mtu(spec.mtu).address(spec.mac.to_vec()).up().build()).execute().await?;
+    handle.link().set(LinkUnspec::new_with_index(index).mtu(spec.mtu).up().build()).execute().await?;
     handle.address().add(index, IpAddr::V4(spec.addr), 32).replace().execute().await?;
     // Any other address on it is from an earlier podCIDR: remove it (source selection would
     // otherwise pick it for traffic to remote pods).
@@ -321,6 +329,9 @@ pub async fn remove_device() -> Result<bool, NetworkError> {
 fn neigh_dst(m: &NeighbourMessage) -> Option<Ipv4Addr> {
     m.attributes.iter().find_map(|a| match a {
         NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => Some(*ip),
+        // In an AF_BRIDGE (FDB) message the parser cannot know the address's family and keeps
+        // the bytes: a VXLAN remote is 4 of them for IPv4.
+        NeighbourAttribute::Destination(NeighbourAddress::Other(b)) => <[u8; 4]>::try_from(b.as_slice()).ok().map(Ipv4Addr::from),
         _ => None,
     })
 }
@@ -512,5 +523,136 @@ mod tests {
         let (up, _) = diff(&before.neighbours, &after.neighbours);
         assert_eq!(up, vec![(Ipv4Addr::new(10, 244, 2, 0), vtep_mac(Ipv4Addr::new(172, 20, 0, 140)))]);
         assert!(diff(&before.routes, &after.routes).0.is_empty(), "the route itself stays");
+    }
+
+    // ----- Real kernel: two namespaces made here, joined by a veth, an overlay between them. -----
+
+    fn sh(args: &[&str]) -> String {
+        let out = std::process::Command::new(args[0]).args(&args[1..]).output().expect("run a tool");
+        assert!(out.status.success(), "{}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Deletes the namespaces by name when the test ends, however it ends.
+    struct Netns(Vec<String>);
+    impl Drop for Netns {
+        fn drop(&mut self) {
+            for n in &self.0 {
+                let _ = std::process::Command::new("ip").args(["netns", "del", n]).output();
+            }
+        }
+    }
+
+    /// Runs `f` on a thread inside /run/netns/`ns`, on a runtime of its own.
+    fn in_ns<T: Send + 'static>(ns: &str, f: impl std::future::Future<Output = T> + Send + 'static) -> T {
+        let path = format!("/run/netns/{ns}");
+        std::thread::spawn(move || {
+            use std::os::fd::AsRawFd;
+            let file = std::fs::File::open(&path).expect("open netns");
+            // SAFETY: a valid netns fd, for this thread only.
+            assert_eq!(unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) }, 0, "setns {path}");
+            tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime").block_on(f)
+        })
+        .join()
+        .expect("netns thread")
+    }
+
+    fn root_available() -> bool {
+        // SAFETY: no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        let ip = std::process::Command::new("ip").arg("-V").output().is_ok_and(|o| o.status.success());
+        let bridge = std::process::Command::new("bridge").arg("-V").output().is_ok_and(|o| o.status.success());
+        if root && ip && bridge {
+            return true;
+        }
+        let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+        assert!(!ci, "CI=true and root/iproute2 is missing: the overlay netlink test must run in CI");
+        eprintln!("skipping: needs root and iproute2 (ip, bridge)");
+        false
+    }
+
+    #[test]
+    fn overlay_in_real_namespaces_carries_tcp_and_follows_the_nodes() {
+        if !root_available() {
+            return;
+        }
+        let (a, b) = (format!("skvxt-{}-a", std::process::id()), format!("skvxt-{}-b", std::process::id()));
+        let _guard = Netns(vec![a.clone(), b.clone()]);
+        for ns in [&a, &b] {
+            sh(&["ip", "netns", "add", ns]);
+            sh(&["ip", "-n", ns, "link", "set", "lo", "up"]);
+        }
+        sh(&["ip", "-n", &a, "link", "add", "up0", "type", "veth", "peer", "name", "up0", "netns", &b]);
+        for (ns, ip, pod) in [(&a, "172.31.254.1/24", "10.250.1.5/32"), (&b, "172.31.254.2/24", "10.250.2.5/32")] {
+            sh(&["ip", "-n", ns, "addr", "add", ip, "dev", "up0"]);
+            sh(&["ip", "-n", ns, "link", "set", "up0", "up"]);
+            sh(&["ip", "-n", ns, "addr", "add", pod, "dev", "lo"]);
+        }
+        let ip_a = Ipv4Addr::new(172, 31, 254, 1);
+        let ip_b = Ipv4Addr::new(172, 31, 254, 2);
+        let nodes = vec![node("a", Some("10.250.1.0/24"), Some("172.31.254.1")), node("b", Some("10.250.2.0/24"), Some("172.31.254.2"))];
+        // A native route of an earlier run (protocol 200) and someone else's route: the first
+        // is replaced by the overlay's, the second left alone.
+        sh(&["ip", "-n", &a, "route", "add", "10.250.2.0/24", "via", "172.31.254.2", "proto", "200"]);
+        sh(&["ip", "-n", &a, "route", "add", "10.250.9.0/24", "via", "172.31.254.2", "proto", "static"]);
+        for (ns, name, ip, cidr) in [(&a, "a", ip_a, "10.250.1.0/24"), (&b, "b", ip_b, "10.250.2.0/24")] {
+            let nodes = nodes.clone();
+            let cidr = net(cidr);
+            let mtu = in_ns(ns, async move {
+                let mtu = prepare(NetworkMode::Vxlan, Some("up0"), ip, &cidr).await.expect("prepare").expect("an MTU in vxlan mode");
+                // Idempotent: a second start finds the device as it is.
+                assert_eq!(prepare(NetworkMode::Vxlan, None, ip, &cidr).await.expect("prepare again"), Some(mtu));
+                sync_overlay(&overlay_from_nodes(&nodes, name, ip, Some(&cidr))).await.expect("sync");
+                mtu
+            });
+            assert_eq!(mtu, 1450);
+        }
+        let link = sh(&["ip", "-n", &a, "-d", "link", "show", VXLAN_DEVICE]);
+        assert!(link.contains("vxlan id 1 ") && link.contains("local 172.31.254.1") && link.contains("dev up0") && link.contains("dstport 8472") && link.contains("nolearning"), "{link}");
+        assert!(link.contains("mtu 1450") && link.contains("0a:58:ac:1f:fe:01") && link.contains(",UP"), "{link}");
+        assert!(sh(&["ip", "-n", &a, "addr", "show", "dev", VXLAN_DEVICE]).contains("inet 10.250.1.0/32"));
+        let routes = sh(&["ip", "-n", &a, "route"]);
+        assert!(routes.contains("10.250.2.0/24 via 10.250.2.0 dev skiff.vxlan proto 200 onlink"), "{routes}");
+        assert!(routes.contains("10.250.9.0/24 via 172.31.254.2 dev up0 proto static"), "others' routes stay: {routes}");
+        let neigh = sh(&["ip", "-n", &a, "neigh", "show", "dev", VXLAN_DEVICE]);
+        assert!(neigh.contains("10.250.2.0 lladdr 0a:58:ac:1f:fe:02 PERMANENT"), "{neigh}");
+        let fdb = sh(&["bridge", "-n", &a, "fdb", "show", "dev", VXLAN_DEVICE]);
+        assert!(fdb.contains("0a:58:ac:1f:fe:02 dst 172.31.254.2 self permanent"), "{fdb}");
+
+        // Real traffic: a "pod" address in b answers a connection from a, through the overlay.
+        let listener = in_ns(&b, async { std::net::TcpListener::bind("10.250.2.5:9999").expect("listen in b") });
+        let server = std::thread::spawn(move || {
+            use std::io::Write;
+            let (mut c, peer) = listener.accept().expect("accept");
+            c.write_all(peer.ip().to_string().as_bytes()).expect("write");
+        });
+        let (before, said) = in_ns(&a, async {
+            let before = device_counters().await.expect("counters").expect("device");
+            let mut s = std::net::TcpStream::connect_timeout(&"10.250.2.5:9999".parse().unwrap(), std::time::Duration::from_secs(3)).expect("connect across the overlay");
+            let mut said = String::new();
+            std::io::Read::read_to_string(&mut s, &mut said).expect("read");
+            (before, said)
+        });
+        server.join().expect("server");
+        assert_eq!(said, "10.250.1.0", "node processes speak from the overlay address");
+        let after = in_ns(&a, async { device_counters().await.expect("counters").expect("device") });
+        assert!(after.0 > before.0 && after.1 > before.1, "the device carried it: {before:?} -> {after:?}");
+
+        // b moves to another IP: a's FDB entry and neighbour follow; then b leaves altogether.
+        let moved = vec![node("b", Some("10.250.2.0/24"), Some("172.31.254.3"))];
+        in_ns(&a, async move { sync_overlay(&overlay_from_nodes(&moved, "a", Ipv4Addr::new(172, 31, 254, 1), None)).await.expect("sync moved") });
+        let fdb = sh(&["bridge", "-n", &a, "fdb", "show", "dev", VXLAN_DEVICE]);
+        assert!(fdb.contains("0a:58:ac:1f:fe:03 dst 172.31.254.3") && !fdb.contains("0a:58:ac:1f:fe:02"), "{fdb}");
+        assert!(sh(&["ip", "-n", &a, "neigh", "show", "dev", VXLAN_DEVICE]).contains("10.250.2.0 lladdr 0a:58:ac:1f:fe:03 PERMANENT"));
+        in_ns(&a, async { sync_overlay(&Overlay::default()).await.expect("sync empty") });
+        assert!(!sh(&["ip", "-n", &a, "route"]).contains("10.250.2.0/24"));
+        assert!(sh(&["ip", "-n", &a, "neigh", "show", "dev", VXLAN_DEVICE]).trim().is_empty());
+        assert!(!sh(&["bridge", "-n", &a, "fdb", "show", "dev", VXLAN_DEVICE]).contains("dst"));
+
+        // Back to native: the device and everything on it goes; the other route stays.
+        in_ns(&a, async { finish(NetworkMode::Native, None).await.expect("native finish") });
+        assert!(!sh(&["ip", "-n", &a, "link"]).contains(VXLAN_DEVICE));
+        assert!(sh(&["ip", "-n", &a, "route"]).contains("10.250.9.0/24"));
+        assert!(!in_ns(&a, async { remove_device().await.expect("remove again") }), "nothing left to remove");
     }
 }
