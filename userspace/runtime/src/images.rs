@@ -57,6 +57,8 @@ pub struct ImageInfo {
     pub size: u64,
     /// Whether `rootfs/<hex>` is unpacked.
     pub unpacked: bool,
+    /// When it was imported or pulled (RFC 3339).
+    pub imported_at: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -265,6 +267,7 @@ impl ImageStore {
                 references,
                 size: img.size,
                 unpacked: self.rootfs_path(manifest)?.is_dir(),
+                imported_at: img.imported_at.clone(),
             });
         }
         Ok(out)

@@ -201,7 +201,13 @@ fn registry_error(what: &str, r: &Reference, e: OciDistributionError) -> ImageEr
                 msg.push_str(&format!(": {s}"));
                 src = s.source();
             }
-            ImageError::Registry(format!("{what} of {r} from {}: {msg}", registry_of(r)))
+            // A TLS handshake answered by plain HTTP: the usual loopback registry mistake.
+            let hint = if msg.contains("InvalidContentType") {
+                " (the registry seems to speak plain HTTP: name it insecure, e.g. --insecure-registry, or in registries.json)"
+            } else {
+                ""
+            };
+            ImageError::Registry(format!("{what} of {r} from {}: {msg}{hint}", registry_of(r)))
         }
         other => ImageError::Registry(format!("{what} of {r}: {other}")),
     }
@@ -235,7 +241,7 @@ async fn pull_async(
     let top = oci_ref(r, None);
     // The /v2/ challenge first: a failed token request is an error here, where later requests
     // would only see a 401.
-    client.auth(&top, &auth, oci_client::RegistryOperation::Pull).await.map_err(|e| registry_error("authenticating", r, e))?;
+    client.auth(&top, &auth, oci_client::RegistryOperation::Pull).await.map_err(|e| registry_error("authenticating for a pull", r, e))?;
 
     let staging = StagingDir::new(&store.dir().join("tmp"), "pull")?;
     let mut digest_wanted: Option<String> = r.digest.clone();
