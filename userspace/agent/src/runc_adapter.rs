@@ -85,6 +85,37 @@ impl ContainerRuntime for RuncRuntime {
         })
     }
 
+    fn pull(&self, image: &str, docker_configs: &[Vec<u8>]) -> Result<ImageInfo, RuntimeError> {
+        // Kubelet's order: every matching credential in turn, anonymous when none matches.
+        let mut auths = Vec::new();
+        for cfg in docker_configs {
+            match skiff_runtime::pull::credentials_from_docker_config(cfg, image) {
+                Ok(Some(c)) => auths.push(Some(c)),
+                Ok(None) => {}
+                Err(e) => tracing::warn!(image, "skipping an imagePullSecret: {e}"),
+            }
+        }
+        if auths.is_empty() {
+            auths.push(None);
+        }
+        let mut last = None;
+        for auth in auths {
+            match self.images.pull(image, &skiff_runtime::PullOptions { auth, ..Default::default() }) {
+                Ok(_) => return self.image(image),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.map(fail).unwrap_or_else(|| RuntimeError::Failed(format!("pulling {image}: no attempt made"))))
+    }
+
+    fn image_store(&self) -> Option<ImageStore> {
+        Some(self.images.clone())
+    }
+
+    fn images_in_use(&self) -> Result<std::collections::HashSet<String>, RuntimeError> {
+        self.runc.images_in_use().map_err(fail)
+    }
+
     fn run(&self, req: &ContainerRequest) -> Result<(), RuntimeError> {
         let key = ContainerKey::parse(&req.id).ok_or_else(|| RuntimeError::Failed(format!("container id {:?} is not the agent's", req.id)))?;
         let period = 100_000u64;

@@ -114,6 +114,22 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     /// `runc://1.1.5`-style version for Node.status.nodeInfo.
     fn version(&self) -> String;
     fn image(&self, image: &str) -> Result<ImageInfo, RuntimeError>;
+    /// Pulls `image` from its registry into the node's store and returns it as `image` would.
+    /// `docker_configs`: the pod's imagePullSecrets (docker config json), tried in order.
+    /// Default: this runtime cannot pull.
+    fn pull(&self, image: &str, docker_configs: &[Vec<u8>]) -> Result<ImageInfo, RuntimeError> {
+        let _ = docker_configs;
+        Err(RuntimeError::Failed(format!("pulling {image}: this runtime does not pull images")))
+    }
+    /// The node-local image store this runtime runs containers from, for the agent's image GC.
+    /// None (the default): the runtime collects its own images (containerd).
+    fn image_store(&self) -> Option<skiff_runtime::ImageStore> {
+        None
+    }
+    /// Manifest digests of the images the runtime's containers (running or not) use.
+    fn images_in_use(&self) -> Result<std::collections::HashSet<String>, RuntimeError> {
+        Ok(Default::default())
+    }
     /// Creates and starts the container.
     fn run(&self, req: &ContainerRequest) -> Result<(), RuntimeError>;
     fn observe(&self, id: &str) -> Result<Observed, RuntimeError>;
