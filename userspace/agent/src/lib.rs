@@ -9,6 +9,8 @@
 //! while no agent runs.
 
 pub mod cri_adapter;
+pub mod image_gc;
+pub mod image_pull;
 pub mod metrics;
 pub mod network;
 pub mod node;
@@ -306,6 +308,7 @@ pub async fn run(
     let heartbeat = tokio::spawn(node::heartbeat_loop(client.clone(), registered, cfg.heartbeat_interval, cfg.heartbeat_interval, shutdown.clone()));
     let routes = tokio::spawn(routes_loop(client.clone(), cfg.node_name.clone(), cfg.network, cfg.node_ip, cidr, shutdown.clone()));
     let pods_dir = ctx.pods_dir.clone();
+    tokio::spawn(image_gc::run(ctx.runtime.clone(), image_gc::ImageGcPolicy::from_env(), shutdown.clone()));
     let pods = tokio::spawn(pods::run(ctx, shutdown.clone()));
     tokio::spawn(metrics::metrics_loop(client.clone(), cfg.node_name.clone(), shutdown.clone()));
     let stopped = |mut rx: watch::Receiver<bool>| async move {

@@ -383,16 +383,19 @@ async fn sync_pod(ctx: &Arc<PodContext>, pod: &Pod, st: &mut WorkerState) -> any
     // Images.
     let mut images = BTreeMap::new();
     for c in spec_.containers.iter().chain(spec_.init_containers.iter().flatten()) {
-        let image = c.image.clone().unwrap_or_default();
-        let rt = ctx.runtime.clone();
-        let img = image.clone();
-        match tokio::task::spawn_blocking(move || rt.image(&img)).await? {
+        // imagePullPolicy, pulls with imagePullSecrets, back-off: crate::image_pull.
+        let (res, events) = crate::image_pull::ensure_image(&ctx.client, &ctx.runtime, pod, c, ctx.backoff_base).await;
+        for (type_, reason, message) in events {
+            event(ctx, pod, type_, reason, &message).await;
+        }
+        match res {
             Ok(info) => {
                 view.image_ids.insert(c.name.clone(), info.id.clone());
                 images.insert(c.name.clone(), info);
             }
-            Err(e) => {
-                view.image_errors.insert(c.name.clone(), e.to_string());
+            Err(wait) => {
+                view.image_errors.insert(c.name.clone(), wait.message);
+                view.image_error_reasons.insert(c.name.clone(), wait.reason);
             }
         }
     }

@@ -45,6 +45,8 @@ pub struct PodView {
     pub unhealthy: BTreeSet<String>,
     /// Image problems by container name (ErrImagePull message).
     pub image_errors: BTreeMap<String, String>,
+    /// The waiting reason of an image problem when not ErrImagePull (ImagePullBackOff, ...).
+    pub image_error_reasons: BTreeMap<String, String>,
     /// The image id each container runs (for containerStatuses.imageID).
     pub image_ids: BTreeMap<String, String>,
     pub sandbox_error: Option<String>,
@@ -146,7 +148,8 @@ pub fn plan(view: &PodView, now: Timestamp) -> (Vec<Action>, PodStatus) {
     if sandbox_ready {
         for c in spec.init_containers.iter().flatten() {
             if let Some(msg) = view.image_errors.get(&c.name) {
-                waiting.insert(c.name.clone(), ("ErrImagePull".into(), msg.clone()));
+                let reason = view.image_error_reasons.get(&c.name).cloned().unwrap_or_else(|| "ErrImagePull".into());
+                waiting.insert(c.name.clone(), (reason, msg.clone()));
                 initialized = false;
                 break;
             }
@@ -178,7 +181,8 @@ pub fn plan(view: &PodView, now: Timestamp) -> (Vec<Action>, PodStatus) {
     if sandbox_ready && initialized {
         for c in &spec.containers {
             if let Some(msg) = view.image_errors.get(&c.name) {
-                waiting.insert(c.name.clone(), ("ErrImagePull".into(), msg.clone()));
+                let reason = view.image_error_reasons.get(&c.name).cloned().unwrap_or_else(|| "ErrImagePull".into());
+                waiting.insert(c.name.clone(), (reason, msg.clone()));
                 continue;
             }
             let l = latest(&c.name);
