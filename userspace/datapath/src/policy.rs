@@ -164,6 +164,79 @@ impl Datapath {
     }
 }
 
+/// One POLICY entry as `skiff datapath policy` prints it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PolicyEntry {
+    pub endpoint: Ipv4Addr,
+    pub direction: PolicyDirection,
+    pub peer: Ipv4Addr,
+    pub prefix_len: u8,
+    /// 0: any protocol.
+    pub proto: u8,
+    /// 0: any port.
+    pub port: u16,
+    pub allow: bool,
+}
+
+impl Datapath {
+    /// Every POLICY entry, and the local pods with their (ingress, egress) isolation flags.
+    pub fn dump_policy(
+        &self,
+    ) -> Result<(Vec<PolicyEntry>, BTreeMap<Ipv4Addr, (bool, bool)>), DatapathError> {
+        let mut entries = Vec::new();
+        for k in self.policy.keys() {
+            let k = k.map_err(map_err(map_names::POLICY))?;
+            let data = k.data();
+            let verdict = self.policy.get(&k, 0).unwrap_or(POLICY_DENY);
+            let direction = if data.direction == POLICY_EGRESS {
+                PolicyDirection::Egress
+            } else {
+                PolicyDirection::Ingress
+            };
+            entries.push(PolicyEntry {
+                endpoint: Ipv4Addr::from(skiff_ebpf_common::raw_to_ip4(data.endpoint)),
+                direction,
+                peer: Ipv4Addr::from(skiff_ebpf_common::raw_to_ip4(data.peer)),
+                prefix_len: k.prefix_len().saturating_sub(POLICY_FIXED_BITS) as u8,
+                proto: data.proto,
+                port: skiff_ebpf_common::raw_to_port(data.port),
+                allow: verdict == POLICY_ALLOW,
+            });
+        }
+        entries.sort_by_key(|e| {
+            (e.endpoint, e.direction == PolicyDirection::Egress, e.proto, e.port, e.peer, e.prefix_len)
+        });
+        let mut isolation = BTreeMap::new();
+        for item in self.endpoints.iter() {
+            let (addr, ep) = item.map_err(map_err(map_names::ENDPOINTS))?;
+            if addr.w[1..] == [0, 0, 0] {
+                isolation.insert(
+                    Ipv4Addr::from(skiff_ebpf_common::raw_to_ip4(addr.w[0])),
+                    (ep.flags & EP_F_INGRESS_ISOLATED != 0, ep.flags & EP_F_EGRESS_ISOLATED != 0),
+                );
+            }
+        }
+        Ok((entries, isolation))
+    }
+
+    /// Removes every POLICY entry of `pod` (both directions), whether or not the pod is still
+    /// registered: for pods that are gone from this node.
+    pub fn clear_policy(&mut self, pod: Ipv4Addr) -> Result<usize, DatapathError> {
+        let raw = ip4_to_raw(pod.octets());
+        let mut stale = Vec::new();
+        for k in self.policy.keys() {
+            let k = k.map_err(map_err(map_names::POLICY))?;
+            if k.data().endpoint == raw {
+                stale.push(k);
+            }
+        }
+        for k in &stale {
+            let _ = self.policy.remove(k);
+        }
+        Ok(stale.len())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
