@@ -3,8 +3,9 @@
 //! Kubernetes node. Then real kubectl: the Deployment of tests/cluster.rs becomes Running and
 //! Ready; pods reach each other by IP across nodes and through the ClusterIP; `kubectl exec`
 //! returns output and exit codes; an exec readiness probe (CRI ExecSync) gates Ready; a pod over
-//! its memory limit is OOMKilled; a fresh CRI adapter finds every container again by labels (what
-//! a restarted agent does); `skiff down` leaves no containerd, mount, netns or cgroup.
+//! its memory limit is OOMKilled; a fresh CRI adapter finds every container again by labels, and a
+//! really restarted agent adopts them all (nothing recreated); `skiff down` leaves no containerd,
+//! mount, netns or cgroup.
 //!
 //! Traffic goes only to pod and service addresses of the lab, from inside its namespaces.
 
@@ -106,6 +107,36 @@ fn cgroup_dirs_named(prefix: &str) -> Vec<PathBuf> {
         }
     }
     out
+}
+
+/// Stops node `i`'s agent (SIGTERM, by its recorded PID) and starts it again with the command
+/// line it had (read from /proc), recording the new PID in lab.json so `skiff down` stops it.
+fn restart_agent(lab_json: &Path, i: usize) {
+    use std::os::unix::process::CommandExt;
+    let mut lab: serde_json::Value = serde_json::from_slice(&std::fs::read(lab_json).expect("lab.json")).expect("parses");
+    let pid = lab["nodes"][i]["agent_pid"].as_u64().expect("agent pid") as i32;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).expect("the agent's command line");
+    let argv: Vec<String> = cmdline.split(|b| *b == 0).filter(|a| !a.is_empty()).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+    assert!(argv.iter().any(|a| a == "agent") && argv.iter().any(|a| a == "cri"), "a CRI agent: {argv:?}");
+    // SAFETY: signalling the agent `skiff up` started (its PID from lab.json, checked above).
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    eventually("the agent stopped", Duration::from_secs(20), || (!Path::new(&format!("/proc/{pid}")).exists()).then_some(()));
+    let log_path = Path::new(lab["nodes"][i]["data_dir"].as_str().unwrap_or_default()).join("agent.log");
+    let log = std::fs::OpenOptions::new().append(true).open(&log_path).expect("agent.log");
+    let mut cmd = Command::new(&argv[0]);
+    cmd.args(&argv[1..]).stdin(std::process::Stdio::null()).stdout(log.try_clone().expect("dup")).stderr(log);
+    // SAFETY: setsid is async-signal-safe (the agent outlives this test's process group).
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().expect("start the agent again");
+    lab["nodes"][i]["agent_pid"] = serde_json::json!(child.id());
+    // It is this test's child: reap it when `skiff down` stops it, or it stays a zombie (alive).
+    std::thread::spawn(move || child.wait());
+    std::fs::write(lab_json, serde_json::to_vec_pretty(&lab).expect("json")).expect("write lab.json");
 }
 
 #[test]
@@ -232,6 +263,35 @@ fn two_node_cluster_on_containerd_runs_the_deployment() {
             }
         }
     }
+
+    // A real agent restart: node 1's agent stops (pods keep running), a new one starts with the
+    // same arguments and adopts the sandboxes and containers through ListPodSandbox and
+    // ListContainers: nothing is recreated, the pods stay Ready.
+    let node1 = lab["nodes"][0].clone();
+    let sock = Path::new(node1["data_dir"].as_str().unwrap_or_default()).join("containerd/containerd.sock");
+    let cri = skiff_runtime::cri::CriRuntime::connect(&format!("unix://{}", sock.display())).expect("CRI client");
+    let objects = |cri: &skiff_runtime::cri::CriRuntime| -> (BTreeSet<String>, BTreeSet<String>) {
+        let none = Default::default();
+        let sbs = cri.list_pod_sandboxes(&none).expect("ListPodSandbox").into_iter().map(|s| s.id).collect();
+        let cs = cri.list_containers(&none).expect("ListContainers").into_iter().map(|c| c.id).collect();
+        (sbs, cs)
+    };
+    let before = objects(&cri);
+    assert!(!before.0.is_empty() && !before.1.is_empty(), "node 1 runs pods: {before:?}");
+    restart_agent(&cluster.dir.path().join("lab.json"), 0);
+    eventually("node 1's pods Ready under the restarted agent", Duration::from_secs(60), || {
+        let pods = k.json(&["get", "pods", "-n", "e2e", "-l", "app=echo", "--field-selector", &format!("spec.nodeName={}", node1["name"].as_str().unwrap_or_default())]);
+        let items = pods["items"].as_array().cloned().unwrap_or_default();
+        (!items.is_empty() && items.iter().all(|p| p["status"]["containerStatuses"][0]["ready"] == true)).then_some(())
+    });
+    // Give the new agent several sync rounds to (wrongly) replace anything.
+    std::thread::sleep(Duration::from_secs(6));
+    assert_eq!(objects(&cri), before, "the restarted agent adopted every sandbox and container, recreating none");
+    let pods = k.json(&["get", "pods", "-n", "e2e", "-l", "app=echo"]);
+    for p in pods["items"].as_array().into_iter().flatten() {
+        assert_eq!(p["status"]["containerStatuses"][0]["restartCount"], 0, "no restart: {}", p["metadata"]["name"]);
+    }
+    drop(cri);
 
     let pod_netns: Vec<PathBuf> = targets.iter().map(|t| t.2.clone()).collect();
     let dir = cluster.dir.path().to_path_buf();
