@@ -199,8 +199,15 @@ pub async fn run(
         labels: cfg.labels.clone(),
     };
     let mut node_obj = node::node_object(&identity, &machine, Timestamp::now());
+    // A restarted agent finds its Node Ready with a podCIDR: it leaves the Ready condition alone
+    // (posted again once the node is set up) rather than flapping it to False, which would make
+    // the node lifecycle controller mark every pod here not Ready and pull them out of Services.
+    let restarting = Api::<Node>::all(client.clone()).get_opt(&cfg.node_name).await.ok().flatten().is_some_and(|n| {
+        n.spec.as_ref().and_then(|s| s.pod_cidr.as_ref()).is_some()
+            && n.status.as_ref().and_then(|s| s.conditions.as_ref()).is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+    });
     if let Some(st) = node_obj.status.as_mut() {
-        st.conditions = Some(node::ready_conditions(Timestamp::now(), false, "node network not ready: waiting for a podCIDR"));
+        st.conditions = (!restarting).then(|| node::ready_conditions(Timestamp::now(), false, "node network not ready: waiting for a podCIDR"));
     }
     let registered = node::register(&client, &node_obj).await.context("registering the Node")?;
     let cidr = pod_cidr(&client, &cfg, shutdown.clone()).await?;
