@@ -67,6 +67,8 @@ pub struct AgentConfig {
     pub heartbeat_interval: Duration,
     /// How pods reach other nodes: native routes or the VXLAN overlay.
     pub network: network::NetworkMode,
+    /// Where the plain-HTTP Prometheus endpoint (`/metrics`) listens; None: `<node-ip>:10249`.
+    pub metrics_bind: Option<std::net::SocketAddr>,
 }
 
 impl AgentConfig {
@@ -88,6 +90,7 @@ impl AgentConfig {
             max_pods: 110,
             heartbeat_interval: Duration::from_secs(10),
             network: network::NetworkMode::Native,
+            metrics_bind: None,
         }
     }
 }
@@ -322,11 +325,27 @@ pub async fn run(
         let _ = rx.wait_for(|s| *s).await;
     };
     // The service proxy: Services and EndpointSlices into this node's eBPF maps.
+    let mut proxy_stats = Arc::new(skiff_proxy::ProxyStats::default());
     let proxy = datapath.clone().map(|dp| {
         let mut pcfg = skiff_proxy::ProxyConfig::new(cfg.node_name.clone(), vec![std::net::IpAddr::V4(cfg.node_ip)]);
         let dir = pods_dir.clone();
         pcfg.netns_lister = Some(Arc::new(move || pods::pod_netns_paths(&dir)));
+        proxy_stats = pcfg.stats.clone();
+        // NetworkPolicy into the same maps (POLICY trie, endpoint isolation flags).
+        tokio::spawn(skiff_proxy::run_policy_sync(client.clone(), dp.clone(), skiff_proxy::PolicySyncConfig::new(cfg.node_name.clone()), stopped(shutdown.clone())));
         tokio::spawn(skiff_proxy::run(client.clone(), dp, pcfg, stopped(shutdown.clone())))
+    });
+    let metrics_listen = cfg.metrics_bind.unwrap_or(std::net::SocketAddr::new(cfg.node_ip.into(), 10249));
+    let sandboxes_dir = pods_dir.clone();
+    let agent_metrics: skiff_proxy::ExtraMetrics = Arc::new(move || {
+        let n = std::fs::read_dir(&sandboxes_dir).map(|rd| rd.flatten().filter(|e| e.path().join("sandbox.json").is_file()).count()).unwrap_or(0);
+        format!("# HELP skiff_agent_pods Pods with a sandbox on this node.\n# TYPE skiff_agent_pods gauge\nskiff_agent_pods {n}\n")
+    });
+    let metrics_server = skiff_proxy::serve_metrics(metrics_listen, datapath.clone(), proxy_stats, agent_metrics, stopped(shutdown.clone()));
+    tokio::spawn(async move {
+        if let Err(e) = metrics_server.await {
+            warn!(listen = %metrics_listen, "metrics endpoint stopped: {e}");
+        }
     });
     // Node-local cluster DNS on the pods' gateway address (pods' resolv.conf points here).
     let dns_listen = vec![std::net::SocketAddr::new(gateway.into(), 53)];

@@ -15,6 +15,7 @@
 mod apply;
 pub mod ledger;
 pub mod metrics;
+pub mod metrics_server;
 pub mod policy_sync;
 mod shell;
 pub mod translate;
@@ -27,6 +28,7 @@ use std::time::Duration;
 pub use ledger::ServiceRef;
 pub use metrics::{ProxyStats, StatsSnapshot, metrics_text};
 pub use shell::run;
+pub use metrics_server::{ExtraMetrics, serve_metrics};
 pub use policy_sync::{PolicySyncConfig, run_policy_sync};
 pub use translate::{Frontend, FrontendKey, FrontendKind, NodeView, Skip, Translation, translate};
 

@@ -71,6 +71,10 @@ pub struct AgentArgs {
     /// The CRI runtime's socket, with --runtime cri.
     #[arg(long, default_value = "unix:///run/containerd/containerd.sock")]
     cri_endpoint: String,
+    /// Where the plain-HTTP Prometheus endpoint (GET /metrics: datapath counters, proxy and
+    /// agent stats) listens [default: <node-ip>:10249].
+    #[arg(long)]
+    metrics_bind: Option<std::net::SocketAddr>,
 }
 
 /// Enters `/run/netns/<name>` for this thread, before any other thread exists, so every thread
@@ -200,6 +204,7 @@ pub fn run(args: AgentArgs) -> Result<()> {
     cfg.network = args.network.parse()?;
     cfg.backoff_base = Duration::from_secs(args.restart_backoff.max(1));
     cfg.heartbeat_interval = args.heartbeat_interval.max(Duration::from_millis(500));
+    cfg.metrics_bind = args.metrics_bind;
     // The agent endpoint (kubectl logs/exec) accepts the token the apiserver proxies with: the
     // one this agent was given (see skiff_agent::server::kubeconfig_token).
     cfg.server_token = match (&args.kubeconfig, &args.token) {

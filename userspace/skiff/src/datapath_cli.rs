@@ -7,6 +7,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 use clap::Subcommand;
+use skiff_datapath::policy::{PolicyDirection, PolicyEntry};
 use skiff_datapath::{BackendEntry, BackendState, ConntrackEntry, CtDirection, Datapath, ServiceEntry};
 
 #[derive(Subcommand)]
@@ -17,6 +18,8 @@ pub enum DatapathCommand {
     Backends,
     /// The conntrack table of the per-packet (tc) layer.
     Conntrack,
+    /// NetworkPolicy: each local pod's isolation and the (peer, port) entries it allows.
+    Policy,
     /// Per-CPU counters, summed.
     Stats,
 }
@@ -38,6 +41,10 @@ pub fn run(pin_dir: &Path, command: DatapathCommand) -> Result<()> {
         ),
         DatapathCommand::Backends => format_backends(&datapath.dump_backends()?),
         DatapathCommand::Conntrack => format_conntrack(&datapath.dump_conntrack()?),
+        DatapathCommand::Policy => {
+            let (entries, isolation) = datapath.dump_policy()?;
+            format_policy(&entries, &isolation)
+        }
         DatapathCommand::Stats => format_stats(&datapath.counters()?),
     };
     print!("{text}");
@@ -136,6 +143,43 @@ pub fn format_conntrack(entries: &[ConntrackEntry]) -> String {
     table(&rows)
 }
 
+/// Pods whose policy isolates a direction, then every POLICY entry. A pod isolated for a
+/// direction with no entry for it gets no new flow in that direction (default deny).
+pub fn format_policy(entries: &[PolicyEntry], isolation: &BTreeMap<std::net::Ipv4Addr, (bool, bool)>) -> String {
+    let yes_no = |b: bool| if b { "isolated" } else { "-" };
+    let mut pods = vec![["POD".to_string(), "INGRESS".into(), "EGRESS".into(), "ALLOW ENTRIES".into()]];
+    for (ip, (i, e)) in isolation {
+        let n = entries.iter().filter(|x| x.endpoint == *ip && x.allow).count();
+        pods.push([ip.to_string(), yes_no(*i).into(), yes_no(*e).into(), n.to_string()]);
+    }
+    let mut rows = vec![["POD".to_string(), "DIRECTION".into(), "PEER".into(), "PORT".into(), "VERDICT".into()]];
+    for e in entries {
+        let port = match (e.proto, e.port) {
+            (0, _) => "any".to_string(),
+            (p, 0) => format!("any/{}", proto_name(p)),
+            (p, n) => format!("{n}/{}", proto_name(p)),
+        };
+        rows.push([
+            e.endpoint.to_string(),
+            match e.direction {
+                PolicyDirection::Ingress => "ingress (from)".into(),
+                PolicyDirection::Egress => "egress (to)".into(),
+            },
+            format!("{}/{}", e.peer, e.prefix_len),
+            port,
+            if e.allow { "allow" } else { "deny (except)" }.into(),
+        ]);
+    }
+    let mut out = table(&pods);
+    out.push('\n');
+    if entries.is_empty() {
+        out.push_str("(no policy entries)\n");
+    } else {
+        out.push_str(&table(&rows));
+    }
+    out
+}
+
 pub fn format_stats(counters: &BTreeMap<&'static str, u64>) -> String {
     let mut rows = vec![["COUNTER".to_string(), "VALUE".into()]];
     for (name, value) in counters {
@@ -196,6 +240,24 @@ mod tests {
         assert!(lines[2].trim_start().starts_with("10.244.1.3:8080 (2)") && lines[2].contains("terminating"), "{text}");
         assert!(lines[3].starts_with("10.96.0.20:53/UDP") && lines[3].contains("(no backends)"), "{text}");
         assert_eq!(lines.len(), 4);
+    }
+
+    #[test]
+    fn policy_lists_isolation_and_entries_readably() {
+        let pod = Ipv4Addr::new(10, 244, 1, 5);
+        let entries = vec![
+            PolicyEntry { endpoint: pod, direction: PolicyDirection::Ingress, peer: Ipv4Addr::new(10, 244, 2, 0), prefix_len: 24, proto: 6, port: 9000, allow: true },
+            PolicyEntry { endpoint: pod, direction: PolicyDirection::Ingress, peer: Ipv4Addr::new(10, 244, 2, 7), prefix_len: 32, proto: 6, port: 9000, allow: false },
+            PolicyEntry { endpoint: pod, direction: PolicyDirection::Egress, peer: Ipv4Addr::UNSPECIFIED, prefix_len: 0, proto: 0, port: 0, allow: true },
+        ];
+        let iso = BTreeMap::from([(pod, (true, false)), (Ipv4Addr::new(10, 244, 1, 6), (false, false))]);
+        let text = format_policy(&entries, &iso);
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[1].starts_with("10.244.1.5") && lines[1].contains("isolated") && lines[1].ends_with('2'), "{text}");
+        assert!(lines[2].starts_with("10.244.1.6") && !lines[2].contains("isolated"), "{text}");
+        assert!(text.contains("10.244.2.0/24") && text.contains("9000/TCP") && text.contains("deny (except)"), "{text}");
+        assert!(text.lines().any(|l| l.contains("egress (to)") && l.contains("0.0.0.0/0") && l.contains("any")), "{text}");
+        assert!(format_policy(&[], &BTreeMap::new()).contains("(no policy entries)"));
     }
 
     #[test]
