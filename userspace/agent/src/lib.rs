@@ -56,9 +56,11 @@ pub struct AgentConfig {
     /// Use this pod CIDR when the controller-manager assigns none (a cluster without node IPAM).
     pub pod_cidr: Option<Ipv4Net>,
     pub agent_port: u16,
-    /// The bearer token the agent's HTTPS endpoint (logs, exec) accepts: the one the apiserver
-    /// proxies with. None: the endpoint is not started.
+    /// A bearer token the agent's HTTPS endpoint (logs, exec) accepts (see `server`).
     pub server_token: Option<String>,
+    /// The cluster CA (PEM) the endpoint checks the apiserver's client certificate against.
+    /// With neither this nor `server_token` the endpoint is not started.
+    pub server_client_ca: Option<String>,
     pub cluster_domain: String,
     pub labels: std::collections::BTreeMap<String, String>,
     pub backoff_base: Duration,
@@ -84,6 +86,7 @@ impl AgentConfig {
             pod_cidr: None,
             agent_port: 10250,
             server_token: None,
+            server_client_ca: None,
             cluster_domain: "cluster.local".into(),
             labels: Default::default(),
             backoff_base: Duration::from_secs(10),
@@ -281,11 +284,13 @@ pub async fn run(
     node::post_status(&client, &cfg.node_name, node_status).await?;
     info!(node = %cfg.node_name, pod_cidr = %cidr, "node ready");
 
-    let agent_server = match cfg.server_token.clone() {
-        Some(token) => {
+    let agent_server = match (cfg.server_token.clone(), cfg.server_client_ca.clone()) {
+        (None, None) => None,
+        (token, client_ca) => {
             let scfg = server::ServerConfig {
                 listen: std::net::SocketAddr::new(cfg.node_ip.into(), cfg.agent_port),
-                token,
+                token: token.unwrap_or_default(),
+                client_ca,
                 node_name: cfg.node_name.clone(),
                 pods_dir: cfg.data_dir.join("pods"),
                 cert_names: vec![cfg.node_ip.to_string(), cfg.node_name.clone()],
@@ -297,11 +302,10 @@ pub async fn run(
                 }
             }))
         }
-        None => {
-            warn!("no server token given: the agent endpoint (kubectl logs/exec) is not started");
-            None
-        }
     };
+    if agent_server.is_none() {
+        warn!("neither a server token nor the cluster CA given: the agent endpoint (kubectl logs/exec) is not started");
+    }
     let ctx = Arc::new(pods::PodContext {
         client: client.clone(),
         runtime,

@@ -10,10 +10,13 @@
 //!   [`ContainerRuntime::exec`], ending with its status on channel 3 (see [`exec`]).
 //! - `/healthz`: "ok".
 //!
-//! Every request must carry `Authorization: Bearer <token>` with the token the agent was given;
-//! anything else is 401. The certificate is self-signed, made at start (debt: the apiserver does
-//! not verify it, and the token is the cluster admin token of `skiff up`; a per-node serving
-//! certificate signed by the cluster CA and a node-proxy credential belong to the security issue).
+//! Every request must come from the apiserver: a TLS client certificate signed by the cluster CA
+//! (`ServerConfig::client_ca`, the CA the agent pinned when it joined) with the common name
+//! [`APISERVER_CLIENT_CN`] and clientAuth usage (the apiserver's node proxy makes a short-lived
+//! one), or `Authorization: Bearer <token>` with the token the agent was configured with (tests,
+//! tools talking to the agent directly); anything else is 401. The serving certificate is
+//! self-signed, made at start (debt: the apiserver does not verify it; a per-node serving
+//! certificate signed by the cluster CA belongs to the security issue).
 //! Errors are `metav1.Status` JSON, as kubelet answers.
 
 pub mod cri_log;
@@ -58,8 +61,12 @@ const API_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
     pub listen: SocketAddr,
-    /// The bearer token every request must carry.
+    /// A bearer token requests may carry instead of the apiserver's client certificate; empty:
+    /// none is accepted.
     pub token: String,
+    /// The cluster CA (PEM): client certificates it signed for [`APISERVER_CLIENT_CN`] are the
+    /// apiserver. None: only the bearer token is accepted.
+    pub client_ca: Option<String>,
     /// Only pods bound to this node are served.
     pub node_name: String,
     /// `<data-dir>/pods`.
@@ -70,25 +77,45 @@ pub struct ServerConfig {
 
 type Body = BoxBody<Bytes, std::io::Error>;
 
+/// The common name of the apiserver's node-proxy client certificate (the apiserver's
+/// `NODE_PROXY_CLIENT_CN`; the agent does not depend on the apiserver crate).
+pub const APISERVER_CLIENT_CN: &str = "skiff-apiserver-node-proxy";
+
 struct Shared {
     cfg: ServerConfig,
     client: kube::Client,
     runtime: Arc<dyn ContainerRuntime>,
 }
 
-/// A self-signed serving certificate for `names` (debt: not signed by the cluster CA).
-pub fn self_signed_tls(names: &[String]) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+/// A self-signed serving certificate for `names` (debt: not signed by the cluster CA). With
+/// `client_ca`, clients may present a certificate it signed (verified by webpki: chain, validity,
+/// clientAuth usage); clients without one still connect and must then show the bearer token.
+pub fn self_signed_tls(names: &[String], client_ca: Option<&str>) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    use rustls::pki_types::pem::PemObject as _;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
     let names = if names.is_empty() { vec!["localhost".to_string()] } else { names.to_vec() };
     let ck = rcgen::generate_simple_self_signed(names).context("making the agent's self-signed certificate")?;
     let cert = CertificateDer::from(ck.cert.der().to_vec());
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(ck.key_pair.serialize_der()));
-    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
-        .context("choosing TLS versions")?
-        .with_no_client_auth()
-        .with_single_cert(vec![cert], key)
-        .context("using the agent's certificate")?;
+        .context("choosing TLS versions")?;
+    let builder = match client_ca {
+        Some(pem) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for ca in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+                roots.add(ca.context("parsing the cluster CA")?).context("adding the cluster CA")?;
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .allow_unauthenticated()
+                .build()
+                .context("building the client certificate verifier")?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder.with_single_cert(vec![cert], key).context("using the agent's certificate")?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }
@@ -131,7 +158,7 @@ pub async fn serve_listener(
     runtime: Arc<dyn ContainerRuntime>,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    let tls = self_signed_tls(&cfg.cert_names)?;
+    let tls = self_signed_tls(&cfg.cert_names, cfg.client_ca.as_deref())?;
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let shared = Arc::new(Shared { cfg, client, runtime });
     let mut connections = JoinSet::new();
@@ -147,9 +174,11 @@ pub async fn serve_listener(
                             Ok(Err(e)) => { debug!(%peer, "agent endpoint: TLS handshake failed: {e}"); return; }
                             Err(_) => return,
                         };
+                        // A client certificate here passed the verifier (only when a CA is set).
+                        let apiserver = stream.get_ref().1.peer_certificates().and_then(|c| c.first()).is_some_and(|c| is_apiserver_cert(c));
                         let svc = hyper::service::service_fn(move |req| {
                             let shared = shared.clone();
-                            async move { Ok::<_, Infallible>(handle(shared, req).await) }
+                            async move { Ok::<_, Infallible>(handle(shared, req, apiserver).await) }
                         });
                         if let Err(e) = hyper::server::conn::http1::Builder::new()
                             .serve_connection(TokioIo::new(stream), svc)
@@ -208,6 +237,16 @@ fn full(b: impl Into<Bytes>) -> Body {
     Full::new(b.into()).map_err(|never| match never {}).boxed()
 }
 
+/// Whether a verified client certificate is the apiserver's (its CN), not another one the
+/// cluster CA signed.
+fn is_apiserver_cert(der: &[u8]) -> bool {
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
+        return false;
+    };
+    let cns: Vec<&str> = cert.subject().iter_common_name().filter_map(|cn| cn.as_str().ok()).collect();
+    cns == [APISERVER_CLIENT_CN]
+}
+
 fn authorized(expected: &str, headers: &HeaderMap) -> bool {
     let Some(token) = headers
         .get(header::AUTHORIZATION)
@@ -226,10 +265,10 @@ fn query_pairs(q: Option<&str>) -> Vec<(String, String)> {
     form_urlencoded::parse(q.unwrap_or("").as_bytes()).map(|(k, v)| (k.into_owned(), v.into_owned())).collect()
 }
 
-async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
+async fn handle(shared: Arc<Shared>, req: Request<Incoming>, apiserver: bool) -> Response<Body> {
     let path = req.uri().path().to_string();
     let method = req.method().clone();
-    let resp = match route(&shared, req).await {
+    let resp = match route(&shared, req, apiserver).await {
         Ok(r) => r,
         Err(f) => f.response(),
     };
@@ -237,11 +276,11 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
     resp
 }
 
-async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<Body>, Failure> {
+async fn route(shared: &Arc<Shared>, req: Request<Incoming>, apiserver: bool) -> Result<Response<Body>, Failure> {
     if req.uri().path() == "/healthz" {
         return Ok(Response::new(full("ok")));
     }
-    if !authorized(&shared.cfg.token, req.headers()) {
+    if !apiserver && !authorized(&shared.cfg.token, req.headers()) {
         return Err(Failure::new(401, "Unauthorized", "Unauthorized"));
     }
     let path = req.uri().path().to_string();
@@ -596,6 +635,98 @@ users: [{name: ua, user: {token: wrong}}, {name: ub, user: {token: ' right '}}]\
 
     #[test]
     fn self_signed_certificate_builds() {
-        assert!(self_signed_tls(&["127.0.0.1".into(), "node-1".into()]).is_ok());
+        assert!(self_signed_tls(&["127.0.0.1".into(), "node-1".into()], None).is_ok());
+        assert!(self_signed_tls(&["127.0.0.1".into()], Some("not a certificate")).is_err());
+    }
+
+    fn ca(name: &str) -> (rcgen::Certificate, rcgen::KeyPair) {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        p.distinguished_name.push(rcgen::DnType::CommonName, name);
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        p.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::DigitalSignature];
+        (p.self_signed(&key).expect("ca"), key)
+    }
+
+    fn client_cert(ca: &(rcgen::Certificate, rcgen::KeyPair), cn: &str, eku: rcgen::ExtendedKeyUsagePurpose) -> (rustls::pki_types::CertificateDer<'static>, rustls::pki_types::PrivateKeyDer<'static>) {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        p.distinguished_name.push(rcgen::DnType::CommonName, cn);
+        p.extended_key_usages = vec![eku];
+        let cert = p.signed_by(&key, &ca.0, &ca.1).expect("sign");
+        (cert.der().clone(), rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()))
+    }
+
+    /// A TLS handshake against the agent's server config; Some(is the apiserver) when it succeeded.
+    async fn handshake(server: Arc<rustls::ServerConfig>, client: Option<(rustls::pki_types::CertificateDer<'static>, rustls::pki_types::PrivateKeyDer<'static>)>) -> Option<bool> {
+        #[derive(Debug)]
+        struct AnyServer;
+        impl rustls::client::danger::ServerCertVerifier for AnyServer {
+            fn verify_server_cert(&self, _: &rustls::pki_types::CertificateDer<'_>, _: &[rustls::pki_types::CertificateDer<'_>], _: &rustls::pki_types::ServerName<'_>, _: &[u8], _: rustls::pki_types::UnixTime) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+                Ok(rustls::client::danger::ServerCertVerified::assertion())
+            }
+            fn verify_tls12_signature(&self, _: &[u8], _: &rustls::pki_types::CertificateDer<'_>, _: &rustls::DigitallySignedStruct) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+                Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+            }
+            fn verify_tls13_signature(&self, _: &[u8], _: &rustls::pki_types::CertificateDer<'_>, _: &rustls::DigitallySignedStruct) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+                Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+            }
+            fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+                rustls::crypto::ring::default_provider().signature_verification_algorithms.supported_schemes()
+            }
+        }
+        let builder = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AnyServer));
+        let config = match client {
+            Some((c, k)) => builder.with_client_auth_cert(vec![c], k).expect("client cert"),
+            None => builder.with_no_client_auth(),
+        };
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").expect("name");
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        let acceptor = tokio_rustls::TlsAcceptor::from(server);
+        let (client, server) = tokio::join!(
+            async move {
+                // TLS 1.3: the server judges the client certificate after the client finished;
+                // a read surfaces its verdict.
+                let mut s = connector.connect(name, a).await.ok()?;
+                use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+                s.write_all(b"x").await.ok()?;
+                let mut buf = [0u8; 1];
+                s.read(&mut buf).await.ok()
+            },
+            async move {
+                let mut s = acceptor.accept(b).await.ok()?;
+                let apiserver = s.get_ref().1.peer_certificates().and_then(|c| c.first()).is_some_and(|c| is_apiserver_cert(c));
+                use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+                let mut buf = [0u8; 1];
+                s.read_exact(&mut buf).await.ok()?;
+                s.write_all(b"y").await.ok()?;
+                Some(apiserver)
+            }
+        );
+        client.and(server)
+    }
+
+    #[tokio::test]
+    async fn only_the_apiserver_certificate_from_the_cluster_ca_counts() {
+        let cluster = ca("skiff-ca");
+        let other = ca("skiff-ca");
+        let server = self_signed_tls(&["127.0.0.1".into()], Some(&cluster.0.pem())).expect("tls");
+        let client_auth = rcgen::ExtendedKeyUsagePurpose::ClientAuth;
+        assert_eq!(handshake(server.clone(), Some(client_cert(&cluster, APISERVER_CLIENT_CN, client_auth.clone()))).await, Some(true));
+        // Another name from the same CA connects but is not the apiserver (it needs the token).
+        assert_eq!(handshake(server.clone(), Some(client_cert(&cluster, "system:node:n1", client_auth.clone()))).await, Some(false));
+        // No certificate: connects, bearer token needed.
+        assert_eq!(handshake(server.clone(), None).await, Some(false));
+        // Another CA's certificate with the right name, or a serving-only certificate: refused.
+        assert_eq!(handshake(server.clone(), Some(client_cert(&other, APISERVER_CLIENT_CN, client_auth))).await, None);
+        assert_eq!(handshake(server.clone(), Some(client_cert(&cluster, APISERVER_CLIENT_CN, rcgen::ExtendedKeyUsagePurpose::ServerAuth))).await, None);
+        // Without a cluster CA, no certificate makes the apiserver.
+        let plain = self_signed_tls(&["127.0.0.1".into()], None).expect("tls");
+        assert_eq!(handshake(plain, None).await, Some(false));
     }
 }

@@ -197,19 +197,17 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Resp {
     resp
 }
 
-fn authorized(state: &State, headers: &HeaderMap) -> bool {
-    let Some(value) = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-    else {
-        return false;
-    };
-    let Some(token) = value.strip_prefix("Bearer ").map(str::trim) else {
-        return false;
-    };
+/// Who the request's bearer token is: the admin token, or a valid bootstrap token (see
+/// `bootstrap_token`). None: 401.
+async fn authenticate(state: &State, headers: &HeaderMap) -> Option<crate::bootstrap_token::Identity> {
+    let value = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok())?;
+    let token = value.strip_prefix("Bearer ").map(str::trim)?;
     // Constant-time compare: the token is the cluster's admin credential.
     let (a, b) = (token.as_bytes(), state.admin_token.as_bytes());
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    if a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0 {
+        return Some(crate::bootstrap_token::Identity::Admin);
+    }
+    crate::bootstrap_token::authenticate(state, token).await
 }
 
 async fn read_body(body: Incoming, headers: &HeaderMap) -> Result<Bytes, ApiError> {
@@ -255,7 +253,9 @@ async fn handle_inner(state: Arc<State>, req: Request<Incoming>) -> Result<Resp,
         "/version" => return Ok(json_response(200, &version(), &[])),
         _ => {}
     }
-    if !authorized(&state, &parts.headers) {
+    // Discovery (kube-public/cluster-info) is readable anonymously, as kubeadm's is; everything
+    // else needs a known identity (authorization is issue 8: any identity may do anything).
+    if !crate::bootstrap_token::is_public(&parts.method, &path) && authenticate(&state, &parts.headers).await.is_none() {
         return Err(ApiError::unauthorized());
     }
     // Logs, exec and port-forward go to the pod's node agent, before any body is read (an

@@ -8,6 +8,7 @@
 //! `metadata.resourceVersion` is never stored, it is the key's `mod_revision`, set on the way out.
 
 mod background;
+pub mod bootstrap_token;
 mod http;
 mod node_proxy;
 mod objects;
@@ -26,7 +27,7 @@ use anyhow::{Context, Result};
 use skiff_store::Store;
 use tokio::sync::watch as tokio_watch;
 
-pub use tls::{ADMIN_TOKEN, CA_CERT, KUBECONFIG};
+pub use tls::{ADMIN_TOKEN, CA_CERT, KUBECONFIG, NODE_PROXY_CLIENT_CN};
 
 /// How to run the apiserver.
 #[derive(Debug, Clone)]
@@ -118,6 +119,8 @@ pub(crate) struct State {
     /// Wakes the namespace finalizer and pod reaper loop.
     pub reaper_wake: tokio::sync::Notify,
     pub bookmark_interval: Duration,
+    /// The client certificate node-proxy requests (logs, exec) present to agents.
+    pub agent_tls: node_proxy::AgentClientTls,
 }
 
 async fn open_store(
@@ -174,10 +177,14 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer> {
         service_lock: tokio::sync::Mutex::new(()),
         reaper_wake: tokio::sync::Notify::new(),
         bookmark_interval: Duration::from_secs(15),
+        agent_tls: node_proxy::AgentClientTls::new(creds.ca_key_pem.clone()),
     });
     background::bootstrap(&state, addr)
         .await
         .context("creating the default namespaces and the kubernetes Service")?;
+    bootstrap_token::publish(&state, &bootstrap_token::advertise_url(addr), &creds.ca_pem)
+        .await
+        .context("publishing kube-public/cluster-info")?;
     // Written last, once the server can answer: its presence means "ready" to scripts.
     tls::write_kubeconfig(
         &config.data_dir,

@@ -7,18 +7,22 @@
 //!   byte streams once both sides switched: the client's handshake goes to the agent unchanged,
 //!   so its subprotocol choice and accept key come back to the client as the agent made them.
 //!
-//! Debts (for the security issue): the agent's certificate is self-signed and not verified
-//! (signatures are checked, the chain is not), and the apiserver authenticates to the agent
-//! with its admin token, which `skiff up` gives agents as their own credential.
+//! The apiserver authenticates to agents with a short-lived client certificate its CA signs
+//! (CN [`crate::tls::NODE_PROXY_CLIENT_CN`], clientAuth, re-issued every half hour), never with a
+//! bearer token: a node that joined with a bootstrap token holds no apiserver credential, and a
+//! certificate copied from a compromised node expires within the hour. Debt (for the security
+//! issue): the agent's certificate is self-signed and not verified (signatures are checked, the
+//! chain is not), so a node's address could be answered by an impostor, which would learn the
+//! request (not a reusable credential).
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use bytes::Bytes;
 use http::request::Parts;
-use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, header};
+use http::{HeaderMap, HeaderName, Method, Request, Response, header};
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
 
@@ -184,7 +188,7 @@ async fn proxy(state: &Arc<State>, parts: &mut Parts, addr: SocketAddr, target: 
         .map_err(|_| bad_gateway(addr, "connect timed out"))?
         .map_err(|e| bad_gateway(addr, e))?;
     let server_name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
-    let tls = tokio::time::timeout(CONNECT_TIMEOUT, tokio_rustls::TlsConnector::from(agent_tls()).connect(server_name, tcp))
+    let tls = tokio::time::timeout(CONNECT_TIMEOUT, tokio_rustls::TlsConnector::from(state.agent_tls.config()?).connect(server_name, tcp))
         .await
         .map_err(|_| bad_gateway(addr, "TLS handshake timed out"))?
         .map_err(|e| bad_gateway(addr, e))?;
@@ -203,10 +207,8 @@ async fn proxy(state: &Arc<State>, parts: &mut Parts, addr: SocketAddr, target: 
             req = req.header(name, value);
         }
     }
-    let auth = HeaderValue::from_str(&format!("Bearer {}", state.admin_token)).map_err(|e| ApiError::internal(e.to_string()))?;
     let req = req
         .header(header::HOST, addr.to_string())
-        .header(header::AUTHORIZATION, auth)
         .body(http_body_util::Empty::<Bytes>::new())
         .map_err(|e| ApiError::internal(format!("building the agent request: {e}")))?;
     let mut resp = tokio::time::timeout(RESPONSE_TIMEOUT, sender.send_request(req))
@@ -250,30 +252,55 @@ async fn proxy(state: &Arc<State>, parts: &mut Parts, addr: SocketAddr, target: 
     Ok(out)
 }
 
-/// TLS to agents: their certificates are self-signed, so the chain is not verified (debt, see
-/// the module doc); the handshake signature still is, with ring's algorithms.
-fn agent_tls() -> Arc<rustls::ClientConfig> {
-    static CONFIG: OnceLock<Arc<rustls::ClientConfig>> = OnceLock::new();
-    CONFIG
-        .get_or_init(|| {
-            let provider = Arc::new(rustls::crypto::ring::default_provider());
-            let verifier = Arc::new(UnverifiedAgentCert(provider.clone()));
-            let mut config = rustls::ClientConfig::builder_with_provider(provider)
-                .with_safe_default_protocol_versions()
-                .map(|b| b.dangerous().with_custom_certificate_verifier(verifier).with_no_client_auth())
-                .unwrap_or_else(|_| {
-                    // ring supports the default versions; this branch is unreachable in practice.
-                    rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-                        .with_protocol_versions(&[&rustls::version::TLS13])
-                        .expect("TLS 1.3 with ring")
-                        .dangerous()
-                        .with_custom_certificate_verifier(Arc::new(UnverifiedAgentCert(Arc::new(rustls::crypto::ring::default_provider()))))
-                        .with_no_client_auth()
-                });
-            config.alpn_protocols = vec![b"http/1.1".to_vec()];
-            Arc::new(config)
-        })
-        .clone()
+/// How long a node-proxy client certificate is valid; a new one is made at half its life.
+const CLIENT_CERT_VALIDITY: Duration = Duration::from_secs(3600);
+
+/// The apiserver's TLS client side towards agents: its client certificate (see the module doc),
+/// re-issued before it expires.
+pub(crate) struct AgentClientTls {
+    ca_key_pem: String,
+    current: Mutex<Option<(Instant, Arc<rustls::ClientConfig>)>>,
+}
+
+impl AgentClientTls {
+    pub fn new(ca_key_pem: String) -> Self {
+        AgentClientTls { ca_key_pem, current: Mutex::new(None) }
+    }
+
+    pub fn config(&self) -> Result<Arc<rustls::ClientConfig>, ApiError> {
+        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((issued, config)) = current.as_ref()
+            && issued.elapsed() < CLIENT_CERT_VALIDITY / 2
+        {
+            return Ok(config.clone());
+        }
+        let config = agent_tls(&self.ca_key_pem).map_err(|e| ApiError::internal(format!("making the node-proxy client certificate: {e:#}")))?;
+        *current = Some((Instant::now(), config.clone()));
+        Ok(config)
+    }
+}
+
+/// TLS to agents with a fresh client certificate. Agents' certificates are self-signed, so the
+/// chain is not verified (debt, see the module doc); the handshake signature still is, with
+/// ring's algorithms.
+fn agent_tls(ca_key_pem: &str) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+    use anyhow::Context as _;
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let (cert_pem, key_pem) = crate::tls::node_proxy_client_cert(ca_key_pem, CLIENT_CERT_VALIDITY)?;
+    let cert = CertificateDer::from_pem_slice(cert_pem.as_bytes()).context("parsing the client certificate")?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).context("parsing the client key")?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = Arc::new(UnverifiedAgentCert(provider.clone()));
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("choosing TLS versions")?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_client_auth_cert(vec![cert], key)
+        .context("using the client certificate")?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
 }
 
 #[derive(Debug)]

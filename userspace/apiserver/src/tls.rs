@@ -24,6 +24,9 @@ pub const KUBECONFIG: &str = "admin.kubeconfig";
 
 pub struct Credentials {
     pub ca_pem: String,
+    /// The CA's private key: it signs the node-proxy client certificates (see
+    /// [`node_proxy_client_cert`]).
+    pub ca_key_pem: String,
     pub cert_pem: String,
     pub key_pem: String,
     pub admin_token: String,
@@ -195,10 +198,37 @@ pub fn ensure(data_dir: &Path, bind: SocketAddr, extra_sans: &[String]) -> Resul
     }
     Ok(Credentials {
         ca_pem,
+        ca_key_pem: ca_key.serialize_pem(),
         cert_pem,
         key_pem,
         admin_token,
     })
+}
+
+/// The common name of the apiserver's client certificate for node agents (kubeadm's
+/// `kube-apiserver-kubelet-client`); agents accept it as the apiserver (`skiff_agent::server`).
+pub const NODE_PROXY_CLIENT_CN: &str = "skiff-apiserver-node-proxy";
+
+/// A client certificate (PEM cert, PEM key) for the apiserver's requests to node agents, signed
+/// by the CA and valid from a minute ago for `validity`: short-lived, so a copy taken from a
+/// compromised node is soon worthless, and never a credential for the API itself.
+pub fn node_proxy_client_cert(ca_key_pem: &str, validity: std::time::Duration) -> Result<(String, String)> {
+    let ca_key = KeyPair::from_pem(ca_key_pem).context("the CA key is not a valid PEM key")?;
+    let issuer = ca_params()?.self_signed(&ca_key).context("loading the CA")?;
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params.distinguished_name = {
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, NODE_PROXY_CLIENT_CN);
+        dn
+    };
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::minutes(1);
+    params.not_after = now + validity;
+    let key = KeyPair::generate().context("generating the node-proxy client key")?;
+    let cert = params.signed_by(&key, &issuer, &ca_key).context("signing the node-proxy client certificate")?;
+    Ok((cert.pem(), key.serialize_pem()))
 }
 
 pub fn rustls_config(creds: &Credentials) -> Result<Arc<rustls::ServerConfig>> {

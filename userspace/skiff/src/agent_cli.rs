@@ -22,6 +22,12 @@ pub struct AgentArgs {
     /// The server's CA certificate (PEM), with --server.
     #[arg(long)]
     ca_file: Option<PathBuf>,
+    /// With --server: the server CA's public-key hash (sha256:<hex>, as `skiff server` and
+    /// `skiff token create --print-join-command` print it): the CA is fetched from the server and
+    /// kept only if it matches (kubeadm's discovery). Needed with a bootstrap token unless
+    /// --ca-file is given.
+    #[arg(long, requires = "server")]
+    ca_cert_hash: Option<String>,
     /// The Node's name (default: the host name).
     #[arg(long)]
     node_name: Option<String>,
@@ -185,6 +191,42 @@ pub fn remove_node_pods(data_dir: &Path, image_dir: &Path) {
     }
 }
 
+/// The API client, and the cluster CA when known (for the agent endpoint): from the kubeconfig,
+/// or from --server with --ca-file, or discovered and pinned by --ca-cert-hash (saved as
+/// `<data-dir>/server-ca.crt`).
+async fn connect(args: &AgentArgs) -> Result<(kube::Client, Option<String>)> {
+    if let Some(k) = &args.kubeconfig {
+        let text = std::fs::read_to_string(k).with_context(|| format!("reading {}", k.display()))?;
+        return Ok((crate::kube_client(k).await?, crate::token_cli::kubeconfig_ca(&text).ok()));
+    }
+    let Some(url) = &args.server else { bail!("give --kubeconfig FILE, or --server URL and --token TOKEN") };
+    let token = args.token.as_deref().unwrap_or_default().trim();
+    let bootstrap = skiff_apiserver::bootstrap_token::parse_token(token).is_some();
+    let ca = match (&args.ca_file, &args.ca_cert_hash) {
+        (Some(f), hash) => {
+            let pem = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+            if let Some(hash) = hash {
+                let (want, got) = (crate::token_cli::normalize_hash(hash)?, crate::token_cli::ca_cert_hash(&pem)?);
+                if want != got {
+                    bail!("the CA in {} hashes to {got}, not --ca-cert-hash {want}: refusing to join", f.display());
+                }
+            }
+            Some((pem, f.clone()))
+        }
+        (None, Some(hash)) => {
+            let pem = crate::token_cli::discover_ca(url, hash).await?;
+            let saved = crate::token_cli::save_ca(&args.data_dir, &pem)?;
+            tracing::info!(server = %url, hash, ca = %saved.display(), "server CA pinned");
+            Some((pem, saved))
+        }
+        (None, None) if bootstrap => bail!("joining with a bootstrap token needs the server CA's hash (--ca-cert-hash sha256:<hex>, printed by `skiff server` and `skiff token create --print-join-command`) or --ca-file"),
+        (None, None) => None,
+    };
+    let client = crate::kube_client_for(url, token, ca.as_ref().map(|(_, f)| f.as_path())).await?;
+    let ca = ca.map(|(pem, _)| pem);
+    Ok((client, ca))
+}
+
 pub fn run(args: AgentArgs) -> Result<()> {
     if let Some(ns) = &args.netns {
         enter_netns(ns)?;
@@ -205,21 +247,20 @@ pub fn run(args: AgentArgs) -> Result<()> {
     cfg.backoff_base = Duration::from_secs(args.restart_backoff.max(1));
     cfg.heartbeat_interval = args.heartbeat_interval.max(Duration::from_millis(500));
     cfg.metrics_bind = args.metrics_bind;
-    // The agent endpoint (kubectl logs/exec) accepts the token the apiserver proxies with: the
-    // one this agent was given (see skiff_agent::server::kubeconfig_token).
+    let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    // Joining comes first: a wrong CA hash or token fails before anything changes on the node.
+    let (client, server_ca) = rt.block_on(connect(&args))?;
+    // The agent endpoint (kubectl logs/exec) knows the apiserver by its client certificate from
+    // the cluster CA; it also accepts the admin token this agent was given (never a bootstrap
+    // token: that is only for joining).
+    cfg.server_client_ca = server_ca;
     cfg.server_token = match (&args.kubeconfig, &args.token) {
         (Some(k), _) => std::fs::read_to_string(k).ok().and_then(|t| skiff_agent::server::kubeconfig_token(&t)),
-        (None, Some(t)) => Some(t.clone()),
-        (None, None) => None,
+        (None, Some(t)) if skiff_apiserver::bootstrap_token::parse_token(t.trim()).is_none() => Some(t.clone()),
+        _ => None,
     };
     let runtime = node_runtime(&args.runtime, &args.data_dir, &args.image_dir, &args.cri_endpoint)?;
-    let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     rt.block_on(async move {
-        let client = match (&args.kubeconfig, &args.server) {
-            (Some(k), _) => crate::kube_client(k).await?,
-            (None, Some(url)) => crate::kube_client_for(url, args.token.as_deref().unwrap_or_default(), args.ca_file.as_deref()).await?,
-            (None, None) => bail!("give --kubeconfig FILE, or --server URL and --token TOKEN"),
-        };
         let (tx, rx) = tokio::sync::watch::channel(false);
         let mut agent = tokio::spawn(skiff_agent::run(client, cfg, runtime, rx));
         tokio::select! {

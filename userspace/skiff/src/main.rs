@@ -10,6 +10,8 @@ mod agent_cli;
 mod datapath_cli;
 mod demo;
 mod image_cli;
+mod install_cni;
+mod token_cli;
 mod up;
 
 #[derive(Parser)]
@@ -74,6 +76,10 @@ enum Command {
     Up(up::UpArgs),
     /// Remove everything `skiff up` made.
     Down(up::DownArgs),
+    /// Manage bootstrap tokens that let nodes join: create, list, delete.
+    Token(token_cli::TokenArgs),
+    /// Install skiff-cni into a CNI bin dir and its conflist into a CNI conf dir.
+    InstallCni(install_cni::InstallCniArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -198,6 +204,15 @@ async fn run_server(config: skiff_apiserver::ServerConfig, flags: skiff_controll
     let server = skiff_apiserver::start(config).await?;
     tracing::info!("listening on {} (kubeconfig: {})", server.url, data_dir.join("admin.kubeconfig").display());
     let client = client_from(&skiff_apiserver::kubeconfig(&data_dir)?).await?;
+    // As kubeadm init: a join token (24h) so the first nodes can join at once.
+    let join = match token_cli::server_join_token(&client, std::time::Duration::from_secs(24 * 3600)).await {
+        Ok(token) => token_cli::join_command(&skiff_apiserver::bootstrap_token::advertise_url(server.addr), &token, &server.ca_pem),
+        Err(e) => Err(e),
+    };
+    match join {
+        Ok(command) => println!("join nodes with (add --node-ip <the node's address>; more tokens: skiff token create --print-join-command):\n  {command}"),
+        Err(e) => tracing::warn!("making a join token failed: {e:#}"),
+    }
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
@@ -279,6 +294,8 @@ fn real_main() -> Result<()> {
         Command::Agent(args) => agent_cli::run(args),
         Command::Up(args) => up::up(args),
         Command::Down(args) => up::down(args),
+        Command::Token(args) => token_cli::run(args),
+        Command::InstallCni(args) => install_cni::run(args),
     }
 }
 

@@ -172,6 +172,7 @@ async fn cluster(runtime: Arc<dyn ContainerRuntime>) -> Cluster {
     let scfg = skiff_agent::server::ServerConfig {
         listen: listener.local_addr().expect("addr"),
         token: server.admin_token.clone(),
+        client_ca: Some(server.ca_pem.clone()),
         node_name: NODE.into(),
         pods_dir: pods_dir.clone(),
         cert_names: vec!["127.0.0.1".into()],
