@@ -9,7 +9,7 @@
 //!   [`vtep_mac`] of the node IP and whose address is the podCIDR's network address as /32
 //!   ([`vtep_addr`], e.g. 10.244.1.0/32): node processes talking to remote pods use it as their
 //!   source, and remote nodes route it back through the overlay with the rest of the podCIDR;
-//! - for every other node: the route `<podCIDR> via <its vtep addr> dev skiff.vxlan onlink`
+//! - for every other node: the route `<podCIDR> via <its vtep addr> dev skiff_vxlan onlink`
 //!   (protocol [`network::SKIFF_ROUTE_PROTOCOL`], as native routes), a permanent neighbour `<its vtep addr>
 //!   lladdr <its vtep mac>`, and an FDB entry `<its vtep mac> dst <its node IP>`.
 //!
@@ -33,9 +33,10 @@ use tracing::{debug, info, warn};
 
 use crate::network::{self, NetworkError, NetworkMode, Nexthop};
 
-/// The overlay device skiff makes (the dot keeps it apart from any name a user or another CNI
-/// would choose; flannel's is `flannel.1`, Cilium's `cilium_vxlan`).
-pub const VXLAN_DEVICE: &str = "skiff.vxlan";
+/// The overlay device skiff makes (Cilium's is `cilium_vxlan`). No dot in it, unlike flannel's
+/// `flannel.1`: the datapath pins the device's tc link as `links/tc-<device>-<ifindex>`, and
+/// bpffs refuses names with dots (they are reserved for its own files).
+pub const VXLAN_DEVICE: &str = "skiff_vxlan";
 /// One overlay per cluster: every node uses the same VNI.
 pub const VXLAN_VNI: u32 = 1;
 /// The UDP port of the Linux kernel's historic default, which flannel and Cilium use (IANA's is
@@ -99,7 +100,7 @@ pub fn device_spec(node_ip: Ipv4Addr, underlay_ifindex: u32, uplink_mtu: u32, ow
 /// Everything the overlay should hold for the other nodes: the pure, desired state.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Overlay {
-    /// `<podCIDR> via <vtep addr> dev skiff.vxlan onlink`.
+    /// `<podCIDR> via <vtep addr> dev skiff_vxlan onlink`.
     pub routes: BTreeMap<Ipv4Net, Ipv4Addr>,
     /// Permanent neighbours on the device: vtep addr -> vtep MAC.
     pub neighbours: BTreeMap<Ipv4Addr, Mac>,
@@ -452,7 +453,7 @@ mod tests {
     #[test]
     fn device_follows_uplink_mtu_and_refuses_a_tiny_one() {
         let d = device_spec(Ipv4Addr::new(172, 20, 0, 11), 2, 1500, &net("10.244.1.0/24")).unwrap();
-        assert_eq!((d.name.as_str(), d.vni, d.port, d.mtu), ("skiff.vxlan", 1, 8472, 1450));
+        assert_eq!((d.name.as_str(), d.vni, d.port, d.mtu), ("skiff_vxlan", 1, 8472, 1450));
         assert_eq!(d.addr, Ipv4Addr::new(10, 244, 1, 0));
         assert_eq!(d.mac, vtep_mac(Ipv4Addr::new(172, 20, 0, 11)));
         assert_eq!(device_spec(Ipv4Addr::new(172, 20, 0, 11), 2, 9000, &net("10.244.1.0/24")).unwrap().mtu, 8950);
@@ -612,7 +613,7 @@ mod tests {
         assert!(link.contains("mtu 1450") && link.contains("0a:58:ac:1f:fe:01") && link.contains(",UP"), "{link}");
         assert!(sh(&["ip", "-n", &a, "addr", "show", "dev", VXLAN_DEVICE]).contains("inet 10.250.1.0/32"));
         let routes = sh(&["ip", "-n", &a, "route"]);
-        assert!(routes.contains("10.250.2.0/24 via 10.250.2.0 dev skiff.vxlan proto 200 onlink"), "{routes}");
+        assert!(routes.contains("10.250.2.0/24 via 10.250.2.0 dev skiff_vxlan proto 200 onlink"), "{routes}");
         assert!(routes.contains("10.250.9.0/24 via 172.31.254.2 dev up0 proto static"), "others' routes stay: {routes}");
         let neigh = sh(&["ip", "-n", &a, "neigh", "show", "dev", VXLAN_DEVICE]);
         assert!(neigh.contains("10.250.2.0 lladdr 0a:58:ac:1f:fe:02 PERMANENT"), "{neigh}");

@@ -60,7 +60,7 @@ pub struct AgentArgs {
     #[arg(long)]
     pod_cidr: Option<ipnet::Ipv4Net>,
     /// How pods reach other nodes: native (routes via the other nodes' IPs: the nodes share an
-    /// L2 segment) or vxlan (an overlay between node IPs: device skiff.vxlan, VNI 1, UDP 8472;
+    /// L2 segment) or vxlan (an overlay between node IPs: device skiff_vxlan, VNI 1, UDP 8472;
     /// pods get the uplink's MTU - 50).
     #[arg(long, default_value = "native", value_parser = ["native", "vxlan"])]
     network: String,
