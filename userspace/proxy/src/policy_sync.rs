@@ -432,8 +432,16 @@ pub fn apply_policies(
     applied: &mut BTreeMap<Ipv4Addr, PodPolicy>,
 ) -> usize {
     let mut failed = 0;
+    let dumped = dp.dump_policy();
+    if let Err(e) = &dumped {
+        tracing::warn!(error = %e, "reading the POLICY map failed");
+    }
+    let flags = dumped.as_ref().map(|(_, iso)| iso.clone()).unwrap_or_default();
     for (ip, want) in desired {
-        if applied.get(ip) == Some(want) {
+        // The flags live in the endpoint entry, which the CNI recreates for a new pod (an IP
+        // reused by another pod with the same policy): check them, not only our memory.
+        let flags_match = flags.get(ip) == Some(&(want.ingress.is_some(), want.egress.is_some()));
+        if applied.get(ip) == Some(want) && flags_match {
             continue;
         }
         let mut ok = true;
@@ -456,7 +464,7 @@ pub fn apply_policies(
         applied.remove(&ip);
     }
     // Entries and isolation flags of endpoints that no desired pod owns.
-    match dp.dump_policy() {
+    match dumped {
         Ok((entries, isolation)) => {
             let stale: BTreeSet<Ipv4Addr> = entries.iter().map(|e| e.endpoint).filter(|ip| !desired.contains_key(ip)).collect();
             for ip in stale {
@@ -470,7 +478,7 @@ pub fn apply_policies(
                 }
             }
         }
-        Err(e) => tracing::warn!(error = %e, "reading the POLICY map failed"),
+        Err(_) => {}
     }
     failed
 }
