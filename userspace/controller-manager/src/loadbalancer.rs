@@ -48,7 +48,9 @@ pub struct IpPool {
 impl IpPool {
     pub fn new(first: Ipv4Addr, last: Ipv4Addr) -> Result<IpPool, String> {
         if u32::from(first) > u32::from(last) {
-            return Err(format!("the pool {first}-{last} is empty: the first address is after the last"));
+            return Err(format!(
+                "the pool {first}-{last} is empty: the first address is after the last"
+            ));
         }
         Ok(IpPool { first, last })
     }
@@ -84,10 +86,20 @@ impl FromStr for IpPool {
 
     fn from_str(s: &str) -> Result<IpPool, String> {
         let s = s.trim();
-        let bad = |why: &str| format!("--loadbalancer-ip-pool {s:?}: {why} (write FIRST-LAST, e.g. 172.20.0.200-172.20.0.250, or a CIDR)");
+        let bad = |why: &str| {
+            format!(
+                "--loadbalancer-ip-pool {s:?}: {why} (write FIRST-LAST, e.g. 172.20.0.200-172.20.0.250, or a CIDR)"
+            )
+        };
         if let Some((a, b)) = s.split_once('-') {
-            let first: Ipv4Addr = a.trim().parse().map_err(|_| bad("the first address is not IPv4"))?;
-            let last: Ipv4Addr = b.trim().parse().map_err(|_| bad("the last address is not IPv4"))?;
+            let first: Ipv4Addr = a
+                .trim()
+                .parse()
+                .map_err(|_| bad("the first address is not IPv4"))?;
+            let last: Ipv4Addr = b
+                .trim()
+                .parse()
+                .map_err(|_| bad("the last address is not IPv4"))?;
             return IpPool::new(first, last).map_err(|e| bad(&e));
         }
         let net: ipnet::Ipv4Net = s.parse().map_err(|_| bad("not a range or a CIDR"))?;
@@ -121,14 +133,23 @@ impl LbService {
     pub fn from_service(svc: &Service) -> LbService {
         let spec = svc.spec.as_ref();
         let ty = spec.and_then(|s| s.type_.as_deref()).unwrap_or("ClusterIP");
-        let foreign = spec.and_then(|s| s.load_balancer_class.as_deref()).is_some_and(|c| !c.is_empty());
+        let foreign = spec
+            .and_then(|s| s.load_balancer_class.as_deref())
+            .is_some_and(|c| !c.is_empty());
         LbService {
             namespace: svc.metadata.namespace.clone().unwrap_or_default(),
             name: svc.metadata.name.clone().unwrap_or_default(),
-            created: svc.metadata.creation_timestamp.as_ref().map(|t| t.0.to_string()).unwrap_or_default(),
+            created: svc
+                .metadata
+                .creation_timestamp
+                .as_ref()
+                .map(|t| t.0.to_string())
+                .unwrap_or_default(),
             wants_ip: ty == "LoadBalancer" && !foreign,
             foreign,
-            requested: spec.and_then(|s| s.load_balancer_ip.clone()).filter(|ip| !ip.trim().is_empty()),
+            requested: spec
+                .and_then(|s| s.load_balancer_ip.clone())
+                .filter(|ip| !ip.trim().is_empty()),
             ingress: svc
                 .status
                 .as_ref()
@@ -148,19 +169,33 @@ impl LbService {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LbAction {
     /// Set `status.loadBalancer.ingress` to this one address (ipMode VIP).
-    Assign { namespace: String, name: String, ip: Ipv4Addr },
+    Assign {
+        namespace: String,
+        name: String,
+        ip: Ipv4Addr,
+    },
     /// Clear `status.loadBalancer` (the type is no longer LoadBalancer, or its address is not
     /// ours to keep).
     Clear { namespace: String, name: String },
     /// No address can be given: say why (an Event), once per reason.
-    Pending { namespace: String, name: String, reason: String },
+    Pending {
+        namespace: String,
+        name: String,
+        reason: String,
+    },
 }
 
 /// Decides every Service's address from the pool and what they hold now. Deterministic: the same
 /// input gives the same output, whatever order the Services come in.
 pub fn plan(pool: &IpPool, services: &[LbService]) -> Vec<LbAction> {
     let mut order: Vec<&LbService> = services.iter().collect();
-    order.sort_by(|a, b| (a.created.as_str(), &a.namespace, &a.name).cmp(&(b.created.as_str(), &b.namespace, &b.name)));
+    order.sort_by(|a, b| {
+        (a.created.as_str(), &a.namespace, &a.name).cmp(&(
+            b.created.as_str(),
+            &b.namespace,
+            &b.name,
+        ))
+    });
     let mut actions = Vec::new();
     let mut taken: BTreeSet<Ipv4Addr> = BTreeSet::new();
     let mut needs: Vec<&LbService> = Vec::new();
@@ -171,7 +206,12 @@ pub fn plan(pool: &IpPool, services: &[LbService]) -> Vec<LbAction> {
         if !svc.wants_ip {
             continue;
         }
-        let held: Vec<Ipv4Addr> = svc.ingress.iter().filter_map(|s| parse(s)).filter(|ip| pool.contains(*ip)).collect();
+        let held: Vec<Ipv4Addr> = svc
+            .ingress
+            .iter()
+            .filter_map(|s| parse(s))
+            .filter(|ip| pool.contains(*ip))
+            .collect();
         let requested = svc.requested.as_deref().map(parse);
         let keep = match (held.as_slice(), requested) {
             ([ip], None) => Some(*ip),
@@ -185,36 +225,59 @@ pub fn plan(pool: &IpPool, services: &[LbService]) -> Vec<LbAction> {
     }
     // Services asking for a particular address before those taking any, each group oldest first.
     needs.sort_by_key(|s| s.requested.is_none());
-    let mut free = pool.iter().filter(|ip| !taken.contains(ip)).collect::<Vec<_>>().into_iter();
+    let mut free = pool
+        .iter()
+        .filter(|ip| !taken.contains(ip))
+        .collect::<Vec<_>>()
+        .into_iter();
     for svc in needs {
         let (namespace, name) = (svc.namespace.clone(), svc.name.clone());
         let chosen = match svc.requested.as_deref() {
             Some(r) => match parse(r) {
                 None => Err(format!("spec.loadBalancerIP {r:?} is not an IPv4 address")),
-                Some(ip) if !pool.contains(ip) => {
-                    Err(format!("spec.loadBalancerIP {ip} is outside the pool {}-{}", pool.first, pool.last))
-                }
-                Some(ip) if taken.contains(&ip) => Err(format!("spec.loadBalancerIP {ip} is already in use by another Service")),
+                Some(ip) if !pool.contains(ip) => Err(format!(
+                    "spec.loadBalancerIP {ip} is outside the pool {}-{}",
+                    pool.first, pool.last
+                )),
+                Some(ip) if taken.contains(&ip) => Err(format!(
+                    "spec.loadBalancerIP {ip} is already in use by another Service"
+                )),
                 Some(ip) => Ok(ip),
             },
             None => loop {
                 match free.next() {
                     Some(ip) if taken.contains(&ip) => continue,
                     Some(ip) => break Ok(ip),
-                    None => break Err(format!("no free address left in the pool {}-{}", pool.first, pool.last)),
+                    None => {
+                        break Err(format!(
+                            "no free address left in the pool {}-{}",
+                            pool.first, pool.last
+                        ));
+                    }
                 }
             },
         };
         match chosen {
             Ok(ip) => {
                 taken.insert(ip);
-                actions.push(LbAction::Assign { namespace, name, ip });
+                actions.push(LbAction::Assign {
+                    namespace,
+                    name,
+                    ip,
+                });
             }
             Err(reason) => {
                 if !svc.ingress.is_empty() {
-                    actions.push(LbAction::Clear { namespace: namespace.clone(), name: name.clone() });
+                    actions.push(LbAction::Clear {
+                        namespace: namespace.clone(),
+                        name: name.clone(),
+                    });
                 }
-                actions.push(LbAction::Pending { namespace, name, reason });
+                actions.push(LbAction::Pending {
+                    namespace,
+                    name,
+                    reason,
+                });
             }
         }
     }
@@ -223,8 +286,16 @@ pub fn plan(pool: &IpPool, services: &[LbService]) -> Vec<LbAction> {
         if svc.wants_ip || svc.foreign {
             continue;
         }
-        if svc.ingress.iter().filter_map(|s| parse(s)).any(|ip| pool.contains(ip)) {
-            actions.push(LbAction::Clear { namespace: svc.namespace.clone(), name: svc.name.clone() });
+        if svc
+            .ingress
+            .iter()
+            .filter_map(|s| parse(s))
+            .any(|ip| pool.contains(ip))
+        {
+            actions.push(LbAction::Clear {
+                namespace: svc.namespace.clone(),
+                name: svc.name.clone(),
+            });
         }
     }
     actions
@@ -235,14 +306,23 @@ type Assumed = BTreeMap<String, (Vec<String>, tokio::time::Instant)>;
 
 /// Runs the allocator over the Service cache until aborted: a pass on every Service change (and
 /// every 30 s), writes through the status subresource.
-pub(crate) async fn loadbalancer_loop(client: Client, services: Store<Service>, pool: IpPool, wake: Arc<Notify>) {
+pub(crate) async fn loadbalancer_loop(
+    client: Client,
+    services: Store<Service>,
+    pool: IpPool,
+    wake: Arc<Notify>,
+) {
     tracing::info!(first = %pool.first, last = %pool.last, "LoadBalancer IP allocation from the pool");
     let mut assumed: Assumed = BTreeMap::new();
     // The last Pending reason reported per Service, so an Event is posted once per reason.
     let mut reported: BTreeMap<String, String> = BTreeMap::new();
     loop {
         let now = tokio::time::Instant::now();
-        let mut view: Vec<LbService> = services.state().iter().map(|s| LbService::from_service(s)).collect();
+        let mut view: Vec<LbService> = services
+            .state()
+            .iter()
+            .map(|s| LbService::from_service(s))
+            .collect();
         let present: BTreeSet<String> = view.iter().map(|s| s.key()).collect();
         assumed.retain(|k, (_, at)| present.contains(k) && now.duration_since(*at) < ASSUME_FOR);
         reported.retain(|k, _| present.contains(k));
@@ -265,11 +345,21 @@ pub(crate) async fn loadbalancer_loop(client: Client, services: Store<Service>, 
     }
 }
 
-async fn apply(client: &Client, services: &Store<Service>, action: LbAction, assumed: &mut Assumed, reported: &mut BTreeMap<String, String>) {
+async fn apply(
+    client: &Client,
+    services: &Store<Service>,
+    action: LbAction,
+    assumed: &mut Assumed,
+    reported: &mut BTreeMap<String, String>,
+) {
     let (namespace, name) = match &action {
-        LbAction::Assign { namespace, name, .. } | LbAction::Clear { namespace, name } | LbAction::Pending { namespace, name, .. } => {
-            (namespace.clone(), name.clone())
+        LbAction::Assign {
+            namespace, name, ..
         }
+        | LbAction::Clear { namespace, name }
+        | LbAction::Pending {
+            namespace, name, ..
+        } => (namespace.clone(), name.clone()),
     };
     let key = format!("{namespace}/{name}");
     let api: Api<Service> = Api::namespaced(client.clone(), &namespace);
@@ -280,33 +370,70 @@ async fn apply(client: &Client, services: &Store<Service>, action: LbAction, ass
             "IPAllocated",
             format!("Assigned IP {ip} from the LoadBalancer pool"),
         ),
-        LbAction::Clear { .. } => (json!({"status": {"loadBalancer": {"ingress": null}}}), vec![], "IPReleased", "Released its LoadBalancer IP".to_string()),
+        LbAction::Clear { .. } => (
+            json!({"status": {"loadBalancer": {"ingress": null}}}),
+            vec![],
+            "IPReleased",
+            "Released its LoadBalancer IP".to_string(),
+        ),
         LbAction::Pending { reason, .. } => {
             if reported.get(&key) != Some(reason) {
                 reported.insert(key.clone(), reason.clone());
                 tracing::warn!(service = %key, "{reason}");
-                event(client, services, &namespace, &name, EventType::Warning, "AllocationFailed", reason).await;
+                event(
+                    client,
+                    services,
+                    &namespace,
+                    &name,
+                    EventType::Warning,
+                    "AllocationFailed",
+                    reason,
+                )
+                .await;
             }
             return;
         }
     };
-    match api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch)).await {
+    match api
+        .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+    {
         Ok(_) => {
             tracing::info!(service = %key, ingress = ?ingress, "{message}");
             assumed.insert(key.clone(), (ingress, tokio::time::Instant::now()));
             reported.remove(&key);
-            event(client, services, &namespace, &name, EventType::Normal, reason, &message).await;
+            event(
+                client,
+                services,
+                &namespace,
+                &name,
+                EventType::Normal,
+                reason,
+                &message,
+            )
+            .await;
         }
         // Gone meanwhile, or a stale view: the next pass (woken by the watch) decides again.
         Err(e) => tracing::warn!(service = %key, "writing status.loadBalancer failed: {e}"),
     }
 }
 
-async fn event(client: &Client, services: &Store<Service>, namespace: &str, name: &str, event_type: EventType, reason: &str, message: &str) {
+async fn event(
+    client: &Client,
+    services: &Store<Service>,
+    namespace: &str,
+    name: &str,
+    event_type: EventType,
+    reason: &str,
+    message: &str,
+) {
     let uid = services
         .state()
         .iter()
-        .find(|s| s.metadata.namespace.as_deref() == Some(namespace) && s.metadata.name.as_deref() == Some(name))
+        .find(|s| {
+            s.metadata.namespace.as_deref() == Some(namespace)
+                && s.metadata.name.as_deref() == Some(name)
+        })
         .and_then(|s| s.metadata.uid.clone());
     let record = EventRecord {
         involved: ObjectReference {
@@ -329,7 +456,11 @@ async fn event(client: &Client, services: &Store<Service>, namespace: &str, name
 /// The addresses as the allocator reads them from a status.
 #[cfg(test)]
 fn ingress_ips(svc: &Service) -> Vec<std::net::IpAddr> {
-    LbService::from_service(svc).ingress.iter().filter_map(|s| s.parse().ok()).collect()
+    LbService::from_service(svc)
+        .ingress
+        .iter()
+        .filter_map(|s| s.parse().ok())
+        .collect()
 }
 
 #[cfg(test)]
@@ -337,7 +468,7 @@ mod tests {
     use super::*;
 
     fn pool() -> IpPool {
-        "172.20.0.200-172.20.0.202".parse().unwrap()
+        "172.20.0.200-172.20.0.202".parse().expect("pool")
     }
 
     fn lb(name: &str, created: &str) -> LbService {
@@ -368,14 +499,35 @@ mod tests {
 
     #[test]
     fn pools_parse_as_ranges_and_cidrs_and_bad_ones_are_refused() {
-        let p: IpPool = "172.20.5.200-172.20.5.250".parse().unwrap();
-        assert_eq!((p.first(), p.last(), p.len()), (Ipv4Addr::new(172, 20, 5, 200), Ipv4Addr::new(172, 20, 5, 250), 51));
-        assert!(p.contains(Ipv4Addr::new(172, 20, 5, 250)) && !p.contains(Ipv4Addr::new(172, 20, 5, 251)));
-        let c: IpPool = "10.0.0.0/30".parse().unwrap();
-        assert_eq!((c.first(), c.last()), (Ipv4Addr::new(10, 0, 0, 1), Ipv4Addr::new(10, 0, 0, 2)));
-        let one: IpPool = "10.0.0.7/32".parse().unwrap();
+        let p: IpPool = "172.20.5.200-172.20.5.250".parse().expect("range");
+        assert_eq!(
+            (p.first(), p.last(), p.len()),
+            (
+                Ipv4Addr::new(172, 20, 5, 200),
+                Ipv4Addr::new(172, 20, 5, 250),
+                51
+            )
+        );
+        assert!(
+            p.contains(Ipv4Addr::new(172, 20, 5, 250))
+                && !p.contains(Ipv4Addr::new(172, 20, 5, 251))
+        );
+        let c: IpPool = "10.0.0.0/30".parse().expect("cidr");
+        assert_eq!(
+            (c.first(), c.last()),
+            (Ipv4Addr::new(10, 0, 0, 1), Ipv4Addr::new(10, 0, 0, 2))
+        );
+        let one: IpPool = "10.0.0.7/32".parse().expect("/32");
         assert_eq!(one.len(), 1);
-        for bad in ["", "10.0.0.9-10.0.0.1", "10.0.0.1-", "a-b", "10.0.0.0/33", "fd00::1-fd00::2", "10.0.0.1"] {
+        for bad in [
+            "",
+            "10.0.0.9-10.0.0.1",
+            "10.0.0.1-",
+            "a-b",
+            "10.0.0.0/33",
+            "fd00::1-fd00::2",
+            "10.0.0.1",
+        ] {
             let e = bad.parse::<IpPool>().expect_err(bad);
             assert!(e.contains("--loadbalancer-ip-pool"), "{bad}: {e}");
         }
@@ -383,7 +535,11 @@ mod tests {
 
     #[test]
     fn new_services_get_the_lowest_free_addresses_oldest_first() {
-        let svcs = vec![lb("b", "2024-01-02T00:00:00Z"), lb("a", "2024-01-03T00:00:00Z"), lb("c", "2024-01-01T00:00:00Z")];
+        let svcs = vec![
+            lb("b", "2024-01-02T00:00:00Z"),
+            lb("a", "2024-01-03T00:00:00Z"),
+            lb("c", "2024-01-01T00:00:00Z"),
+        ];
         let got = assigned(&plan(&pool(), &svcs));
         assert_eq!(got["c"], ip(200));
         assert_eq!(got["b"], ip(201));
@@ -400,11 +556,22 @@ mod tests {
         a.ingress = vec!["172.20.0.201".into()];
         let b = lb("b", "2");
         let actions = plan(&pool(), &[a.clone(), b]);
-        assert_eq!(assigned(&actions).get("a"), None, "a keeps .201 without a write");
-        assert_eq!(assigned(&actions)["b"], ip(200), "b gets the lowest free one, not a's");
+        assert_eq!(
+            assigned(&actions).get("a"),
+            None,
+            "a keeps .201 without a write"
+        );
+        assert_eq!(
+            assigned(&actions)["b"],
+            ip(200),
+            "b gets the lowest free one, not a's"
+        );
         let mut b = lb("b", "2");
         b.ingress = vec!["172.20.0.200".into()];
-        assert!(plan(&pool(), &[a, b]).is_empty(), "nothing to do once every Service holds its own");
+        assert!(
+            plan(&pool(), &[a, b]).is_empty(),
+            "nothing to do once every Service holds its own"
+        );
     }
 
     #[test]
@@ -429,7 +596,12 @@ mod tests {
             x.requested = Some(req.into());
             let actions = plan(&pool(), &[x]);
             assert!(assigned(&actions).is_empty());
-            assert!(actions.iter().any(|a| matches!(a, LbAction::Pending { reason, .. } if reason.contains(why))), "{req}: {actions:?}");
+            assert!(
+                actions
+                    .iter()
+                    .any(|a| matches!(a, LbAction::Pending { reason, .. } if reason.contains(why))),
+                "{req}: {actions:?}"
+            );
         }
 
         // Changing spec.loadBalancerIP moves the Service to the new address.
@@ -441,7 +613,9 @@ mod tests {
 
     #[test]
     fn exhausted_pool_leaves_the_youngest_pending() {
-        let svcs: Vec<LbService> = (0..4).map(|i| lb(&format!("s{i}"), &i.to_string())).collect();
+        let svcs: Vec<LbService> = (0..4)
+            .map(|i| lb(&format!("s{i}"), &i.to_string()))
+            .collect();
         let actions = plan(&pool(), &svcs);
         assert_eq!(assigned(&actions).len(), 3);
         assert!(actions.iter().any(|a| matches!(a, LbAction::Pending { name, reason, .. } if name == "s3" && reason.contains("no free address"))));
@@ -454,8 +628,15 @@ mod tests {
         was_lb.ingress = vec!["172.20.0.200".into()];
         let newcomer = lb("b", "2");
         let actions = plan(&pool(), &[was_lb, newcomer.clone()]);
-        assert!(actions.contains(&LbAction::Clear { namespace: "ns".into(), name: "a".into() }));
-        assert_eq!(assigned(&actions)["b"], ip(200), "the released address is free again in the same pass");
+        assert!(actions.contains(&LbAction::Clear {
+            namespace: "ns".into(),
+            name: "a".into()
+        }));
+        assert_eq!(
+            assigned(&actions)["b"],
+            ip(200),
+            "the released address is free again in the same pass"
+        );
 
         // A deleted Service is simply absent: its address is free.
         assert_eq!(assigned(&plan(&pool(), &[newcomer]))["b"], ip(200));
@@ -477,9 +658,16 @@ mod tests {
         let mut c = lb("c", "3");
         c.ingress = vec!["192.0.2.9".into()];
         let got = assigned(&plan(&pool(), &[a, b, c]));
-        assert!(!got.contains_key("a"), "the older keeps the duplicate address");
+        assert!(
+            !got.contains_key("a"),
+            "the older keeps the duplicate address"
+        );
         assert_eq!(got["b"], ip(201));
-        assert_eq!(got["c"], ip(202), "an address from outside the pool is replaced");
+        assert_eq!(
+            got["c"],
+            ip(202),
+            "an address from outside the pool is replaced"
+        );
     }
 
     #[test]
@@ -489,7 +677,7 @@ mod tests {
             "spec": {"type": "LoadBalancer", "loadBalancerIP": "172.20.0.201", "ports": [{"port": 80}]},
             "status": {"loadBalancer": {"ingress": [{"ip": "172.20.0.201", "ipMode": "VIP"}]}}
         }))
-        .unwrap();
+        .expect("service");
         let v = LbService::from_service(&svc);
         assert!(v.wants_ip && !v.foreign);
         assert_eq!(v.requested.as_deref(), Some("172.20.0.201"));
@@ -499,10 +687,13 @@ mod tests {
             "metadata": {"name": "x", "namespace": "prod"},
             "spec": {"type": "LoadBalancer", "loadBalancerClass": "example.com/other"}
         }))
-        .unwrap();
+        .expect("service");
         let v = LbService::from_service(&svc);
         assert!(!v.wants_ip && v.foreign);
-        let svc: Service = serde_json::from_value(json!({"metadata": {"name": "y"}, "spec": {"type": "NodePort"}})).unwrap();
+        let svc: Service = serde_json::from_value(
+            json!({"metadata": {"name": "y"}, "spec": {"type": "NodePort"}}),
+        )
+        .expect("service");
         assert!(!LbService::from_service(&svc).wants_ip);
     }
 }
@@ -519,10 +710,21 @@ mod flag_tests {
 
     #[test]
     fn the_pool_flag_reaches_the_options_and_bad_pools_are_refused() {
-        let cli = Cli::try_parse_from(["x", "--loadbalancer-ip-pool", "172.20.3.200-172.20.3.250"]).expect("parses");
+        let cli = Cli::try_parse_from(["x", "--loadbalancer-ip-pool", "172.20.3.200-172.20.3.250"])
+            .expect("parses");
         let pool = cli.flags.options().loadbalancer_ip_pool.expect("pool set");
         assert_eq!(pool.len(), 51);
-        assert!(Cli::try_parse_from(["x"]).expect("parses").flags.options().loadbalancer_ip_pool.is_none());
-        assert!(Cli::try_parse_from(["x", "--loadbalancer-ip-pool", "172.20.3.250-172.20.3.200"]).is_err());
+        assert!(
+            Cli::try_parse_from(["x"])
+                .expect("parses")
+                .flags
+                .options()
+                .loadbalancer_ip_pool
+                .is_none()
+        );
+        assert!(
+            Cli::try_parse_from(["x", "--loadbalancer-ip-pool", "172.20.3.250-172.20.3.200"])
+                .is_err()
+        );
     }
 }
