@@ -89,6 +89,32 @@ fn now_ns() -> u64 {
 /// Picks a backend for a new flow: the affine one if ClientIP affinity holds and it is still
 /// active, otherwise a random active slot (terminating backends have no slot).
 #[inline(always)]
+/// Makes sure the reply entry of an established forward flow points back at that flow's VIP.
+/// A client that reuses a source port for another Service with the same backend rewrites the
+/// shared reply tuple (backend -> client:port); when the older forward entry is used again
+/// (the port reused once more for the first Service, within the LRU's memory), its replies
+/// would be reverse-NATed to the wrong VIP and the client would drop them. One lookup per
+/// forward packet on the tc/XDP path (the socket layer takes most flows off it).
+#[inline(always)]
+fn ensure_reply(rkey: &CtKey, fwd: &CtValue, now: u64) {
+    let same = match unsafe { CONNTRACK.get(rkey) } {
+        Some(r) => {
+            r.orig_addr.w[0] == fwd.orig_addr.w[0]
+                && r.orig_port == fwd.orig_port
+                && r.client_addr.w[0] == fwd.client_addr.w[0]
+        }
+        None => false,
+    };
+    if !same {
+        let rev = CtValue {
+            flags: CT_F_REPLY | (fwd.flags & (CT_F_HAIRPIN | CT_F_SNAT)),
+            last_seen_ns: now,
+            ..*fwd
+        };
+        let _ = CONNTRACK.insert(rkey, &rev, 0);
+    }
+}
+
 fn select_backend(
     svc: &ServiceValue,
     aff_kind: u32,
@@ -434,6 +460,19 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, i64> {
                 handled = true;
             } else if let Some(b) = unsafe { BACKENDS.get(&ct_val.backend_id) } {
                 // Established flow: same backend, even if it is now terminating.
+                let reply_dst = if hairpin { ip4_to_raw(HAIRPIN_SNAT_V4) } else { saddr };
+                ensure_reply(
+                    &CtKey {
+                        src: b.addr,
+                        dst: Addr::v4_raw(reply_dst),
+                        sport: b.port,
+                        dport: sport,
+                        proto,
+                        _pad: [0; 3],
+                    },
+                    &ct_val,
+                    now,
+                );
                 final_dst = b.addr.w[0];
                 rewrite_addr(ctx, IP_DST_OFF, l4, proto, daddr, final_dst)?;
                 rewrite_port(ctx, l4 + 2, l4, proto, dport, b.port)?;
@@ -710,6 +749,18 @@ fn try_nodeport(ctx: &XdpContext) -> Option<u32> {
                 } else {
                     saddr
                 };
+                ensure_reply(
+                    &CtKey {
+                        src: b.addr,
+                        dst: Addr::v4_raw(src),
+                        sport: b.port,
+                        dport: sport,
+                        proto,
+                        _pad: [0; 3],
+                    },
+                    &ct_val,
+                    now,
+                );
                 chosen = Some((*b, src));
             }
         }
