@@ -345,6 +345,18 @@ impl ContainerRuntime for CriAdapter {
         })
     }
 
+    /// CRI PullImage with the first imagePullSecret that has credentials for the image's
+    /// registry (matched as kubelet does), else anonymously; the runtime's own registry config
+    /// (mirrors, CAs) applies.
+    fn pull(&self, image: &str, docker_configs: &[Vec<u8>]) -> Result<ImageInfo, RuntimeError> {
+        let auth = docker_configs
+            .iter()
+            .find_map(|cfg| skiff_runtime::pull::credentials_from_docker_config(cfg, image).ok().flatten())
+            .map(auth_config);
+        self.cri.pull_image(image, auth).map_err(|e| RuntimeError::Failed(format!("pulling {image}: {e}")))?;
+        self.image(image)
+    }
+
     fn run(&self, req: &ContainerRequest) -> Result<(), RuntimeError> {
         let key = ContainerKey::parse(&req.id).ok_or_else(|| RuntimeError::Failed(format!("container id {:?} is not the agent's", req.id)))?;
         let sb = self
@@ -445,6 +457,14 @@ impl ContainerRuntime for CriAdapter {
     }
 }
 
+/// Registry credentials as CRI's AuthConfig.
+pub fn auth_config(c: skiff_runtime::RegistryCredentials) -> proto::AuthConfig {
+    match c {
+        skiff_runtime::RegistryCredentials::Basic { username, password } => proto::AuthConfig { username, password, ..Default::default() },
+        skiff_runtime::RegistryCredentials::Bearer(token) => proto::AuthConfig { registry_token: token, ..Default::default() },
+    }
+}
+
 fn open_pty() -> std::io::Result<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)> {
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
     let (mut master, mut slave) = (0, 0);
@@ -513,6 +533,16 @@ mod tests {
         assert_eq!(c.linux.as_ref().map(|l| l.cgroup_parent.as_str()), Some("/skiff/n1/podu1"));
         assert_eq!(c.metadata.as_ref().map(|m| m.attempt), Some(1));
         assert_eq!(c.log_directory, "/d/logs");
+    }
+
+    #[test]
+    fn pull_secrets_become_cri_auth() {
+        let cfg = br#"{"auths":{"registry.example:5000":{"username":"u","password":"p"}}}"#;
+        let c = skiff_runtime::pull::credentials_from_docker_config(cfg, "registry.example:5000/app:1").expect("parses").expect("matches");
+        let a = auth_config(c);
+        assert_eq!((a.username.as_str(), a.password.as_str(), a.registry_token.as_str()), ("u", "p", ""));
+        let t = auth_config(skiff_runtime::RegistryCredentials::Bearer("tok".into()));
+        assert_eq!((t.username.as_str(), t.registry_token.as_str()), ("", "tok"));
     }
 
     #[test]

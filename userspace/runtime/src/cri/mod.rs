@@ -329,6 +329,16 @@ impl CriRuntime {
         })
     }
 
+    /// PullImage with optional registry credentials; returns the image reference the runtime
+    /// stored. Layers can be large: the deadline is ten ordinary calls.
+    pub fn pull_image(&self, image: &str, auth: Option<proto::AuthConfig>) -> Result<String, CriError> {
+        let mut c = self.images.clone();
+        let req = proto::PullImageRequest { image: Some(proto::ImageSpec { image: image.to_string(), ..Default::default() }), auth, sandbox_config: None };
+        self.call("PullImage", self.timeout * 10, async move {
+            Ok(c.pull_image(req).await.map_err(rpc("PullImage"))?.into_inner().image_ref)
+        })
+    }
+
     /// ImageStatus (verbose, for the image's config); None when the runtime has no such image.
     pub fn image_status(&self, image: &str) -> Result<Option<ImageSummary>, CriError> {
         let mut c = self.images.clone();
