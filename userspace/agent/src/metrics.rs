@@ -107,11 +107,32 @@ fn container_dirs(pod_rel: &str) -> Vec<String> {
     Vec::new()
 }
 
-/// The Kubernetes container name in a runtime id `<uid>_<name>_<attempt>`.
-fn container_name<'a>(id: &'a str, uid: &str) -> Option<&'a str> {
-    let rest = id.strip_prefix(uid)?.strip_prefix('_')?;
-    let (name, attempt) = rest.rsplit_once('_')?;
-    attempt.parse::<u32>().ok().map(|_| name)
+/// The Kubernetes container name of a container cgroup directory: the runtime's id, either the
+/// agent's own `<uid>_<name>_<attempt>` or the runc adapter's `<uid[..8]>-<name>-<attempt>-<hash>`.
+/// `names` are the pod's container names (a name may itself contain `-` or `_`, so each is tried).
+fn container_name<'a>(dir: &str, uid: &str, names: &'a [String]) -> Option<&'a str> {
+    let short: String = uid.chars().take(8).collect();
+    names.iter().map(String::as_str).find(|name| {
+        let agent_form = dir
+            .strip_prefix(uid)
+            .and_then(|r| r.strip_prefix('_'))
+            .and_then(|r| r.strip_prefix(*name))
+            .and_then(|r| r.strip_prefix('_'))
+            .is_some_and(|attempt| !attempt.is_empty() && attempt.bytes().all(|b| b.is_ascii_digit()));
+        let runc_form = dir
+            .strip_prefix(short.as_str())
+            .and_then(|r| r.strip_prefix('-'))
+            .and_then(|r| r.strip_prefix(*name))
+            .and_then(|r| r.strip_prefix('-'))
+            .and_then(|r| r.split_once('-'))
+            .is_some_and(|(attempt, hash)| {
+                !attempt.is_empty()
+                    && attempt.bytes().all(|b| b.is_ascii_digit())
+                    && !hash.is_empty()
+                    && hash.bytes().all(|b| b.is_ascii_hexdigit())
+            });
+        agent_form || runc_form
+    })
 }
 
 /// The CPU rate in nanocores from two cumulative readings.
@@ -170,10 +191,11 @@ pub async fn metrics_loop(client: Client, node: String, mut shutdown: watch::Rec
                 continue;
             }
             let pod_rel = format!("skiff/{node}/pod{uid}");
+            let names: Vec<String> = pod.spec.iter().flat_map(|s| s.containers.iter().map(|c| c.name.clone())).collect();
             let mut containers = Vec::new();
             let mut complete = true;
             for dir in container_dirs(&pod_rel) {
-                let Some(cname) = container_name(&dir, uid) else { continue };
+                let Some(cname) = container_name(&dir, uid, &names) else { continue };
                 let rel = format!("{pod_rel}/{dir}");
                 let Some(nanos) = cpu_nanos(&rel) else { continue };
                 let cpu = rate(last.get(&rel), now, nanos);
@@ -241,10 +263,17 @@ mod tests {
 
     #[test]
     fn container_names_come_from_runtime_ids() {
-        assert_eq!(container_name("u1_web_0", "u1"), Some("web"));
-        assert_eq!(container_name("u1_side_car_12", "u1"), Some("side_car"));
-        assert_eq!(container_name("u2_web_0", "u1"), None);
-        assert_eq!(container_name("u1_web", "u1"), None);
+        let names = vec!["web".to_string(), "side_car".to_string(), "web-x".to_string()];
+        assert_eq!(container_name("u1_web_0", "u1", &names), Some("web"));
+        assert_eq!(container_name("u1_side_car_12", "u1", &names), Some("side_car"));
+        assert_eq!(container_name("u2_web_0", "u1", &names), None);
+        assert_eq!(container_name("u1_web", "u1", &names), None);
+        // The runc adapter's ids, as seen on a skiff up node.
+        let uid = "41907d8c-4d1a-4294-a42b-188f9ba96f40";
+        assert_eq!(container_name("41907d8c-web-0-2e092fa3", uid, &names), Some("web"));
+        assert_eq!(container_name("41907d8c-web-x-3-2e092fa3", uid, &names), Some("web-x"));
+        assert_eq!(container_name("41907d8c-other-0-2e092fa3", uid, &names), None);
+        assert_eq!(container_name("deadbeef-web-0-2e092fa3", uid, &names), None);
     }
 
     #[test]

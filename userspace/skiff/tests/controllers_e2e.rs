@@ -179,8 +179,7 @@ fn controllers_on_real_nodes() {
     let scratch = tempfile::tempdir().expect("tempdir");
     let image2 = second_tag(&image, scratch.path());
     let image2 = image2.to_string_lossy().to_string();
-    let mut cluster = Cluster::up_with(
-        2,
+    let mut cluster = OwnLab::up(
         &image,
         &[
             "--image",
@@ -316,6 +315,57 @@ fn controllers_on_real_nodes() {
     let text = cluster.down();
     assert!(text.contains("skiff is down"), "{text}");
     eprintln!("controllers_e2e took {:?}", started.elapsed());
+}
+
+/// A 2-node `skiff up` on its own lab name and subnet (`skc`, 172.20.78.0/24), so it can run
+/// while the other e2e suites use the shared harness's `skt` / 77; taken down on drop.
+struct OwnLab {
+    dir: tempfile::TempDir,
+    kubeconfig: PathBuf,
+    downed: bool,
+}
+
+impl OwnLab {
+    fn up(image: &Path, extra: &[&str]) -> OwnLab {
+        let dir = tempfile::Builder::new().prefix("skiff-ctl-test").tempdir().expect("tempdir");
+        let out = Command::new(env!("CARGO_BIN_EXE_skiff"))
+            .args(["up", "--nodes", "2", "--name", "skc", "--lab-net", "78", "--restart-backoff", "1", "--data-dir"])
+            .arg(dir.path())
+            .arg("--image")
+            .arg(image)
+            .args(extra)
+            .output()
+            .expect("run skiff up");
+        let lab = OwnLab { kubeconfig: dir.path().join("server/admin.kubeconfig"), dir, downed: false };
+        assert!(
+            out.status.success(),
+            "skiff up failed:\n{}\n{}\nserver log:\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            std::fs::read_to_string(lab.dir.path().join("server.log")).unwrap_or_default()
+        );
+        lab
+    }
+
+    fn lab(&self) -> Lab {
+        serde_json::from_slice(&std::fs::read(self.dir.path().join("lab.json")).expect("lab.json")).expect("lab.json parses")
+    }
+
+    fn down(&mut self) -> String {
+        self.downed = true;
+        let out = Command::new(env!("CARGO_BIN_EXE_skiff")).args(["down", "--data-dir"]).arg(self.dir.path()).output().expect("run skiff down");
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "skiff down failed:\n{text}");
+        text
+    }
+}
+
+impl Drop for OwnLab {
+    fn drop(&mut self) {
+        if !self.downed {
+            let _ = Command::new(env!("CARGO_BIN_EXE_skiff")).args(["down", "--data-dir"]).arg(self.dir.path()).output();
+        }
+    }
 }
 
 fn eventually_some<E>(timeout: Duration, mut f: impl FnMut() -> Result<(), E>) -> Result<(), E> {
