@@ -601,8 +601,18 @@ mod tests {
             let cidr = net(cidr);
             let mtu = in_ns(ns, async move {
                 let mtu = prepare(NetworkMode::Vxlan, Some("up0"), ip, &cidr).await.expect("prepare").expect("an MTU in vxlan mode");
-                // Idempotent: a second start finds the device as it is.
+                // Idempotent: a second start finds the device as it is (same ifindex), and one
+                // whose tunnel parameters differ is made anew.
                 assert_eq!(prepare(NetworkMode::Vxlan, None, ip, &cidr).await.expect("prepare again"), Some(mtu));
+                let handle = network::connect().expect("netlink");
+                let (up_index, up_mtu) = underlay(&handle, Some("up0"), ip).await.expect("underlay");
+                let spec = device_spec(ip, up_index, up_mtu, &cidr).expect("spec");
+                let first = ensure_device(&spec).await.expect("ensure");
+                assert_eq!(ensure_device(&spec).await.expect("ensure again"), first);
+                let moved = DeviceSpec { port: 4789, ..spec.clone() };
+                let second = ensure_device(&moved).await.expect("ensure other port");
+                assert_ne!(second, first, "recreated for another port");
+                assert_ne!(ensure_device(&spec).await.expect("ensure back"), second);
                 sync_overlay(&overlay_from_nodes(&nodes, name, ip, Some(&cidr))).await.expect("sync");
                 mtu
             });
