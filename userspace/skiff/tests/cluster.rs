@@ -17,36 +17,6 @@ use std::time::Duration;
 use common::cluster::*;
 use common::*;
 
-const DEPLOYMENT: &str = r#"
-apiVersion: v1
-kind: Namespace
-metadata: {name: e2e}
----
-apiVersion: apps/v1
-kind: Deployment
-metadata: {name: echo, namespace: e2e}
-spec:
-  replicas: 6
-  selector: {matchLabels: {app: echo}}
-  template:
-    metadata: {labels: {app: echo}}
-    spec:
-      containers:
-      - name: echo
-        image: skiff/echo:1.0
-        ports: [{name: http, containerPort: 8080}, {name: tcp, containerPort: 9000}]
-        readinessProbe:
-          httpGet: {path: /healthz, port: http}
-          periodSeconds: 1
----
-apiVersion: v1
-kind: Service
-metadata: {name: echo, namespace: e2e}
-spec:
-  selector: {app: echo}
-  ports:
-  - {name: tcp, port: 9000, targetPort: tcp}
-"#;
 
 #[test]
 fn three_node_cluster_runs_pods_that_reach_each_other_and_services() {
@@ -68,7 +38,7 @@ fn three_node_cluster_runs_pods_that_reach_each_other_and_services() {
     let cidrs: BTreeSet<String> = nodes["items"].as_array().unwrap().iter().map(|n| n["spec"]["podCIDR"].as_str().unwrap_or_default().to_string()).collect();
     assert_eq!(cidrs.len(), 3, "each node has its own podCIDR: {cidrs:?}");
 
-    k.run_with_stdin(&["apply", "-f", "-"], Some(DEPLOYMENT));
+    k.run_with_stdin(&["apply", "-f", "-"], Some(&echo_workload(6)));
     let pods = eventually("6 pods Running and Ready", Duration::from_secs(120), || {
         let pods = k.json(&["get", "pods", "-n", "e2e", "-o", "json"]);
         let items = pods["items"].as_array().cloned().unwrap_or_default();

@@ -20,36 +20,6 @@ use std::time::Duration;
 use common::cluster::*;
 use common::*;
 
-const DEPLOYMENT: &str = r#"
-apiVersion: v1
-kind: Namespace
-metadata: {name: e2e}
----
-apiVersion: apps/v1
-kind: Deployment
-metadata: {name: echo, namespace: e2e}
-spec:
-  replicas: 4
-  selector: {matchLabels: {app: echo}}
-  template:
-    metadata: {labels: {app: echo}}
-    spec:
-      containers:
-      - name: echo
-        image: skiff/echo:1.0
-        ports: [{name: http, containerPort: 8080}, {name: tcp, containerPort: 9000}]
-        readinessProbe:
-          httpGet: {path: /healthz, port: http}
-          periodSeconds: 1
----
-apiVersion: v1
-kind: Service
-metadata: {name: echo, namespace: e2e}
-spec:
-  selector: {app: echo}
-  ports:
-  - {name: tcp, port: 9000, targetPort: tcp}
-"#;
 
 const EXTRA_PODS: &str = r#"
 apiVersion: v1
@@ -171,7 +141,7 @@ fn two_node_cluster_on_containerd_runs_the_deployment() {
         assert!(v.starts_with("containerd://"), "the node reports its CRI runtime: {v:?}");
     }
 
-    k.run_with_stdin(&["apply", "-f", "-"], Some(DEPLOYMENT));
+    k.run_with_stdin(&["apply", "-f", "-"], Some(&echo_workload(4)));
     let pods = eventually("4 pods Running and Ready on containerd", Duration::from_secs(180), || {
         let pods = k.json(&["get", "pods", "-n", "e2e", "-l", "app=echo"]);
         let items = pods["items"].as_array().cloned().unwrap_or_default();

@@ -174,3 +174,41 @@ pub fn ask(dst: SocketAddr) -> std::io::Result<String> {
     Ok(line.trim().to_string())
 }
 
+
+/// The echo workload most e2e tests start from: namespace `e2e`, a Deployment `echo` of
+/// `replicas` (HTTP :8080 with a readiness probe, TCP :9000) and a ClusterIP Service `echo` on
+/// port 9000.
+pub fn echo_workload(replicas: u32) -> String {
+    format!(
+        r#"
+apiVersion: v1
+kind: Namespace
+metadata: {{name: e2e}}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: echo, namespace: e2e}}
+spec:
+  replicas: {replicas}
+  selector: {{matchLabels: {{app: echo}}}}
+  template:
+    metadata: {{labels: {{app: echo}}}}
+    spec:
+      containers:
+      - name: echo
+        image: skiff/echo:1.0
+        ports: [{{name: http, containerPort: 8080}}, {{name: tcp, containerPort: 9000}}]
+        readinessProbe:
+          httpGet: {{path: /healthz, port: http}}
+          periodSeconds: 1
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: echo, namespace: e2e}}
+spec:
+  selector: {{app: echo}}
+  ports:
+  - {{name: tcp, port: 9000, targetPort: tcp}}
+"#
+    )
+}
