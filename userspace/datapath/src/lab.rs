@@ -346,7 +346,12 @@ impl Lab {
     /// Loads (or reloads from the pins) the datapath, attaches from_pod to every pod veth and
     /// registers every pod as a local endpoint.
     pub fn datapath(&self) -> Datapath {
-        let mut dp = Datapath::load(&self.pin_dir).expect("loading the datapath");
+        self.datapath_with(&crate::LoadOptions::from_env())
+    }
+
+    /// [`Lab::datapath`] with explicit load options (e.g. netlink tc forced).
+    pub fn datapath_with(&self, options: &crate::LoadOptions) -> Datapath {
+        let mut dp = Datapath::load_with(&self.pin_dir, options).expect("loading the datapath");
         self.in_node(|| {
             for p in &self.pods {
                 dp.attach_tc(&p.host_if).expect("attaching tc");

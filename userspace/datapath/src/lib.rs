@@ -12,7 +12,8 @@
 //!
 //! API:
 //! - attach: [`Datapath::attach_cgroup`] (socket LB: connect4/sendmsg4/recvmsg4/getpeername4),
-//!   [`Datapath::attach_tc`] (`from_pod`, TCX ingress of a pod veth's host side),
+//!   [`Datapath::attach_tc`] (`from_pod`, tc ingress of a pod veth's host side: TCX, or a
+//!   netlink cls_bpf filter on kernels without TCX, see [`tc_attach`]),
 //!   [`Datapath::attach_xdp`] (`nodeport`, the uplink). Interfaces are resolved in the calling
 //!   thread's network namespace.
 //! - services: [`Datapath::upsert_service`], [`Datapath::delete_service`],
@@ -31,6 +32,7 @@ pub mod plan;
 pub mod pod;
 pub mod policy;
 pub mod sockdiag;
+pub mod tc_attach;
 
 use std::{
     collections::BTreeMap,
@@ -59,6 +61,21 @@ use tracing::{debug, info, warn};
 
 pub use plan::{BackendSpec, MapOp, MapState, Proto, ServiceSpec};
 pub use pod::{attach_pod, detach_pod};
+pub use tc_attach::{FORCE_NETLINK_ENV, KernelFeatures, NETLINK_HANDLE, NETLINK_PRIORITY, TcAttachMode};
+
+/// How [`Datapath::load_with`] loads.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// Attach tc programs through netlink cls_bpf even where the kernel has TCX.
+    pub force_netlink_tc: bool,
+}
+
+impl LoadOptions {
+    /// From the environment: `SKIFF_DATAPATH_FORCE_NETLINK_TC=1` forces netlink tc.
+    pub fn from_env() -> LoadOptions {
+        LoadOptions { force_netlink_tc: tc_attach::force_netlink_from_env() }
+    }
+}
 
 /// The datapath object, built by build.rs from ebpf/programs.
 static DATAPATH_OBJECT: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/datapath"));
@@ -71,7 +88,7 @@ pub fn object_bytes() -> &'static [u8] {
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
     #[error(
-        "loading the eBPF object failed (is this root, with bpffs mounted and a kernel >= 6.6?): {0}"
+        "loading the eBPF object failed (is this root, with bpffs mounted and a kernel >= 5.10?): {0}"
     )]
     Load(#[from] aya::EbpfError),
     #[error("eBPF program {name}: {source}")]
@@ -256,13 +273,27 @@ pub struct Datapath {
     policy: aya::maps::lpm_trie::LpmTrie<MapData, skiff_ebpf_common::PolicyKey, u8>,
     /// The service maps as this handle last wrote or read them (see `refresh`).
     state: MapState,
+    /// How `attach_tc` attaches (see [`tc_attach`]).
+    tc_mode: TcAttachMode,
 }
 
 impl Datapath {
     /// Loads the datapath, pinning its maps under `pin_dir` (created if missing; must be on a
     /// bpffs) or reusing the maps already pinned there, and loads every program into the kernel
     /// (the verifier runs here).
+    ///
+    /// Options come from the environment ([`LoadOptions::from_env`]).
     pub fn load(pin_dir: &Path) -> Result<Datapath, DatapathError> {
+        Self::load_with(pin_dir, &LoadOptions::from_env())
+    }
+
+    /// [`Datapath::load`] with explicit options. Detects the kernel's features, logs which are
+    /// used and which fallbacks apply, and records the tc attach mode under `pin_dir` for
+    /// skiff-cni.
+    pub fn load_with(pin_dir: &Path, options: &LoadOptions) -> Result<Datapath, DatapathError> {
+        let features = KernelFeatures::detect();
+        let tc_mode = features.tc_mode(options.force_netlink_tc);
+        features.report(tc_mode, options.force_netlink_tc && features.tcx);
         std::fs::create_dir_all(pin_dir).map_err(io_err(format!(
             "creating pin directory {}",
             pin_dir.display()
@@ -295,6 +326,7 @@ impl Datapath {
         tc.load().map_err(prog_err(program_names::FROM_POD))?;
         // Pinned so that skiff-cni (another process) can attach it to new pod veths.
         pod::pin_from_pod(tc, pin_dir)?;
+        tc_attach::record_mode(pin_dir, tc_mode)?;
         let xdp: &mut Xdp = ebpf
             .program_mut(program_names::NODEPORT)
             .ok_or_else(|| DatapathError::Missing(format!("program {}", program_names::NODEPORT)))?
@@ -305,9 +337,10 @@ impl Datapath {
         let dp = Self::assemble(Some(&mut ebpf), pin_dir)?;
         let dp = Datapath {
             ebpf: Some(ebpf),
+            tc_mode,
             ..dp
         };
-        info!(pin_dir = %pin_dir.display(), reused_maps = reused, "datapath loaded");
+        info!(pin_dir = %pin_dir.display(), reused_maps = reused, tc = ?tc_mode, "datapath loaded");
         Ok(dp)
     }
 
@@ -362,6 +395,7 @@ impl Datapath {
             node_config: typed(take(map_names::NODE_CONFIG)?, map_names::NODE_CONFIG)?,
             policy: typed(take(map_names::POLICY)?, map_names::POLICY)?,
             state: MapState::default(),
+            tc_mode: tc_attach::recorded_mode(pin_dir),
             ebpf: None,
             pin_dir: pin_dir.to_path_buf(),
         })
@@ -449,17 +483,20 @@ impl Datapath {
         Ok(())
     }
 
-    /// Attaches `from_pod` to the ingress of `iface` in the calling thread's network namespace,
-    /// with TCX (kernel >= 6.6). The link is pinned as `links/tc-<iface>-<ifindex>`. `iface` is
-    /// the host side of a pod veth, or the node's uplink: there the program reverses the NAT of
-    /// replies from backends on other nodes and applies ingress policy to traffic from outside.
+    /// Attaches `from_pod` to the ingress of `iface` in the calling thread's network namespace.
+    /// `iface` is the host side of a pod veth, or the node's uplink: there the program reverses
+    /// the NAT of replies from backends on other nodes and applies ingress policy to traffic
+    /// from outside.
     ///
-    /// Kernels older than 6.6 would need a netlink cls_bpf attachment instead (aya's
-    /// `TcAttachOptions::Netlink` after `qdisc_add_clsact`); such attachments cannot be pinned
-    /// and belong in a separate `attach_tc_netlink` kept alive by the agent. Not done yet.
+    /// With TCX (kernel >= 6.6) the link is pinned as `links/tc-<iface>-<ifindex>`. Without
+    /// (or forced, see [`LoadOptions`]) it is skiff's netlink cls_bpf filter
+    /// ([`NETLINK_PRIORITY`]/[`NETLINK_HANDLE`]), whose program is replaced in place when one is
+    /// there (see [`tc_attach`]). Either way whatever the other mode left on `iface` is removed
+    /// once the new attachment is in place.
     pub fn attach_tc(&mut self, iface: &str) -> Result<(), DatapathError> {
         let ifindex = ifindex_of(iface)?;
         let name = program_names::FROM_POD;
+        let tc_mode = self.tc_mode;
         let p: &mut SchedClassifier = self
             .ebpf
             .as_mut()
@@ -468,8 +505,14 @@ impl Datapath {
             .ok_or_else(|| DatapathError::Missing(format!("program {name}")))?
             .try_into()
             .map_err(prog_err(name))?;
+        if tc_mode == TcAttachMode::Netlink {
+            tc_attach::attach_netlink(p, iface)?;
+            remove_link_pin(&self.tc_link_path(iface, ifindex))?;
+            debug!(iface, ifindex, "tc from_pod attached (netlink cls_bpf)");
+            return Ok(());
+        }
         let id = p
-            .attach(iface, TcAttachType::Ingress)
+            .attach_with_options(iface, TcAttachType::Ingress, aya::programs::tc::TcAttachOptions::TcxOrder(Default::default()))
             .map_err(prog_err(name))?;
         let link = p.take_link(id).map_err(prog_err(name))?;
         let fd_link: FdLink = link.try_into().map_err(|e| DatapathError::Pin {
@@ -477,14 +520,22 @@ impl Datapath {
             message: format!("tc link is not a TCX bpf_link (kernel < 6.6?): {e}"),
         })?;
         Self::pin_replacing(fd_link, &self.tc_link_path(iface, ifindex))?;
+        tc_attach::detach_netlink(iface)?;
         debug!(iface, ifindex, "tc from_pod attached");
         Ok(())
     }
 
-    /// Detaches `from_pod` from `iface` (in the calling thread's network namespace).
+    /// Detaches `from_pod` from `iface` (in the calling thread's network namespace): its pinned
+    /// TCX link and skiff's netlink filter, whichever is there.
     pub fn detach_tc(&mut self, iface: &str) -> Result<(), DatapathError> {
         let ifindex = ifindex_of(iface)?;
-        remove_link_pin(&self.tc_link_path(iface, ifindex))
+        remove_link_pin(&self.tc_link_path(iface, ifindex))?;
+        tc_attach::detach_netlink(iface)
+    }
+
+    /// How this handle attaches tc programs.
+    pub fn tc_mode(&self) -> TcAttachMode {
+        self.tc_mode
     }
 
     /// Attaches the NodePort XDP program to `iface` (the node's uplink) in the calling thread's

@@ -6,7 +6,9 @@
 //! pinned program to a new veth and writes the pod's ENDPOINTS entry through the pinned maps:
 //! [`attach_pod`] on CNI ADD, [`detach_pod`] on CNI DEL. Link pins use the same names as
 //! [`Datapath::attach_tc`] (`<pin_dir>/links/tc-<iface>-<ifindex>`), so either side can replace
-//! or remove what the other made.
+//! or remove what the other made. On kernels without TCX (the agent recorded netlink mode, see
+//! [`crate::tc_attach`]) the pinned program becomes skiff's cls_bpf filter on the veth, by the
+//! same fixed priority and handle the agent uses.
 
 use std::{
     net::Ipv4Addr,
@@ -66,9 +68,11 @@ pub(crate) fn pin_from_pod(
     Ok(())
 }
 
-/// Attaches the pinned `from_pod` program (TCX ingress) to `host_if`, the host side of a pod's
-/// veth in the calling thread's network namespace, pins the link under `<pin_dir>/links/` (as
-/// [`Datapath::attach_tc`] names it, replacing an older link there), and writes the pod's
+/// Attaches the pinned `from_pod` program to `host_if`'s ingress, the host side of a pod's veth
+/// in the calling thread's network namespace: with TCX, pinning the link under
+/// `<pin_dir>/links/` (as [`Datapath::attach_tc`] names it, replacing an older link there); in
+/// the netlink mode the agent recorded, as skiff's cls_bpf filter (replaced in place when one is
+/// there; see [`crate::tc_attach`]). Then writes the pod's
 /// ENDPOINTS entry (`pod_ip` -> host ifindex, pod MAC, host MAC). If writing the endpoint fails,
 /// the link just made is removed again.
 pub fn attach_pod(
@@ -88,7 +92,17 @@ pub fn attach_pod(
     let name = program_names::FROM_POD;
     let mut prog = SchedClassifier::from_pin(&prog_path).map_err(prog_err(name))?;
     let link_path = tc_link_path(pin_dir, host_if, ifindex);
-    let id = match prog.attach(host_if, TcAttachType::Ingress) {
+    if crate::tc_attach::recorded_mode(pin_dir) == crate::TcAttachMode::Netlink {
+        crate::tc_attach::attach_netlink(&mut prog, host_if)?;
+        crate::remove_link_pin(&link_path)?;
+        if let Err(e) = write_endpoint(pin_dir, pod_ip, ep, None) {
+            let _ = crate::tc_attach::detach_netlink(host_if);
+            return Err(e);
+        }
+        debug!(host_if, ifindex, %pod_ip, "pod attached to the datapath (netlink cls_bpf)");
+        return Ok(());
+    }
+    let id = match prog.attach_with_options(host_if, TcAttachType::Ingress, aya::programs::tc::TcAttachOptions::TcxOrder(Default::default())) {
         Ok(id) => id,
         // This very program is attached there already (TCX refuses a program twice on one
         // hook): when its link is the one pinned for this interface, the pod is attached.
@@ -130,8 +144,10 @@ fn write_endpoint(
 }
 
 /// Undoes [`attach_pod`]: removes every link pinned for `host_if_name` (whatever its ifindex
-/// was: the interface may already be gone) and the ENDPOINTS entry of `pod_ip`. Idempotent, and
-/// a no-op when `pin_dir` does not exist (the datapath was torn down: nothing left to remove).
+/// was: the interface may already be gone), skiff's netlink filter on it (if the interface is
+/// still here in the calling thread's namespace) and the ENDPOINTS entry of `pod_ip`.
+/// Idempotent, and a no-op when `pin_dir` does not exist (the datapath was torn down: nothing
+/// left to remove).
 pub fn detach_pod(
     pin_dir: &Path,
     host_if_name: &str,
@@ -156,6 +172,7 @@ pub fn detach_pod(
             }
         }
     }
+    crate::tc_attach::detach_netlink(host_if_name)?;
     if pin_dir.join(map_names::ENDPOINTS).exists() {
         let mut dp = Datapath::open_pinned(pin_dir)?;
         // aya's HashMap::remove reports a missing key as the raw ENOENT of bpf_map_delete_elem
