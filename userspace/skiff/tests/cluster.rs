@@ -104,6 +104,17 @@ fn three_node_cluster_runs_pods_that_reach_each_other_and_services() {
     assert!(String::from_utf8_lossy(&exec.stderr).contains("err"));
     let stdin = k.run_with_stdin(&["exec", "-i", "-n", "e2e", first, "--", "wc", "-l"], Some("a\nb\nc\n"));
     assert_eq!(String::from_utf8_lossy(&stdin.stdout).trim(), "3", "kubectl exec -i passes stdin");
+    // exec -it: kubectl needs a terminal of its own, which script(1) gives it.
+    let kcmd = format!(
+        "{} --kubeconfig {} --cache-dir {} exec -it -n e2e {first} -- sh -c 'tty; exit 4'",
+        k.bin.display(),
+        k.kubeconfig.display(),
+        k.home.path().join("cache").display()
+    );
+    let tty = Command::new("script").args(["-qec", &kcmd, "/dev/null"]).env("HOME", k.home.path()).output().expect("script(1)");
+    let tty_out = String::from_utf8_lossy(&tty.stdout);
+    assert!(tty_out.contains("/dev/pts/"), "exec -it gives the process a terminal:\n{tty_out}");
+    assert_eq!(tty.status.code(), Some(4), "exec -it returns the exit code:\n{tty_out}");
     let hostname = k.ok(&["exec", "-n", "e2e", first, "--", "hostname"]);
     assert_eq!(hostname.trim(), first.as_str(), "the container's hostname is the pod name");
 
