@@ -4,6 +4,11 @@
 # (see the Vagrantfile's trigger and /usr/local/lib/skiff/join.sh).
 set -euo pipefail
 shopt -s nullglob
+if ! command -v runc >/dev/null; then
+  # The skiff box has runc; a downloaded box (VirtualBox) may not, and has the internet.
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq runc >/dev/null \
+    || { echo "agent: runc is missing and could not be installed" >&2; exit 1; }
+fi
 archives=(/tmp/skiff-install/images/*)
 if ((${#archives[@]})); then
   skiff image --image-dir /var/lib/skiff/images import "${archives[@]}"

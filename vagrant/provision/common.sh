@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On every lab VM: installs the host-built binaries copied to /tmp/skiff-install (skiff and
-# skiff-shim in /usr/local/bin, skiff-cni into /opt/cni/bin by `skiff install-cni`), checks
-# runc, turns on forwarding and makes sure bpffs is mounted. Idempotent.
+# skiff-shim in /usr/local/bin, skiff-cni into /opt/cni/bin by `skiff install-cni`), turns on
+# forwarding and makes sure bpffs is mounted. Idempotent.
 set -euo pipefail
 src=/tmp/skiff-install
 for b in skiff skiff-shim skiff-cni; do
@@ -71,7 +71,6 @@ exit 1
 JOIN
 chmod 0755 /usr/local/lib/skiff/join.sh
 skiff install-cni --source /usr/local/lib/skiff/skiff-cni --bin-dir /opt/cni/bin --conf-dir /etc/cni/net.d
-command -v runc >/dev/null || { echo "common: runc is missing (the skiff box has it; on other boxes: apt-get install runc)" >&2; exit 1; }
 install -d /etc/sysctl.d
 printf 'net.ipv4.ip_forward = 1\n' >/etc/sysctl.d/60-skiff.conf
 sysctl -q -p /etc/sysctl.d/60-skiff.conf
