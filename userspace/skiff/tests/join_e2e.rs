@@ -3,7 +3,8 @@
 //! namespace with the join command (`--server --token --ca-cert-hash`) instead of the admin
 //! kubeconfig. It must discover and pin the CA, register its Node, run a pod (runc), and serve
 //! `kubectl logs` and `kubectl exec` through the apiserver (client certificate, no admin token on
-//! the node). A wrong CA hash is refused by the same binary in the same namespace.
+//! the node). A wrong CA hash is refused by the same binary in the same namespace. Node 1 keeps
+//! its admin kubeconfig, and logs/exec work there too (its endpoint trusts the kubeconfig's CA).
 
 mod common;
 
@@ -98,7 +99,9 @@ fn an_agent_joins_with_a_bootstrap_token_and_serves_logs_and_exec() {
     assert!(cmdline.contains(&format!("--token {token}")) && !cmdline.contains("--kubeconfig"), "joined with the token only: {cmdline}");
 
     eventually("the joined node Ready", Duration::from_secs(120), || {
-        let n = k.json(&["get", "node", &name, "-o", "json"]);
+        // NotFound until the joined agent registered it.
+        let out = k.command(&["get", "node", &name, "-o", "json"]).output().ok()?;
+        let n: Value = serde_json::from_slice(&out.stdout).ok()?;
         let ready = n["status"]["conditions"].as_array()?.iter().any(|c| c["type"] == "Ready" && c["status"] == "True");
         ready.then_some(())
     });
@@ -124,6 +127,18 @@ fn an_agent_joins_with_a_bootstrap_token_and_serves_logs_and_exec() {
     assert_eq!(out.status.code(), Some(3), "exec's exit code: {}", text(&out));
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "exec-on-joined-pod");
 
+    // Node 1 still runs with the admin kubeconfig: its endpoint knows the apiserver by the CA in
+    // that kubeconfig (the apiserver sends no token to any agent now).
+    let node1 = lab["nodes"][0]["name"].as_str().expect("node 1").to_string();
+    let kc_pod = POD.replace("joined-pod", "kc-pod").replace("NODE", &node1).replace("hello-from-a-joined-node", "hello-from-a-kubeconfig-node");
+    k.run_with_stdin(&["apply", "-f", "-"], Some(&kc_pod));
+    eventually("kc-pod's log", Duration::from_secs(120), || {
+        let out = k.command(&["logs", "kc-pod"]).output().ok()?;
+        String::from_utf8_lossy(&out.stdout).contains("hello-from-a-kubeconfig-node").then_some(())
+    });
+    let out = k.run_with_stdin(&["exec", "kc-pod", "--", "sh", "-c", "exit 4"], None);
+    assert_eq!(out.status.code(), Some(4), "exec on the kubeconfig node: {}", text(&out));
+
     // The joined node's endpoint takes no bearer token (it was given none): only the apiserver's
     // certificate.
     let admin_token = std::fs::read_to_string(cluster.dir.path().join("server").join("admin.token")).expect("admin token");
@@ -137,6 +152,6 @@ fn an_agent_joins_with_a_bootstrap_token_and_serves_logs_and_exec() {
         let code = String::from_utf8_lossy(&curl.output().expect("curl").stdout).to_string();
         assert_eq!(code, "401", "the joined agent endpoint with {:?}", auth.split(' ').take(2).collect::<Vec<_>>());
     }
-    k.ok(&["delete", "pod", "joined-pod", "--wait=false"]);
+    k.ok(&["delete", "pod", "joined-pod", "kc-pod", "--wait=false"]);
     cluster.down();
 }
