@@ -7,9 +7,10 @@ cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 log=$(mktemp /tmp/skiff-test.XXXXXX)
 trap 'rm -f "$log"' EXIT
+# --no-fail-fast: every test binary runs, so one failure does not hide the state of the rest.
 # Two test threads: the machine has two cores and the end-to-end tests start real servers.
 status=0
-cargo test --workspace --locked -- --test-threads=2 2>&1 | tee "$log" || status=$?
+cargo test --workspace --locked --no-fail-fast -- --test-threads=2 2>&1 | tee "$log" || status=$?
 # cargo prints one "test result" line per test binary; the last is often a doc-test run with no
 # tests, so close with the totals.
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i; if ($(i+1) ~ /^ignored/) s += $i } }
