@@ -3,5 +3,8 @@
 //! - `svc`: the Service datapath benchmark behind the `svcbench` binary (skiff's eBPF socket, tc
 //!   and XDP layers against kube-proxy-shaped iptables-legacy, iptables-nft and nftables rules and
 //!   the direct pod path, on one netns lab, in one run).
+//! - `cluster`: end-to-end timings on a `skiff up` cluster (`svcbench cluster`): kubectl scale /
+//!   apply until the new endpoints answer through the Service, against the API's own Ready times.
 
+pub mod cluster;
 pub mod svc;

@@ -4,6 +4,7 @@
 //! ```text
 //! sudo cargo run -p skiff-bench --release --bin svcbench -- run            # the full run (~10 min)
 //! sudo cargo run -p skiff-bench --release --bin svcbench -- run --quick    # scales 1 and 10,000, < 2 min
+//! sudo ./target/release/svcbench cluster                                   # e2e on a skiff up cluster
 //! ```
 //! `server` and `client` are the programs the harness starts inside the lab's namespaces.
 
@@ -35,6 +36,10 @@ struct Cli {
 enum Cmd {
     /// Build the labs, measure every path at every scale, write the results.
     Run(RunArgs),
+    /// End-to-end timings on a `skiff up` cluster: `kubectl scale` 3 -> 4 until the new endpoint
+    /// answers through the ClusterIP, and `kubectl apply` of a 100-replica Deployment until every
+    /// endpoint answers (bench/results/cluster.md).
+    Cluster(ClusterArgs),
     /// Render the markdown and charts again from a run's JSON record (targets re-judged).
     Report {
         #[arg(long)]
@@ -145,6 +150,110 @@ struct RunArgs {
     /// File name stem of the outputs.
     #[arg(long, default_value = "service")]
     stem: String,
+}
+
+#[derive(clap::Args)]
+struct ClusterArgs {
+    /// The skiff binary (`skiff up` takes skiff-cni and skiff-shim from beside it); default: the
+    /// one beside this program (target/release/skiff for a release svcbench).
+    #[arg(long)]
+    skiff: Option<PathBuf>,
+    /// kubectl; default: kubectl.1.32 where the e2e tests find it, else `kubectl` on PATH.
+    #[arg(long)]
+    kubectl: Option<PathBuf>,
+    /// The skiff-echo image archive (scripts/build-image.sh writes it).
+    #[arg(long, default_value = "target/images/skiff-echo-1.0.oci.tar")]
+    image: PathBuf,
+    /// Use the running `skiff up` cluster in this data dir instead of bringing one up (no lock
+    /// taken; the benchmark's namespace is deleted at the end).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    #[arg(long, default_value_t = 3)]
+    nodes: u32,
+    #[arg(long, default_value_t = 5)]
+    scale_trials: usize,
+    /// Replicas before each scale-up (one more after it).
+    #[arg(long, default_value_t = 3)]
+    scale_from: u32,
+    #[arg(long, default_value_t = 3)]
+    apply_trials: usize,
+    #[arg(long, default_value_t = 100)]
+    apply_replicas: u32,
+    /// Seconds any one trial (or wait between trials) may take.
+    #[arg(long, default_value_t = 300)]
+    trial_timeout_s: u64,
+    #[arg(long, default_value_t = 2)]
+    poll_threads: usize,
+    /// Milliseconds each client thread pauses between two requests.
+    #[arg(long, default_value_t = 2)]
+    poll_interval_ms: u64,
+    #[arg(long)]
+    note: Vec<String>,
+    #[arg(long, default_value = "bench/results")]
+    out: PathBuf,
+    #[arg(long, default_value = "cluster")]
+    stem: String,
+}
+
+fn default_kubectl() -> PathBuf {
+    ["/usr/lib/google-cloud-sdk/bin/kubectl.1.32", "/usr/local/bin/kubectl.1.32", "/usr/bin/kubectl.1.32"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from("kubectl"))
+}
+
+fn cluster(a: ClusterArgs) -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("svcbench cluster needs root (skiff up makes namespaces and loads eBPF)");
+    }
+    let exe = std::env::current_exe().context("locating this program")?;
+    let skiff = match a.skiff {
+        Some(p) => p,
+        None => exe.parent().context("this program's directory")?.join("skiff"),
+    };
+    if !skiff.is_file() {
+        bail!("{} not found: build it (cargo build --release -p skiff -p skiff-cni -p skiff-runtime) or pass --skiff", skiff.display());
+    }
+    if a.data_dir.is_none() && !a.image.is_file() {
+        bail!("{} not found: run scripts/build-image.sh {}", a.image.display(), a.image.display());
+    }
+    if a.nodes == 0 || a.nodes > 10 {
+        bail!("--nodes: between 1 and 10");
+    }
+    if a.scale_from == 0 || a.scale_from > 50 || a.apply_replicas == 0 || a.apply_replicas > 300 {
+        bail!("--scale-from: 1..=50, --apply-replicas: 1..=300");
+    }
+    if a.poll_threads == 0 || a.poll_threads > 16 || a.poll_interval_ms > 1000 {
+        bail!("--poll-threads: 1..=16, --poll-interval-ms: 0..=1000");
+    }
+    let opts = skiff_bench::cluster::Options {
+        skiff,
+        kubectl: a.kubectl.unwrap_or_else(default_kubectl),
+        image: a.image,
+        existing: a.data_dir,
+        nodes: a.nodes,
+        scale_trials: a.scale_trials,
+        scale_from: a.scale_from,
+        apply_trials: a.apply_trials,
+        apply_replicas: a.apply_replicas,
+        trial_timeout: Duration::from_secs(a.trial_timeout_s.clamp(10, 3600)),
+        poll_threads: a.poll_threads,
+        poll_interval: Duration::from_millis(a.poll_interval_ms),
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+        notes: a.note,
+    };
+    let record = skiff_bench::cluster::run(&opts)?;
+    for sc in &record.scenarios {
+        for st in &sc.stats {
+            println!("{:<6} {:<50} n={} median {:.3} p90 {:.3}", sc.name, st.metric, st.n, st.median, st.p90);
+        }
+    }
+    for f in skiff_bench::cluster::write_all(&record, &a.out, &a.stem)? {
+        println!("wrote {}", f.display());
+    }
+    Ok(())
 }
 
 fn preflight() -> anyhow::Result<()> {
@@ -265,6 +374,7 @@ fn main() -> anyhow::Result<()> {
     }
     match cli.cmd {
         Cmd::Run(a) => run(a),
+        Cmd::Cluster(a) => cluster(a),
         Cmd::Report { json, out, stem, note } => {
             let text = std::fs::read_to_string(&json).with_context(|| format!("reading {}", json.display()))?;
             let mut record: svc::run::Record = serde_json::from_str(&text).context("parsing the record")?;
