@@ -21,6 +21,9 @@
 //!   `spawn_compactor(Arc::downgrade(&store), CompactionPolicy::default())`.
 //!
 //! [`etcd_server`] starts a throwaway etcd for tests and benchmarks.
+//!
+//! [`encryption::EncryptedStore`] wraps either backend and keeps the values under a prefix
+//! (Secrets) encrypted at rest with AES-GCM, as Kubernetes' `aesgcm` provider does.
 
 use std::pin::Pin;
 
@@ -292,3 +295,4 @@ mod tests {
 pub mod etcd;
 pub mod etcd_server;
 pub mod sqlite;
+pub mod encryption;
