@@ -163,6 +163,9 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer> {
     let creds = tls::ensure(&config.data_dir, config.bind, &config.extra_sans)?;
     let tls_config = tls::rustls_config(&creds)?;
     let (store, compactor) = open_store(&config).await?;
+    let store = skiff_store::encryption::encrypt_secrets(store, &config.data_dir)
+        .await
+        .context("encrypting Secrets at rest")?;
     let listener = tokio::net::TcpListener::bind(config.bind)
         .await
         .with_context(|| format!("binding {}: is another server using it?", config.bind))?;
