@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 mod agent_cli;
 mod datapath_cli;
 mod demo;
+mod encryption_cli;
 mod image_cli;
 mod install_cni;
 mod token_cli;
@@ -80,6 +81,8 @@ enum Command {
     Token(token_cli::TokenArgs),
     /// Install skiff-cni into a CNI bin dir and its conflist into a CNI conf dir.
     InstallCni(install_cni::InstallCniArgs),
+    /// Make a new encryption key for Secrets at rest and rewrite every Secret with it.
+    RotateEncryptionKey(encryption_cli::RotateArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -296,6 +299,7 @@ fn real_main() -> Result<()> {
         Command::Down(args) => up::down(args),
         Command::Token(args) => token_cli::run(args),
         Command::InstallCni(args) => install_cni::run(args),
+        Command::RotateEncryptionKey(args) => encryption_cli::run(args),
     }
 }
 
