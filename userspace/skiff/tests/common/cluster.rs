@@ -212,3 +212,19 @@ spec:
 "#
     )
 }
+
+/// A `skiff server` whose data directory is `data_dir` itself (for example a small filesystem a
+/// fault test mounted), not a fresh temporary one. Its log goes beside it (`<data_dir>.log`),
+/// outside that filesystem. Lives here, a child module of the harness, because it fills in the
+/// harness's private fields.
+pub fn server_in(data_dir: &Path, extra_args: &[&str]) -> super::Server {
+    let mut server = super::Server {
+        child: None,
+        data_dir: data_dir.to_path_buf(),
+        port: super::free_port(),
+        extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+        _tmp: None,
+    };
+    server.spawn();
+    server
+}
