@@ -455,6 +455,11 @@ pub struct Target {
 }
 
 pub fn resolve(group: &str, version: &str, rest: &[&str]) -> Option<Target> {
+    // Kubernetes' path segment rule for names and namespaces: never "." or "..", never a '%'
+    // (no escaped '/' or dot reaches a store key); such a path names nothing.
+    if rest.iter().any(|s| matches!(*s, "." | "..") || s.contains('%')) {
+        return None;
+    }
     let namespaced_plural = |p: &str| registry::find(group, version, p).filter(|r| r.namespaced);
     let target = |info, namespace: Option<&str>, name: Option<&str>, sub: Option<&str>| {
         Some(Target {
