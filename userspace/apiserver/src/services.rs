@@ -68,6 +68,14 @@ pub async fn allocate(state: &State, new: &mut Value, old: Option<&Value>) -> Re
                 used_ports.insert(np);
             }
         }
+        // Health-check node ports come from the same range: no nodePort may take one.
+        if let Some(hc) = svc
+            .pointer("/spec/healthCheckNodePort")
+            .and_then(Value::as_i64)
+            .filter(|p| *p != 0)
+        {
+            used_ports.insert(hc);
+        }
     }
     let name = name_of(new).to_string();
     let ty = new
@@ -160,8 +168,14 @@ pub async fn allocate(state: &State, new: &mut Value, old: Option<&Value>) -> Re
         .cloned()
         .unwrap_or_default();
     let range = state.node_port_range.clone();
+    // This Service's own health-check port is not free for its node ports either.
+    let mut taken_here: HashSet<i64> = old
+        .and_then(|o| o.pointer("/spec/healthCheckNodePort"))
+        .and_then(Value::as_i64)
+        .filter(|p| *p != 0)
+        .into_iter()
+        .collect();
     if let Some(ports) = spec.get_mut("ports").and_then(Value::as_array_mut) {
-        let mut taken_here = HashSet::new();
         for (i, p) in ports.iter_mut().enumerate() {
             let Some(m) = p.as_object_mut() else { continue };
             if !wants_node_ports {
@@ -223,5 +237,297 @@ pub async fn allocate(state: &State, new: &mut Value, old: Option<&Value>) -> Re
             m.insert("nodePort".into(), json!(np));
         }
     }
+    let old_spec = old.and_then(|o| o.get("spec"));
+    let old_hc = old_spec.and_then(|o| port_field(o, "healthCheckNodePort"));
+    let node_ports_here: HashSet<i64> = taken_here
+        .into_iter()
+        .filter(|p| Some(*p) != old_hc)
+        .collect();
+    health_check_node_port(&name, spec, old_spec, &used_ports, &node_ports_here, &range)
+}
+
+fn port_field(spec: &Value, field: &str) -> Option<i64> {
+    spec.get(field).and_then(Value::as_i64).filter(|p| *p != 0)
+}
+
+/// `spec.healthCheckNodePort`, as the Kubernetes apiserver does it: only a LoadBalancer Service
+/// with externalTrafficPolicy=Local has one (Kubernetes allocates none for a NodePort Service,
+/// and kube-proxy serves only what is allocated). A user-given port is kept when it is in the
+/// node-port range and free; otherwise one is allocated from the range. It cannot change while
+/// the Service keeps needing it, and it is dropped (so released: allocations are computed from
+/// the stored Services) when the type or the policy changes. `used` holds every other Service's
+/// node ports and health-check ports, `taken_here` this Service's node ports.
+fn health_check_node_port(
+    name: &str,
+    spec: &mut Value,
+    old_spec: Option<&Value>,
+    used: &HashSet<i64>,
+    taken_here: &HashSet<i64>,
+    range: &std::ops::RangeInclusive<u16>,
+) -> Result<(), ApiError> {
+    const FIELD: &str = "spec.healthCheckNodePort";
+    let str_of = |s: &Value, f: &str| s.get(f).and_then(Value::as_str).map(str::to_string);
+    let needs = |s: &Value| {
+        str_of(s, "type").as_deref() == Some("LoadBalancer")
+            && str_of(s, "externalTrafficPolicy").as_deref() == Some("Local")
+    };
+    let requested = port_field(spec, "healthCheckNodePort");
+    let old_port = old_spec
+        .filter(|o| needs(o))
+        .and_then(|o| port_field(o, "healthCheckNodePort"));
+    if !needs(spec) {
+        match requested {
+            // Left over from before a type or policy change (a merge patch keeps it): dropped,
+            // which releases it, as Kubernetes clears type-dependent fields the user did not set.
+            Some(p) if old_spec.and_then(|o| port_field(o, "healthCheckNodePort")) == Some(p) => {}
+            Some(p) => {
+                return Err(invalid(
+                    name,
+                    FIELD,
+                    format!(
+                        "Invalid value: {p}: may only be set when `type` is 'LoadBalancer' and `externalTrafficPolicy` is 'Local'"
+                    ),
+                ));
+            }
+            None => {}
+        }
+        if let Some(m) = spec.as_object_mut() {
+            m.remove("healthCheckNodePort");
+        }
+        return Ok(());
+    }
+    let port = match (old_port, requested) {
+        (Some(old), None) => old,
+        (Some(old), Some(new)) if old == new => old,
+        (Some(_), Some(new)) => {
+            return Err(invalid(
+                name,
+                FIELD,
+                format!(
+                    "Invalid value: {new}: cannot change healthCheckNodePort on loadBalancer service with externalTraffic=Local during update"
+                ),
+            ));
+        }
+        (None, Some(p)) => {
+            if p < i64::from(*range.start()) || p > i64::from(*range.end()) {
+                return Err(invalid(
+                    name,
+                    FIELD,
+                    format!(
+                        "Invalid value: {p}: provided port is not in the valid range. The range of valid ports is {}-{}",
+                        range.start(),
+                        range.end()
+                    ),
+                ));
+            }
+            if used.contains(&p) || taken_here.contains(&p) {
+                return Err(invalid(
+                    name,
+                    FIELD,
+                    format!("Invalid value: {p}: provided port is already allocated"),
+                ));
+            }
+            p
+        }
+        (None, None) => (i64::from(*range.start())..=i64::from(*range.end()))
+            .find(|p| !used.contains(p) && !taken_here.contains(p))
+            .ok_or_else(|| {
+                invalid(
+                    name,
+                    FIELD,
+                    "Internal error: failed to allocate a healthCheckNodePort: range is full"
+                        .into(),
+                )
+            })?,
+    };
+    spec["healthCheckNodePort"] = json!(port);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const RANGE: std::ops::RangeInclusive<u16> = 30000..=30010;
+
+    fn lb_local() -> Value {
+        json!({"type": "LoadBalancer", "externalTrafficPolicy": "Local", "ports": [{"port": 80, "nodePort": 30000}]})
+    }
+
+    fn hc(spec: &Value) -> Option<i64> {
+        spec.get("healthCheckNodePort").and_then(Value::as_i64)
+    }
+
+    fn message(e: &ApiError) -> String {
+        format!("{e:?}")
+    }
+
+    #[test]
+    fn lb_with_local_policy_gets_a_free_port_from_the_range() {
+        let mut spec = lb_local();
+        let used: HashSet<i64> = [30001, 30002].into();
+        let here: HashSet<i64> = [30000].into();
+        health_check_node_port("web", &mut spec, None, &used, &here, &RANGE).expect("allocates");
+        assert_eq!(
+            hc(&spec),
+            Some(30003),
+            "skips other Services' ports and its own nodePort"
+        );
+    }
+
+    #[test]
+    fn cluster_policy_and_other_types_get_none() {
+        for spec in [
+            json!({"type": "LoadBalancer", "externalTrafficPolicy": "Cluster"}),
+            json!({"type": "NodePort", "externalTrafficPolicy": "Local"}),
+            json!({"type": "ClusterIP"}),
+        ] {
+            let mut s = spec.clone();
+            health_check_node_port(
+                "web",
+                &mut s,
+                None,
+                &HashSet::new(),
+                &HashSet::new(),
+                &RANGE,
+            )
+            .expect("valid");
+            assert_eq!(hc(&s), None, "{spec}");
+        }
+        // Asking for one where none applies is refused, and the spec is unchanged.
+        let mut s = json!({"type": "NodePort", "externalTrafficPolicy": "Local", "healthCheckNodePort": 30005});
+        let before = s.clone();
+        let e = health_check_node_port(
+            "web",
+            &mut s,
+            None,
+            &HashSet::new(),
+            &HashSet::new(),
+            &RANGE,
+        )
+        .expect_err("not a LoadBalancer");
+        assert!(message(&e).contains("may only be set when"), "{e:?}");
+        assert_eq!(s, before);
+    }
+
+    #[test]
+    fn a_user_given_port_is_kept_when_free_and_refused_when_taken_or_out_of_range() {
+        let mut s = lb_local();
+        s["healthCheckNodePort"] = json!(30007);
+        health_check_node_port(
+            "web",
+            &mut s,
+            None,
+            &HashSet::new(),
+            &HashSet::new(),
+            &RANGE,
+        )
+        .expect("free");
+        assert_eq!(hc(&s), Some(30007));
+
+        let used: HashSet<i64> = [30007].into();
+        let mut taken = lb_local();
+        taken["healthCheckNodePort"] = json!(30007);
+        let e = health_check_node_port("web", &mut taken, None, &used, &HashSet::new(), &RANGE)
+            .expect_err("taken by another Service");
+        assert_eq!(e.code, 422);
+        assert!(
+            message(&e).contains("provided port is already allocated"),
+            "{e:?}"
+        );
+
+        let mut own = lb_local();
+        own["healthCheckNodePort"] = json!(30000);
+        let here: HashSet<i64> = [30000].into();
+        assert!(
+            health_check_node_port("web", &mut own, None, &HashSet::new(), &here, &RANGE).is_err(),
+            "its own nodePort cannot double as the health port"
+        );
+
+        let mut out = lb_local();
+        out["healthCheckNodePort"] = json!(29999);
+        let e = health_check_node_port(
+            "web",
+            &mut out,
+            None,
+            &HashSet::new(),
+            &HashSet::new(),
+            &RANGE,
+        )
+        .expect_err("out of range");
+        assert!(message(&e).contains("not in the valid range"), "{e:?}");
+    }
+
+    #[test]
+    fn updates_keep_the_port_refuse_a_change_and_release_it_on_type_or_policy_change() {
+        let mut old = lb_local();
+        old["healthCheckNodePort"] = json!(30004);
+        // An update that does not mention it keeps it.
+        let mut s = lb_local();
+        health_check_node_port(
+            "web",
+            &mut s,
+            Some(&old),
+            &HashSet::new(),
+            &HashSet::new(),
+            &RANGE,
+        )
+        .expect("kept");
+        assert_eq!(hc(&s), Some(30004));
+        // A different one is refused.
+        let mut s = lb_local();
+        s["healthCheckNodePort"] = json!(30006);
+        let e = health_check_node_port(
+            "web",
+            &mut s,
+            Some(&old),
+            &HashSet::new(),
+            &HashSet::new(),
+            &RANGE,
+        )
+        .expect_err("immutable");
+        assert!(
+            message(&e).contains("cannot change healthCheckNodePort"),
+            "{e:?}"
+        );
+        // Type -> NodePort through a merge patch (the old port still in the spec): dropped.
+        let mut s = old.clone();
+        s["type"] = json!("NodePort");
+        health_check_node_port(
+            "web",
+            &mut s,
+            Some(&old),
+            &HashSet::new(),
+            &HashSet::new(),
+            &RANGE,
+        )
+        .expect("released");
+        assert_eq!(hc(&s), None);
+        // Policy -> Cluster: dropped too.
+        let mut s = old.clone();
+        s["externalTrafficPolicy"] = json!("Cluster");
+        health_check_node_port(
+            "web",
+            &mut s,
+            Some(&old),
+            &HashSet::new(),
+            &HashSet::new(),
+            &RANGE,
+        )
+        .expect("released");
+        assert_eq!(hc(&s), None);
+        // Back to Local later: a port again (the released one is free).
+        let cluster = s.clone();
+        let mut s = lb_local();
+        health_check_node_port(
+            "web",
+            &mut s,
+            Some(&cluster),
+            &HashSet::new(),
+            &[30000].into(),
+            &RANGE,
+        )
+        .expect("allocated anew");
+        assert_eq!(hc(&s), Some(30001));
+    }
 }

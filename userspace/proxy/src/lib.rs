@@ -9,10 +9,13 @@
 //!   plan-based upsert/delete out; one `sync_services` against the pinned maps at startup (an
 //!   agent restart reprograms nothing that still matches and drops no flow); the stale-UDP-socket
 //!   sweep after backends go; periodic conntrack GC.
+//! - [`health`] serves the health-check node ports of eTP=Local LoadBalancer Services, as
+//!   kube-proxy does (200 with local endpoints, 503 without).
 //! - [`metrics_text`] renders the datapath counters and the proxy's [`ProxyStats`] as
 //!   Prometheus text for the agent's metrics endpoint.
 
 mod apply;
+pub mod health;
 pub mod ledger;
 pub mod metrics;
 pub mod metrics_server;
@@ -25,11 +28,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use health::{HealthCheck, HealthServer, health_check};
 pub use ledger::ServiceRef;
 pub use metrics::{ProxyStats, StatsSnapshot, metrics_text};
-pub use shell::run;
 pub use metrics_server::{ExtraMetrics, serve_metrics};
 pub use policy_sync::{PolicySyncConfig, run_policy_sync};
+pub use shell::run;
 pub use translate::{Frontend, FrontendKey, FrontendKind, NodeView, Skip, Translation, translate};
 
 /// Lists the network namespaces (paths such as `/run/netns/<pod>` or `/proc/<pid>/ns/net`)

@@ -17,6 +17,7 @@ use skiff_datapath::Datapath;
 use tracing::{debug, info, warn};
 
 use crate::apply::{self, Applied, Outcome};
+use crate::health::{HealthCheck, HealthServer, health_check};
 use crate::ledger::{Changes, Ledger, ServiceRef};
 use crate::translate::{Frontend, NodeView, SERVICE_NAME_LABEL, Skip, translate};
 use crate::{ProxyConfig, ProxyError};
@@ -56,6 +57,8 @@ pub async fn run(
             node_name: config.node_name.clone(),
             node_ips: config.node_ips.clone(),
         },
+        health_server: HealthServer::new(config.node_ips.clone()),
+        health: BTreeMap::new(),
         config,
         datapath,
         svc_store,
@@ -124,6 +127,10 @@ struct Shell {
     svc_store: Store<Service>,
     eps_store: Store<EndpointSlice>,
     ledger: Ledger,
+    /// The health-check node ports this node serves (Services with spec.healthCheckNodePort).
+    health_server: HealthServer,
+    /// What each such Service answers now (recomputed with its frontends).
+    health: BTreeMap<ServiceRef, HealthCheck>,
     /// (namespace, slice name) -> the Service its label names.
     slice_owner: BTreeMap<(String, String), ServiceRef>,
     /// Service -> names of its slices (same namespace).
@@ -245,13 +252,14 @@ impl Shell {
         self.dirty.extend(all);
     }
 
-    /// What `svc` wants now (nothing when the Service is gone).
-    fn desired(&self, svc: &ServiceRef) -> Vec<Frontend> {
+    /// What `svc` wants now (nothing when the Service is gone): its frontends and its health
+    /// check, if it has a health-check node port.
+    fn desired(&self, svc: &ServiceRef) -> (Vec<Frontend>, Option<HealthCheck>) {
         let Some(service) = self
             .svc_store
             .get(&ObjectRef::new(&svc.name).within(&svc.namespace))
         else {
-            return Vec::new();
+            return (Vec::new(), None);
         };
         let slices: Vec<Arc<EndpointSlice>> = self
             .service_slices
@@ -265,6 +273,7 @@ impl Shell {
             .collect();
         let slice_refs: Vec<&EndpointSlice> = slices.iter().map(|s| s.as_ref()).collect();
         let t = translate(&service, &slice_refs, &self.node);
+        let health = health_check(&service, &slice_refs, &self.node.node_name);
         for skip in &t.skipped {
             match skip {
                 Skip::UnsupportedProtocol { .. } | Skip::DuplicateFrontend { .. } => {
@@ -273,11 +282,15 @@ impl Shell {
                 _ => debug!(service = %svc, "{skip}"),
             }
         }
-        t.frontends
+        (t.frontends, health)
     }
 
     fn plan(&mut self, svc: &ServiceRef) -> Changes {
-        let desired = self.desired(svc);
+        let (desired, health) = self.desired(svc);
+        match health {
+            Some(h) => self.health.insert(svc.clone(), h),
+            None => self.health.remove(svc),
+        };
         let changes = self.ledger.plan(svc, desired);
         for (key, owner) in &changes.conflicts {
             warn!(service = %svc, frontend = %key, owner = %owner,
@@ -340,6 +353,7 @@ impl Shell {
             .record_sync(elapsed, applied.ops, applied.errors);
         self.config.stats.record_startup(elapsed, applied.ops);
         self.started = true;
+        self.health_server.set(self.health.values());
         info!(
             services = refs.len(),
             frontends = n,
@@ -370,6 +384,8 @@ impl Shell {
                 batch.push((svc.clone(), changes));
             }
         }
+        // Health checks follow the API at once (a count can change with no map write).
+        self.health_server.set(self.health.values());
         if batch.is_empty() {
             return Ok(());
         }

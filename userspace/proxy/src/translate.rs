@@ -188,6 +188,11 @@ fn endpoint_state(ep: &Endpoint) -> Option<EpState> {
     }
 }
 
+/// Ready and not terminating: an endpoint that gets new flows (and counts for health checks).
+pub(crate) fn is_ready_endpoint(ep: &Endpoint) -> bool {
+    endpoint_state(ep) == Some(EpState::Active)
+}
+
 fn protocol_of(p: Option<&str>) -> Result<Proto, String> {
     match p.unwrap_or("TCP") {
         "TCP" => Ok(Proto::Tcp),

@@ -297,6 +297,18 @@ fn http_get(dst: SocketAddr, path: &str, timeout: Duration) -> std::io::Result<S
     }
 }
 
+/// An HTTP GET over a fresh connection: (status code, body), whatever the status.
+fn http_status(dst: SocketAddr, path: &str, timeout: Duration) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&dst, timeout)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    let (head, body) = out.split_once("\r\n\r\n").ok_or_else(|| std::io::Error::other(format!("no HTTP head: {out:?}")))?;
+    let code = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).ok_or_else(|| std::io::Error::other(format!("no status: {head:?}")))?;
+    Ok((code, body.trim().to_string()))
+}
+
 /// Starts `f` on a new thread inside the network namespace `netns`.
 fn spawn_in_netns<T: Send + 'static>(netns: &Path, f: impl FnOnce() -> T + Send + 'static) -> std::thread::JoinHandle<T> {
     let netns = netns.to_path_buf();
@@ -474,9 +486,33 @@ fn services_on_a_skiff_up_cluster() {
             assert!(got.is_err(), "node {i} has no local solo endpoint and must not answer: {got:?}");
         }
     }
+    // 5b. The health-check node port (eTP=Local LoadBalancer), asked from the external client on
+    // every node, as a cloud load balancer would: 200 where solo has its endpoint, 503 elsewhere.
+    let hc_port = solo_svc["spec"]["healthCheckNodePort"].as_u64().unwrap_or_else(|| panic!("solo has a healthCheckNodePort: {solo_svc}")) as u16;
+    let used: Vec<u16> = [np_tcp, np_http, solo_np].into();
+    assert!((30000..=32767).contains(&hc_port) && !used.contains(&hc_port), "health port {hc_port} from the node-port range, distinct from the node ports {used:?}");
+    for i in 1..=3 {
+        let front = SocketAddr::from((node_ip(i), hc_port));
+        let want = if i == solo_node { 200 } else { 503 };
+        let (code, body) = eventually(&format!("node {i} health port answers {want}"), Duration::from_secs(15), || {
+            in_netns(&client_netns(), || http_status(front, "/healthz", Duration::from_secs(2))).ok().filter(|(c, _)| *c == want)
+        });
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{front} body {body:?}: {e}"));
+        assert_eq!(v["service"], serde_json::json!({"namespace": "svc", "name": "solo"}), "{front} ({code}): {body}");
+        assert_eq!(v["localEndpoints"], if i == solo_node { 1 } else { 0 }, "{front} ({code}): {body}");
+        assert_eq!(v["serviceProxyHealthy"], true, "{front}: {body}");
+    }
+    phase(&t0, "5b. healthCheckNodePort: 200 on the endpoint's node, 503 on the others: ok");
     // Changing the type away from LoadBalancer releases the address.
     k.ok(&["patch", "svc", "solo", "-n", "svc", "--type", "merge", "-p", r#"{"spec":{"type":"NodePort"}}"#]);
     eventually("solo's LoadBalancer IP released", Duration::from_secs(20), || lb_of("solo").is_none().then_some(()));
+    // ... and its health-check node port: gone from the spec, closed on the endpoint's node.
+    let after = k.json(&["get", "svc", "solo", "-n", "svc"]);
+    assert!(after["spec"]["healthCheckNodePort"].is_null(), "a NodePort Service has no health-check port: {after}");
+    let solo_hc = SocketAddr::from((node_ip(solo_node), hc_port));
+    eventually("solo's node closes the health-check port", Duration::from_secs(15), || {
+        in_netns(&client_netns(), || http_status(solo_hc, "/", Duration::from_secs(1))).is_err().then_some(())
+    });
     phase(&t0, "5. externalTrafficPolicy=Local: ok");
 
     // 6. No firewall rule of ours for any Service, anywhere.
