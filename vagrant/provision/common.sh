@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# On every lab VM: installs the host-built binaries copied to /tmp/skiff-install (skiff and
+# On every lab VM: installs the host-built binaries copied to /tmp/skiff-install as one tarball (skiff and
 # skiff-shim in /usr/local/bin, skiff-cni into /opt/cni/bin by `skiff install-cni`), turns on
 # forwarding and makes sure bpffs is mounted. Idempotent.
 set -euo pipefail
 src=/tmp/skiff-install
+[ -s "$src/skiff-bin.tar.gz" ] || { echo "common: $src/skiff-bin.tar.gz was not copied (build on the host: cargo build --bins -p skiff -p skiff-cni -p skiff-runtime)" >&2; exit 1; }
+tar -C "$src" -xzf "$src/skiff-bin.tar.gz"
 for b in skiff skiff-shim skiff-cni; do
-  [ -s "$src/$b" ] || { echo "common: $src/$b was not copied (build it on the host: cargo build --bins -p skiff -p skiff-cni -p skiff-runtime)" >&2; exit 1; }
+  [ -s "$src/$b" ] || { echo "common: $src/skiff-bin.tar.gz holds no $b" >&2; exit 1; }
 done
 install -m 0755 "$src/skiff" "$src/skiff-shim" /usr/local/bin/
 install -d /usr/local/lib/skiff
@@ -71,6 +73,15 @@ exit 1
 JOIN
 chmod 0755 /usr/local/lib/skiff/join.sh
 skiff install-cni --source /usr/local/lib/skiff/skiff-cni --bin-dir /opt/cni/bin --conf-dir /etc/cni/net.d
+if systemctl is-enabled --quiet systemd-networkd 2>/dev/null; then
+  # systemd-networkd (the skiff box) must leave the pods' veths (skf*), skiff's devices and the
+  # routes skiff-cni and the agent add alone: a DHCP .network matching every ethernet takes the
+  # veths, and networkd drops routes it did not make when it (re)configures a link.
+  install -d /etc/systemd/network /etc/systemd/networkd.conf.d
+  printf '[Match]\nName=skf* skiff*\n\n[Link]\nUnmanaged=yes\n' >/etc/systemd/network/05-skiff-unmanaged.network
+  printf '[Network]\nManageForeignRoutes=no\nManageForeignRoutingPolicyRules=no\n' >/etc/systemd/networkd.conf.d/60-skiff.conf
+  systemctl restart systemd-networkd
+fi
 install -d /etc/sysctl.d
 printf 'net.ipv4.ip_forward = 1\n' >/etc/sysctl.d/60-skiff.conf
 sysctl -q -p /etc/sysctl.d/60-skiff.conf
