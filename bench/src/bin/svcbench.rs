@@ -141,6 +141,13 @@ struct RunArgs {
     /// Run iptables-nft labs only up to this many Services.
     #[arg(long, default_value_t = 10_000)]
     iptables_nft_max_scale: usize,
+    /// Rounds of the CRR workload alternating skiff-direct and skiff-sock in skiff's
+    /// lab at the target scale (default 6; 2 with --quick; 0 = none).
+    #[arg(long)]
+    interleave_rounds: Option<usize>,
+    /// Milliseconds per interleaved round.
+    #[arg(long, default_value_t = 700)]
+    interleave_ms: u64,
     /// A note to carry into the record (repeatable).
     #[arg(long)]
     note: Vec<String>,
@@ -336,6 +343,8 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         nft_max_scale: a.nft_max_scale.unwrap_or(if a.quick { 1_000 } else { 10_000 }),
         iptables_nft_max_scale: a.iptables_nft_max_scale,
         notes: a.note.clone(),
+        interleave_rounds: a.interleave_rounds.unwrap_or(if a.quick { 2 } else { 6 }).min(50),
+        interleave_duration: Duration::from_millis(a.interleave_ms.clamp(100, 10_000)),
         pin,
         command,
         exe: std::env::current_exe().context("locating this program")?,

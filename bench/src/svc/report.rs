@@ -125,6 +125,27 @@ pub fn evaluate(r: &Record) -> Vec<Target> {
             format!("{path} {} Gbit/s vs {} {} Gbit/s", fmt_opt(g), dg.map(|d| d.1).unwrap_or("direct"), fmt_opt(dg.map(|d| d.0))),
         ));
     }
+    for iv in r.interleaved.iter().filter(|iv| iv.scale == scale) {
+        let Some((reference, _)) = iv.series.first() else { continue };
+        for (path, _) in iv.series.iter().skip(1) {
+            let rs = interleaved_ratios(iv, path);
+            let med = median(&rs);
+            out.push(Target {
+                name: format!("(interleaved, one lab) ClusterIP TCP_CRR ({}) through {path} >= 0.95x {reference}", iv.workload),
+                scale,
+                measured: med,
+                threshold: "(reference) >= 0.95".into(),
+                met: med.map(|m| m >= 0.95),
+                detail: format!(
+                    "median of {} per-round ratios ({}), rounds of {:.1} s alternating {}",
+                    rs.len(),
+                    rs.iter().map(|x| format!("{x:.2}")).collect::<Vec<_>>().join(", "),
+                    iv.round_s,
+                    iv.series.iter().map(|(p, _)| p.as_str()).collect::<Vec<_>>().join(" / ")
+                ),
+            });
+        }
+    }
     if let Some(p) = &r.programming {
         let skiff = step_seconds(r, "skiff", "one-endpoint");
         for sys in ["iptables-legacy", "iptables-nft"] {
@@ -168,6 +189,25 @@ pub fn evaluate(r: &Record) -> Vec<Target> {
         });
     }
     out
+}
+
+/// `path`'s rate over the reference's (the first series), round by round (rounds where either
+/// failed are left out).
+pub fn interleaved_ratios(iv: &super::run::Interleaved, path: &str) -> Vec<f64> {
+    let (Some((_, reference)), Some((_, series))) = (iv.series.first(), iv.series.iter().find(|(p, _)| p == path)) else {
+        return vec![];
+    };
+    reference.iter().zip(series).filter(|(a, b)| **a > 0.0 && **b > 0.0).map(|(a, b)| b / a).collect()
+}
+
+fn median(v: &[f64]) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    Some(if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 })
 }
 
 fn ratio_target(name: String, scale: usize, measured: Option<f64>, threshold: &str, ok: impl Fn(f64) -> bool, detail: String) -> Target {
@@ -395,6 +435,39 @@ pub fn markdown(r: &Record) -> String {
                 },
                 t.detail
             );
+        }
+    }
+
+    for iv in &r.interleaved {
+        let _ = writeln!(
+            s,
+            "\n## Interleaved rounds in skiff's lab ({} Services, {}, {:.1} s per round)\n\n\
+             The paths above are measured one after the other, and `direct` in another lab; on this shared machine the rate of one \
+             and the same path drifts by 15% or more between such runs (see `direct` across scales, which no rule affects). Here \
+             skiff's paths in one lab take turns in short rounds (the order rotates each round), so drift hits them alike; the \
+             ratio is taken per round against `{}` (pod IP over skiff's tc program, the same client and servers).\n",
+            fmt_int(iv.scale),
+            iv.workload,
+            iv.round_s,
+            iv.series.first().map(|(p, _)| p.as_str()).unwrap_or("?")
+        );
+        let _ = write!(s, "| path |");
+        let rounds = iv.series.iter().map(|(_, v)| v.len()).max().unwrap_or(0);
+        for i in 0..rounds {
+            let _ = write!(s, " round {} |", i + 1);
+        }
+        let _ = writeln!(s, " median ratio |");
+        let _ = writeln!(s, "|---|{}---:|", "---:|".repeat(rounds));
+        for (path, v) in &iv.series {
+            let _ = write!(s, "| {path} |");
+            for x in v {
+                let _ = write!(s, " {} |", fmt_num(*x));
+            }
+            let ratio = if Some(path) == iv.series.first().map(|(p, _)| p) { Some(1.0) } else { median(&interleaved_ratios(iv, path)) };
+            let _ = writeln!(s, " {} |", ratio.map(|x| format!("x{x:.3}")).unwrap_or_else(|| "-".into()));
+        }
+        for e in &iv.errors {
+            let _ = writeln!(s, "\n- {e}");
         }
     }
 

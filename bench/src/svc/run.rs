@@ -102,6 +102,10 @@ pub struct Options {
     pub iptables_nft_max_scale: usize,
     /// Free-text notes for the record (e.g. measurements made outside the run).
     pub notes: Vec<String>,
+    /// At the target scale, in skiff's lab: rounds of the CRR workload alternating skiff-direct
+    /// and skiff-sock (0 = none), each round this long.
+    pub interleave_rounds: usize,
+    pub interleave_duration: Duration,
     /// CPUs for (clients, servers); None leaves placement to the scheduler.
     pub pin: Option<(usize, usize)>,
     pub command: String,
@@ -165,6 +169,19 @@ pub struct Profile {
     pub error: Option<String>,
 }
 
+/// Paths of one lab measured in alternating short rounds (so machine noise, which drifts over
+/// seconds here, hits them alike): the first series is the reference the others are divided by,
+/// round by round.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Interleaved {
+    pub scale: usize,
+    pub workload: String,
+    pub round_s: f64,
+    /// (path, its rate in each round); within a round the order rotates.
+    pub series: Vec<(String, Vec<f64>)>,
+    pub errors: Vec<String>,
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Record {
     pub command: String,
@@ -181,6 +198,8 @@ pub struct Record {
     pub paths: Vec<PathResult>,
     pub programming: Option<Programming>,
     pub profiles: Vec<Profile>,
+    #[serde(default)]
+    pub interleaved: Vec<Interleaved>,
     pub targets: Vec<super::report::Target>,
     pub notes: Vec<String>,
     pub program_timeout_s: f64,
@@ -504,6 +523,43 @@ fn measure_backend(
             ]
         }
     };
+    let target_scale = if opts.scales.contains(&10_000) { Some(10_000) } else { opts.scales.iter().copied().max() };
+    if backend == Backend::Skiff && opts.interleave_rounds > 0 && target_scale == Some(scale) {
+        let wl = opts
+            .workloads
+            .iter()
+            .find(|w| w.kind == super::workload::Kind::Crr && w.parallel > 1)
+            .or_else(|| opts.workloads.iter().find(|w| w.kind == super::workload::Kind::Crr))
+            .map(|w| w.name());
+        if let Some(wl) = wl {
+            // Not skiff-tc: its conntrack entries outlive the run, and a later connection to a
+            // backend by pod IP that reuses a client port then gets its SYN-ACK reverse-NATed to
+            // the VIP and times out (a datapath finding, see the notes); so the rounds run
+            // before any tc-layer flow exists.
+            let order = [("skiff-direct", None, &direct), ("skiff-sock", cg, &vips)];
+            let mut series: Vec<(String, Vec<f64>)> = order.iter().map(|(p, _, _)| (p.to_string(), vec![])).collect();
+            let mut errors = Vec::new();
+            for round in 0..opts.interleave_rounds {
+                for k in 0..order.len() {
+                    let i = (k + round) % order.len();
+                    let (path, cgroup, targets) = order[i];
+                    match bl.run_client(&client, cgroup, targets, std::slice::from_ref(&wl), opts.interleave_duration) {
+                        Ok(m) if m.first().is_some_and(|m| m.errors == 0 && m.rate > 0.0) => series[i].1.push(m[0].rate),
+                        Ok(m) => {
+                            series[i].1.push(m.first().map_or(0.0, |m| m.rate));
+                            errors.push(format!("round {round} {path}: {:?}", m.first().and_then(|m| m.first_error.clone())));
+                        }
+                        Err(e) => {
+                            series[i].1.push(0.0);
+                            errors.push(format!("round {round} {path}: {e:#}"));
+                        }
+                    }
+                }
+            }
+            info!(scale, ?series, "interleaved");
+            record.interleaved.push(Interleaved { scale, workload: wl, round_s: opts.interleave_duration.as_secs_f64(), series, errors });
+        }
+    }
     for r in &runs {
         let t = Instant::now();
         let res = bl.run_client(r.netns, r.cgroup, &r.targets, &workloads, opts.duration);
@@ -771,6 +827,7 @@ pub fn run(opts: &Options) -> anyhow::Result<Record> {
         paths: vec![],
         programming: None,
         profiles: vec![],
+        interleaved: vec![],
         targets: vec![],
         notes: opts.notes.clone(),
         program_timeout_s: opts.program_timeout.as_secs_f64(),
