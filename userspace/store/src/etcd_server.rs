@@ -3,6 +3,9 @@
 //!
 //! The server listens on free loopback ports, keeps its data in a directory the caller owns, and
 //! is stopped by the PID this module started (SIGKILL, on drop at the latest).
+//!
+//! [`EtcdCluster`] starts several members the same way, for fault tests that kill and restart
+//! one of them (tests/faults_etcd_cluster.rs, the skiff server's faults_etcd_server.rs).
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -178,5 +181,196 @@ impl EtcdServer {
 impl Drop for EtcdServer {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// A three-member (or any size) etcd cluster on loopback, for fault tests: members are started,
+/// SIGKILLed and restarted one by one by the PIDs this module started (all SIGKILLed on drop).
+pub struct EtcdCluster {
+    binary: PathBuf,
+    members: Vec<ClusterMember>,
+    initial_cluster: String,
+    token: String,
+}
+
+struct ClusterMember {
+    name: String,
+    data_dir: PathBuf,
+    client_url: String,
+    peer_url: String,
+    child: Option<Child>,
+}
+
+impl EtcdCluster {
+    /// Starts `size` members with their data under `dir` (one subdirectory each) and waits until
+    /// every member answers and they agree on a leader.
+    pub async fn start(binary: &Path, dir: &Path, size: usize) -> std::io::Result<EtcdCluster> {
+        // The PID in the names keeps the members of parallel test processes apart in logs.
+        let tag = format!("skiff-{}", std::process::id());
+        let mut members = Vec::with_capacity(size);
+        for i in 0..size {
+            members.push(ClusterMember {
+                name: format!("{tag}-m{i}"),
+                data_dir: dir.join(format!("m{i}")),
+                client_url: format!("http://127.0.0.1:{}", free_port()?),
+                peer_url: format!("http://127.0.0.1:{}", free_port()?),
+                child: None,
+            });
+        }
+        let initial_cluster = members
+            .iter()
+            .map(|m| format!("{}={}", m.name, m.peer_url))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut cluster = EtcdCluster {
+            binary: binary.to_path_buf(),
+            members,
+            initial_cluster,
+            token: tag,
+        };
+        for i in 0..size {
+            cluster.spawn(i)?;
+        }
+        cluster.wait_healthy(Duration::from_secs(30)).await?;
+        Ok(cluster)
+    }
+
+    /// Every member's client URL: what a client configured with the whole cluster gets.
+    pub fn endpoints(&self) -> Vec<String> {
+        self.members.iter().map(|m| m.client_url.clone()).collect()
+    }
+
+    /// One member's client URL.
+    pub fn endpoint(&self, member: usize) -> &str {
+        &self.members[member].client_url
+    }
+
+    pub fn size(&self) -> usize {
+        self.members.len()
+    }
+
+    pub fn is_running(&self, member: usize) -> bool {
+        self.members[member].child.is_some()
+    }
+
+    /// Where member `member` writes its log.
+    pub fn log_path(&self, member: usize) -> PathBuf {
+        self.members[member].data_dir.with_extension("log")
+    }
+
+    /// Starts member `member` (again) on its data directory. On a restart etcd reads the
+    /// membership from its WAL and ignores the initial-cluster flags, as in production.
+    pub fn spawn(&mut self, member: usize) -> std::io::Result<()> {
+        let log_path = self.log_path(member);
+        let m = &mut self.members[member];
+        std::fs::create_dir_all(&m.data_dir)?;
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(log_path)?;
+        let child = Command::new(&self.binary)
+            .arg(format!("--name={}", m.name))
+            .arg(format!("--data-dir={}", m.data_dir.display()))
+            .arg(format!("--listen-client-urls={}", m.client_url))
+            .arg(format!("--advertise-client-urls={}", m.client_url))
+            .arg(format!("--listen-peer-urls={}", m.peer_url))
+            .arg(format!("--initial-advertise-peer-urls={}", m.peer_url))
+            .arg(format!("--initial-cluster={}", self.initial_cluster))
+            .arg("--initial-cluster-state=new")
+            .arg(format!("--initial-cluster-token={}", self.token))
+            .arg("--logger=zap")
+            .arg("--log-outputs=stderr")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?;
+        m.child = Some(child);
+        Ok(())
+    }
+
+    /// SIGKILLs member `member` by the PID we started, and reaps it: a crash, not a shutdown.
+    pub fn kill(&mut self, member: usize) {
+        if let Some(mut child) = self.members[member].child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Status of one member, through a client that talks to it alone; `None` if it does not
+    /// answer.
+    pub async fn status(&self, member: usize) -> Option<etcd_client::StatusResponse> {
+        let options = etcd_client::ConnectOptions::new()
+            .with_connect_timeout(Duration::from_millis(500))
+            .with_timeout(Duration::from_secs(2));
+        let mut client =
+            etcd_client::Client::connect([self.members[member].client_url.clone()], Some(options))
+                .await
+                .ok()?;
+        client.status().await.ok()
+    }
+
+    /// The running member that reports itself leader, waiting up to `timeout` for one.
+    pub async fn leader(&self, timeout: Duration) -> std::io::Result<usize> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            for i in 0..self.members.len() {
+                if !self.is_running(i) {
+                    continue;
+                }
+                if let Some(status) = self.status(i).await {
+                    let me = status.header().map(|h| h.member_id()).unwrap_or(0);
+                    if status.leader() != 0 && status.leader() == me {
+                        return Ok(i);
+                    }
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(std::io::Error::other(format!(
+                    "no etcd member reported itself leader within {timeout:?}"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits until every running member answers and all agree on one leader.
+    pub async fn wait_healthy(&mut self, timeout: Duration) -> std::io::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut leaders = std::collections::BTreeSet::new();
+            let (mut running, mut answered) = (0, 0);
+            for i in 0..self.members.len() {
+                let log = self.log_path(i);
+                if let Some(child) = self.members[i].child.as_mut() {
+                    running += 1;
+                    if let Some(status) = child.try_wait()? {
+                        self.members[i].child = None;
+                        return Err(std::io::Error::other(format!(
+                            "etcd member {i} exited with {status}; see {}",
+                            log.display()
+                        )));
+                    }
+                }
+                if let Some(status) = self.status(i).await {
+                    answered += 1;
+                    leaders.insert(status.leader());
+                }
+            }
+            if answered == running && leaders.len() == 1 && !leaders.contains(&0) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(std::io::Error::other(format!(
+                    "etcd cluster not healthy within {timeout:?}: {answered} of {running} \
+                     answered, leaders {leaders:?}"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Drop for EtcdCluster {
+    fn drop(&mut self) {
+        for i in 0..self.members.len() {
+            self.kill(i);
+        }
     }
 }

@@ -17,19 +17,17 @@
 //!   writes are counted during each outage, and the longest stretch with no acknowledged write is
 //!   measured and bounded.
 //!
-//! Members are stopped by the PIDs this test started (SIGKILL on drop at the latest).
+//! Members are started and stopped by `skiff_store::etcd_server::EtcdCluster`, by the PIDs it
+//! started (SIGKILL on drop at the latest).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use skiff_store::etcd::EtcdStore;
-use skiff_store::etcd_server::etcd_for_test;
+use skiff_store::etcd_server::{EtcdCluster, etcd_for_test};
 use skiff_store::{Store, StoreError, WatchEvent};
 
 const PREFIX: &str = "/faults-etcd/";
@@ -40,165 +38,19 @@ const COUNTER_WRITERS: usize = 4;
 /// endpoint).
 const MAX_WRITE_GAP: Duration = Duration::from_secs(10);
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free loopback port")
-}
-
-/// One member of the test cluster.
-struct Member {
-    name: String,
-    data_dir: PathBuf,
-    client_url: String,
-    peer_url: String,
-    child: Option<Child>,
-}
-
-/// Three etcd members on loopback, started by this test.
-struct EtcdCluster {
-    binary: PathBuf,
-    members: Vec<Member>,
-    initial_cluster: String,
-}
-
-impl EtcdCluster {
-    async fn start(binary: &Path, dir: &Path) -> EtcdCluster {
-        // The test's PID in the names keeps parallel runs apart in logs.
-        let members: Vec<Member> = (0..3)
-            .map(|i| Member {
-                name: format!("faults-{}-m{i}", std::process::id()),
-                data_dir: dir.join(format!("m{i}")),
-                client_url: format!("http://127.0.0.1:{}", free_port()),
-                peer_url: format!("http://127.0.0.1:{}", free_port()),
-                child: None,
-            })
-            .collect();
-        let initial_cluster = members.iter().map(|m| format!("{}={}", m.name, m.peer_url)).collect::<Vec<_>>().join(",");
-        let mut cluster = EtcdCluster { binary: binary.to_path_buf(), members, initial_cluster };
-        for i in 0..3 {
-            cluster.spawn(i);
-        }
-        cluster.wait_healthy(Duration::from_secs(30)).await;
-        cluster
-    }
-
-    fn endpoints(&self) -> Vec<String> {
-        self.members.iter().map(|m| m.client_url.clone()).collect()
-    }
-
-    fn log_path(&self, i: usize) -> PathBuf {
-        self.members[i].data_dir.with_extension("log")
-    }
-
-    fn spawn(&mut self, i: usize) {
-        let log_path = self.log_path(i);
-        let member = &mut self.members[i];
-        std::fs::create_dir_all(&member.data_dir).expect("member data dir");
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(log_path).expect("member log");
-        let child = Command::new(&self.binary)
-            .arg(format!("--name={}", member.name))
-            .arg(format!("--data-dir={}", member.data_dir.display()))
-            .arg(format!("--listen-client-urls={}", member.client_url))
-            .arg(format!("--advertise-client-urls={}", member.client_url))
-            .arg(format!("--listen-peer-urls={}", member.peer_url))
-            .arg(format!("--initial-advertise-peer-urls={}", member.peer_url))
-            .arg(format!("--initial-cluster={}", self.initial_cluster))
-            // On a restart the data directory's WAL wins over these flags, as in production.
-            .arg("--initial-cluster-state=new")
-            .arg(format!("--initial-cluster-token=faults-{}", std::process::id()))
-            .arg("--logger=zap")
-            .arg("--log-outputs=stderr")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log fd"))
-            .stderr(log)
-            .spawn()
-            .expect("spawn etcd member");
-        member.child = Some(child);
-    }
-
-    /// SIGKILL by the PID we started, and reap it.
-    fn kill(&mut self, i: usize) {
-        if let Some(mut child) = self.members[i].child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    /// Status of one member through a client that talks to it alone.
-    async fn status(&self, i: usize) -> Option<etcd_client::StatusResponse> {
-        let options = etcd_client::ConnectOptions::new()
-            .with_connect_timeout(Duration::from_millis(500))
-            .with_timeout(Duration::from_secs(2));
-        let mut client = etcd_client::Client::connect([self.members[i].client_url.clone()], Some(options)).await.ok()?;
-        client.status().await.ok()
-    }
-
-    /// The index of the member that is leader now, as the members agree.
-    async fn leader(&self) -> usize {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            for i in 0..3 {
-                if self.members[i].child.is_none() {
-                    continue;
-                }
-                if let Some(status) = self.status(i).await {
-                    let me = status.header().map(|h| h.member_id()).unwrap_or(0);
-                    if status.leader() != 0 && status.leader() == me {
-                        return i;
-                    }
-                }
-            }
-            assert!(Instant::now() < deadline, "no etcd member reported itself leader in 20 s");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    /// Every running member answers and agrees on one leader.
-    async fn wait_healthy(&mut self, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let mut leaders = BTreeSet::new();
-            let mut answered = 0;
-            for i in 0..3 {
-                if let Some(child) = self.members[i].child.as_mut() {
-                    if let Ok(Some(status)) = child.try_wait() {
-                        panic!("etcd member {i} exited with {status}; see {}", self.log_path(i).display());
-                    }
-                }
-                if let Some(status) = self.status(i).await {
-                    answered += 1;
-                    leaders.insert(status.leader());
-                }
-            }
-            if answered == 3 && leaders.len() == 1 && !leaders.contains(&0) {
-                return;
-            }
-            assert!(Instant::now() < deadline, "etcd cluster not healthy in {timeout:?}: {answered} answered, leaders {leaders:?}");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    /// Every key under the prefix in member `i`'s own copy (serializable: no quorum round).
-    async fn local_copy(&self, i: usize) -> BTreeMap<String, (Vec<u8>, i64)> {
-        let mut client = etcd_client::Client::connect([self.members[i].client_url.clone()], None).await.expect("connect member");
-        let options = etcd_client::GetOptions::new().with_prefix().with_serializable();
-        let response = client.get(PREFIX, Some(options)).await.expect("serializable range");
-        response
-            .kvs()
-            .iter()
-            .map(|kv| {
-                let key = String::from_utf8(kv.key()[PREFIX.len()..].to_vec()).expect("utf-8 key");
-                (key, (kv.value().to_vec(), kv.mod_revision()))
-            })
-            .collect()
-    }
-}
-
-impl Drop for EtcdCluster {
-    fn drop(&mut self) {
-        for i in 0..self.members.len() {
-            self.kill(i);
-        }
-    }
+/// Every key under the prefix in member `member`'s own copy (serializable: no quorum round).
+async fn local_copy(cluster: &EtcdCluster, member: usize) -> BTreeMap<String, (Vec<u8>, i64)> {
+    let mut client = etcd_client::Client::connect([cluster.endpoint(member)], None).await.expect("connect member");
+    let options = etcd_client::GetOptions::new().with_prefix().with_serializable();
+    let response = client.get(PREFIX, Some(options)).await.expect("serializable range");
+    response
+        .kvs()
+        .iter()
+        .map(|kv| {
+            let key = String::from_utf8(kv.key()[PREFIX.len()..].to_vec()).expect("utf-8 key");
+            (key, (kv.value().to_vec(), kv.mod_revision()))
+        })
+        .collect()
 }
 
 #[derive(Default)]
@@ -355,7 +207,7 @@ async fn three_member_etcd_survives_kill_9_of_leader_and_follower() {
     };
     let started = Instant::now();
     let dir = tempfile::tempdir().expect("temp dir");
-    let mut cluster = EtcdCluster::start(&binary, dir.path()).await;
+    let mut cluster = EtcdCluster::start(&binary, dir.path(), 3).await.expect("start a three-member etcd cluster");
     let store = EtcdStore::connect(&cluster.endpoints(), PREFIX).await.expect("connect with all three endpoints");
     let start_revision = store.current_revision().await.expect("revision");
 
@@ -373,7 +225,7 @@ async fn three_member_etcd_survives_kill_9_of_leader_and_follower() {
 
     let mut outages = Vec::new();
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let leader = cluster.leader().await;
+    let leader = cluster.leader(Duration::from_secs(20)).await.expect("a leader");
     let follower = (leader + 1) % 3;
     for (role, victim) in [("leader", leader), ("follower", follower)] {
         assert!(acks_since(&ledger, started) > 0, "writes are acknowledged before the {role} is killed");
@@ -383,9 +235,9 @@ async fn three_member_etcd_survives_kill_9_of_leader_and_follower() {
         tokio::time::sleep(Duration::from_secs(4)).await;
         let acked_while_down = acks_since(&ledger, killed_at);
         let restarted_at = Instant::now();
-        cluster.spawn(victim);
-        cluster.wait_healthy(Duration::from_secs(30)).await;
-        let new_leader = cluster.leader().await;
+        cluster.spawn(victim).expect("restart the member");
+        cluster.wait_healthy(Duration::from_secs(30)).await.expect("the cluster is whole again");
+        let new_leader = cluster.leader(Duration::from_secs(20)).await.expect("a leader");
         if role == "leader" {
             assert_ne!(new_leader, victim, "a new leader was elected while the old one was down");
         }
@@ -448,7 +300,7 @@ async fn three_member_etcd_survives_kill_9_of_leader_and_follower() {
 
     // Each member's own copy (the restarted ones caught up).
     for i in 0..3 {
-        let copy = cluster.local_copy(i).await;
+        let copy = local_copy(&cluster, i).await;
         for (key, revision) in &ledger.created {
             assert_eq!(copy.get(key).map(|(_, r)| *r), Some(*revision), "member {i} holds {key} at its acknowledged revision");
         }
