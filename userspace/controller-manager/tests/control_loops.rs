@@ -2,7 +2,7 @@
 //! pod status simulated by a fixture (the kwok way) until real agents exist.
 
 use std::future::Future;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::core::v1::{Event, Node, Pod, Service};
@@ -13,169 +13,43 @@ use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(30);
 
+mod common;
+
 struct Cluster {
     client: Client,
-    _server: skiff_apiserver::RunningServer,
-    _data: tempfile::TempDir,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    _api: common::Apiserver,
+    _tasks: common::Tasks,
 }
 
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        for t in &self.tasks {
-            t.abort();
-        }
-    }
-}
-
-/// An apiserver on 127.0.0.1:0, the controllers, the scheduler, two fake Nodes and the fake
-/// kubelet that marks bound pods Running and Ready.
+/// An apiserver on 127.0.0.1:0, the controllers, the scheduler, two fake Nodes (4 CPUs, 8 GiB)
+/// and the fake kubelet that marks bound pods Running and Ready.
 async fn cluster() -> Cluster {
-    let data = tempfile::tempdir().expect("temp data dir");
-    let mut config = skiff_apiserver::ServerConfig::new(data.path().to_path_buf());
-    config.bind = "127.0.0.1:0".parse().expect("loopback address");
-    let server = skiff_apiserver::start(config)
-        .await
-        .expect("apiserver starts");
-    let kubeconfig_text = skiff_apiserver::kubeconfig(data.path()).expect("kubeconfig written");
-    let kubeconfig: kube::config::Kubeconfig =
-        serde_yaml_from_str(&kubeconfig_text).expect("kubeconfig parses");
-    let config = kube::Config::from_custom_kubeconfig(
-        kubeconfig,
-        &kube::config::KubeConfigOptions::default(),
-    )
-    .await
-    .expect("kube config");
-    let client = Client::try_from(config).expect("kube client");
+    let api = common::apiserver().await;
+    let client = api.client.clone();
     for name in ["node-a", "node-b"] {
-        create_node(&client, name).await;
+        let node = common::SimNode {
+            cpu: "4",
+            memory: "8Gi",
+            ..common::sim(name)
+        };
+        common::create_ready_node(&client, &node).await;
     }
-    let never = std::future::pending::<()>();
-    let mut tasks = Vec::new();
-    let c = client.clone();
-    tasks.push(tokio::spawn(async move {
-        skiff_controller_manager::run_controllers(c, never)
-            .await
-            .expect("controllers run");
-    }));
-    let c = client.clone();
-    tasks.push(tokio::spawn(async move {
-        skiff_controller_manager::run_scheduler(c, std::future::pending::<()>())
-            .await
-            .expect("scheduler runs");
-    }));
-    tasks.push(tokio::spawn(fake_kubelet(client.clone())));
+    let mut tasks = common::Tasks::default();
+    common::start_control_plane(&mut tasks, &client, Default::default());
+    tasks.spawn(common::fake_kubelet(client.clone()));
     Cluster {
         client,
-        _server: server,
-        _data: data,
-        tasks,
+        _api: api,
+        _tasks: tasks,
     }
 }
 
-fn serde_yaml_from_str(
-    text: &str,
-) -> Result<kube::config::Kubeconfig, kube::config::KubeconfigError> {
-    kube::config::Kubeconfig::from_yaml(text)
-}
-
-async fn create_node(client: &Client, name: &str) {
-    let nodes: Api<Node> = Api::all(client.clone());
-    let status = json!({
-        "capacity": {"cpu": "4", "memory": "8Gi", "pods": "110"},
-        "allocatable": {"cpu": "4", "memory": "8Gi", "pods": "110"},
-        "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
-                        "message": "simulated node"}],
-    });
-    let node: Node = serde_json::from_value(json!({
-        "apiVersion": "v1", "kind": "Node",
-        "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name}},
-        "status": status,
-    }))
-    .expect("node json");
-    nodes
-        .create(&PostParams::default(), &node)
-        .await
-        .expect("create node");
-    nodes
-        .patch_status(
-            name,
-            &PatchParams::default(),
-            &Patch::Merge(json!({"status": status})),
-        )
-        .await
-        .expect("node status");
-}
-
-/// The kwok-style kubelet: every bound, live, not yet Running pod becomes Running and Ready
-/// with a pod IP.
-async fn fake_kubelet(client: Client) {
-    let pods: Api<Pod> = Api::all(client.clone());
-    let mut next_ip = 2u32;
-    loop {
-        if let Ok(list) = pods.list(&ListParams::default()).await {
-            for pod in list.items {
-                let bound = pod
-                    .spec
-                    .as_ref()
-                    .and_then(|s| s.node_name.clone())
-                    .is_some();
-                let running =
-                    pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
-                let finished =
-                    pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Succeeded");
-                let of_job = pod
-                    .metadata
-                    .owner_references
-                    .iter()
-                    .flatten()
-                    .any(|r| r.kind == "Job");
-                if !bound || running || finished || pod.metadata.deletion_timestamp.is_some() {
-                    continue;
-                }
-                let ns = pod.metadata.namespace.clone().unwrap_or_default();
-                let name = pod.metadata.name.clone().unwrap_or_default();
-                let ip = format!("10.244.{}.{}", next_ip / 250, next_ip % 250 + 2);
-                next_ip += 1;
-                let now = k8s_openapi::jiff::Timestamp::now().to_string();
-                let now = format!("{}Z", &now[..19]);
-                let cond =
-                    |t: &str| json!({"type": t, "status": "True", "lastTransitionTime": now});
-                // A Job's pod runs to completion at once.
-                let phase = if of_job { "Succeeded" } else { "Running" };
-                let patch = json!({"status": {
-                    "phase": phase, "podIP": ip, "podIPs": [{"ip": ip}],
-                    "hostIP": "192.168.0.1", "startTime": now,
-                    "conditions": [cond("PodScheduled"), cond("Initialized"),
-                                   cond("ContainersReady"), cond("Ready")],
-                }});
-                let api: Api<Pod> = Api::namespaced(client.clone(), &ns);
-                let _ = api
-                    .patch_status(&name, &PatchParams::default(), &Patch::Merge(patch))
-                    .await;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-/// Polls `check` until it returns Some or WAIT passes (then panics with `what` and the last
-/// observation).
-async fn wait_for<T, F, Fut>(what: &str, mut check: F) -> T
+async fn wait_for<T, F, Fut>(what: &str, check: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, String>>,
 {
-    let start = Instant::now();
-    let mut last = String::new();
-    while start.elapsed() < WAIT {
-        match check().await {
-            Ok(v) => return v,
-            Err(e) => last = e,
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    panic!("timed out after {WAIT:?} waiting for {what}; last seen: {last}");
+    common::wait_for(what, WAIT, check).await
 }
 
 fn deployment(name: &str, replicas: i32, image: &str) -> Deployment {

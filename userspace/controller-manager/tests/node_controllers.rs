@@ -27,21 +27,14 @@ const TOLERATION_SECONDS: u64 = 2;
 /// and "expired" (4 s) cannot be confused on a loaded machine.
 const LEASE: Duration = Duration::from_secs(4);
 
+mod common;
+
 struct Cluster {
     client: Client,
-    _server: skiff_apiserver::RunningServer,
-    _data: tempfile::TempDir,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    _api: common::Apiserver,
+    tasks: common::Tasks,
     /// Per simulated node: whether its agent heartbeats.
     alive: BTreeMap<String, Arc<AtomicBool>>,
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        for t in &self.tasks {
-            t.abort();
-        }
-    }
 }
 
 fn options() -> ControllerOptions {
@@ -54,26 +47,11 @@ fn options() -> ControllerOptions {
 
 /// An apiserver on 127.0.0.1:0 and `nodes` simulated nodes with their agents (no controllers).
 async fn cluster(nodes: &[&str]) -> Cluster {
-    let data = tempfile::tempdir().expect("temp data dir");
-    let mut config = skiff_apiserver::ServerConfig::new(data.path().to_path_buf());
-    config.bind = "127.0.0.1:0".parse().expect("loopback address");
-    let server = skiff_apiserver::start(config)
-        .await
-        .expect("apiserver starts");
-    let kubeconfig_text = skiff_apiserver::kubeconfig(data.path()).expect("kubeconfig written");
-    let kubeconfig = kube::config::Kubeconfig::from_yaml(&kubeconfig_text).expect("kubeconfig");
-    let config = kube::Config::from_custom_kubeconfig(
-        kubeconfig,
-        &kube::config::KubeConfigOptions::default(),
-    )
-    .await
-    .expect("kube config");
-    let client = Client::try_from(config).expect("kube client");
+    let api = common::apiserver().await;
     let mut c = Cluster {
-        client,
-        _server: server,
-        _data: data,
-        tasks: Vec::new(),
+        client: api.client.clone(),
+        _api: api,
+        tasks: common::Tasks::default(),
         alive: BTreeMap::new(),
     };
     for name in nodes {
@@ -100,17 +78,11 @@ async fn add_node(c: &mut Cluster, name: &str, pod_cidr: Option<&str>) {
         .expect("create node");
     let alive = Arc::new(AtomicBool::new(true));
     c.alive.insert(name.to_string(), alive.clone());
-    c.tasks.push(tokio::spawn(sim_agent(
-        c.client.clone(),
-        name.to_string(),
-        alive,
-    )));
+    c.tasks
+        .spawn(sim_agent(c.client.clone(), name.to_string(), alive));
 }
 
-fn now_seconds() -> String {
-    let now = Timestamp::now().to_string();
-    format!("{}Z", &now[..19])
-}
+use common::now_seconds;
 
 /// One simulated node agent: Lease renewals every 300 ms, node status every second, pods
 /// bound here made Running and Ready. Does nothing while `alive` is false.
@@ -208,31 +180,17 @@ fn start_controllers(
         .expect("controllers run");
     });
     if scheduler {
-        let client = c.client.clone();
-        c.tasks.push(tokio::spawn(async move {
-            skiff_controller_manager::run_scheduler(client, std::future::pending::<()>())
-                .await
-                .expect("scheduler runs");
-        }));
+        common::start_scheduler(&mut c.tasks, &c.client);
     }
     (stop, task)
 }
 
-async fn wait_for<T, F, Fut>(what: &str, mut check: F) -> T
+async fn wait_for<T, F, Fut>(what: &str, check: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, String>>,
 {
-    let start = Instant::now();
-    let mut last = String::new();
-    while start.elapsed() < WAIT {
-        match check().await {
-            Ok(v) => return v,
-            Err(e) => last = e,
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("timed out after {WAIT:?} waiting for {what}; last seen: {last}");
+    common::wait_for(what, WAIT, check).await
 }
 
 async fn pod_cidrs(client: &Client) -> BTreeMap<String, Option<String>> {

@@ -7,7 +7,7 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet};
-use k8s_openapi::api::core::v1::{Node, Pod, ResourceQuota};
+use k8s_openapi::api::core::v1::{Pod, ResourceQuota};
 use kube::api::{
     ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams,
     PropagationPolicy,
@@ -17,171 +17,47 @@ use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(60);
 
+mod common;
+
+use common::{SimNode, sim};
+
 struct Cluster {
     client: Client,
-    _server: skiff_apiserver::RunningServer,
-    _data: tempfile::TempDir,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    _api: common::Apiserver,
+    _tasks: common::Tasks,
 }
 
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        for t in &self.tasks {
-            t.abort();
-        }
-    }
-}
-
-/// A simulated node: name, labels, taints.
-struct SimNode<'a> {
-    name: String,
-    labels: Vec<(&'a str, String)>,
-    taints: Vec<Value>,
-}
-
-fn sim(name: &str) -> SimNode<'static> {
-    SimNode {
-        name: name.to_string(),
-        labels: vec![],
-        taints: vec![],
-    }
-}
-
+/// An apiserver on 127.0.0.1:0 with `nodes`, the controllers (with `options`), the scheduler and
+/// the fake kubelet.
 async fn cluster(
     nodes: Vec<SimNode<'_>>,
     options: skiff_controller_manager::ControllerOptions,
 ) -> Cluster {
-    let data = tempfile::tempdir().expect("temp data dir");
-    let mut config = skiff_apiserver::ServerConfig::new(data.path().to_path_buf());
-    config.bind = "127.0.0.1:0".parse().expect("loopback address");
-    let server = skiff_apiserver::start(config)
-        .await
-        .expect("apiserver starts");
-    let text = skiff_apiserver::kubeconfig(data.path()).expect("kubeconfig written");
-    let kubeconfig = kube::config::Kubeconfig::from_yaml(&text).expect("kubeconfig parses");
-    let config = kube::Config::from_custom_kubeconfig(
-        kubeconfig,
-        &kube::config::KubeConfigOptions::default(),
-    )
-    .await
-    .expect("kube config");
-    let client = Client::try_from(config).expect("kube client");
+    let api = common::apiserver().await;
+    let client = api.client.clone();
     for n in nodes {
         create_node(&client, &n).await;
     }
-    let mut tasks = Vec::new();
-    let c = client.clone();
-    tasks.push(tokio::spawn(async move {
-        skiff_controller_manager::run_controllers_with(c, options, std::future::pending::<()>())
-            .await
-            .expect("controllers run");
-    }));
-    let c = client.clone();
-    tasks.push(tokio::spawn(async move {
-        skiff_controller_manager::run_scheduler(c, std::future::pending::<()>())
-            .await
-            .expect("scheduler runs");
-    }));
-    tasks.push(tokio::spawn(fake_kubelet(client.clone())));
+    let mut tasks = common::Tasks::default();
+    common::start_control_plane(&mut tasks, &client, options);
+    tasks.spawn(common::fake_kubelet(client.clone()));
     Cluster {
         client,
-        _server: server,
-        _data: data,
-        tasks,
+        _api: api,
+        _tasks: tasks,
     }
 }
 
 async fn create_node(client: &Client, n: &SimNode<'_>) {
-    let nodes: Api<Node> = Api::all(client.clone());
-    let status = json!({
-        "capacity": {"cpu": "8", "memory": "16Gi", "pods": "110"},
-        "allocatable": {"cpu": "8", "memory": "16Gi", "pods": "110"},
-        "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady", "message": "simulated node"}],
-    });
-    let mut labels: BTreeMap<String, String> = n
-        .labels
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.clone()))
-        .collect();
-    labels.insert("kubernetes.io/hostname".into(), n.name.clone());
-    let node: Node = serde_json::from_value(json!({
-        "apiVersion": "v1", "kind": "Node",
-        "metadata": {"name": n.name, "labels": labels},
-        "spec": {"taints": n.taints},
-        "status": status,
-    }))
-    .expect("node json");
-    nodes
-        .create(&PostParams::default(), &node)
-        .await
-        .expect("create node");
-    nodes
-        .patch_status(
-            &n.name,
-            &PatchParams::default(),
-            &Patch::Merge(json!({"status": status})),
-        )
-        .await
-        .expect("node status");
+    common::create_ready_node(client, n).await
 }
 
-/// Bound, live pods become Running and Ready; pods being deleted are removed at once (what an
-/// agent does once their containers stopped).
-async fn fake_kubelet(client: Client) {
-    let pods: Api<Pod> = Api::all(client.clone());
-    loop {
-        if let Ok(list) = pods.list(&ListParams::default()).await {
-            for pod in list.items {
-                let ns = pod.metadata.namespace.clone().unwrap_or_default();
-                let name = pod.metadata.name.clone().unwrap_or_default();
-                let api: Api<Pod> = Api::namespaced(client.clone(), &ns);
-                if pod.metadata.deletion_timestamp.is_some() {
-                    let _ = api
-                        .delete(&name, &DeleteParams::default().grace_period(0))
-                        .await;
-                    continue;
-                }
-                let bound = pod
-                    .spec
-                    .as_ref()
-                    .and_then(|s| s.node_name.clone())
-                    .is_some();
-                let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
-                if !bound || phase == Some("Running") {
-                    continue;
-                }
-                let now = k8s_openapi::jiff::Timestamp::now().to_string();
-                let now = format!("{}Z", &now[..19]);
-                let cond =
-                    |t: &str| json!({"type": t, "status": "True", "lastTransitionTime": now});
-                let patch = json!({"status": {
-                    "phase": "Running", "podIP": "10.244.0.9", "hostIP": "192.168.0.1", "startTime": now,
-                    "conditions": [cond("PodScheduled"), cond("Initialized"), cond("ContainersReady"), cond("Ready")],
-                }});
-                let _ = api
-                    .patch_status(&name, &PatchParams::default(), &Patch::Merge(patch))
-                    .await;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-async fn wait_for<T, F, Fut>(what: &str, mut check: F) -> T
+async fn wait_for<T, F, Fut>(what: &str, check: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, String>>,
 {
-    let start = Instant::now();
-    let mut last = String::new();
-    while start.elapsed() < WAIT {
-        match check().await {
-            Ok(v) => return v,
-            Err(e) => last = e,
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-    panic!("timed out after {WAIT:?} waiting for {what}; last seen: {last}");
+    common::wait_for(what, WAIT, check).await
 }
 
 fn deployment(name: &str, replicas: i32, pod_spec_extra: Value) -> Deployment {
@@ -558,13 +434,16 @@ async fn hpa_scales_up_under_load_and_down_after_the_window() {
         }
     })
     .await;
-    let h = hpas
-        .get("busy")
-        .await
-        .expect("get hpa")
-        .status
-        .expect("hpa status");
-    assert!(h.current_metrics.is_some(), "{h:?}");
+    // The controller scales first and writes its status after: on a loaded machine the status
+    // can trail the scale.
+    wait_for("the HPA status with current metrics", || async {
+        let h = hpas.get("busy").await.map_err(|e| e.to_string())?;
+        match h.status {
+            Some(s) if s.current_metrics.is_some() => Ok(()),
+            other => Err(format!("status {other:?}")),
+        }
+    })
+    .await;
     wait_for("4 pods", || running(&c.client, "busy", 4)).await;
     // Load stops: back to 1 only after the 3 s window.
     let idle_since = Instant::now();
