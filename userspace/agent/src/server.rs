@@ -283,8 +283,18 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>, apiserver: bool) ->
     if !apiserver && !authorized(&shared.cfg.token, req.headers()) {
         return Err(Failure::new(401, "Unauthorized", "Unauthorized"));
     }
+    if req.uri().query().is_some_and(|q| q.len() > MAX_QUERY_BYTES) {
+        return Err(Failure::new(
+            414,
+            "RequestURITooLong",
+            format!("the query string is longer than the limit of {MAX_QUERY_BYTES} bytes"),
+        ));
+    }
     let path = req.uri().path().to_string();
     let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    if let [kind @ ("containerLogs" | "exec"), ns, pod, container] = segments.as_slice() {
+        check_names(kind, ns, pod, container)?;
+    }
     match (segments.as_slice(), req.method()) {
         (["containerLogs", ns, pod, container], &Method::GET) => {
             let pairs = query_pairs(req.uri().query());
@@ -301,6 +311,41 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>, apiserver: bool) ->
         }
         _ => Err(Failure::not_found(format!("the agent serves no {path}"))),
     }
+}
+
+/// The longest query string read: kubectl sends a few hundred bytes; a long `exec` command line
+/// still fits. (hyper itself answers 414 without a body past 64 KiB, http's URI limit.)
+pub const MAX_QUERY_BYTES: usize = 32 * 1024;
+
+/// RFC 1123 label: what namespace and container names are (and so never `.`, `..`, `/`, `%`).
+fn is_dns1123_label(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b[0] != b'-'
+        && b[b.len() - 1] != b'-'
+}
+
+/// RFC 1123 subdomain: what pod names are.
+fn is_dns1123_subdomain(s: &str) -> bool {
+    s.len() <= 253 && s.split('.').all(is_dns1123_label)
+}
+
+/// The names in a logs/exec path are checked before they reach the API or a file path: a name
+/// no pod, namespace or container can have is refused as such.
+fn check_names(kind: &str, ns: &str, pod: &str, container: &str) -> Result<(), Failure> {
+    let show = |s: &str| -> String { s.chars().take(80).collect() };
+    if !is_dns1123_label(ns) {
+        return Err(Failure::bad_request(format!("{kind}: namespace {:?} is not a valid namespace name (RFC 1123 label)", show(ns))));
+    }
+    if !is_dns1123_subdomain(pod) {
+        return Err(Failure::bad_request(format!("{kind}: pod {:?} is not a valid pod name (RFC 1123 subdomain)", show(pod))));
+    }
+    if !is_dns1123_label(container) {
+        return Err(Failure::bad_request(format!("{kind}: container {:?} is not a valid container name (RFC 1123 label)", show(container))));
+    }
+    Ok(())
 }
 
 /// The pod, if it is bound to this node.
@@ -596,6 +641,28 @@ async fn exec(shared: &Arc<Shared>, mut req: Request<Incoming>, ns: &str, name: 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn path_names_must_be_names() {
+        assert!(check_names("exec", "default", "web-1.a", "c").is_ok());
+        for (ns, pod, container) in [
+            ("..", "p", "c"),
+            ("default", "..", "c"),
+            ("default", ".", "c"),
+            ("default", "p", ".."),
+            ("default", "a..b", "c"),
+            ("default", "%2e%2e", "c"),
+            ("default", "p", "c%2f"),
+            ("Default", "p", "c"),
+            ("default", "p", "-c"),
+            ("default", &"p".repeat(254), "c"),
+            ("default", "p", &"c".repeat(64)),
+            ("default", "p\0", "c"),
+        ] {
+            let error = check_names("exec", ns, pod, container).expect_err(pod);
+            assert_eq!(error.code, 400);
+        }
+    }
 
     #[test]
     fn bearer_must_match_exactly() {
