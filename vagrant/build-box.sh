@@ -87,6 +87,14 @@ end
 EOF
 tar -C "$work" -czf "$box_dir/skiff-debian12.box" metadata.json Vagrantfile box.img
 vagrant box add --force --name "$box_name" "$box_dir/skiff-debian12.box"
+# vagrant-libvirt copies a box into the storage pool on first use, named after the box (and its
+# timestamp when unversioned): copies of an earlier build would stay behind unused.
+pool_prefix="$(printf '%s' "$box_name" | sed 's|/|-VAGRANTSLASH-|')_vagrant_box_image_"
+if command -v virsh >/dev/null; then
+  for vol in $(virsh -c qemu:///system vol-list default 2>/dev/null | awk -v p="$pool_prefix" 'index($1, p) == 1 {print $1}'); do
+    virsh -c qemu:///system vol-delete --pool default "$vol" >/dev/null && echo "build-box: removed the old pool copy $vol"
+  done
+fi
 echo "$kver" > "$box_dir/kernel-version"
 # Vagrant keeps its own copy: the tarball is not needed again.
 rm -f "$box_dir/skiff-debian12.box"
