@@ -92,7 +92,9 @@ pub struct Env {
 
 impl Env {
     pub fn from_process() -> Env {
-        let get = |k: &str| std::env::var(k).ok();
+        // Not UTF-8: kept (lossily) so the value fails its own check with its name, instead of
+        // reading as "not set".
+        let get = |k: &str| std::env::var_os(k).map(|v| v.to_string_lossy().into_owned());
         Env {
             command: get("CNI_COMMAND"),
             container_id: get("CNI_CONTAINERID"),
@@ -171,6 +173,14 @@ impl Env {
     pub fn cni_args(&self) -> CniResult<CniArgs> {
         CniArgs::parse(self.args.as_deref().unwrap_or(""))
     }
+}
+
+/// `^[a-zA-Z0-9][a-zA-Z0-9_.\-]*$`, as the CNI spec names networks; never `.` or `..`.
+pub fn valid_network_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+        && name.len() <= 255
 }
 
 pub fn valid_ifname(name: &str) -> bool {
@@ -358,6 +368,14 @@ impl NetConf {
         let name = raw.name.filter(|n| !n.is_empty()).ok_or_else(|| {
             CniError::invalid_config("name is missing from the network configuration")
         })?;
+        // The spec's network name (libcni checks the same): it names the default dataDir, so
+        // it may not climb out of it.
+        if !valid_network_name(&name) {
+            return Err(CniError::invalid_config(format!(
+                "network name {:?} is invalid: it must start with a letter or digit and hold only letters, digits, '_', '.' and '-' (at most 255)",
+                name.chars().take(80).collect::<String>()
+            )));
+        }
         if let Some(t) = &raw.plugin_type
             && t.is_empty()
         {
@@ -555,6 +573,19 @@ mod tests {
             }
             let _ = CniArgs::parse(&String::from_utf8_lossy(&bytes));
         }
+    }
+
+    #[test]
+    fn network_names_cannot_climb_out_of_the_data_dir() {
+        for bad in ["../x", "..", ".", "a/b", "/abs", "-x", "a b", "a\0", &"n".repeat(256)] {
+            let stdin = format!(
+                r#"{{"cniVersion":"1.0.0","name":{},"type":"skiff-cni","podCIDR":"10.244.1.0/24"}}"#,
+                serde_json::Value::from(bad)
+            );
+            let error = NetConf::parse(stdin.as_bytes(), Command::Add).expect_err(bad);
+            assert_eq!(error.code, code::INVALID_CONFIG, "{bad}");
+        }
+        assert!(valid_network_name("skiff.net-1_a"));
     }
 
     #[test]

@@ -94,12 +94,12 @@ fn run(node: Option<&str>, env: &[(&str, &str)], stdin: &str) -> Out {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let mut child = cmd.spawn().expect("spawning skiff-cni");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(stdin.as_bytes())
-        .expect("writing stdin");
+    // A plugin that refuses a huge stdin stops reading it: a broken pipe here is its answer.
+    match child.stdin.take().expect("stdin").write_all(stdin.as_bytes()) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+        Err(e) => panic!("writing stdin: {e}"),
+    }
     let out = child.wait_with_output().expect("waiting for skiff-cni");
     Out {
         status: out.status.code().unwrap_or(-1),
@@ -972,6 +972,43 @@ fn bad_configurations_answer_errors_and_change_nothing() {
                 good_s.clone(),
                 4,
             ),
+            // Hostile input: namespaces of another kind, directories, devices; interface
+            // names with '/', dots, NUL-free but odd; network names that climb; huge input.
+            ("CNI_NETNS a pid namespace", env_netns("/proc/self/ns/pid".into()), good_s.clone(), 4),
+            ("CNI_NETNS a directory", env_netns("/run/netns".into()), good_s.clone(), 4),
+            ("CNI_NETNS /dev/null", env_netns("/dev/null".into()), good_s.clone(), 4),
+            ("CNI_NETNS relative", env_netns("netns/../x".into()), good_s.clone(), 4),
+            ("CNI_IFNAME with '/'", own(env_with("CNI_IFNAME", "eth/0")), good_s.clone(), 4),
+            ("CNI_IFNAME ..", own(env_with("CNI_IFNAME", "..")), good_s.clone(), 4),
+            ("CNI_IFNAME with ':'", own(env_with("CNI_IFNAME", "eth0:1")), good_s.clone(), 4),
+            ("CNI_IFNAME with a space", own(env_with("CNI_IFNAME", "eth 0")), good_s.clone(), 4),
+            ("CNI_IFNAME 16 bytes", own(env_with("CNI_IFNAME", "abcdefghijklmnop")), good_s.clone(), 4),
+            ("CNI_CONTAINERID with '/'", own(env_with("CNI_CONTAINERID", "abc/../../x")), good_s.clone(), 4),
+            ("CNI_ARGS empty key", own(env_with("CNI_ARGS", "=x;K8S_POD_NAME=web")), good_s.clone(), 4),
+            ("CNI_ARGS bad IgnoreUnknown", own(env_with("CNI_ARGS", "IgnoreUnknown=maybe")), good_s.clone(), 4),
+            ("CNI_ARGS separators only", own(env_with("CNI_ARGS", ";;=;;")), good_s.clone(), 4),
+            (
+                "network name climbing out of dataDir",
+                own(base.clone()),
+                {
+                    let mut c = good.clone();
+                    c.as_object_mut().expect("object").remove("dataDir");
+                    c["name"] = json!("../../../tmp/skiff-cni-escape");
+                    c.to_string()
+                },
+                7,
+            ),
+            ("network name with '/'", own(base.clone()), with("name", json!("a/b")), 7),
+            ("17 MiB of stdin", own(base.clone()), " ".repeat(17 << 20), 6),
+            (
+                "17 MiB config",
+                own(base.clone()),
+                with("padding", json!("x".repeat(17 << 20))),
+                6,
+            ),
+            ("nesting 100,000 deep", own(base.clone()), "[".repeat(100_000), 6),
+            ("a type that is not a string", own(base.clone()), with("type", json!({"a": 1})), 6),
+            ("a podCIDR of 1 MiB", own(base.clone()), with("podCIDR", json!("1".repeat(1 << 20))), 7),
         ]
     };
     let before_node = snapshot(&lab.node);
@@ -997,6 +1034,10 @@ fn bad_configurations_answer_errors_and_change_nothing() {
     assert!(
         !lab.data_dir().exists(),
         "no IPAM state was written by a refused call"
+    );
+    assert!(
+        !Path::new("/tmp/skiff-cni-escape").exists() && !Path::new("/var/lib/cni/skiff/..").join("../../tmp/skiff-cni-escape").exists(),
+        "no state outside the data directory"
     );
     // The same call with the good configuration works.
     lab.add(0, "1.1.0");
