@@ -26,6 +26,7 @@
 //! - stale connected UDP sockets (cilium #12859): [`Datapath::destroy_stale_udp_sockets`], run
 //!   in each namespace after backends go (see [`sockdiag`]).
 
+mod batch;
 pub mod lab;
 pub mod nodeport;
 pub mod plan;
@@ -271,6 +272,10 @@ pub struct Datapath {
     maglev: HashMap<MapData, u32, MaglevTable>,
     node_config: Array<MapData, NodeConfig>,
     policy: aya::maps::lpm_trie::LpmTrie<MapData, skiff_ebpf_common::PolicyKey, u8>,
+    /// Batch handles on SERVICES, BACKEND_SLOTS and BACKENDS (see [`batch`]).
+    services_batch: batch::BatchMap,
+    slots_batch: batch::BatchMap,
+    backends_batch: batch::BatchMap,
     /// The service maps as this handle last wrote or read them (see `refresh`).
     state: MapState,
     /// How `attach_tc` attaches (see [`tc_attach`]).
@@ -394,6 +399,9 @@ impl Datapath {
             maglev: typed(take(map_names::MAGLEV)?, map_names::MAGLEV)?,
             node_config: typed(take(map_names::NODE_CONFIG)?, map_names::NODE_CONFIG)?,
             policy: typed(take(map_names::POLICY)?, map_names::POLICY)?,
+            services_batch: batch_map(pin_dir, map_names::SERVICES)?,
+            slots_batch: batch_map(pin_dir, map_names::BACKEND_SLOTS)?,
+            backends_batch: batch_map(pin_dir, map_names::BACKENDS)?,
             state: MapState::default(),
             tc_mode: tc_attach::recorded_mode(pin_dir),
             ebpf: None,
@@ -685,17 +693,119 @@ impl Datapath {
 
     /// Executes planned operations in order, keeping the cached state in step. On a failure the
     /// cache is re-read from the maps, so the next diff starts from the truth.
+    ///
+    /// A run of at least [`BATCH_MIN`] consecutive operations of one kind on one map is written
+    /// with one batch command (the kernel writes a batch in array order, so the order holds);
+    /// if the batch stops early, the rest of the run goes one key at a time, which reports the
+    /// real error or gets past a key that is already gone.
     pub fn apply(&mut self, ops: &[MapOp]) -> Result<(), DatapathError> {
-        for op in ops {
-            if let Err(e) = self.apply_one(op) {
-                if let Err(re) = self.refresh() {
-                    warn!(error = %re, "re-reading the service maps after a failed update failed");
+        let mut i = 0;
+        while i < ops.len() {
+            let kind = batch_kind(&ops[i]);
+            let run = match kind {
+                Some(k) => ops[i..]
+                    .iter()
+                    .take_while(|o| batch_kind(o) == Some(k))
+                    .count(),
+                None => 1,
+            };
+            let batched = if run >= BATCH_MIN {
+                self.apply_batch(&ops[i..i + run])
+            } else {
+                0
+            };
+            self.state.apply_all(&ops[i..i + batched]);
+            for op in &ops[i + batched..i + run] {
+                if let Err(e) = self.apply_one(op) {
+                    if let Err(re) = self.refresh() {
+                        warn!(error = %re, "re-reading the service maps after a failed update failed");
+                    }
+                    return Err(e);
                 }
-                return Err(e);
+                self.state.apply(op);
             }
-            self.state.apply(op);
+            i += run;
         }
         Ok(())
+    }
+
+    /// Writes a run of one kind (see [`batch_kind`]) with batch commands; returns how many of
+    /// its operations were written (all, or the prefix before the first failure).
+    fn apply_batch(&mut self, run: &[MapOp]) -> usize {
+        fn done(r: Result<(), batch::BatchError>, len: usize, what: &str) -> usize {
+            match r {
+                Ok(()) => len,
+                Err(e) => {
+                    debug!(map = what, done = e.done, of = len, error = %e.error,
+                           "batch stopped early: the rest one key at a time");
+                    e.done
+                }
+            }
+        }
+        let n = run.len();
+        match &run[0] {
+            MapOp::PutBackend { .. } => {
+                let (keys, values): (Vec<u32>, Vec<Backend>) = run
+                    .iter()
+                    .filter_map(|o| match o {
+                        MapOp::PutBackend { id, backend } => Some((*id, *backend)),
+                        _ => None,
+                    })
+                    .unzip();
+                done(self.backends_batch.update(&keys, &values), n, map_names::BACKENDS)
+            }
+            MapOp::PutSlot { .. } => {
+                let (keys, values): (Vec<BackendSlotKey>, Vec<u32>) = run
+                    .iter()
+                    .filter_map(|o| match o {
+                        MapOp::PutSlot { key, backend_id } => Some((*key, *backend_id)),
+                        _ => None,
+                    })
+                    .unzip();
+                done(self.slots_batch.update(&keys, &values), n, map_names::BACKEND_SLOTS)
+            }
+            MapOp::PutService { .. } => {
+                let (keys, values): (Vec<ServiceKey>, Vec<ServiceValue>) = run
+                    .iter()
+                    .filter_map(|o| match o {
+                        MapOp::PutService { key, value } => Some((*key, *value)),
+                        _ => None,
+                    })
+                    .unzip();
+                done(self.services_batch.update(&keys, &values), n, map_names::SERVICES)
+            }
+            MapOp::DeleteSlot { .. } => {
+                let keys: Vec<BackendSlotKey> = run
+                    .iter()
+                    .filter_map(|o| match o {
+                        MapOp::DeleteSlot { key } => Some(*key),
+                        _ => None,
+                    })
+                    .collect();
+                done(self.slots_batch.delete(&keys), n, map_names::BACKEND_SLOTS)
+            }
+            MapOp::DeleteService { .. } => {
+                let keys: Vec<ServiceKey> = run
+                    .iter()
+                    .filter_map(|o| match o {
+                        MapOp::DeleteService { key } => Some(*key),
+                        _ => None,
+                    })
+                    .collect();
+                done(self.services_batch.delete(&keys), n, map_names::SERVICES)
+            }
+            MapOp::DeleteBackend { .. } => {
+                let keys: Vec<u32> = run
+                    .iter()
+                    .filter_map(|o| match o {
+                        MapOp::DeleteBackend { id } => Some(*id),
+                        _ => None,
+                    })
+                    .collect();
+                done(self.backends_batch.delete(&keys), n, map_names::BACKENDS)
+            }
+            MapOp::PurgeConntrack { .. } => 0,
+        }
     }
 
     fn apply_one(&mut self, op: &MapOp) -> Result<(), DatapathError> {
@@ -933,6 +1043,26 @@ pub struct GcStats {
 }
 
 /// CLOCK_MONOTONIC in ns: the clock bpf_ktime_get_ns() reads.
+/// Runs shorter than this go one key at a time (a batch's vectors cost more than they save).
+const BATCH_MIN: usize = 4;
+
+/// Which batchable kind an operation is (None: conntrack purges, which scan a map).
+fn batch_kind(op: &MapOp) -> Option<u8> {
+    match op {
+        MapOp::PutBackend { .. } => Some(0),
+        MapOp::PutSlot { .. } => Some(1),
+        MapOp::PutService { .. } => Some(2),
+        MapOp::DeleteSlot { .. } => Some(3),
+        MapOp::DeleteService { .. } => Some(4),
+        MapOp::DeleteBackend { .. } => Some(5),
+        MapOp::PurgeConntrack { .. } => None,
+    }
+}
+
+fn batch_map(pin_dir: &Path, name: &'static str) -> Result<batch::BatchMap, DatapathError> {
+    batch::BatchMap::open(&pin_dir.join(name)).map_err(map_err(name))
+}
+
 fn monotonic_ns() -> Result<u64, DatapathError> {
     let mut ts = libc::timespec {
         tv_sec: 0,

@@ -195,6 +195,92 @@ impl MapState {
         }
     }
 
+    /// Applies a run of operations, as [`MapState::apply`] one by one would. A long run of puts
+    /// into a map that is small next to it (a first sync: 100,000 backends into an empty map)
+    /// is merged in bulk (BTreeMap::append builds the tree from sorted input in linear time)
+    /// rather than inserted key by key.
+    pub fn apply_all(&mut self, ops: &[MapOp]) {
+        const BULK_MIN: usize = 1024;
+        let all = |pred: fn(&MapOp) -> bool| ops.iter().all(pred);
+        if ops.len() >= BULK_MIN
+            && ops.len() >= self.backends.len()
+            && all(|o| matches!(o, MapOp::PutBackend { .. }))
+        {
+            let mut new: BTreeMap<u32, Backend> = ops
+                .iter()
+                .filter_map(|o| match o {
+                    MapOp::PutBackend { id, backend } => Some((*id, *backend)),
+                    _ => None,
+                })
+                .collect();
+            let replaced: Vec<(u32, u32)> = new
+                .keys()
+                .filter_map(|id| self.backends.get(id).map(|old| (*id, old.service_id)))
+                .collect();
+            for (id, service_id) in replaced {
+                self.unindex_backend(id, service_id);
+            }
+            // Plans write a service's backends together: index them a service at a time.
+            for group in ops.chunk_by(|a, b| match (a, b) {
+                (MapOp::PutBackend { backend: x, .. }, MapOp::PutBackend { backend: y, .. }) => {
+                    x.service_id == y.service_id
+                }
+                _ => false,
+            }) {
+                let ids = group.iter().filter_map(|o| match o {
+                    MapOp::PutBackend { id, .. } => Some(*id),
+                    _ => None,
+                });
+                if let Some(MapOp::PutBackend { backend, .. }) = group.first() {
+                    let set = self.service_backends.entry(backend.service_id).or_default();
+                    if set.is_empty() {
+                        *set = ids.collect();
+                    } else {
+                        set.extend(ids);
+                    }
+                }
+            }
+            self.backends.append(&mut new);
+        } else if ops.len() >= BULK_MIN
+            && ops.len() >= self.slots.len()
+            && all(|o| matches!(o, MapOp::PutSlot { .. }))
+        {
+            let mut new: BTreeMap<BackendSlotKey, u32> = ops
+                .iter()
+                .filter_map(|o| match o {
+                    MapOp::PutSlot { key, backend_id } => Some((*key, *backend_id)),
+                    _ => None,
+                })
+                .collect();
+            self.slots.append(&mut new);
+        } else if ops.len() >= BULK_MIN
+            && ops.len() >= self.services.len()
+            && all(|o| matches!(o, MapOp::PutService { .. }))
+        {
+            let mut new: BTreeMap<ServiceKey, ServiceValue> = ops
+                .iter()
+                .filter_map(|o| match o {
+                    MapOp::PutService { key, value } => Some((*key, *value)),
+                    _ => None,
+                })
+                .collect();
+            let replaced: Vec<u32> = new
+                .keys()
+                .filter_map(|k| self.services.get(k).map(|v| v.service_id))
+                .collect();
+            for id in replaced {
+                self.service_ids.remove(&id);
+            }
+            let mut ids: BTreeSet<u32> = new.values().map(|v| v.service_id).collect();
+            self.service_ids.append(&mut ids);
+            self.services.append(&mut new);
+        } else {
+            for op in ops {
+                self.apply(op);
+            }
+        }
+    }
+
     fn unindex_backend(&mut self, id: u32, service_id: u32) {
         if let Some(set) = self.service_backends.get_mut(&service_id) {
             set.remove(&id);
@@ -224,20 +310,75 @@ pub fn service_key(spec: &ServiceSpec) -> Result<ServiceKey, DatapathError> {
     })
 }
 
-/// A free id >= 1 that is not `used`: one above the highest in use (O(1) for ordered sets),
-/// or, once the top of the u32 range is reached, the lowest gap.
-fn free_id(highest: Option<u32>, used: impl Fn(u32) -> bool) -> Result<u32, DatapathError> {
-    match highest {
-        None => Ok(1),
-        Some(h) if h < u32::MAX => Ok(h + 1),
-        Some(_) => (1..u32::MAX)
-            .find(|id| !used(*id))
-            .ok_or_else(|| DatapathError::InvalidService("no free id left in the maps".into())),
+/// Hands out ids of one kind (service or backend) for one plan: one above the highest in the
+/// state or handed out before (O(1)), or, once the top of the u32 range is reached, the lowest
+/// gap. An id this plan deletes stays in the state it plans against, so it is never handed out
+/// again by the same plan: that is what lets [`plan_sync`] group its operations by kind (a put
+/// and a delete of one key in one plan would otherwise depend on their order).
+#[derive(Clone, Debug)]
+struct IdRange {
+    /// The highest id in the state.
+    state_max: u32,
+    /// The highest id handed out by counting up (>= state_max; 0: none yet).
+    highest: u32,
+    /// Ids handed out by the gap search.
+    gaps: BTreeSet<u32>,
+}
+
+impl IdRange {
+    fn new(state_max: Option<u32>) -> IdRange {
+        let m = state_max.unwrap_or(0);
+        IdRange {
+            state_max: m,
+            highest: m,
+            gaps: BTreeSet::new(),
+        }
+    }
+
+    fn next(&mut self, in_state: impl Fn(u32) -> bool) -> Result<u32, DatapathError> {
+        if self.highest < u32::MAX {
+            self.highest += 1;
+            return Ok(self.highest);
+        }
+        // Everything above state_max is handed out: look for a gap below it.
+        let id = (1..=self.state_max)
+            .find(|id| !in_state(*id) && !self.gaps.contains(id))
+            .ok_or_else(|| DatapathError::InvalidService("no free id left in the maps".into()))?;
+        self.gaps.insert(id);
+        Ok(id)
+    }
+}
+
+/// The ids one plan hands out.
+#[derive(Clone, Debug)]
+struct IdAlloc {
+    services: IdRange,
+    backends: IdRange,
+}
+
+impl IdAlloc {
+    fn new(state: &MapState) -> IdAlloc {
+        IdAlloc {
+            services: IdRange::new(state.service_ids.last().copied()),
+            backends: IdRange::new(state.backends.keys().next_back().copied()),
+        }
     }
 }
 
 /// Operations that make the maps hold `spec` (creating the service or updating it in place).
 pub fn plan_upsert(spec: &ServiceSpec, state: &MapState) -> Result<Vec<MapOp>, DatapathError> {
+    let mut ops = Vec::new();
+    plan_upsert_into(spec, state, &mut IdAlloc::new(state), &mut ops)?;
+    Ok(ops)
+}
+
+/// [`plan_upsert`] appending to `ops`, with ids from `ids`. On an error nothing is appended.
+fn plan_upsert_into(
+    spec: &ServiceSpec,
+    state: &MapState,
+    ids: &mut IdAlloc,
+    out: &mut Vec<MapOp>,
+) -> Result<(), DatapathError> {
     let key = service_key(spec)?;
     if spec.port == 0 {
         return Err(DatapathError::InvalidService(format!(
@@ -251,8 +392,9 @@ pub fn plan_upsert(spec: &ServiceSpec, state: &MapState) -> Result<Vec<MapOp>, D
             spec.vip, spec.port
         )));
     }
-    // Validate every backend before planning anything: bad input changes nothing.
-    let mut desired: BTreeMap<(Addr, u16), u8> = BTreeMap::new();
+    // Validate every backend before planning anything: bad input changes nothing. A sorted
+    // vector rather than a map: a service has a handful of backends, planned 10,000 times.
+    let mut desired: Vec<((Addr, u16), u8)> = Vec::with_capacity(spec.backends.len());
     for b in &spec.backends {
         let addr = v4(b.ip, "backend address")?;
         if b.port == 0 {
@@ -268,23 +410,28 @@ pub fn plan_upsert(spec: &ServiceSpec, state: &MapState) -> Result<Vec<MapOp>, D
         } else {
             BACKEND_TERMINATING
         };
-        if desired
-            .insert((addr, port_to_raw(b.port)), state_byte)
-            .is_some()
-        {
-            return Err(DatapathError::InvalidService(format!(
-                "service {}:{}: backend {}:{} is listed twice",
-                spec.vip, spec.port, b.ip, b.port
-            )));
-        }
+        desired.push(((addr, port_to_raw(b.port)), state_byte));
+    }
+    desired.sort_unstable_by_key(|(k, _)| *k);
+    if let Some(w) = desired.windows(2).find(|w| w[0].0 == w[1].0) {
+        let (addr, port) = w[0].0;
+        return Err(DatapathError::InvalidService(format!(
+            "service {}:{}: backend {}:{} is listed twice",
+            spec.vip,
+            spec.port,
+            std::net::Ipv4Addr::from(skiff_ebpf_common::raw_to_ip4(addr.w[0])),
+            skiff_ebpf_common::raw_to_port(port)
+        )));
     }
 
     let existing = state.services.get(&key).copied();
+    // Ids are taken from a copy, committed only when the plan succeeds.
+    let mut new_ids = ids.clone();
     let service_id = match existing {
         Some(v) => v.service_id,
-        None => free_id(state.service_ids.last().copied(), |id| {
-            state.service_ids.contains(&id)
-        })?,
+        None => new_ids
+            .services
+            .next(|id| state.service_ids.contains(&id))?,
     };
     let proto = spec.proto.number();
 
@@ -293,12 +440,10 @@ pub fn plan_upsert(spec: &ServiceSpec, state: &MapState) -> Result<Vec<MapOp>, D
         .backends_of(service_id)
         .map(|(id, b)| ((b.addr, b.port), (id, *b)))
         .collect();
-    // Ids handed out by this plan (not yet in `state`).
-    let mut allocated: BTreeSet<u32> = BTreeSet::new();
 
-    let mut ops = Vec::new();
-    let mut active_ids = Vec::new();
-    for (&(addr, port), &state_byte) in &desired {
+    let mut ops = Vec::with_capacity(desired.len() * 2 + 1);
+    let mut active_ids = Vec::with_capacity(desired.len());
+    for &((addr, port), state_byte) in &desired {
         let backend = Backend {
             addr,
             port,
@@ -314,16 +459,9 @@ pub fn plan_upsert(spec: &ServiceSpec, state: &MapState) -> Result<Vec<MapOp>, D
                 id
             }
             None => {
-                let highest = state
+                let id = new_ids
                     .backends
-                    .keys()
-                    .next_back()
-                    .copied()
-                    .max(allocated.last().copied());
-                let id = free_id(highest, |id| {
-                    state.backends.contains_key(&id) || allocated.contains(&id)
-                })?;
-                allocated.insert(id);
+                    .next(|id| state.backends.contains_key(&id))?;
                 ops.push(MapOp::PutBackend { id, backend });
                 id
             }
@@ -338,14 +476,19 @@ pub fn plan_upsert(spec: &ServiceSpec, state: &MapState) -> Result<Vec<MapOp>, D
     // that stopped being active, then go at the end; remaining holes are closed by moving the
     // last slot into them.
     let old_count = existing.map(|v| v.backend_count).unwrap_or(0);
-    let active_set: BTreeSet<u32> = active_ids.iter().copied().collect();
+    let mut active_sorted = active_ids.clone();
+    active_sorted.sort_unstable();
     let mut slots: Vec<Option<u32>> = state
         .slots_of(service_id)
         .filter(|(k, _)| k.slot < old_count)
-        .map(|(_, id)| Some(*id).filter(|id| active_set.contains(id)))
+        .map(|(_, id)| Some(*id).filter(|id| active_sorted.binary_search(id).is_ok()))
         .collect();
-    let placed: BTreeSet<u32> = slots.iter().flatten().copied().collect();
-    let mut fresh = active_ids.iter().copied().filter(|id| !placed.contains(id));
+    let mut placed: Vec<u32> = slots.iter().flatten().copied().collect();
+    placed.sort_unstable();
+    let mut fresh = active_ids
+        .iter()
+        .copied()
+        .filter(|id| placed.binary_search(id).is_err());
     for s in slots.iter_mut() {
         if s.is_none() {
             *s = fresh.next();
@@ -401,12 +544,17 @@ pub fn plan_upsert(spec: &ServiceSpec, state: &MapState) -> Result<Vec<MapOp>, D
         ops.push(MapOp::DeleteSlot { key: *slot_key });
     }
     for (addr_port, (id, _)) in &current {
-        if !desired.contains_key(addr_port) {
+        if desired
+            .binary_search_by_key(addr_port, |(k, _)| *k)
+            .is_err()
+        {
             ops.push(MapOp::DeleteBackend { id: *id });
             ops.push(MapOp::PurgeConntrack { backend_id: *id });
         }
     }
-    Ok(ops)
+    *ids = new_ids;
+    out.append(&mut ops);
+    Ok(())
 }
 
 /// Operations that remove a service (no-op if it is not there).
@@ -426,39 +574,59 @@ pub fn plan_delete(key: &ServiceKey, state: &MapState) -> Vec<MapOp> {
     ops
 }
 
-/// Operations that make the maps hold exactly `desired` (services not in it are deleted).
+/// The phase an operation runs in when [`plan_sync`] groups a whole sync by kind. Each
+/// service's own order (backends before the slots that name them, slots before the count that
+/// exposes them, the count shrinking before the slots beyond it go, backends deleted last) holds
+/// across the phases, and no key is both written and deleted in one plan (ids are never reused
+/// within a plan; stale and desired services have different keys), so the grouped order is as
+/// safe as the per-service one. It lets the datapath write each phase as batches.
+fn phase(op: &MapOp) -> u8 {
+    match op {
+        MapOp::PutBackend { .. } => 0,
+        MapOp::PutSlot { .. } => 1,
+        MapOp::PutService { .. } | MapOp::DeleteService { .. } => 2,
+        MapOp::DeleteSlot { .. } => 3,
+        MapOp::DeleteBackend { .. } => 4,
+        MapOp::PurgeConntrack { .. } => 5,
+    }
+}
+
+/// Operations that make the maps hold exactly `desired` (services not in it are deleted),
+/// grouped by kind (see [`phase`]). Every service is planned against `state` itself: services
+/// do not share map entries, only the id counters, so no working copy of the maps is needed.
 pub fn plan_sync(desired: &[ServiceSpec], state: &MapState) -> Result<Vec<MapOp>, DatapathError> {
-    let mut keys = BTreeSet::new();
+    let mut keys = Vec::with_capacity(desired.len());
     for spec in desired {
-        if !keys.insert(service_key(spec)?) {
-            return Err(DatapathError::InvalidService(format!(
-                "service {}:{}/{:?} is listed twice",
-                spec.vip, spec.port, spec.proto
-            )));
-        }
+        keys.push(service_key(spec)?);
     }
-    let mut working = state.clone();
+    keys.sort_unstable();
+    if let Some(w) = keys.windows(2).find(|w| w[0] == w[1]) {
+        let spec = desired
+            .iter()
+            .find(|s| service_key(s).ok() == Some(w[0]))
+            .ok_or_else(|| DatapathError::InvalidService("a service is listed twice".into()))?;
+        return Err(DatapathError::InvalidService(format!(
+            "service {}:{}/{:?} is listed twice",
+            spec.vip, spec.port, spec.proto
+        )));
+    }
     let mut ops = Vec::new();
-    // Deletes first so their ids are free for the services that follow.
-    let stale: Vec<ServiceKey> = working
-        .services
-        .keys()
-        .filter(|k| !keys.contains(k))
-        .copied()
-        .collect();
-    for key in stale {
-        for op in plan_delete(&key, &working) {
-            working.apply(&op);
-            ops.push(op);
+    for key in state.services.keys() {
+        if keys.binary_search(key).is_err() {
+            ops.extend(plan_delete(key, state));
         }
     }
+    let mut ids = IdAlloc::new(state);
     for spec in desired {
-        for op in plan_upsert(spec, &working)? {
-            working.apply(&op);
-            ops.push(op);
-        }
+        plan_upsert_into(spec, state, &mut ids, &mut ops)?;
     }
-    Ok(ops)
+    // Bucketed by phase (a stable, linear sort): within a phase, operations keep their
+    // per-service order.
+    let mut phases: [Vec<MapOp>; 6] = Default::default();
+    for op in ops {
+        phases[phase(&op) as usize].push(op);
+    }
+    Ok(phases.concat())
 }
 
 #[cfg(test)]
@@ -691,5 +859,154 @@ mod tests {
         let mut aff0 = svc(vec![]);
         aff0.affinity_timeout = Some(0);
         assert!(plan_upsert(&aff0, &MapState::default()).is_err());
+    }
+
+    fn numbered(i: u8, backends: Vec<BackendSpec>) -> ServiceSpec {
+        let mut s = svc(backends);
+        s.vip = IpAddr::V4(Ipv4Addr::new(10, 96, 1, i));
+        s
+    }
+
+    #[test]
+    fn sync_groups_ops_by_kind_and_reuses_no_id_it_frees() {
+        // Start: services 1..=3; then a sync drops 3, changes 2 and adds 4.
+        let first: Vec<ServiceSpec> = (1..=3)
+            .map(|i| {
+                numbered(
+                    i,
+                    vec![b(10 + i, 80, true, false), b(20 + i, 80, true, false)],
+                )
+            })
+            .collect();
+        let s1 = applied(
+            &MapState::default(),
+            &plan_sync(&first, &MapState::default()).expect("valid"),
+        );
+        let second = vec![
+            first[0].clone(),
+            numbered(2, vec![b(12, 80, true, false), b(30, 80, true, false)]),
+            numbered(4, vec![b(14, 80, true, false)]),
+        ];
+        let ops = plan_sync(&second, &s1).expect("valid");
+        let phases: Vec<u8> = ops.iter().map(phase).collect();
+        let mut sorted = phases.clone();
+        sorted.sort();
+        assert_eq!(phases, sorted, "grouped by kind: {ops:?}");
+        // No key is written and deleted in the same plan.
+        let put_ids: BTreeSet<u32> = ops
+            .iter()
+            .filter_map(|o| match o {
+                MapOp::PutBackend { id, .. } => Some(*id),
+                _ => None,
+            })
+            .collect();
+        let del_ids: BTreeSet<u32> = ops
+            .iter()
+            .filter_map(|o| match o {
+                MapOp::DeleteBackend { id } => Some(*id),
+                _ => None,
+            })
+            .collect();
+        assert!(put_ids.is_disjoint(&del_ids), "{put_ids:?} vs {del_ids:?}");
+        let put_slots: BTreeSet<BackendSlotKey> = ops
+            .iter()
+            .filter_map(|o| match o {
+                MapOp::PutSlot { key, .. } => Some(*key),
+                _ => None,
+            })
+            .collect();
+        assert!(
+            ops.iter()
+                .all(|o| !matches!(o, MapOp::DeleteSlot { key } if put_slots.contains(key)))
+        );
+        let s2 = applied(&s1, &ops);
+        // The result is what planning service by service gives (the maps' meaning).
+        for spec in &second {
+            assert!(
+                plan_upsert(spec, &s2).expect("valid").is_empty(),
+                "{spec:?} already there"
+            );
+        }
+        assert_eq!(s2.services.len(), 3);
+        assert_eq!(s2.backends.len(), 5);
+        assert_eq!(active(&s2, &second[1]), vec![(12, 80), (30, 80)]);
+        let new_id = s2.services[&service_key(&second[2]).expect("v4")].service_id;
+        let old_ids: BTreeSet<u32> = s1.services.values().map(|v| v.service_id).collect();
+        assert!(
+            !old_ids.contains(&new_id),
+            "service 3's id is not reused in the same sync"
+        );
+        // And a sync to the same set is empty.
+        assert!(plan_sync(&second, &s2).expect("valid").is_empty());
+    }
+
+    #[test]
+    fn a_failed_plan_hands_out_no_ids() {
+        let good = numbered(1, vec![b(11, 80, true, false)]);
+        let bad = numbered(2, vec![b(12, 80, true, false), b(12, 80, true, false)]);
+        assert!(plan_sync(&[good.clone(), bad], &MapState::default()).is_err());
+        let ops = plan_sync(&[good], &MapState::default()).expect("valid");
+        assert!(
+            ops.contains(&MapOp::PutBackend {
+                id: 1,
+                backend: Backend {
+                    addr: Addr::v4([10, 244, 0, 11]),
+                    port: port_to_raw(80),
+                    proto: PROTO_TCP,
+                    state: BACKEND_ACTIVE,
+                    service_id: 1,
+                }
+            }),
+            "{ops:?}"
+        );
+    }
+
+    #[test]
+    fn bulk_apply_equals_one_by_one() {
+        // A first sync big enough for the bulk path, then a second over it (replacing entries).
+        let specs: Vec<ServiceSpec> = (0..300u32)
+            .map(|i| {
+                let mut s = svc((0..5)
+                    .map(|k| b(k + 1, 8000 + i as u16, k != 4, k == 4))
+                    .collect());
+                s.vip = IpAddr::V4(Ipv4Addr::from(0x0a60_0000 + i));
+                s
+            })
+            .collect();
+        let ops = plan_sync(&specs, &MapState::default()).expect("valid");
+        let one_by_one = applied(&MapState::default(), &ops);
+        let mut bulk = MapState::default();
+        for run in ops.chunk_by(|a, b| phase(a) == phase(b)) {
+            bulk.apply_all(run);
+        }
+        assert_eq!(bulk, one_by_one);
+        assert_eq!(
+            bulk,
+            MapState::from_maps(
+                bulk.services.clone(),
+                bulk.slots.clone(),
+                bulk.backends.clone()
+            ),
+            "indexes right"
+        );
+        let mut changed = specs.clone();
+        for s in changed.iter_mut() {
+            s.backends[4].ready = true;
+            s.backends[4].terminating = false;
+        }
+        let ops2 = plan_sync(&changed, &bulk).expect("valid");
+        let want = applied(&bulk, &ops2);
+        for run in ops2.chunk_by(|a, b| phase(a) == phase(b)) {
+            bulk.apply_all(run);
+        }
+        assert_eq!(bulk, want);
+        assert_eq!(
+            bulk,
+            MapState::from_maps(
+                bulk.services.clone(),
+                bulk.slots.clone(),
+                bulk.backends.clone()
+            )
+        );
     }
 }

@@ -56,9 +56,15 @@ fn ten_thousand_services_with_a_hundred_thousand_endpoints() {
     let _s2 = Server::start(&lab.pods[2].netns, lab.pods[2].ip, 8080);
     let specs: Vec<ServiceSpec> = (0..SERVICES).map(|i| service(&lab, i)).collect();
 
+    // The pure plan alone (what the full sync below spends before its first syscall).
+    let t = Instant::now();
+    let planned = skiff_datapath::plan::plan_sync(&specs, dp.cached_state()).expect("plan");
+    let plan_only = t.elapsed();
     let t = Instant::now();
     let ops = dp.sync_services(&specs).expect("programming 10k services");
     let full = t.elapsed();
+    assert_eq!(planned, ops, "the sync applied what was planned");
+    eprintln!("plan alone: {} operations in {plan_only:?}", planned.len());
     let st = dp.map_state().expect("state");
     assert_eq!(st.services.len(), SERVICES);
     assert_eq!(st.backends.len(), SERVICES * ENDPOINTS_PER_SERVICE);
@@ -113,4 +119,62 @@ fn ten_thousand_services_with_a_hundred_thousand_endpoints() {
             .expect("resync after restart")
             .is_empty()
     );
+}
+
+/// The bench's programming-time shape (svcbench `programming`): 10,000 Services x 10 endpoints,
+/// every one ready (so 100,000 slots too), into freshly loaded maps. Prints the pure plan and
+/// the whole sync so a run can be compared with bench/results; asserts only what must hold (the
+/// maps are the plan), since a time bound would flake on a shared machine.
+#[test]
+fn programming_time_ten_thousand_services_all_ready() {
+    if !require_privileges("programming_time_ten_thousand_services_all_ready") {
+        return;
+    }
+    let lab = Lab::new("scaleprog", 0);
+    let mut dp = lab.datapath();
+    let specs: Vec<ServiceSpec> = (0..SERVICES)
+        .map(|i| ServiceSpec {
+            vip: IpAddr::V4(vip(i)),
+            port: 80,
+            proto: Proto::Tcp,
+            backends: (0..ENDPOINTS_PER_SERVICE)
+                .map(|k| BackendSpec {
+                    ip: IpAddr::V4(Ipv4Addr::new(10, 244, (k + 1) as u8, (i % 250) as u8 + 1)),
+                    port: 8080 + (i / 250) as u16,
+                    ready: true,
+                    terminating: false,
+                })
+                .collect(),
+            affinity_timeout: None,
+            external_traffic_local: false,
+        })
+        .collect();
+    let (t, c) = (Instant::now(), thread_cpu());
+    let planned = skiff_datapath::plan::plan_sync(&specs, dp.cached_state()).expect("plan");
+    let (plan_only, plan_cpu) = (t.elapsed(), thread_cpu() - c);
+    let (t, c) = (Instant::now(), thread_cpu());
+    let ops = dp.sync_services(&specs).expect("programming");
+    let (full, full_cpu) = (t.elapsed(), thread_cpu() - c);
+    assert_eq!(planned, ops);
+    let st = dp.map_state().expect("state");
+    assert_eq!(st.services.len(), SERVICES);
+    assert_eq!(st.backends.len(), SERVICES * ENDPOINTS_PER_SERVICE);
+    assert_eq!(st.slots.len(), SERVICES * ENDPOINTS_PER_SERVICE);
+    assert_eq!(&st, dp.cached_state(), "the cache matches the kernel maps");
+    eprintln!(
+        "all-ready: {} operations; plan alone {plan_only:?} (cpu {plan_cpu:?}); sync_services (plan + writes) {full:?} (cpu {full_cpu:?})",
+        ops.len()
+    );
+}
+
+/// This thread's CPU time, user and kernel (its syscalls' work included): on a machine shared
+/// with other builds, wall time mostly measures the others.
+fn thread_cpu() -> std::time::Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec into the valid pointer given.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
