@@ -4,7 +4,8 @@
 # the agents one at a time, deploys a Deployment and a NodePort Service, and checks: every node
 # Ready, the datapath loaded on the guests' kernel (with the features it lacks and the fallbacks
 # it took), pods spread over the agent VMs, pod-to-pod across VMs, the ClusterIP from every node
-# (every backend answers), the NodePort from the host on every agent; runs a short service
+# (every backend answers), the API through the kubernetes Service from every node, the NodePort
+# from the host on every agent; runs a short service
 # benchmark across VMs (new connection per request, ClusterIP against the pods' own IPs); then
 # destroys everything and checks that no domain, volume or network of the lab is left (the box
 # stays cached).
@@ -213,6 +214,28 @@ done
 check "ClusterIP $vip answers 20/20 from every agent VM" test "$vip_ok" = 1
 distinct=$(printf '%s\n' $seen | sort -u | grep -c . || true)
 check "the ClusterIP reached every backend ($distinct of $replicas)" test "$distinct" -eq "$replicas"
+
+# The API through the kubernetes Service (10.96.0.1:443 -> the server's lab address), from every
+# agent's host cgroup (/healthz needs no credentials).
+api_vip=$(k get service kubernetes -o jsonpath='{.spec.clusterIP}')
+api_ok=1
+for m in $agent_names; do
+  out=$(vagrant ssh "$m" -c "sudo sh -c 'echo \$\$ > /sys/fs/cgroup/skiff/$m/host/cgroup.procs && curl -sk --max-time 5 https://$api_vip/healthz'" </dev/null 2>/dev/null || true)
+  say "  $m -> https://$api_vip/healthz: '$out'"
+  [ "$out" = ok ] || api_ok=0
+done
+# And from a pod on every node (a TCP connect: busybox has no TLS client worth the name).
+api_pods=0
+for m in $agent_names; do
+  p=$(printf '%s\n' "${pods[@]}" | awk -v n="$m" '$3 == n {print $1; exit}')
+  [ -n "$p" ] || continue
+  if timeout 30 "$kubectl" --kubeconfig "$kc" exec "$p" -- nc -w 5 "$api_vip" 443 -e true >/dev/null 2>&1; then
+    api_pods=$((api_pods + 1)); say "  $p ($m) -> $api_vip:443: connected"
+  else
+    say "  $p ($m) -> $api_vip:443: no connection"; api_ok=0
+  fi
+done
+check "the API through the kubernetes Service from every agent VM and a pod on each ($api_pods pods)" test "$api_ok" = 1
 
 # The NodePort from the host, on every agent's lab address (XDP on the agent's uplink).
 np_ok=1

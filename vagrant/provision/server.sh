@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The server VM: `skiff server` as a systemd unit on every address (6443), its certificate also
-# naming the lab address; waits until it answers and its admin kubeconfig exists.
+# The server VM: `skiff server` as a systemd unit on the lab address (6443; the address it binds
+# is the `kubernetes` Service's endpoint and the one it publishes in cluster-info: with 0.0.0.0
+# pods would have no kubernetes.default), its certificate naming that address; waits until it
+# answers and its admin kubeconfig exists.
 # One server: no leader election (under software emulation a debug build can miss a 10 s
 # renewal and stop its controllers until it wins the Lease again).
 # Usage: server.sh IP
@@ -13,7 +15,7 @@ After=network-online.target
 Wants=network-online.target
 
 [Service]
-ExecStart=/usr/local/bin/skiff server --data-dir /var/lib/skiff --bind 0.0.0.0:6443 --tls-san $ip_addr --leader-elect=false
+ExecStart=/usr/local/bin/skiff server --data-dir /var/lib/skiff --bind ${ip_addr}:6443 --tls-san $ip_addr --leader-elect=false
 Restart=on-failure
 RestartSec=2
 
