@@ -10,8 +10,10 @@
 //!
 //! IPv6 readiness: every address is an [`Addr`] of 16 bytes. An IPv4 address lives in `w[0]`
 //! with `w[1..4]` zero (not the `::ffff:a.b.c.d` mapped form: the programs then compare one word
-//! and a zeroed tail, and an IPv6 program can use the same maps with all four words). The
-//! `family` is carried where a value must say which it is.
+//! and a zeroed tail, and an IPv6 program can use the same maps with all four words). The keys
+//! carry no family, though: IPv4 a.b.c.d and the IPv6 address a.b.c.d:: (low 96 bits zero) have
+//! the same `Addr`, so IPv6 programs need a family in the keys (CtKey has spare padding, the
+//! others would grow) or maps of their own. `PolicyKey` and [`flow_hash`] are IPv4 only.
 
 /// Map names, shared so userspace finds them by the same string the object declares.
 pub mod map_names {

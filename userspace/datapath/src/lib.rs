@@ -409,6 +409,19 @@ impl Datapath {
         })
     }
 
+    /// Every program in the object and whether this handle loaded it (the verifier accepted
+    /// it). Empty for a handle opened from pins only (`open_pinned`).
+    pub fn programs_loaded(&self) -> Vec<(String, bool)> {
+        self.ebpf
+            .as_ref()
+            .map(|e| {
+                e.programs()
+                    .map(|(name, p)| (name.to_string(), p.fd().is_ok()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     pub fn pin_dir(&self) -> &Path {
         &self.pin_dir
     }

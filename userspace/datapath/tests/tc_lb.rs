@@ -46,6 +46,26 @@ fn verifier_accepts_every_program() {
     let lab = Lab::new("load", 0);
     // Datapath::load loads every program, so the verifier has run on all of them.
     let dp = Datapath::load(&lab.pin_dir).expect("every program loads");
+    // ... and "every" means every program the object holds, not only those the loader names.
+    let programs = dp.programs_loaded();
+    let names: std::collections::BTreeSet<&str> =
+        programs.iter().map(|(n, _)| n.as_str()).collect();
+    let expected: std::collections::BTreeSet<&str> = [
+        skiff_ebpf_common::program_names::CONNECT4,
+        skiff_ebpf_common::program_names::SENDMSG4,
+        skiff_ebpf_common::program_names::RECVMSG4,
+        skiff_ebpf_common::program_names::GETPEERNAME4,
+        skiff_ebpf_common::program_names::FROM_POD,
+        skiff_ebpf_common::program_names::NODEPORT,
+    ]
+    .into();
+    assert_eq!(names, expected, "the object's programs: {programs:?}");
+    for (name, loaded) in &programs {
+        assert!(
+            loaded,
+            "program {name} is in the object but was not loaded (verified)"
+        );
+    }
     for name in skiff_ebpf_common::map_names::ALL {
         assert!(lab.pin_dir.join(name).exists(), "map {name} pinned");
     }
