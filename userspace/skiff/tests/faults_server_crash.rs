@@ -235,6 +235,17 @@ fn kill_delay(round: usize) -> Duration {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_mid_apply_streams_loses_nothing_and_watchers_resume() {
+    crash_run("kill_9_mid_apply_streams", KILLS, Duration::from_secs(2)).await;
+}
+
+/// The same for longer: 40 SIGKILLs at random points, about two and a half minutes of load.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "soak, ~3 min: cargo test -p skiff --test faults_server_crash -- --ignored --nocapture"]
+async fn kill_9_soak_40_crashes_loses_nothing() {
+    crash_run("kill_9_soak", 40, Duration::from_secs(5)).await;
+}
+
+async fn crash_run(label: &str, kills: usize, write_after_last: Duration) {
     let Some(kubectl_bin) = kubectl_path() else {
         require("kubectl 1.32", false);
         return;
@@ -264,7 +275,7 @@ async fn kill_9_mid_apply_streams_loses_nothing_and_watchers_resume() {
     };
 
     let mut downtime = Duration::ZERO;
-    for round in 0..KILLS {
+    for round in 0..kills {
         tokio::time::sleep(kill_delay(round)).await;
         let acked_before: usize = ledger.lock().expect("ledger").values().map(|r| r.acked.len()).sum();
         assert!(acked_before > 10 * (round + 1), "writers made progress before kill {round}: {acked_before} acks");
@@ -278,7 +289,7 @@ async fn kill_9_mid_apply_streams_loses_nothing_and_watchers_resume() {
         downtime += down_at.elapsed();
     }
     // Keep writing after the last restart, so the watchers must also carry on past it.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    tokio::time::sleep(write_after_last).await;
     stop.store(true, Ordering::Relaxed);
     let mut totals = (0u64, 0u64);
     for w in writers {
@@ -358,11 +369,11 @@ async fn kill_9_mid_apply_streams_loses_nothing_and_watchers_resume() {
             seen.reconnects,
             seen.gone_relists
         );
-        assert!(seen.reconnects >= KILLS as u64, "watcher {i} saw the server go away and reconnected");
+        assert!(seen.reconnects >= kills as u64, "watcher {i} saw the server go away and reconnected");
     }
     let acked_total: usize = ledger.values().map(|r| r.acked.len()).sum();
     eprintln!(
-        "FIGURES kill_9_mid_apply_streams: {KILLS} SIGKILLs, {acked_total} acknowledged writes \
+        "FIGURES {label}: {kills} SIGKILLs, {acked_total} acknowledged writes \
          (kube-rs {} ok / {} failed, kubectl {k_ok} ok / {k_failed} failed), {} names, \
          {unacked_landed} unacknowledged attempts landed, 0 lost, downtime {:.1} s, total {:.1} s",
         totals.0,
