@@ -139,10 +139,13 @@ fn node_ready(k: &Kubectl, node: &str) -> String {
         .to_string()
 }
 
+/// Per node, each Ready status it entered and when the watch saw it.
+type ReadyHistory = Arc<Mutex<BTreeMap<String, Vec<(Instant, String)>>>>;
+
 /// Every Ready status each node went through, from a live `kubectl get nodes --watch`.
 struct ReadyWatch {
     child: Child,
-    history: Arc<Mutex<BTreeMap<String, Vec<(Instant, String)>>>>,
+    history: ReadyHistory,
 }
 
 impl ReadyWatch {
@@ -154,7 +157,7 @@ impl ReadyWatch {
             .spawn()
             .expect("kubectl get nodes --watch");
         let stdout = child.stdout.take().expect("stdout");
-        let history: Arc<Mutex<BTreeMap<String, Vec<(Instant, String)>>>> = Arc::default();
+        let history: ReadyHistory = Arc::default();
         let h = history.clone();
         std::thread::spawn(move || {
             let stream = serde_json::Deserializer::from_reader(BufReader::new(stdout)).into_iter::<serde_json::Value>();
@@ -472,6 +475,8 @@ fn node_faults_on_a_skiff_up_cluster() {
     let not_ready_after = eventually(&format!("{b} NotReady after the partition"), GRACE + Duration::from_secs(20), || {
         (node_ready(&k, &b) != "True").then(|| partition_start.elapsed())
     });
+    // The grace runs from the last heartbeat the controller saw, up to one heartbeat interval
+    // (1 s) before the cut.
     assert!(not_ready_after + Duration::from_secs(1) >= GRACE, "{b} went NotReady after the grace, not before ({not_ready_after:?})");
     let withdrawn_after = eventually(&format!("{b}'s endpoints withdrawn"), Duration::from_secs(20), || {
         (!ready_endpoint_nodes(&k).contains_key(&b)).then(|| partition_start.elapsed())
