@@ -317,6 +317,7 @@ pub async fn run(
         cluster_domain: cfg.cluster_domain.clone(),
         backoff_base: cfg.backoff_base,
         resync: Duration::from_secs(1),
+        cluster_ca: cfg.server_client_ca.clone(),
     });
     std::fs::create_dir_all(&ctx.pods_dir)?;
     let heartbeat = tokio::spawn(node::heartbeat_loop(client.clone(), registered, cfg.heartbeat_interval, cfg.heartbeat_interval, shutdown.clone()));

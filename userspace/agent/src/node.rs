@@ -244,6 +244,11 @@ pub async fn renew_lease(client: &kube::Client, node: &Node, now: Timestamp) -> 
 /// Creates a namespace if it is missing (the node-lease namespace on a fresh cluster).
 pub async fn ensure_namespace(client: &kube::Client, name: &str) -> anyhow::Result<()> {
     let nss: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
+    // Read first: a node may read namespaces but not create them (the node authorizer), and the
+    // apiserver makes kube-node-lease itself; creating is for servers that do not.
+    if nss.get_opt(name).await?.is_some() {
+        return Ok(());
+    }
     let ns = k8s_openapi::api::core::v1::Namespace {
         metadata: ObjectMeta { name: Some(name.into()), ..Default::default() },
         ..Default::default()

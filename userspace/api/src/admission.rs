@@ -73,6 +73,11 @@ fn roundtrip(info: &ResourceInfo, v: &Value) -> Result<Value, String> {
         ("networking.k8s.io", "NetworkPolicy") => rt!(networking::v1::NetworkPolicy),
         ("coordination.k8s.io", "Lease") => rt!(coordination::v1::Lease),
         ("discovery.k8s.io", "EndpointSlice") => rt!(discovery::v1::EndpointSlice),
+        ("rbac.authorization.k8s.io", "Role") => rt!(rbac::v1::Role),
+        ("rbac.authorization.k8s.io", "ClusterRole") => rt!(rbac::v1::ClusterRole),
+        ("rbac.authorization.k8s.io", "RoleBinding") => rt!(rbac::v1::RoleBinding),
+        ("rbac.authorization.k8s.io", "ClusterRoleBinding") => rt!(rbac::v1::ClusterRoleBinding),
+        ("certificates.k8s.io", "CertificateSigningRequest") => rt!(certificates::v1::CertificateSigningRequest),
         ("autoscaling", "Scale") => rt!(autoscaling::v1::Scale),
         _ => Ok(v.clone()),
     }
@@ -263,7 +268,13 @@ fn is_dns1123_subdomain(s: &str) -> bool {
 /// Validates `metadata.name` the way Kubernetes does for the kind.
 pub fn validate_name(info: &ResourceInfo, name: &str) -> Result<(), ApiError> {
     let label_kinds = ["Namespace", "Service"];
-    let (ok, what) = if label_kinds.contains(&info.kind) {
+    let (ok, what) = if info.group == "rbac.authorization.k8s.io" {
+        // RBAC names are path segments (`system:node`), as Kubernetes' ValidateRBACName.
+        (
+            !name.is_empty() && name != "." && name != ".." && !name.contains(['/', '%']),
+            "may not be '.' or '..' and may not contain '/' or '%'",
+        )
+    } else if label_kinds.contains(&info.kind) {
         (
             is_dns1123_label(name)
                 && !name.starts_with(|c: char| c.is_ascii_digit() && info.kind == "Service"),

@@ -51,6 +51,11 @@ fn add_schema(generator: &mut k8s_openapi::schemars::SchemaGenerator, group: &st
         ("networking.k8s.io", "NetworkPolicy") => add!(networking::v1::NetworkPolicy),
         ("coordination.k8s.io", "Lease") => add!(coordination::v1::Lease),
         ("discovery.k8s.io", "EndpointSlice") => add!(discovery::v1::EndpointSlice),
+        ("rbac.authorization.k8s.io", "Role") => add!(rbac::v1::Role),
+        ("rbac.authorization.k8s.io", "ClusterRole") => add!(rbac::v1::ClusterRole),
+        ("rbac.authorization.k8s.io", "RoleBinding") => add!(rbac::v1::RoleBinding),
+        ("rbac.authorization.k8s.io", "ClusterRoleBinding") => add!(rbac::v1::ClusterRoleBinding),
+        ("certificates.k8s.io", "CertificateSigningRequest") => add!(certificates::v1::CertificateSigningRequest),
         _ => {}
     }
 }

@@ -158,7 +158,7 @@ static RESOURCES: &[ResourceInfo] = &[
         true,
         &["sa"],
         NONE,
-        NONE
+        &["token"]
     ),
     res!(
         "",
@@ -281,6 +281,26 @@ static RESOURCES: &[ResourceInfo] = &[
         NONE,
         NONE
     ),
+    // RBAC (rbac.authorization.k8s.io/v1), evaluated by the apiserver's authorizer.
+    res!("rbac.authorization.k8s.io", "v1", "Role", "roles", "role", true, NONE, NONE, NONE),
+    res!("rbac.authorization.k8s.io", "v1", "ClusterRole", "clusterroles", "clusterrole", false, NONE, NONE, NONE),
+    res!("rbac.authorization.k8s.io", "v1", "RoleBinding", "rolebindings", "rolebinding", true, NONE, NONE, NONE),
+    res!("rbac.authorization.k8s.io", "v1", "ClusterRoleBinding", "clusterrolebindings", "clusterrolebinding", false, NONE, NONE, NONE),
+    // Node client certificates (kubeadm's TLS bootstrap): signed by the apiserver.
+    res!("certificates.k8s.io", "v1", "CertificateSigningRequest", "certificatesigningrequests", "certificatesigningrequest", false, &["csr"], NONE, &["status", "approval"]),
+    // `kubectl auth can-i`: created and answered, never stored.
+    ResourceInfo {
+        group: "authorization.k8s.io",
+        version: "v1",
+        kind: "SelfSubjectAccessReview",
+        plural: "selfsubjectaccessreviews",
+        singular: "selfsubjectaccessreview",
+        namespaced: false,
+        short_names: NONE,
+        categories: NONE,
+        subresources: NONE,
+        verbs: &["create"],
+    },
     // Resource metrics (what metrics-server serves, not in k8s-openapi): stored objects here,
     // written by the node agents every 15 s, read by the HPA controller and `kubectl top`.
     res!(

@@ -34,6 +34,8 @@ pub async fn bootstrap(state: &State, addr: std::net::SocketAddr) -> Result<(), 
                 Err(e) => return Err(e),
             }
         }
+        // Also for a data dir from before ServiceAccounts came with their namespace.
+        objects::ensure_default_service_account(state, ns).await?;
     }
     let svc_info = registry::find("", "v1", "services")
         .ok_or_else(|| ApiError::internal("services are not registered"))?;

@@ -9,9 +9,9 @@
 //! SubjectPublicKeyInfo) before sending its token anywhere.
 //!
 //! A valid token authenticates as `system:bootstrap:<id>` in the groups `system:bootstrappers`
-//! and `system:nodes` (what a joining node needs until issue 8 brings RBAC, node credentials
-//! and a node authorizer: until then any authenticated identity may do anything, so a
-//! bootstrap token is as strong as the admin token; keep its TTL short).
+//! and `system:bootstrappers:skiff:default-node-token`. RBAC lets that identity do one thing:
+//! ask for a node client certificate (`csr`), which the agent then uses for everything; an
+//! expired token therefore no longer matters to a node that joined.
 //!
 //! The agent endpoint (kubectl logs/exec) never sees a token of the apiserver: the apiserver
 //! presents a short-lived client certificate from its CA (`node_proxy`), which an agent checks
@@ -21,6 +21,7 @@ use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 
 use crate::State;
+use crate::auth::UserInfo;
 use crate::objects::{self, decode_kv, store_error};
 use skiff_api::registry;
 use skiff_api::status::ApiError;
@@ -32,30 +33,9 @@ pub const CLUSTER_INFO_NAME: &str = "cluster-info";
 /// The group kubeadm gives its default node token; the identity's groups say what it is.
 pub const DEFAULT_GROUP: &str = "system:bootstrappers:skiff:default-node-token";
 
-/// Who a request authenticated as.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Identity {
-    Admin,
-    /// A bootstrap token: `system:bootstrap:<id>`, which acts as a node until issue 8 brings a
-    /// node authorizer.
-    Bootstrap { token_id: String },
-}
-
-impl Identity {
-    /// The user name, as Kubernetes' authenticators name it.
-    pub fn user(&self) -> String {
-        match self {
-            Identity::Admin => "system:admin".into(),
-            Identity::Bootstrap { token_id } => format!("system:bootstrap:{token_id}"),
-        }
-    }
-
-    pub fn groups(&self) -> Vec<&'static str> {
-        match self {
-            Identity::Admin => vec!["system:masters", "system:authenticated"],
-            Identity::Bootstrap { .. } => vec!["system:bootstrappers", "system:nodes", "system:authenticated"],
-        }
-    }
+/// The identity a valid bootstrap token authenticates as (`system:bootstrap:<id>`).
+pub fn user(token_id: &str) -> UserInfo {
+    UserInfo::new(format!("system:bootstrap:{token_id}"), &[crate::auth::GROUP_BOOTSTRAPPERS, DEFAULT_GROUP])
 }
 
 /// `<id>.<secret>` split, when it has kubeadm's shape.
@@ -104,7 +84,7 @@ pub fn refusal(obj: &Value, id: &str, secret: &str, now: DateTime<Utc>) -> Optio
 }
 
 /// Checks a bearer token that has the bootstrap shape against its Secret in the store.
-pub(crate) async fn authenticate(state: &State, token: &str) -> Option<Identity> {
+pub(crate) async fn authenticate(state: &State, token: &str) -> Option<UserInfo> {
     let (id, secret) = parse_token(token)?;
     let info = registry::find("", "v1", "secrets")?;
     let key = objects::key(info, Some("kube-system"), &format!("{SECRET_PREFIX}{id}"));
@@ -118,7 +98,7 @@ pub(crate) async fn authenticate(state: &State, token: &str) -> Option<Identity>
     };
     let obj = decode_kv(&kv).ok()?;
     match refusal(&obj, id, secret, objects::now()) {
-        None => Some(Identity::Bootstrap { token_id: id.to_string() }),
+        None => Some(user(id)),
         Some(why) => {
             tracing::info!(token_id = id, why, "bootstrap token refused");
             None

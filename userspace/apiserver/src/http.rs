@@ -48,9 +48,19 @@ pub async fn serve(
                             }
                             Err(_) => return,
                         };
+                        // The client certificate (if any) was verified against the cluster CA
+                        // in the handshake; who it names holds for every request on it.
+                        let cert_user: Option<Arc<crate::auth::UserInfo>> = stream
+                            .get_ref()
+                            .1
+                            .peer_certificates()
+                            .and_then(|chain| chain.first())
+                            .and_then(|der| crate::auth::user_from_certificate(der.as_ref()))
+                            .map(Arc::new);
                         let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                             let state = state.clone();
-                            async move { Ok::<_, Infallible>(handle(state, req).await) }
+                            let cert_user = cert_user.clone();
+                            async move { Ok::<_, Infallible>(handle(state, req, cert_user.as_deref()).await) }
                         });
                         if let Err(error) = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                             .serve_connection_with_upgrades(TokioIo::new(stream), service)
@@ -103,6 +113,8 @@ pub struct Ctx {
     pub query: Query,
     pub headers: HeaderMap,
     pub body: Bytes,
+    /// Who sent it (None only on the public paths).
+    pub user: Option<crate::auth::UserInfo>,
 }
 
 impl Ctx {
@@ -179,11 +191,11 @@ pub fn error_response(err: &ApiError) -> Resp {
     json_response(err.code, &err.to_status(), &[])
 }
 
-async fn handle(state: Arc<State>, req: Request<Incoming>) -> Resp {
+async fn handle(state: Arc<State>, req: Request<Incoming>, cert_user: Option<&crate::auth::UserInfo>) -> Resp {
     let started = std::time::Instant::now();
     let method = req.method().clone();
     let path = req.uri().path().to_string();
-    let resp = match handle_inner(state, req).await {
+    let resp = match handle_inner(state, req, cert_user).await {
         Ok(resp) => resp,
         Err(err) => error_response(&err),
     };
@@ -195,19 +207,6 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Resp {
         tracing::debug!(%method, %path, status, elapsed_ms, "request");
     }
     resp
-}
-
-/// Who the request's bearer token is: the admin token, or a valid bootstrap token (see
-/// `bootstrap_token`). None: 401.
-async fn authenticate(state: &State, headers: &HeaderMap) -> Option<crate::bootstrap_token::Identity> {
-    let value = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok())?;
-    let token = value.strip_prefix("Bearer ").map(str::trim)?;
-    // Constant-time compare: the token is the cluster's admin credential.
-    let (a, b) = (token.as_bytes(), state.admin_token.as_bytes());
-    if a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0 {
-        return Some(crate::bootstrap_token::Identity::Admin);
-    }
-    crate::bootstrap_token::authenticate(state, token).await
 }
 
 async fn read_body(body: Incoming, headers: &HeaderMap) -> Result<Bytes, ApiError> {
@@ -235,7 +234,7 @@ async fn read_body(body: Incoming, headers: &HeaderMap) -> Result<Bytes, ApiErro
     }
 }
 
-async fn handle_inner(state: Arc<State>, req: Request<Incoming>) -> Result<Resp, ApiError> {
+async fn handle_inner(state: Arc<State>, req: Request<Incoming>, cert_user: Option<&crate::auth::UserInfo>) -> Result<Resp, ApiError> {
     let (mut parts, body) = req.into_parts();
     let path = parts.uri.path().to_string();
     let query = Query::parse(parts.uri.query());
@@ -254,13 +253,17 @@ async fn handle_inner(state: Arc<State>, req: Request<Incoming>) -> Result<Resp,
         _ => {}
     }
     // Discovery (kube-public/cluster-info) is readable anonymously, as kubeadm's is; everything
-    // else needs a known identity (authorization is issue 8: any identity may do anything).
-    if !crate::bootstrap_token::is_public(&parts.method, &path) && authenticate(&state, &parts.headers).await.is_none() {
-        return Err(ApiError::unauthorized());
-    }
+    // else needs a known identity (see `auth`).
+    let user = match crate::auth::authenticate(&state, &parts.headers, cert_user).await {
+        crate::auth::Outcome::User(user) => Some(user),
+        crate::auth::Outcome::Anonymous if crate::bootstrap_token::is_public(&parts.method, &path) => None,
+        crate::auth::Outcome::Anonymous | crate::auth::Outcome::Refused => return Err(ApiError::unauthorized()),
+    };
     // Logs, exec and port-forward go to the pod's node agent, before any body is read (an
     // upgrade keeps its connection).
+    let attributes = crate::authz::attributes(&parts.method, &path, &query);
     if let Some((ns, name, sub)) = crate::node_proxy::pod_stream_path(&path) {
+        authorize(&state, user.as_ref(), &attributes, None).await?;
         return crate::node_proxy::serve(&state, &mut parts, &ns, &name, &sub).await;
     }
     let body = if matches!(
@@ -276,7 +279,23 @@ async fn handle_inner(state: Arc<State>, req: Request<Incoming>) -> Result<Resp,
         query,
         headers: parts.headers,
         body,
+        user: user.clone(),
     };
+    // A create names its object only in the body, which the node authorizer needs; a body that
+    // does not decode is refused later by the handler with its own error.
+    let decoded = (ctx.method == Method::POST && !ctx.body.is_empty()).then(|| ctx.decode_body().ok()).flatten();
+    authorize(&state, ctx.user.as_ref(), &attributes, decoded.as_ref()).await?;
+    // SelfSubjectAccessReviews are answered, never stored.
+    if attributes.api_group == "authorization.k8s.io" && attributes.resource == "selfsubjectaccessreviews" {
+        let (Some(user), Some(body)) = (ctx.user.as_ref(), decoded.as_ref()) else {
+            return Err(match ctx.method {
+                Method::POST => ApiError::bad_request("a SelfSubjectAccessReview needs a JSON or YAML body"),
+                _ => ApiError::method_not_allowed(ctx.method.as_str()),
+            });
+        };
+        let review = crate::authz::self_subject_access_review(&state, user, body).await?;
+        return Ok(json_response(201, &review, &[]));
+    }
     let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
     match segments.as_slice() {
         ["api"] => {
@@ -331,6 +350,23 @@ async fn handle_inner(state: Arc<State>, req: Request<Incoming>) -> Result<Resp,
             objects::dispatch(&state, &ctx, target).await
         }
         _ => Err(not_found_path(&path)),
+    }
+}
+
+/// 403 unless the user may do what the request asks (anonymous requests reach here only on the
+/// public paths, which need no authorization).
+async fn authorize(
+    state: &State,
+    user: Option<&crate::auth::UserInfo>,
+    attributes: &crate::authz::Attributes,
+    body: Option<&Value>,
+) -> Result<(), ApiError> {
+    let Some(user) = user else { return Ok(()) };
+    if crate::authz::allowed(state, user, attributes, body).await? {
+        Ok(())
+    } else {
+        tracing::debug!(user = %user.name, verb = %attributes.verb, resource = %attributes.resource, path = %attributes.path, "forbidden");
+        Err(crate::authz::forbidden(user, attributes))
     }
 }
 

@@ -7,11 +7,15 @@
 //! Objects live in the store as JSON under `/registry/<group|core>/<plural>/[<namespace>/]<name>`;
 //! `metadata.resourceVersion` is never stored, it is the key's `mod_revision`, set on the way out.
 
+pub mod auth;
+mod authz;
 mod background;
+mod csr;
 pub mod bootstrap_token;
 mod http;
 mod node_proxy;
 mod objects;
+mod sa_token;
 mod services;
 mod tls;
 mod watch;
@@ -27,7 +31,7 @@ use anyhow::{Context, Result};
 use skiff_store::Store;
 use tokio::sync::watch as tokio_watch;
 
-pub use tls::{ADMIN_TOKEN, CA_CERT, KUBECONFIG, NODE_PROXY_CLIENT_CN};
+pub use tls::{ADMIN_TOKEN, CA_CERT, CA_KEY, KUBECONFIG, NODE_PROXY_CLIENT_CN, client_cert};
 
 /// How to run the apiserver.
 #[derive(Debug, Clone)]
@@ -121,6 +125,10 @@ pub(crate) struct State {
     pub bookmark_interval: Duration,
     /// The client certificate node-proxy requests (logs, exec) present to agents.
     pub agent_tls: node_proxy::AgentClientTls,
+    /// The CA's private key (PEM): it signs node client certificates (`csr`).
+    pub ca_key_pem: String,
+    /// Signs and checks service-account tokens (`sa_token`).
+    pub sa_key: sa_token::SigningKey,
 }
 
 async fn open_store(
@@ -181,10 +189,15 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer> {
         reaper_wake: tokio::sync::Notify::new(),
         bookmark_interval: Duration::from_secs(15),
         agent_tls: node_proxy::AgentClientTls::new(creds.ca_key_pem.clone()),
+        ca_key_pem: creds.ca_key_pem.clone(),
+        sa_key: sa_token::SigningKey::ensure(&config.data_dir)?,
     });
     background::bootstrap(&state, addr)
         .await
         .context("creating the default namespaces and the kubernetes Service")?;
+    authz::ensure_default_policy(&state)
+        .await
+        .context("creating the default RBAC policy")?;
     bootstrap_token::publish(&state, &bootstrap_token::advertise_url(addr), &creds.ca_pem)
         .await
         .context("publishing kube-public/cluster-info")?;

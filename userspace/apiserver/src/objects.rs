@@ -191,6 +191,10 @@ pub async fn dispatch(state: &Arc<State>, ctx: &Ctx, target: Target) -> Result<R
                     scale_write(state, ctx, info, ns, name).await
                 }
                 ("binding", &Method::POST) => bind(state, ctx, info, ns, name).await,
+                ("token", &Method::POST) => {
+                    let review = crate::sa_token::token_request(state, ns.unwrap_or(""), name, &ctx.decode_body()?).await?;
+                    Ok(json_response(201, &review, &[]))
+                }
                 ("finalize", &Method::PUT) => {
                     update(state, ctx, info, ns, name, Some("finalize")).await
                 }
@@ -589,7 +593,23 @@ pub async fn create_object(
         Err(e) => return Err(store_error(e)),
     };
     set_rv(&mut obj, rev);
+    if info.group.is_empty() && info.kind == "Namespace" {
+        ensure_default_service_account(state, &name).await?;
+    }
     Ok(obj)
+}
+
+/// The `default` ServiceAccount every namespace has (pods run as it unless they name another).
+pub(crate) async fn ensure_default_service_account(state: &State, ns: &str) -> Result<(), ApiError> {
+    let info = registry::find("", "v1", "serviceaccounts").ok_or_else(|| ApiError::internal("serviceaccounts are not registered"))?;
+    if state.store.get(&key(info, Some(ns), "default")).await.map_err(store_error)?.is_some() {
+        return Ok(());
+    }
+    match Box::pin(create_object(state, info, Some(ns), crate::sa_token::default_service_account(ns), false)).await {
+        Ok(_) => Ok(()),
+        Err(e) if e.code == 409 => Ok(()),
+        Err(e) => Err(e),
+    }
 }
 
 async fn create(
@@ -599,7 +619,10 @@ async fn create(
     ns: Option<&str>,
 ) -> Result<Resp, ApiError> {
     let dry_run = ctx.dry_run()?;
-    let admitted = admit_body(ctx, info, ns, ctx.decode_body()?)?;
+    let mut admitted = admit_body(ctx, info, ns, ctx.decode_body()?)?;
+    if info.group == "certificates.k8s.io" && info.kind == "CertificateSigningRequest" {
+        crate::csr::admit_create(state, ctx.user.as_ref(), &mut admitted.object)?;
+    }
     let obj = create_object(state, info, ns, admitted.object, dry_run).await?;
     Ok(single_response(ctx, info, 201, &obj, &admitted.warnings))
 }

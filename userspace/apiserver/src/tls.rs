@@ -35,7 +35,7 @@ pub struct Credentials {
 /// Writes a secret file readable only by its owner, atomically: the contents go to a temporary
 /// file in the same directory that is then renamed over `path`, so a reader (kubectl, a test
 /// waiting for the kubeconfig of a restarting server) never sees it half-written.
-fn write_private(path: &Path, contents: &str) -> Result<()> {
+pub(crate) fn write_private(path: &Path, contents: &str) -> Result<()> {
     let tmp = path.with_extension("tmp");
     let mut f = fs::OpenOptions::new()
         .write(true)
@@ -241,16 +241,67 @@ pub fn rustls_config(creds: &Credentials) -> Result<Arc<rustls::ServerConfig>> {
     ];
     let key = PrivateKeyDer::from_pem_slice(creds.key_pem.as_bytes())
         .context("parsing the serving key")?;
-    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider.clone())
     .with_safe_default_protocol_versions()
     .context("choosing TLS versions")?
-    .with_no_client_auth()
+    .with_client_cert_verifier(client_verifier(&creds.ca_pem, provider.clone())?)
     .with_single_cert(certs, key)
     .context("loading the serving certificate")?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
+}
+
+/// Client certificates are asked for but not required (tokens and anonymous discovery still
+/// work); one that is sent must chain to the cluster CA and be valid now, or the handshake fails.
+fn client_verifier(
+    ca_pem: &str,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject as _;
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(ca_pem.as_bytes()).context("parsing the CA")?)
+        .context("trusting the CA for client certificates")?;
+    rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+        .allow_unauthenticated()
+        .build()
+        .context("building the client certificate verifier")
+}
+
+/// A client certificate (PEM cert, PEM key) signed by the cluster CA for `user` in `groups`
+/// (CN and O, which is how the apiserver reads a certificate's identity), valid for `validity`.
+pub fn client_cert(ca_key_pem: &str, user: &str, groups: &[&str], validity: std::time::Duration) -> Result<(String, String)> {
+    let key = KeyPair::generate().context("generating a client key")?;
+    let cert = sign_client(ca_key_pem, &key, user, groups, validity)?;
+    Ok((cert, key.serialize_pem()))
+}
+
+/// Signs a client certificate for `key`'s public key.
+pub(crate) fn sign_client(
+    ca_key_pem: &str,
+    key: &impl rcgen::PublicKeyData,
+    user: &str,
+    groups: &[&str],
+    validity: std::time::Duration,
+) -> Result<String> {
+    let ca_key = KeyPair::from_pem(ca_key_pem).context("the CA key is not a valid PEM key")?;
+    let issuer = ca_params()?.self_signed(&ca_key).context("loading the CA")?;
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, user);
+    for g in groups {
+        dn.push(DnType::OrganizationName, *g);
+    }
+    params.distinguished_name = dn;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::minutes(5);
+    params.not_after = now + validity;
+    let cert = params.signed_by(key, &issuer, &ca_key).context("signing the client certificate")?;
+    Ok(cert.pem())
 }
 
 /// The admin kubeconfig for a server reachable at `server_url`.

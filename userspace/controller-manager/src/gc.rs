@@ -73,6 +73,10 @@ impl DynamicCaches {
             if info.group.is_empty() && info.kind == "Event" {
                 continue;
             }
+            // Kinds that cannot be watched (SelfSubjectAccessReview: create only) own nothing.
+            if !info.verbs.contains(&"watch") {
+                continue;
+            }
             let Some(s) = served(&info.api_version(), info.kind) else {
                 continue;
             };

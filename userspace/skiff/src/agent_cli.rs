@@ -194,10 +194,22 @@ pub fn remove_node_pods(data_dir: &Path, image_dir: &Path) {
 /// The API client, and the cluster CA when known (for the agent endpoint): from the kubeconfig,
 /// or from --server with --ca-file, or discovered and pinned by --ca-cert-hash (saved as
 /// `<data-dir>/server-ca.crt`).
-async fn connect(args: &AgentArgs) -> Result<(kube::Client, Option<String>)> {
+///
+/// A bootstrap token (given with --token, or as the kubeconfig's user: kubelet's bootstrap
+/// kubeconfig) is only for joining: the agent uses it once to get its node client certificate
+/// (`system:node:<name>` in `system:nodes`, see [`node_client`]) and talks with that from then on.
+async fn connect(args: &AgentArgs, node_name: &str) -> Result<(kube::Client, Option<String>)> {
     if let Some(k) = &args.kubeconfig {
         let text = std::fs::read_to_string(k).with_context(|| format!("reading {}", k.display()))?;
-        return Ok((crate::kube_client(k).await?, crate::token_cli::kubeconfig_ca(&text).ok()));
+        let ca = crate::token_cli::kubeconfig_ca(&text).ok();
+        if let (Some(token), Some(url), Some(ca_pem)) = (skiff_agent::server::kubeconfig_token(&text), kubeconfig_server(&text), &ca)
+            && skiff_apiserver::bootstrap_token::parse_token(token.trim()).is_some()
+        {
+            let ca_file = crate::token_cli::save_ca(&args.data_dir, ca_pem)?;
+            let client = node_client(&url, &ca_file, Some(token.trim()), &args.data_dir, node_name).await?;
+            return Ok((client, ca));
+        }
+        return Ok((crate::kube_client(k).await?, ca));
     }
     let Some(url) = &args.server else { bail!("give --kubeconfig FILE, or --server URL and --token TOKEN") };
     let token = args.token.as_deref().unwrap_or_default().trim();
@@ -222,9 +234,122 @@ async fn connect(args: &AgentArgs) -> Result<(kube::Client, Option<String>)> {
         (None, None) if bootstrap => bail!("joining with a bootstrap token needs the server CA's hash (--ca-cert-hash sha256:<hex>, printed by `skiff server` and `skiff token create --print-join-command`) or --ca-file"),
         (None, None) => None,
     };
-    let client = crate::kube_client_for(url, token, ca.as_ref().map(|(_, f)| f.as_path())).await?;
+    let client = match &ca {
+        Some((_, ca_file)) if bootstrap => node_client(url, ca_file, Some(token), &args.data_dir, node_name).await?,
+        _ => crate::kube_client_for(url, token, ca.as_ref().map(|(_, f)| f.as_path())).await?,
+    };
     let ca = ca.map(|(pem, _)| pem);
     Ok((client, ca))
+}
+
+/// The server URL of a kubeconfig's first cluster.
+fn kubeconfig_server(text: &str) -> Option<String> {
+    let kc = kube::config::Kubeconfig::from_yaml(text).ok()?;
+    kc.clusters.first()?.cluster.as_ref()?.server.clone()
+}
+
+/// Where a joined node keeps its client certificate and key (kubelet's kubelet-client-current.pem).
+pub const NODE_CERT_FILE: &str = "pki/node-client.crt";
+pub const NODE_KEY_FILE: &str = "pki/node-client.key";
+/// A certificate this close to its end is replaced at start (there is no rotation while running).
+const RENEW_BEFORE: Duration = Duration::from_secs(24 * 3600);
+
+/// The node's certificate and key from the data dir, when they name this node and are valid for
+/// more than [`RENEW_BEFORE`].
+fn stored_node_cert(data_dir: &Path, node_name: &str) -> Option<(String, String)> {
+    let cert = std::fs::read_to_string(data_dir.join(NODE_CERT_FILE)).ok()?;
+    let key = std::fs::read_to_string(data_dir.join(NODE_KEY_FILE)).ok()?;
+    let (_, pem) = x509_parser::pem::parse_x509_pem(cert.as_bytes()).ok()?;
+    let parsed = pem.parse_x509().ok()?;
+    let cn = parsed.subject().iter_common_name().next()?.as_str().ok()?.to_string();
+    let left = parsed.validity().time_to_expiration()?;
+    (cn == format!("system:node:{node_name}") && left.whole_seconds() > RENEW_BEFORE.as_secs() as i64).then_some((cert, key))
+}
+
+/// kubeadm's TLS bootstrap: the API client of this node, authenticated by its own client
+/// certificate. One from an earlier start is reused (so a restart needs no valid token); else
+/// a new key is made and a CertificateSigningRequest for `system:node:<name>` posted with the
+/// bootstrap token, and the signed certificate saved with its key in the data dir.
+pub async fn node_client(url: &str, ca_file: &Path, bootstrap_token: Option<&str>, data_dir: &Path, node_name: &str) -> Result<kube::Client> {
+    let (cert, key) = match stored_node_cert(data_dir, node_name) {
+        Some(found) => {
+            tracing::info!(cert = %data_dir.join(NODE_CERT_FILE).display(), "using the node's client certificate");
+            found
+        }
+        None => {
+            let token = bootstrap_token.context("this node has no valid client certificate yet and no bootstrap token to ask for one")?;
+            let boot = crate::kube_client_for(url, token, Some(ca_file)).await?;
+            let (cert, key) = request_node_certificate(&boot, node_name).await?;
+            let pki = data_dir.join("pki");
+            std::fs::create_dir_all(&pki).with_context(|| format!("creating {}", pki.display()))?;
+            write_private(&data_dir.join(NODE_KEY_FILE), &key)?;
+            write_private(&data_dir.join(NODE_CERT_FILE), &cert)?;
+            tracing::info!(cert = %data_dir.join(NODE_CERT_FILE).display(), "the node's client certificate was signed and saved");
+            (cert, key)
+        }
+    };
+    client_with_cert(url, ca_file, &cert, &key).await
+}
+
+fn write_private(path: &Path, text: &str) -> Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    f.write_all(text.as_bytes()).and_then(|_| f.sync_all()).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
+}
+
+/// Posts a CSR for this node and waits (a minute at most) for the signed certificate.
+async fn request_node_certificate(client: &kube::Client, node_name: &str) -> Result<(String, String)> {
+    use base64::Engine as _;
+    use k8s_openapi::api::certificates::v1::CertificateSigningRequest;
+    let key = rcgen::KeyPair::generate().context("generating the node's key")?;
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    let mut dn = rcgen::DistinguishedName::new();
+    dn.push(rcgen::DnType::CommonName, format!("system:node:{node_name}"));
+    dn.push(rcgen::DnType::OrganizationName, "system:nodes");
+    params.distinguished_name = dn;
+    let request = params.serialize_request(&key).context("making the certificate request")?.pem().context("encoding the certificate request")?;
+    let csr: CertificateSigningRequest = serde_json::from_value(serde_json::json!({
+        "apiVersion": "certificates.k8s.io/v1", "kind": "CertificateSigningRequest",
+        "metadata": {"generateName": "node-csr-"},
+        "spec": {"request": base64::engine::general_purpose::STANDARD.encode(request),
+                 "signerName": "kubernetes.io/kube-apiserver-client-kubelet",
+                 "usages": ["digital signature", "client auth"]},
+    }))?;
+    let api: kube::Api<CertificateSigningRequest> = kube::Api::all(client.clone());
+    let mut created = api.create(&Default::default(), &csr).await.context("posting the node's CertificateSigningRequest (is the bootstrap token valid?)")?;
+    let name = created.metadata.name.clone().unwrap_or_default();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let status = created.status.clone().unwrap_or_default();
+        if let Some(cert) = status.certificate {
+            let pem = String::from_utf8(cert.0).context("the signed certificate is not PEM text")?;
+            return Ok((pem, key.serialize_pem()));
+        }
+        if let Some(c) = status.conditions.unwrap_or_default().iter().find(|c| c.type_ == "Denied" || c.type_ == "Failed") {
+            bail!("the node's certificate request {name} was {}: {}", c.type_, c.message.clone().unwrap_or_default());
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("the node's certificate request {name} was not signed within a minute");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        created = api.get(&name).await.with_context(|| format!("reading the certificate request {name}"))?;
+    }
+}
+
+/// A kube client presenting a client certificate, trusting only the cluster CA.
+async fn client_with_cert(url: &str, ca_file: &Path, cert_pem: &str, key_pem: &str) -> Result<kube::Client> {
+    use base64::Engine as _;
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    let kubeconfig = format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: skiff\n  cluster:\n    server: {url}\n    certificate-authority: {}\nusers:\n- name: node\n  user:\n    client-certificate-data: {}\n    client-key-data: {}\ncontexts:\n- name: node\n  context: {{cluster: skiff, user: node}}\ncurrent-context: node\n",
+        ca_file.display(), b64(cert_pem), b64(key_pem));
+    let kc = kube::config::Kubeconfig::from_yaml(&kubeconfig).context("the node kubeconfig")?;
+    let config = kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default()).await.context("loading the node kubeconfig")?;
+    kube::Client::try_from(config).context("building the node's API client")
 }
 
 pub fn run(args: AgentArgs) -> Result<()> {
@@ -249,13 +374,16 @@ pub fn run(args: AgentArgs) -> Result<()> {
     cfg.metrics_bind = args.metrics_bind;
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     // Joining comes first: a wrong CA hash or token fails before anything changes on the node.
-    let (client, server_ca) = rt.block_on(connect(&args))?;
+    let (client, server_ca) = rt.block_on(connect(&args, &node_name))?;
     // The agent endpoint (kubectl logs/exec) knows the apiserver by its client certificate from
     // the cluster CA; it also accepts the admin token this agent was given (never a bootstrap
     // token: that is only for joining).
     cfg.server_client_ca = server_ca;
     cfg.server_token = match (&args.kubeconfig, &args.token) {
-        (Some(k), _) => std::fs::read_to_string(k).ok().and_then(|t| skiff_agent::server::kubeconfig_token(&t)),
+        (Some(k), _) => std::fs::read_to_string(k)
+            .ok()
+            .and_then(|t| skiff_agent::server::kubeconfig_token(&t))
+            .filter(|t| skiff_apiserver::bootstrap_token::parse_token(t.trim()).is_none()),
         (None, Some(t)) if skiff_apiserver::bootstrap_token::parse_token(t.trim()).is_none() => Some(t.clone()),
         _ => None,
     };

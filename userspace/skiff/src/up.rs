@@ -358,6 +358,11 @@ pub fn up(args: UpArgs) -> Result<()> {
         Ok(kubeconfig.exists())
     })?;
 
+    // The agents join as kubelets do with a bootstrap kubeconfig: its token only gets each node
+    // its own client certificate (system:node:<name>, the node authorizer's identity), which
+    // the agent keeps in its data dir and uses from then on.
+    let bootstrap_kubeconfig = write_bootstrap_kubeconfig(&server_dir, &kubeconfig)?;
+
     // The nodes.
     for i in 1..=args.nodes {
         let node = NodeState {
@@ -388,7 +393,7 @@ pub fn up(args: UpArgs) -> Result<()> {
         std::fs::create_dir_all(&node.data_dir)?;
         let cri_endpoint = if cri { Some(start_containerd(dir, &mut st, &cni_bin, &args.images)?) } else { None };
         let mut agent_args: Vec<String> = [
-            "agent", "--kubeconfig", &st.kubeconfig, "--node-name", &node.name, "--node-ip", &node.ip,
+            "agent", "--kubeconfig", &bootstrap_kubeconfig, "--node-name", &node.name, "--node-ip", &node.ip,
             "--netns", &node.netns, "--data-dir", &node.data_dir, "--pin-dir", &node.pin_dir,
             "--cni-bin-dir", &cni_bin.display().to_string(),
             "--cni-conf-dir", &Path::new(&node.data_dir).join("cni-conf").display().to_string(),
@@ -925,4 +930,32 @@ fn route_pods_via_router(st: &LabState, cidr: &str, node_ip: &str) -> Result<Str
     }
     ip(&["-n", &seg.router_netns, "route", "replace", cidr, "via", node_ip])?;
     Ok(seg.router_a.clone())
+}
+
+/// Makes a bootstrap token (an hour: the agents use it within seconds) and writes
+/// `<server dir>/bootstrap.kubeconfig` with it, the server's URL and its CA; returns its path.
+fn write_bootstrap_kubeconfig(server_dir: &Path, admin_kubeconfig: &Path) -> Result<String> {
+    use base64::Engine as _;
+    let text = std::fs::read_to_string(admin_kubeconfig).with_context(|| format!("reading {}", admin_kubeconfig.display()))?;
+    let kc = kube::config::Kubeconfig::from_yaml(&text).context("parsing the admin kubeconfig")?;
+    let server = kc.clusters.first().and_then(|c| c.cluster.as_ref()).and_then(|c| c.server.clone()).context("the admin kubeconfig names no server")?;
+    let ca = crate::token_cli::kubeconfig_ca(&text)?;
+    let rt = tokio::runtime::Runtime::new()?;
+    let token = rt.block_on(async {
+        let client = crate::kube_client(admin_kubeconfig).await?;
+        crate::token_cli::create_token(&client, Duration::from_secs(3600), "skiff up: node TLS bootstrap").await
+    })?;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(ca);
+    let out = format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: skiff\n  cluster:\n    server: {server}\n    certificate-authority-data: {b64}\nusers:\n- name: bootstrap\n  user:\n    token: {token}\ncontexts:\n- name: bootstrap\n  context:\n    cluster: skiff\n    user: bootstrap\ncurrent-context: bootstrap\n"
+    );
+    let path = server_dir.join("bootstrap.kubeconfig");
+    {
+        use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&path)
+            .with_context(|| format!("writing {}", path.display()))?;
+        f.write_all(out.as_bytes()).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(path.display().to_string())
 }

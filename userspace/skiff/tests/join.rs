@@ -2,7 +2,8 @@
 //! (the real binary), bootstrap-token authentication (valid, deleted, expired, malformed, wrong
 //! secret, no usage), anonymous discovery (only kube-public/cluster-info), `skiff agent` refusing
 //! a wrong CA hash before it changes anything, and a node that joined with a bootstrap token:
-//! its Node registered with that token, its agent endpoint (the real `skiff_agent::server`, with
+//! the token only gets it a client certificate (a CSR the apiserver signs), with which its Node
+//! registers (never another's) and keeps working once the token is deleted; its agent endpoint (the real `skiff_agent::server`, with
 //! the discovered CA and no token) serving `kubectl logs` through the apiserver, which presents
 //! its node-proxy client certificate; the same endpoint refuses the admin token and callers
 //! without a certificate.
@@ -14,6 +15,7 @@ use std::process::{Command, Output};
 use std::sync::Arc;
 use std::time::Duration;
 
+use k8s_openapi::api::certificates::v1::CertificateSigningRequest;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Pod, Secret};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
@@ -143,9 +145,10 @@ async fn tokens_discovery_and_a_joined_agent_endpoint() {
     let join_token = words[5].to_string();
     assert_eq!(words[7], spki_hash(&server.ca_pem), "{join}");
 
-    // A bootstrap token is a node identity: it can read and register nodes.
-    let node_client = client(&server.url, &server.ca_pem, Some(&token));
-    Api::<Namespace>::all(node_client.clone()).list(&ListParams::default()).await.expect("a valid bootstrap token authenticates");
+    // A bootstrap token authenticates (403, not 401, where RBAC does not let it in).
+    let boot_client = client(&server.url, &server.ca_pem, Some(&token));
+    Api::<CertificateSigningRequest>::all(boot_client.clone()).list(&ListParams::default()).await.expect("a valid bootstrap token authenticates");
+    assert_eq!(code(Api::<Namespace>::all(boot_client).list(&ListParams::default()).await.expect_err("namespaces")), 403);
 
     // Deleted, expired, malformed, wrong secret, or not for authentication: 401.
     let out = skiff(s(&["token", "--kubeconfig", &kubeconfig, "delete", &token])).await;
@@ -168,10 +171,19 @@ async fn tokens_discovery_and_a_joined_agent_endpoint() {
         let e = Api::<Namespace>::all(client(&server.url, &server.ca_pem, Some(bad))).list(&ListParams::default()).await.expect_err(why);
         assert_eq!(code(e), 401, "{why}");
     }
-    Api::<Namespace>::all(client(&server.url, &server.ca_pem, Some("forevr.0123456789abcdef")))
+    // A valid bootstrap token authenticates, and may only ask for a node certificate.
+    let forever = client(&server.url, &server.ca_pem, Some("forevr.0123456789abcdef"));
+    Api::<CertificateSigningRequest>::all(forever.clone())
         .list(&ListParams::default())
         .await
         .expect("a token without expiration authenticates");
+    let e = Api::<Namespace>::all(forever.clone()).list(&ListParams::default()).await.expect_err("a bootstrap token lists no namespaces");
+    assert_eq!(code(e), 403);
+    let e = Api::<Node>::all(forever.clone())
+        .create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": "by-token"}})).expect("node"))
+        .await
+        .expect_err("a bootstrap token registers no Node");
+    assert_eq!(code(e), 403);
 
     // Anonymous: cluster-info and nothing else.
     let anon = client(&server.url, &server.ca_pem, None);
@@ -221,7 +233,8 @@ async fn tokens_discovery_and_a_joined_agent_endpoint() {
         String::from_utf8(base64::engine::general_purpose::STANDARD.decode(raw).expect("b64")).expect("pem")
     };
     assert_eq!(spki_hash(&ca), words[7]);
-    let joined = client(&server.url, &ca, Some(&join_token));
+    // TLS bootstrap, as the agent does it: the join token gets the node its own certificate.
+    let joined = tls_bootstrap(&server.url, &ca, &client(&server.url, &ca, Some(&join_token)), "joined").await;
     let pods_dir = tmp.path().join("joined/pods");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let agent_addr = listener.local_addr().expect("addr");
@@ -237,7 +250,9 @@ async fn tokens_discovery_and_a_joined_agent_endpoint() {
     let agent = tokio::spawn(skiff_agent::server::serve_listener(listener, scfg, joined.clone(), Arc::new(StandIn), stop_rx));
     let nodes = Api::<Node>::all(joined.clone());
     let node: Node = serde_json::from_value(json!({"metadata": {"name": "joined"}})).expect("node");
-    nodes.create(&PostParams::default(), &node).await.expect("the joined node registers with its bootstrap token");
+    nodes.create(&PostParams::default(), &node).await.expect("the joined node registers with its own certificate");
+    let other: Node = serde_json::from_value(json!({"metadata": {"name": "someone-else"}})).expect("node");
+    assert_eq!(code(nodes.create(&PostParams::default(), &other).await.expect_err("another node's name")), 403);
     let status = json!({"status": {"addresses": [{"type": "InternalIP", "address": "127.0.0.1"}], "daemonEndpoints": {"kubeletEndpoint": {"Port": agent_addr.port()}}}});
     nodes.patch_status("joined", &PatchParams::default(), &Patch::Merge(status)).await.expect("node status");
     let pods = Api::<Pod>::namespaced(admin.clone(), "default");
@@ -270,7 +285,42 @@ async fn tokens_discovery_and_a_joined_agent_endpoint() {
         assert_eq!(direct(Some(format!("Authorization: Bearer {join_token}"))).await, "401");
         assert_eq!(direct(None).await, "401");
     }
+    // The join token goes away (deleted, as an expired one would be refused): the node's
+    // certificate still works, the token does not.
+    let out = skiff(s(&["token", "--kubeconfig", &kubeconfig, "delete", join_token.split('.').next().unwrap_or_default()])).await;
+    assert!(out.status.success(), "token delete: {}", text(&out));
+    let e = Api::<CertificateSigningRequest>::all(client(&server.url, &ca, Some(&join_token))).list(&ListParams::default()).await.expect_err("deleted token");
+    assert_eq!(code(e), 401);
+    nodes
+        .patch_status("joined", &PatchParams::default(), &Patch::Merge(json!({"status": {"conditions": [{"type": "Ready", "status": "True"}]}})))
+        .await
+        .expect("the node writes its status with its certificate after its token is gone");
     let _ = stop.send(true);
     let _ = agent.await;
     server.stop().await;
+}
+
+/// Posts a CSR for `system:node:<name>` with the bootstrap client and builds a client from the
+/// certificate the apiserver signs (what `skiff agent` does when it joins).
+async fn tls_bootstrap(url: &str, ca_pem: &str, boot: &kube::Client, name: &str) -> kube::Client {
+    use base64::Engine as _;
+    let key = rcgen::KeyPair::generate().expect("key");
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    params.distinguished_name.push(rcgen::DnType::CommonName, format!("system:node:{name}"));
+    params.distinguished_name.push(rcgen::DnType::OrganizationName, "system:nodes");
+    let request = params.serialize_request(&key).expect("csr").pem().expect("pem");
+    let csr: CertificateSigningRequest = serde_json::from_value(json!({
+        "metadata": {"generateName": "node-csr-"},
+        "spec": {"request": base64::engine::general_purpose::STANDARD.encode(request),
+                 "signerName": "kubernetes.io/kube-apiserver-client-kubelet", "usages": ["digital signature", "client auth"]}}))
+    .expect("csr object");
+    let created = Api::<CertificateSigningRequest>::all(boot.clone()).create(&PostParams::default(), &csr).await.expect("the bootstrap token posts a CSR");
+    let cert = created.status.and_then(|s| s.certificate).expect("the CSR is signed at once");
+    let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+    let kubeconfig = format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: {url}\n    certificate-authority-data: {}\nusers:\n- name: n\n  user:\n    client-certificate-data: {}\n    client-key-data: {}\ncontexts:\n- name: c\n  context: {{cluster: c, user: n}}\ncurrent-context: c\n",
+        b64(ca_pem.as_bytes()), b64(&cert.0), b64(key.serialize_pem().as_bytes()));
+    let kc = kube::config::Kubeconfig::from_yaml(&kubeconfig).expect("kubeconfig");
+    let config = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await.expect("config");
+    kube::Client::try_from(config).expect("node client")
 }

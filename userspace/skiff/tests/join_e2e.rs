@@ -5,6 +5,13 @@
 //! `kubectl logs` and `kubectl exec` through the apiserver (client certificate, no admin token on
 //! the node). A wrong CA hash is refused by the same binary in the same namespace. Node 1 keeps
 //! its admin kubeconfig, and logs/exec work there too (its endpoint trusts the kubeconfig's CA).
+//!
+//! Node credentials (TLS bootstrap): every `skiff up` agent starts from a bootstrap kubeconfig
+//! and ends up with its own client certificate (`system:node:<name>`); the rejoined node gets
+//! a new one through a CSR with the join token, keeps working after that token is deleted and
+//! the agent restarted, and its pod gets a service-account token bound to it (with the CA and
+//! namespace) that RBAC allows nothing, while a pod with automountServiceAccountToken: false
+//! gets none.
 
 mod common;
 
@@ -84,6 +91,12 @@ fn an_agent_joins_with_a_bootstrap_token_and_serves_logs_and_exec() {
     assert_eq!(unsafe { libc::kill(old_pid as i32, libc::SIGTERM) }, 0, "stopping the old agent");
     eventually("the old agent to exit", Duration::from_secs(20), || (!alive(old_pid)).then_some(()));
     k.ok(&["delete", "node", &name, "--wait=true"]);
+    // skiff up's agent already got node 2 a certificate (from the bootstrap kubeconfig): remove
+    // it so this join really goes through a CSR with the join token.
+    let data_dir = args[args.iter().position(|a| a == "--data-dir").expect("--data-dir") + 1].clone();
+    let cert_file = std::path::Path::new(&data_dir).join("pki/node-client.crt");
+    assert_eq!(node_cert_cn(&cert_file), format!("system:node:{name}"), "skiff up's agent has its node identity");
+    std::fs::remove_dir_all(std::path::Path::new(&data_dir).join("pki")).expect("remove the node's pki");
     let mut joined_args = args.clone();
     joined_args.splice(kc_at..kc_at + 2, ["--server".to_string(), server.clone(), "--token".to_string(), token.clone(), "--ca-cert-hash".to_string(), hash.clone()]);
     lab["nodes"][1]["agent_args"] = serde_json::json!(joined_args);
@@ -105,7 +118,7 @@ fn an_agent_joins_with_a_bootstrap_token_and_serves_logs_and_exec() {
         let ready = n["status"]["conditions"].as_array()?.iter().any(|c| c["type"] == "Ready" && c["status"] == "True");
         ready.then_some(())
     });
-    let data_dir = args[args.iter().position(|a| a == "--data-dir").expect("--data-dir") + 1].clone();
+    assert_eq!(node_cert_cn(&cert_file), format!("system:node:{name}"), "the joined agent got its certificate through a CSR");
     let pinned = std::fs::read_to_string(std::path::Path::new(&data_dir).join("server-ca.crt")).expect("the discovered CA is saved");
     let admin = kube::config::Kubeconfig::read_from(&cluster.kubeconfig).expect("admin kubeconfig");
     use base64::Engine as _;
@@ -152,6 +165,73 @@ fn an_agent_joins_with_a_bootstrap_token_and_serves_logs_and_exec() {
         let code = String::from_utf8_lossy(&curl.output().expect("curl").stdout).to_string();
         assert_eq!(code, "401", "the joined agent endpoint with {:?}", auth.split(' ').take(2).collect::<Vec<_>>());
     }
-    k.ok(&["delete", "pod", "joined-pod", "kc-pod", "--wait=false"]);
+
+    // The pod's service-account token, as the agent projected it.
+    let sa_file = |f: &str| {
+        let out = k.run_with_stdin(&["exec", "joined-pod", "--", "cat", &format!("/var/run/secrets/kubernetes.io/serviceaccount/{f}")], None);
+        assert!(out.status.success(), "cat {f}: {}", text(&out));
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    assert_eq!(sa_file("namespace"), "default");
+    assert_eq!(sa_file("ca.crt").as_bytes(), ca.as_slice(), "the cluster CA");
+    let pod_token = sa_file("token");
+    let api = |token: &str, path: &str| {
+        let out = Command::new("curl")
+            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "10", "--cacert", &cluster.dir.path().join("server/ca.crt").display().to_string(),
+                   "-H", &format!("Authorization: Bearer {token}"), &format!("{server}{path}")])
+            .output()
+            .expect("curl");
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    assert_eq!(api(&pod_token, "/api"), "200", "the pod's token authenticates");
+    assert_eq!(api(&pod_token, "/api/v1/namespaces/default/pods"), "403", "and is allowed nothing RBAC does not grant");
+    let mut tampered = pod_token.clone().into_bytes();
+    let at = tampered.len() - 3;
+    tampered[at] = if tampered[at] == b'A' { b'B' } else { b'A' };
+    assert_eq!(api(&String::from_utf8(tampered).expect("ascii"), "/api"), "401", "a tampered token");
+    k.run_with_stdin(&["apply", "-f", "-"], Some(&NO_TOKEN_POD.replace("NODE", &name)));
+    eventually("no-token-pod Running", Duration::from_secs(120), || {
+        (k.json(&["get", "pod", "no-token-pod", "-o", "json"])["status"]["phase"] == "Running").then_some(())
+    });
+    let out = k.run_with_stdin(&["exec", "no-token-pod", "--", "ls", "/var/run/secrets/kubernetes.io/serviceaccount"], None);
+    assert!(!out.status.success(), "automountServiceAccountToken: false mounts nothing: {}", text(&out));
+    k.ok(&["delete", "pod", "joined-pod", "--grace-period=1", "--wait=true"]);
+    eventually("the deleted pod's token refused", Duration::from_secs(30), || (api(&pod_token, "/api") == "401").then_some(()));
+
+    // The join token goes; the node does not: restarted, it uses its certificate.
+    let out = skiff(&["token", "--kubeconfig", &admin_kubeconfig, "delete", token.split('.').next().expect("token id")]);
+    assert!(out.status.success(), "token delete: {}", text(&out));
+    assert_eq!(api(&token, "/apis/certificates.k8s.io/v1/certificatesigningrequests"), "401", "the join token is dead");
+    let out = skiff(&["up", "--data-dir", &cluster.dir.path().display().to_string(), "--restart-agent", &name]);
+    assert!(out.status.success(), "restarting node 2's agent after its token was deleted: {}", text(&out));
+    let restarted = std::time::SystemTime::now();
+    eventually("the node's Lease renewed after the restart", Duration::from_secs(60), || {
+        let lease = k.json(&["get", "lease", "-n", "kube-node-lease", &name, "-o", "json"]);
+        let renew = lease["spec"]["renewTime"].as_str()?;
+        let t = chrono::DateTime::parse_from_rfc3339(renew).ok()?;
+        (std::time::SystemTime::from(t) > restarted).then_some(())
+    });
+    k.ok(&["delete", "pod", "kc-pod", "no-token-pod", "--wait=false"]);
     cluster.down();
+}
+
+const NO_TOKEN_POD: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: no-token-pod, namespace: default}
+spec:
+  nodeName: NODE
+  automountServiceAccountToken: false
+  containers:
+  - name: c
+    image: skiff/echo:1.0
+    command: ["sh", "-c", "exec sleep 100000"]
+"#;
+
+/// The CommonName of a PEM certificate file.
+fn node_cert_cn(path: &std::path::Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    let (_, pem) = x509_parser::pem::parse_x509_pem(text.as_bytes()).expect("PEM");
+    let cert = pem.parse_x509().expect("x509");
+    cert.subject().iter_common_name().next().and_then(|c| c.as_str().ok()).expect("CN").to_string()
 }

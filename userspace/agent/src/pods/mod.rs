@@ -9,6 +9,7 @@
 
 pub mod plan;
 pub mod probes;
+pub mod sa_token;
 pub mod spec;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -45,6 +46,8 @@ pub struct PodContext {
     pub backoff_base: Duration,
     /// How often a worker re-checks its pod without a change.
     pub resync: Duration,
+    /// The cluster CA (PEM), projected into pods with their service-account token.
+    pub cluster_ca: Option<String>,
 }
 
 /// What the agent remembers of a sandbox (so a restart finds it).
@@ -477,6 +480,15 @@ async fn sync_pod(ctx: &Arc<PodContext>, pod: &Pod, st: &mut WorkerState) -> any
     st.probes.retain(|(n, a, _), _| latest_attempts.contains(&(n.clone(), *a)));
 
     let (actions, status) = plan::plan(&view, Timestamp::now());
+    // The service-account token is refreshed on every pass (a file age check when fresh); a
+    // container does not start without it.
+    let token_dir = match sa_token::ensure(&ctx.client, ctx.cluster_ca.as_deref(), pod, &dir).await {
+        Ok(d) => Ok(d),
+        Err(e) => {
+            warn!(pod = %pod_name(pod), "no service-account token: {e:#}");
+            Err(e)
+        }
+    };
     if actions.is_empty() {
         return Ok(status);
     }
@@ -488,7 +500,14 @@ async fn sync_pod(ctx: &Arc<PodContext>, pod: &Pod, st: &mut WorkerState) -> any
                 let list = if init { spec_.init_containers.clone().unwrap_or_default() } else { spec_.containers.clone() };
                 let Some(c) = list.into_iter().find(|c| c.name == name) else { continue };
                 let Some(image) = images.get(&name).cloned() else { continue };
-                let req = match build_request(ctx, pod, &c, &image, &sources, &dir, &pod_ip, attempt) {
+                let token_dir = match &token_dir {
+                    Ok(d) => d.clone(),
+                    Err(e) => {
+                        event(ctx, pod, "Warning", "FailedMount", &format!("service-account token: {e:#}")).await;
+                        continue;
+                    }
+                };
+                let req = match build_request(ctx, pod, &c, &image, &sources, &dir, &pod_ip, attempt, token_dir.as_deref()) {
                     Ok(r) => r,
                     Err(e) => {
                         warn!(pod = %pod_name(pod), container = %name, "cannot start: {e}");
@@ -533,12 +552,16 @@ fn build_request(
     dir: &Path,
     pod_ip: &str,
     attempt: u32,
+    token_dir: Option<&Path>,
 ) -> Result<ContainerRequest, spec::SpecError> {
     let uid = pod_uid(pod);
     let env = spec::resolve_env(pod, c, image, sources, pod_ip, &ctx.node_ip)?;
     let (command, args) = spec::argv(c, image, &env);
     let volumes = spec::materialize_volumes(pod, dir, sources, pod_ip, &ctx.node_ip)?;
-    let mounts = spec::mounts(c, &volumes, dir)?;
+    let mut mounts = spec::mounts(c, &volumes, dir)?;
+    if let Some(token_dir) = token_dir {
+        mounts.push(crate::runtime::Mount { host_path: token_dir.to_path_buf(), container_path: sa_token::MOUNT_PATH.into(), read_only: true });
+    }
     let hostname = pod
         .spec
         .as_ref()
