@@ -201,7 +201,6 @@ async fn full_data_disk_gives_500_keeps_reads_and_recovers() {
             .expect("writes work once space returns");
         acked.push(name);
     }
-    kubectl.run_with_stdin(&["apply", "-f", "-"], Some(&manifest));
     let out = kubectl.run_with_stdin(&["apply", "-f", "-"], Some(&manifest));
     assert!(out.status.success(), "kubectl apply works again: {}", String::from_utf8_lossy(&out.stderr));
     refused.retain(|n| n != "by-kubectl");
