@@ -137,9 +137,10 @@ pub fn evaluate(r: &Record) -> Vec<Target> {
                 threshold: "(reference) >= 0.95".into(),
                 met: med.map(|m| m >= 0.95),
                 detail: format!(
-                    "median of {} per-round ratios ({}), rounds of {:.1} s alternating {}",
+                    "median of {} per-round ratios ({}; {} rounds with an error left out), rounds of {:.1} s alternating {}",
                     rs.len(),
                     rs.iter().map(|x| format!("{x:.2}")).collect::<Vec<_>>().join(", "),
+                    iv.series.first().map_or(0, |(_, v)| v.len()) - rs.len(),
                     iv.round_s,
                     iv.series.iter().map(|(p, _)| p.as_str()).collect::<Vec<_>>().join(" / ")
                 ),
@@ -191,13 +192,21 @@ pub fn evaluate(r: &Record) -> Vec<Target> {
     out
 }
 
-/// `path`'s rate over the reference's (the first series), round by round (rounds where either
-/// failed are left out).
+/// `path`'s rate over the reference's (the first series), round by round. Rounds where either
+/// had an error (a lost SYN stalls a CRR client for a 1 s retransmit, which swamps a short round)
+/// are left out; the report lists them.
 pub fn interleaved_ratios(iv: &super::run::Interleaved, path: &str) -> Vec<f64> {
-    let (Some((_, reference)), Some((_, series))) = (iv.series.first(), iv.series.iter().find(|(p, _)| p == path)) else {
+    let (Some((ref_name, reference)), Some((_, series))) = (iv.series.first(), iv.series.iter().find(|(p, _)| p == path)) else {
         return vec![];
     };
-    reference.iter().zip(series).filter(|(a, b)| **a > 0.0 && **b > 0.0).map(|(a, b)| b / a).collect()
+    let failed = |round: usize, p: &str| iv.errors.iter().any(|e| e.starts_with(&format!("round {round} {p}:")));
+    reference
+        .iter()
+        .zip(series)
+        .enumerate()
+        .filter(|(i, (a, b))| **a > 0.0 && **b > 0.0 && !failed(*i, ref_name) && !failed(*i, path))
+        .map(|(_, (a, b))| b / a)
+        .collect()
 }
 
 fn median(v: &[f64]) -> Option<f64> {
@@ -454,7 +463,7 @@ pub fn markdown(r: &Record) -> String {
         let _ = write!(s, "| path |");
         let rounds = iv.series.iter().map(|(_, v)| v.len()).max().unwrap_or(0);
         for i in 0..rounds {
-            let _ = write!(s, " round {} |", i + 1);
+            let _ = write!(s, " round {i} |");
         }
         let _ = writeln!(s, " median ratio |");
         let _ = writeln!(s, "|---|{}---:|", "---:|".repeat(rounds));
