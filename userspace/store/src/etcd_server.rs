@@ -202,9 +202,22 @@ struct ClusterMember {
 }
 
 impl EtcdCluster {
-    /// Starts `size` members with their data under `dir` (one subdirectory each) and waits until
-    /// every member answers and they agree on a leader.
+    /// Starts `size` members with their data under `dir` (one subdirectory per member, under one
+    /// per attempt) and waits until every member answers and they agree on a leader.
     pub async fn start(binary: &Path, dir: &Path, size: usize) -> std::io::Result<EtcdCluster> {
+        let mut last_error = None;
+        // Free ports can be taken by someone else between choosing and binding: try a few
+        // times, each with fresh ports and fresh data directories.
+        for attempt in 0..3 {
+            match Self::start_once(binary, &dir.join(format!("try{attempt}")), size).await {
+                Ok(cluster) => return Ok(cluster),
+                Err(e) => last_error = Some(e),
+            }
+        }
+        Err(last_error.unwrap_or_else(|| std::io::Error::other("etcd cluster did not start")))
+    }
+
+    async fn start_once(binary: &Path, dir: &Path, size: usize) -> std::io::Result<EtcdCluster> {
         // The PID in the names keeps the members of parallel test processes apart in logs.
         let tag = format!("skiff-{}", std::process::id());
         let mut members = Vec::with_capacity(size);
@@ -231,6 +244,7 @@ impl EtcdCluster {
         for i in 0..size {
             cluster.spawn(i)?;
         }
+        // On failure the cluster is dropped here, which SIGKILLs the members that did start.
         cluster.wait_healthy(Duration::from_secs(30)).await?;
         Ok(cluster)
     }
