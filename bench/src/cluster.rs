@@ -765,7 +765,7 @@ pub fn run(opts: &Options) -> anyhow::Result<Record> {
         },
         up_s,
         poll: format!(
-            "{} client threads in a client pod's network namespace, each a new TCP connection to the ClusterIP every ~{} ms (plus its round trip); an endpoint counts as answering at its first answer",
+            "{} client threads in a client pod's network namespace, each a new TCP connection to the ClusterIP every ~{} ms (plus its round trip; 100 ms connect timeout); their packets take skiff's tc layer on the pod's veth, as any pod's do (the agent attaches the socket layer to the node's host cgroup only); an endpoint counts as answering at its first answer",
             opts.poll_threads,
             opts.poll_interval.as_millis()
         ),
