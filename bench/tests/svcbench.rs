@@ -41,7 +41,10 @@ fn tiny_run_produces_a_complete_record() {
     let out = tempfile::tempdir().expect("tempdir");
     let mut child = Command::new(env!("CARGO_BIN_EXE_svcbench"))
         .args(["run", "--scales", "100", "--duration-ms", "200"])
-        .args(["--program-services", "100", "--no-profile", "--stem", "tiny", "--out"])
+        // No interleaved rounds: thousands of extra pod-IP connections before the skiff-tc run
+        // made its CRR lose an exchange once in two runs (reported to the datapath owner as a
+        // suspected tc conntrack issue with reused client ports); this test is the harness's.
+        .args(["--program-services", "100", "--no-profile", "--interleave-rounds", "0", "--stem", "tiny", "--out"])
         .arg(out.path())
         .spawn()
         .expect("running svcbench");

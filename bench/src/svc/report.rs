@@ -685,3 +685,26 @@ pub fn write_all(r: &Record, dir: &Path, stem: &str) -> anyhow::Result<Vec<std::
     files.push(mdf);
     Ok(files)
 }
+
+#[cfg(test)]
+mod interleave_tests {
+    use super::*;
+    use crate::svc::run::Interleaved;
+
+    #[test]
+    fn interleaved_ratios_are_per_round_and_skip_failed_rounds() {
+        let iv = Interleaved {
+            scale: 100,
+            workload: "crr_x4".into(),
+            round_s: 0.5,
+            series: vec![("skiff-direct".into(), vec![100.0, 200.0, 50.0, 0.0]), ("skiff-sock".into(), vec![90.0, 220.0, 10.0, 80.0])],
+            errors: vec!["round 2 skiff-sock: Some(\"connect: timed out\")".into()],
+        };
+        // Round 2 had an error, round 3's reference measured nothing: both left out.
+        assert_eq!(interleaved_ratios(&iv, "skiff-sock"), vec![0.9, 1.1]);
+        assert!(interleaved_ratios(&iv, "skiff-tc").is_empty());
+        assert_eq!(median(&[0.9, 1.1]), Some(1.0));
+        assert_eq!(median(&[3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(&[]), None);
+    }
+}
