@@ -55,3 +55,38 @@ fn reused_client_port_across_services_with_a_shared_backend() {
         assert_eq!(r, &backend.ip.to_string(), "request {i} answered by the backend");
     }
 }
+
+/// The same port reused for a direct connection to the backend's pod IP after a Service flow
+/// (found by bench/svcbench's interleaved rounds: direct connects timed out after tc-layer
+/// rounds). The Service flow's reply entry (backend -> client:port) must not reverse-NAT the
+/// direct flow's replies to the VIP, and the Service must still work after it.
+#[test]
+fn reused_client_port_from_a_service_to_the_backend_directly() {
+    if !require_privileges("reused_client_port_from_a_service_to_the_backend_directly") {
+        return;
+    }
+    let lab = Lab::new("reusd", 2);
+    let backend = &lab.pods[0];
+    let client = &lab.pods[1];
+    let _server = Server::start(&backend.netns, backend.ip, 8080);
+    let mut dp = lab.datapath();
+    let vip = Ipv4Addr::new(10, 96, 0, 53);
+    dp.upsert_service(&ServiceSpec {
+        vip: IpAddr::V4(vip),
+        port: 80,
+        proto: Proto::Tcp,
+        backends: vec![BackendSpec { ip: IpAddr::V4(backend.ip), port: 8080, ready: true, terminating: false }],
+        affinity_timeout: None,
+        external_traffic_local: false,
+    })
+    .expect("service");
+    let service = SocketAddr::new(IpAddr::V4(vip), 80);
+    let direct = SocketAddr::new(IpAddr::V4(backend.ip), 8080);
+    let answers: Vec<std::io::Result<String>> = in_netns(&client.netns, || {
+        [service, direct, service, direct].into_iter().map(|dst| ask_from(client.ip, 40124, dst)).collect()
+    });
+    for (i, r) in answers.iter().enumerate() {
+        let r = r.as_ref().unwrap_or_else(|e| panic!("request {i} from port 40124 failed: {e}"));
+        assert_eq!(r, &backend.ip.to_string(), "request {i} answered by the backend");
+    }
+}
