@@ -320,7 +320,21 @@ async fn request_node_certificate(client: &kube::Client, node_name: &str) -> Res
                  "usages": ["digital signature", "client auth"]},
     }))?;
     let api: kube::Api<CertificateSigningRequest> = kube::Api::all(client.clone());
-    let mut created = api.create(&Default::default(), &csr).await.context("posting the node's CertificateSigningRequest (is the bootstrap token valid?)")?;
+    // A refusal (401/403) ends the join at once; a dropped connection (a loaded server) is
+    // retried for a minute, as the agent's other first requests are.
+    let mut attempt = 0;
+    let mut created = loop {
+        match api.create(&Default::default(), &csr).await {
+            Ok(created) => break created,
+            Err(kube::Error::Api(e)) => bail!("posting the node's CertificateSigningRequest was refused (is the bootstrap token valid?): {e}"),
+            Err(e) if attempt < 12 => {
+                attempt += 1;
+                tracing::warn!("posting the node's CertificateSigningRequest failed (retrying): {e}");
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            }
+            Err(e) => return Err(anyhow::Error::new(e).context("posting the node's CertificateSigningRequest")),
+        }
+    };
     let name = created.metadata.name.clone().unwrap_or_default();
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
