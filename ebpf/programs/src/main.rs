@@ -115,47 +115,6 @@ fn ensure_reply(rkey: &CtKey, fwd: &CtValue, now: u64) {
     }
 }
 
-/// A flow that is no Service's (pod to pod by IP) whose reply tuple is still the reply entry of
-/// an earlier Service flow: the client reused its source port for a direct connection to that
-/// flow's backend. The old entry would reverse-NAT the new flow's replies to the VIP and the
-/// client would drop them, so it goes. Checked on a TCP SYN (a new connection) and on every UDP
-/// packet (no handshake says which is new): one lookup. If the Service flow is still in use, its
-/// next forward packet puts the entry back (`ensure_reply`).
-#[inline(always)]
-fn forget_stale_reply(
-    ctx: &TcContext,
-    l4: usize,
-    proto: u8,
-    saddr: u32,
-    daddr: u32,
-    sport: u16,
-    dport: u16,
-) -> Result<(), i64> {
-    if proto == PROTO_TCP {
-        let flags: u8 = ctx.load(l4 + 13)?;
-        // SYN without ACK.
-        if flags & 0x12 != 0x02 {
-            return Ok(());
-        }
-    }
-    let rkey = CtKey {
-        src: Addr::v4_raw(daddr),
-        dst: Addr::v4_raw(saddr),
-        sport: dport,
-        dport: sport,
-        proto,
-        _pad: [0; 3],
-    };
-    let stale = match unsafe { CONNTRACK.get(&rkey) } {
-        Some(r) => r.flags & CT_F_REPLY != 0,
-        None => false,
-    };
-    if stale {
-        let _ = CONNTRACK.remove(&rkey);
-    }
-    Ok(())
-}
-
 fn select_backend(
     svc: &ServiceValue,
     aff_kind: u32,
@@ -587,8 +546,6 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, i64> {
                     count(counter::HAIRPIN);
                 }
                 count(counter::DNAT);
-            } else {
-                forget_stale_reply(ctx, l4, proto, saddr, daddr, sport, dport)?;
             }
         }
     }
