@@ -6,6 +6,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
+# A fresh clone (CI) gains nothing from incremental compilation, and its caches take as much disk
+# as the build itself.
+if [ "${CI:-}" = true ]; then export CARGO_INCREMENTAL=0; fi
 log=$(mktemp /tmp/skiff-test.XXXXXX)
 trap 'rm -f "$log"' EXIT
 # --no-fail-fast: every test binary runs, so one failure does not hide the state of the rest.
