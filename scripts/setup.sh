@@ -13,7 +13,9 @@ command -v apt-get >/dev/null || die "this script supports Debian 12 (apt-get no
 # Debian packages. etcd-server: the etcd backend and its tests. iproute2: network namespaces and
 # veths for the lab. bpftool: inspecting the datapath. protobuf-compiler: gRPC code generation.
 # containerd (+ containernetworking-plugins for its loopback plugin): the CRI runtime (--runtime cri).
-packages=(etcd-server iproute2 bpftool protobuf-compiler ca-certificates curl git gcc pkg-config runc busybox-static skopeo umoci podman iptables nftables linux-perf containerd containernetworking-plugins docker-registry)
+# g++: libFuzzer's C++ sources in the fuzz targets' build. e2fsprogs (mkfs.ext4) and nftables: the
+# disk-full and partition fault tests.
+packages=(etcd-server iproute2 bpftool protobuf-compiler ca-certificates curl git gcc g++ e2fsprogs pkg-config runc busybox-static skopeo umoci podman iptables nftables linux-perf containerd containernetworking-plugins docker-registry)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
