@@ -415,13 +415,21 @@ pub fn default_policy() -> Vec<(&'static str, Value)> {
             {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create", "get", "list", "watch", "update", "patch"]},
         ]))),
         ("clusterrolebindings", binding("system:kube-scheduler", "system:kube-scheduler", "User", "system:kube-scheduler")),
-        // The controllers write every workload kind and read the rest; not RBAC objects.
+        // skiff's controllers run as one identity (Kubernetes splits them into per-controller
+        // service accounts), so this is the union of what they do. The garbage collector watches
+        // every kind and patches or deletes any object with owners (Kubernetes'
+        // system:controller:generic-garbage-collector grants the same); the escalation check
+        // (`escalation`) keeps those updates of RBAC objects to the owner fields. They create
+        // only the kinds they make: pods, ReplicaSets, Jobs, EndpointSlices, Endpoints, Events and
+        // their leader-election Lease.
         ("clusterroles", role("system:kube-controller-manager", json!([
-            {"apiGroups": ["", "apps", "batch", "autoscaling", "discovery.k8s.io", "coordination.k8s.io",
-                           "networking.k8s.io", "metrics.k8s.io", "events.k8s.io", "certificates.k8s.io", "policy"],
-             "resources": ["*"], "verbs": ["*"]},
-            {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["*"], "verbs": read},
-            {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]},
+            {"apiGroups": ["*"], "resources": ["*"], "verbs": ["get", "list", "watch", "patch", "update", "delete"]},
+            {"apiGroups": [""], "resources": ["pods", "endpoints", "events"], "verbs": ["create"]},
+            {"apiGroups": ["apps"], "resources": ["replicasets", "controllerrevisions"], "verbs": ["create"]},
+            {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["create"]},
+            {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["create"]},
+            {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
+            {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create"]},
         ]))),
         ("clusterrolebindings", binding("system:kube-controller-manager", "system:kube-controller-manager", "User", "system:kube-controller-manager")),
         // What Kubernetes calls `view`, for users an admin grants read access.

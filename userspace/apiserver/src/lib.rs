@@ -31,7 +31,10 @@ use anyhow::{Context, Result};
 use skiff_store::Store;
 use tokio::sync::watch as tokio_watch;
 
-pub use tls::{ADMIN_TOKEN, CA_CERT, CA_KEY, KUBECONFIG, NODE_PROXY_CLIENT_CN, client_cert};
+pub use tls::{
+    ADMIN_TOKEN, CA_CERT, CA_KEY, CONTROLLER_MANAGER_KUBECONFIG, CONTROLLER_MANAGER_USER, KUBECONFIG, NODE_PROXY_CLIENT_CN,
+    SCHEDULER_KUBECONFIG, SCHEDULER_USER, client_cert,
+};
 
 /// How to run the apiserver.
 #[derive(Debug, Clone)]
@@ -201,6 +204,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer> {
     bootstrap_token::publish(&state, &bootstrap_token::advertise_url(addr), &creds.ca_pem)
         .await
         .context("publishing kube-public/cluster-info")?;
+    tls::write_component_kubeconfigs(&config.data_dir, &url, &creds)?;
     // Written last, once the server can answer: its presence means "ready" to scripts.
     tls::write_kubeconfig(
         &config.data_dir,
@@ -247,7 +251,13 @@ pub async fn run(
 
 /// The admin kubeconfig the server wrote into `data_dir`.
 pub fn kubeconfig(data_dir: &Path) -> Result<String> {
-    let path = data_dir.join(tls::KUBECONFIG);
+    component_kubeconfig(data_dir, tls::KUBECONFIG)
+}
+
+/// One of the kubeconfigs the server wrote into `data_dir` ([`KUBECONFIG`],
+/// [`CONTROLLER_MANAGER_KUBECONFIG`], [`SCHEDULER_KUBECONFIG`]).
+pub fn component_kubeconfig(data_dir: &Path, file: &str) -> Result<String> {
+    let path = data_dir.join(file);
     std::fs::read_to_string(&path).with_context(|| {
         format!(
             "reading {}: start the server once with --data-dir {} to create it",

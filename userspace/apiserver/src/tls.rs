@@ -21,6 +21,13 @@ pub const SERVING_KEY: &str = "apiserver.key";
 pub const SERVING_SANS: &str = "apiserver.sans";
 pub const ADMIN_TOKEN: &str = "admin.token";
 pub const KUBECONFIG: &str = "admin.kubeconfig";
+/// The kubeconfigs of the control-plane components `skiff server` runs (kubeadm's
+/// controller-manager.conf and scheduler.conf): client certificates from the cluster CA whose
+/// CN is the component's RBAC user, so the default ClusterRoles, not `system:masters`, bound them.
+pub const CONTROLLER_MANAGER_KUBECONFIG: &str = "controller-manager.kubeconfig";
+pub const SCHEDULER_KUBECONFIG: &str = "scheduler.kubeconfig";
+pub const CONTROLLER_MANAGER_USER: &str = "system:kube-controller-manager";
+pub const SCHEDULER_USER: &str = "system:kube-scheduler";
 
 pub struct Credentials {
     pub ca_pem: String,
@@ -329,6 +336,49 @@ current-context: skiff
 preferences: {{}}
 "
     )
+}
+
+/// A kubeconfig that authenticates by a client certificate (PEM cert and key inline).
+pub fn cert_kubeconfig_text(server_url: &str, ca_pem: &str, user: &str, cert_pem: &str, key_pem: &str) -> String {
+    use base64::Engine as _;
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    format!(
+        "apiVersion: v1
+kind: Config
+clusters:
+- name: skiff
+  cluster:
+    server: {server_url}
+    certificate-authority-data: {}
+users:
+- name: {user}
+  user:
+    client-certificate-data: {}
+    client-key-data: {}
+contexts:
+- name: skiff
+  context:
+    cluster: skiff
+    user: {user}
+current-context: skiff
+preferences: {{}}
+",
+        b64(ca_pem),
+        b64(cert_pem),
+        b64(key_pem)
+    )
+}
+
+/// Writes the controller-manager's and the scheduler's kubeconfigs with certificates issued now,
+/// valid a year (re-issued at every start, so a server that restarts now and then never holds
+/// an expired one).
+pub fn write_component_kubeconfigs(data_dir: &Path, server_url: &str, creds: &Credentials) -> Result<()> {
+    let year = std::time::Duration::from_secs(365 * 24 * 3600);
+    for (file, user) in [(CONTROLLER_MANAGER_KUBECONFIG, CONTROLLER_MANAGER_USER), (SCHEDULER_KUBECONFIG, SCHEDULER_USER)] {
+        let (cert, key) = client_cert(&creds.ca_key_pem, user, &[], year)?;
+        write_private(&data_dir.join(file), &cert_kubeconfig_text(server_url, &creds.ca_pem, user, &cert, &key))?;
+    }
+    Ok(())
 }
 
 pub fn write_kubeconfig(data_dir: &Path, text: &str) -> Result<()> {

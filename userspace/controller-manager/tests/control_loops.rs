@@ -35,7 +35,7 @@ async fn cluster() -> Cluster {
         common::create_ready_node(&client, &node).await;
     }
     let mut tasks = common::Tasks::default();
-    common::start_control_plane(&mut tasks, &client, Default::default());
+    common::start_control_plane(&mut tasks, &api, Default::default());
     tasks.spawn(common::fake_kubelet(client.clone()));
     Cluster {
         client,
@@ -450,7 +450,7 @@ async fn run_functions_return_when_shutdown_completes() {
     let c = cluster().await;
     for scheduler in [false, true] {
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let client = c.client.clone();
+        let client = if scheduler { c._api.scheduler.clone() } else { c._api.controller_manager.clone() };
         let shutdown = async move {
             let _ = stopped.await;
         };

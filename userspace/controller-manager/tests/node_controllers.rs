@@ -171,7 +171,7 @@ fn start_controllers(
     tokio::task::JoinHandle<()>,
 ) {
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let client = c.client.clone();
+    let client = c._api.controller_manager.clone();
     let task = tokio::spawn(async move {
         skiff_controller_manager::run_controllers_with(client, options(), async move {
             let _ = stopped.await;
@@ -180,7 +180,7 @@ fn start_controllers(
         .expect("controllers run");
     });
     if scheduler {
-        common::start_scheduler(&mut c.tasks, &c.client);
+        common::start_scheduler(&mut c.tasks, &c._api);
     }
     (stop, task)
 }
@@ -640,7 +640,7 @@ fn elected(
     };
     let leading = Arc::new(AtomicBool::new(false));
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let client = c.client.clone();
+    let client = c._api.controller_manager.clone();
     let (acting, mine) = (acting.clone(), leading.clone());
     let task = tokio::spawn(run_leader_elected(
         client.clone(),
@@ -791,7 +791,7 @@ async fn leader_elected_scheduler_holds_its_lease_and_binds() {
         leader_elect_retry_period: Duration::from_millis(200),
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let client = c.client.clone();
+    let client = c._api.scheduler.clone();
     let task = tokio::spawn(async move {
         skiff_controller_manager::run_scheduler_elected(client, &flags, async move {
             let _ = stopped.await;

@@ -39,7 +39,7 @@ async fn cluster(
         create_node(&client, &n).await;
     }
     let mut tasks = common::Tasks::default();
-    common::start_control_plane(&mut tasks, &client, options);
+    common::start_control_plane(&mut tasks, &api, options);
     tasks.spawn(common::fake_kubelet(client.clone()));
     Cluster {
         client,

@@ -201,7 +201,9 @@ async fn client_from(kubeconfig_text: &str) -> Result<kube::Client> {
 }
 
 /// The whole control plane in one process. The controllers and the scheduler are clients of the
-/// apiserver like any other (through the admin kubeconfig), never shortcuts into its store.
+/// apiserver like any other, never shortcuts into its store, each with its own identity (the
+/// client certificates of `controller-manager.kubeconfig` and `scheduler.kubeconfig`), so RBAC's
+/// default ClusterRoles bound what they may do; only the join token is made as the admin.
 async fn run_server(config: skiff_apiserver::ServerConfig, flags: skiff_controller_manager::ControllerFlags) -> Result<()> {
     let data_dir = config.data_dir.clone();
     let server = skiff_apiserver::start(config).await?;
@@ -220,9 +222,13 @@ async fn run_server(config: skiff_apiserver::ServerConfig, flags: skiff_controll
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
-    let (c, f, stop) = (client.clone(), flags.clone(), stopped(stop_rx.clone()));
-    let controllers = tokio::spawn(async move { skiff_controller_manager::run_controller_manager(c, &f, stop).await });
-    let scheduler = tokio::spawn(async move { skiff_controller_manager::run_scheduler_elected(client, &flags.leader, stopped(stop_rx)).await });
+    let controller_client = client_from(&skiff_apiserver::component_kubeconfig(&data_dir, skiff_apiserver::CONTROLLER_MANAGER_KUBECONFIG)?).await?;
+    let scheduler_client = client_from(&skiff_apiserver::component_kubeconfig(&data_dir, skiff_apiserver::SCHEDULER_KUBECONFIG)?).await?;
+    let (f, stop) = (flags.clone(), stopped(stop_rx.clone()));
+    let controllers = tokio::spawn(async move { skiff_controller_manager::run_controller_manager(controller_client, &f, stop).await });
+    let scheduler = tokio::spawn(async move {
+        skiff_controller_manager::run_scheduler_elected(scheduler_client, &flags.leader, stopped(stop_rx)).await
+    });
     shutdown_signal().await;
     tracing::info!("shutting down");
     let _ = stop_tx.send(true);

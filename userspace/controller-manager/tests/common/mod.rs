@@ -10,11 +10,28 @@ use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use serde_json::{Value, json};
 
-/// A running apiserver on 127.0.0.1:0 over a temporary data directory, and an admin client.
+/// A running apiserver on 127.0.0.1:0 over a temporary data directory, an admin client (the
+/// test's own requests and the fake kubelets) and the controller-manager's and scheduler's
+/// clients with the identities `skiff server` gives them (their certificates, limited by RBAC's
+/// default ClusterRoles: these tests prove those roles grant what the loops need).
 pub struct Apiserver {
     pub client: Client,
+    pub controller_manager: Client,
+    pub scheduler: Client,
     _server: skiff_apiserver::RunningServer,
     _data: tempfile::TempDir,
+}
+
+async fn client_of(data: &std::path::Path, file: &str) -> Client {
+    let text = skiff_apiserver::component_kubeconfig(data, file).expect("kubeconfig written");
+    let kubeconfig = kube::config::Kubeconfig::from_yaml(&text).expect("kubeconfig parses");
+    let config = kube::Config::from_custom_kubeconfig(
+        kubeconfig,
+        &kube::config::KubeConfigOptions::default(),
+    )
+    .await
+    .expect("kube config");
+    Client::try_from(config).expect("kube client")
 }
 
 pub async fn apiserver() -> Apiserver {
@@ -24,17 +41,10 @@ pub async fn apiserver() -> Apiserver {
     let server = skiff_apiserver::start(config)
         .await
         .expect("apiserver starts");
-    let text = skiff_apiserver::kubeconfig(data.path()).expect("kubeconfig written");
-    let kubeconfig = kube::config::Kubeconfig::from_yaml(&text).expect("kubeconfig parses");
-    let config = kube::Config::from_custom_kubeconfig(
-        kubeconfig,
-        &kube::config::KubeConfigOptions::default(),
-    )
-    .await
-    .expect("kube config");
-    let client = Client::try_from(config).expect("kube client");
     Apiserver {
-        client,
+        client: client_of(data.path(), skiff_apiserver::KUBECONFIG).await,
+        controller_manager: client_of(data.path(), skiff_apiserver::CONTROLLER_MANAGER_KUBECONFIG).await,
+        scheduler: client_of(data.path(), skiff_apiserver::SCHEDULER_KUBECONFIG).await,
         _server: server,
         _data: data,
     }
@@ -61,20 +71,20 @@ impl Drop for Tasks {
 /// The controllers (with `options`) and the scheduler, until the test ends.
 pub fn start_control_plane(
     tasks: &mut Tasks,
-    client: &Client,
+    api: &Apiserver,
     options: skiff_controller_manager::ControllerOptions,
 ) {
-    let c = client.clone();
+    let c = api.controller_manager.clone();
     tasks.spawn(async move {
         skiff_controller_manager::run_controllers_with(c, options, std::future::pending::<()>())
             .await
             .expect("controllers run");
     });
-    start_scheduler(tasks, client);
+    start_scheduler(tasks, api);
 }
 
-pub fn start_scheduler(tasks: &mut Tasks, client: &Client) {
-    let c = client.clone();
+pub fn start_scheduler(tasks: &mut Tasks, api: &Apiserver) {
+    let c = api.scheduler.clone();
     tasks.spawn(async move {
         skiff_controller_manager::run_scheduler(c, std::future::pending::<()>())
             .await
