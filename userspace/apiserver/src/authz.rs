@@ -130,7 +130,7 @@ pub fn subject_matches(subject: &Value, user: &UserInfo, binding_ns: &str) -> bo
     }
 }
 
-async fn list(state: &State, plural: &str, ns: Option<&str>) -> Result<Vec<Value>, ApiError> {
+pub(crate) async fn list(state: &State, plural: &str, ns: Option<&str>) -> Result<Vec<Value>, ApiError> {
     let info = registry::find("rbac.authorization.k8s.io", "v1", plural)
         .ok_or_else(|| ApiError::internal(format!("{plural} are not registered")))?;
     let listed = state.store.list(&objects::prefix(info, ns)).await.map_err(store_error)?;
@@ -146,7 +146,7 @@ async fn get(state: &State, group: &str, plural: &str, ns: Option<&str>, name: &
 }
 
 /// The rules of a binding's roleRef (a missing role grants nothing, as in Kubernetes).
-async fn role_rules(state: &State, binding: &Value, binding_ns: Option<&str>) -> Result<Vec<Value>, ApiError> {
+pub(crate) async fn role_rules(state: &State, binding: &Value, binding_ns: Option<&str>) -> Result<Vec<Value>, ApiError> {
     let name = binding["roleRef"]["name"].as_str().unwrap_or("");
     let role = match binding["roleRef"]["kind"].as_str() {
         Some("ClusterRole") => get(state, "rbac.authorization.k8s.io", "clusterroles", None, name).await?,

@@ -11,6 +11,7 @@ pub mod auth;
 mod authz;
 mod background;
 mod csr;
+mod escalation;
 pub mod bootstrap_token;
 mod http;
 mod node_proxy;

@@ -623,8 +623,24 @@ async fn create(
     if info.group == "certificates.k8s.io" && info.kind == "CertificateSigningRequest" {
         crate::csr::admit_create(state, ctx.user.as_ref(), &mut admitted.object)?;
     }
+    confirm_no_escalation(state, ctx, info, ns, &admitted.object, None).await?;
     let obj = create_object(state, info, ns, admitted.object, dry_run).await?;
     Ok(single_response(ctx, info, 201, &obj, &admitted.warnings))
+}
+
+/// RBAC objects grant no more than their writer holds (`escalation`); other kinds pass.
+async fn confirm_no_escalation(
+    state: &State,
+    ctx: &Ctx,
+    info: &'static ResourceInfo,
+    ns: Option<&str>,
+    new: &Value,
+    old: Option<&Value>,
+) -> Result<(), ApiError> {
+    if info.group != "rbac.authorization.k8s.io" {
+        return Ok(());
+    }
+    crate::escalation::confirm(state, ctx.user.as_ref(), info.plural, ns.unwrap_or(""), new, old).await
 }
 
 /// Why a write attempt did not land.
@@ -835,6 +851,7 @@ async fn update(
             admission::validate(info, &new)?;
             admission::validate_update(info, &old, &new)?;
         }
+        confirm_no_escalation(state, ctx, info, ns, &new, Some(&old)).await?;
         if let Some(resp) = write_checked(
             state,
             ctx,
@@ -934,6 +951,7 @@ async fn patch_object(
                 if name_of(&admitted.object).is_empty() {
                     admitted.object["metadata"]["name"] = json!(name);
                 }
+                confirm_no_escalation(state, ctx, info, ns, &admitted.object, None).await?;
                 let obj = create_object(state, info, ns, admitted.object, dry_run).await?;
                 return Ok(single_response(ctx, info, 201, &obj, &admitted.warnings));
             }
@@ -965,6 +983,7 @@ async fn patch_object(
             admission::validate(info, &new)?;
             admission::validate_update(info, &old, &new)?;
         }
+        confirm_no_escalation(state, ctx, info, ns, &new, Some(&old)).await?;
         if let Some(resp) = write_checked(
             state,
             ctx,

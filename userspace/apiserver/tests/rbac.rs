@@ -126,3 +126,111 @@ async fn component_identities_are_limited_by_their_roles() {
     assert_status(&r, 403, "Forbidden");
     assert_status(&controllers.post("/api/v1/namespaces", &json!({"metadata": {"name": "by-cm"}})).await, 403, "Forbidden");
 }
+
+fn role(name: &str, rules: Value) -> Value {
+    json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": name}, "rules": rules})
+}
+
+fn role_binding(name: &str, kind: &str, role: &str, user: &str) -> Value {
+    json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": {"name": name},
+           "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": kind, "name": role},
+           "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}]})
+}
+
+fn assert_escalation_refused(r: &common::Reply, missing: &str) {
+    assert_status(r, 403, "Forbidden");
+    let message = r.body["message"].as_str().unwrap_or("");
+    assert!(message.contains("is attempting to grant RBAC permissions not currently held"), "{message}");
+    assert!(message.contains(missing), "{message} should name {missing}");
+}
+
+/// A user allowed to write Roles and RoleBindings may grant only what they hold: a Role with a
+/// permission they lack, a change of rules adding one, a binding to a role they do not hold are
+/// all 403 with the permissions named; holding them, or being given `escalate` / `bind`, lets
+/// the same requests through. Edits that grant nothing (labels) pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rbac_writes_never_grant_more_than_the_writer_holds() {
+    let ts = common::start().await;
+    ts.namespace("esc").await;
+    let rb = "/apis/rbac.authorization.k8s.io/v1/namespaces/esc";
+    // alice may manage Roles and RoleBindings in esc and read pods there; nothing else.
+    let manager = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": {"name": "rbac-manager"},
+        "rules": [{"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["roles", "rolebindings"], "verbs": ["create", "get", "update", "patch"]},
+                  {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]}]});
+    assert_eq!(ts.post(&format!("{RBAC}/clusterroles"), &manager).await.status, StatusCode::CREATED);
+    assert_eq!(ts.post(&format!("{rb}/rolebindings"), &role_binding("alice-manages", "ClusterRole", "rbac-manager", "alice")).await.status, StatusCode::CREATED);
+    let alice = As::user(&ts, "alice", &["dev"]);
+
+    let readers = json!([{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]}]);
+    assert_eq!(alice.post(&format!("{rb}/roles"), &role("pod-reader", readers)).await.status, StatusCode::CREATED, "what alice holds she may grant");
+
+    let secrets = json!([{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]}]);
+    let r = alice.post(&format!("{rb}/roles"), &role("secret-reader", secrets.clone())).await;
+    assert_escalation_refused(&r, "{APIGroups:[\"\"], Resources:[\"secrets\"], Verbs:[\"get\"]}");
+    assert!(r.body["message"].as_str().unwrap_or("").starts_with("roles.rbac.authorization.k8s.io \"secret-reader\" is forbidden: user \"alice\" (groups=[\"dev\" \"system:authenticated\"])"), "{}", r.text);
+    assert_eq!(ts.get("/apis/rbac.authorization.k8s.io/v1/namespaces/esc/roles/secret-reader").await.status, StatusCode::NOT_FOUND, "nothing was stored");
+
+    // Widening a role she may update: PUT and merge patch alike; a wildcard needs a held one.
+    let mut current = ts.get(&format!("{rb}/roles/pod-reader")).await.body;
+    current["rules"] = json!([{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "delete"]}]);
+    assert_escalation_refused(&alice.put(&format!("{rb}/roles/pod-reader"), &current).await, "Verbs:[\"delete\"]");
+    let wild = json!({"rules": [{"apiGroups": [""], "resources": ["*"], "verbs": ["get"]}]});
+    assert_escalation_refused(&alice.merge(&format!("{rb}/roles/pod-reader"), &wild).await, "Resources:[\"*\"]");
+    let r = alice.merge(&format!("{rb}/roles/pod-reader"), &json!({"metadata": {"labels": {"team": "a"}}})).await;
+    assert_eq!(r.status, StatusCode::OK, "a label grants nothing: {}", r.text);
+
+    // Bindings: to a role she holds, yes; to `edit`, which she does not hold, no.
+    assert_eq!(alice.post(&format!("{rb}/rolebindings"), &role_binding("bob-reads", "Role", "pod-reader", "bob")).await.status, StatusCode::CREATED);
+    let r = alice.post(&format!("{rb}/rolebindings"), &role_binding("bob-edits", "ClusterRole", "edit", "bob")).await;
+    assert_escalation_refused(&r, "Resources:[\"secrets\"]");
+    assert!(r.body["message"].as_str().unwrap_or("").starts_with("rolebindings.rbac.authorization.k8s.io \"bob-edits\" is forbidden"), "{}", r.text);
+    // Adding a subject to an existing binding of a role she lacks is refused too.
+    assert_eq!(ts.post(&format!("{rb}/rolebindings"), &role_binding("carol-edits", "ClusterRole", "edit", "carol")).await.status, StatusCode::CREATED);
+    let more = json!({"subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "carol"},
+                                   {"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "alice"}]});
+    assert_escalation_refused(&alice.merge(&format!("{rb}/rolebindings/carol-edits"), &more).await, "Resources:[\"secrets\"]");
+
+    // `bind` on exactly the edit ClusterRole: the binding goes through without holding edit.
+    let binder = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": {"name": "bind-edit"},
+        "rules": [{"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["clusterroles"], "resourceNames": ["edit"], "verbs": ["bind"]}]});
+    assert_eq!(ts.post(&format!("{RBAC}/clusterroles"), &binder).await.status, StatusCode::CREATED);
+    assert_eq!(ts.post(&format!("{rb}/rolebindings"), &role_binding("alice-binds", "ClusterRole", "bind-edit", "alice")).await.status, StatusCode::CREATED);
+    let r = alice.post(&format!("{rb}/rolebindings"), &role_binding("bob-edits", "ClusterRole", "edit", "bob")).await;
+    assert_eq!(r.status, StatusCode::CREATED, "bind allows it: {}", r.text);
+    assert_escalation_refused(&alice.post(&format!("{rb}/rolebindings"), &role_binding("bob-admin", "ClusterRole", "cluster-admin", "bob")).await, "Verbs:[\"*\"]");
+
+    // Holding the permission (alice may now read secrets in esc) makes the first role grantable.
+    assert_eq!(ts.post(&format!("{rb}/roles"), &role("alice-secrets", secrets.clone())).await.status, StatusCode::CREATED);
+    assert_eq!(ts.post(&format!("{rb}/rolebindings"), &role_binding("alice-secrets", "Role", "alice-secrets", "alice")).await.status, StatusCode::CREATED);
+    assert_eq!(alice.post(&format!("{rb}/roles"), &role("secret-reader", secrets)).await.status, StatusCode::CREATED);
+    // ... but only in esc: the same Role in another namespace is not hers to grant.
+    ts.namespace("other").await;
+    let reader = role("pod-reader", json!([{"apiGroups": [""], "resources": ["pods"], "verbs": ["get"]}]));
+    assert_status(&alice.post("/apis/rbac.authorization.k8s.io/v1/namespaces/other/roles", &reader).await, 403, "Forbidden");
+
+    // `escalate` on roles: any rules.
+    let escalator = role("escalate-roles", json!([{"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["roles"], "verbs": ["escalate"]}]));
+    assert_eq!(ts.post(&format!("{rb}/roles"), &escalator).await.status, StatusCode::CREATED);
+    assert_eq!(ts.post(&format!("{rb}/rolebindings"), &role_binding("alice-escalates", "Role", "escalate-roles", "alice")).await.status, StatusCode::CREATED);
+    let everything = json!([{"apiGroups": ["*"], "resources": ["*"], "verbs": ["*"]}]);
+    let r = alice.post(&format!("{rb}/roles"), &role("all", everything)).await;
+    assert_eq!(r.status, StatusCode::CREATED, "escalate allows it: {}", r.text);
+}
+
+/// The controller-manager may patch and update every object (the garbage collector's owner
+/// fields), RBAC objects included, but not to grant: adding itself to cluster-admin's binding
+/// is refused; a label on it is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_garbage_collectors_update_right_grants_nothing() {
+    let ts = common::start().await;
+    let controllers = As::kubeconfig(&ts, skiff_apiserver::CONTROLLER_MANAGER_KUBECONFIG);
+    let path = format!("{RBAC}/clusterrolebindings/cluster-admin");
+    let grab = json!({"subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": "system:masters"},
+                                   {"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "system:kube-controller-manager"}]});
+    assert_escalation_refused(&controllers.merge(&path, &grab).await, "Verbs:[\"*\"]");
+    let r = controllers.merge(&path, &json!({"metadata": {"labels": {"seen": "yes"}}})).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let widen = json!({"rules": [{"apiGroups": ["*"], "resources": ["*"], "verbs": ["*"]}]});
+    assert_escalation_refused(&controllers.merge(&format!("{RBAC}/clusterroles/system:kube-controller-manager"), &widen).await, "Verbs:[\"*\"]");
+    assert_eq!(ts.get(&path).await.body["subjects"].as_array().map(Vec::len), Some(1), "the binding kept its one subject");
+}
