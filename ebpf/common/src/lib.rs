@@ -382,8 +382,11 @@ pub mod counter {
     pub const ERRORS: u32 = 12;
     pub const NODEPORT: u32 = 13;
     pub const POLICY_DENIED: u32 = 14;
+    /// A pod's direct flow (no Service) found the reply entry of an earlier Service flow from
+    /// the same client port and removed it (see `forget_stale_reply` in ebpf/programs).
+    pub const STALE_REPLY_DROPPED: u32 = 15;
     pub const COUNT: u32 = 16;
-    pub const NAMES: [&str; 15] = [
+    pub const NAMES: [&str; 16] = [
         "packets",
         "service_hit",
         "dnat",
@@ -399,6 +402,7 @@ pub mod counter {
         "errors",
         "nodeport_dnat",
         "policy_denied",
+        "stale_reply_dropped",
     ];
 }
 

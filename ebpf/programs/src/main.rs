@@ -115,6 +115,67 @@ fn ensure_reply(rkey: &CtKey, fwd: &CtValue, now: u64) {
     }
 }
 
+/// A flow that is no Service's (pod to pod by IP) whose reply tuple is still the reply entry of
+/// an earlier Service flow: the client reused its source port for a direct connection to that
+/// flow's backend. The old entry would reverse-NAT the new flow's replies to the VIP and the
+/// client would drop them, so it goes. Checked on a TCP SYN (a new connection) and on every UDP
+/// packet (no handshake says which is new). If the Service flow is still in use, its next
+/// forward packet puts the entry back (`ensure_reply`).
+///
+/// Only for packets that a local pod sends from its own veth: the ENDPOINTS entry of the source
+/// address names that veth's ifindex. The same program runs on the node uplink (and the VXLAN
+/// device), where a translated NodePort SYN that XDP passed, or a DSR SYN from another node,
+/// is a "non-Service SYN" whose reply entry was made a moment ago for exactly this flow:
+/// dropping it there broke NodePort (77feeb1, reverted in 0fd613e). Why this check rather than
+/// a second tc program for the uplink or a "who made it" flag in CtValue: ENDPOINTS already
+/// holds the veth's ifindex (one lookup, done only once a stale-looking entry is found), nothing
+/// changes in what userspace or skiff-cni attach, and the condition is the bug's own
+/// precondition (the stale entry's destination is a local pod, whose packets enter here).
+#[inline(always)]
+fn forget_stale_reply(
+    ctx: &TcContext,
+    l4: usize,
+    proto: u8,
+    saddr: u32,
+    daddr: u32,
+    sport: u16,
+    dport: u16,
+) -> Result<(), i64> {
+    if proto == PROTO_TCP {
+        let flags: u8 = ctx.load(l4 + 13)?;
+        // SYN without ACK.
+        if flags & 0x12 != 0x02 {
+            return Ok(());
+        }
+    }
+    let rkey = CtKey {
+        src: Addr::v4_raw(daddr),
+        dst: Addr::v4_raw(saddr),
+        sport: dport,
+        dport: sport,
+        proto,
+        _pad: [0; 3],
+    };
+    let stale = match unsafe { CONNTRACK.get(&rkey) } {
+        Some(r) => r.flags & CT_F_REPLY != 0,
+        None => false,
+    };
+    if !stale {
+        return Ok(());
+    }
+    // SAFETY: the context's skb pointer is valid for this program run.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let from_own_veth = match unsafe { ENDPOINTS.get(&Addr::v4_raw(saddr)) } {
+        Some(ep) => ep.host_ifindex == ifindex,
+        None => false,
+    };
+    if from_own_veth {
+        let _ = CONNTRACK.remove(&rkey);
+        count(counter::STALE_REPLY_DROPPED);
+    }
+    Ok(())
+}
+
 fn select_backend(
     svc: &ServiceValue,
     aff_kind: u32,
@@ -546,6 +607,8 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, i64> {
                     count(counter::HAIRPIN);
                 }
                 count(counter::DNAT);
+            } else {
+                forget_stale_reply(ctx, l4, proto, saddr, daddr, sport, dport)?;
             }
         }
     }

@@ -7,7 +7,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
 use std::time::Duration;
 
-use skiff_datapath::lab::{Lab, Server, in_netns, require_privileges};
+use skiff_datapath::lab::{Lab, Server, UPLINK_NODE, in_netns, require_privileges, tcp_ask, udp_ask};
 use skiff_datapath::{BackendSpec, Proto, ServiceSpec};
 
 /// One request from `src_port`, closed with RST (linger 0) so the port is free at once.
@@ -60,13 +60,11 @@ fn reused_client_port_across_services_with_a_shared_backend() {
 /// (found by bench/svcbench's interleaved rounds: direct connects timed out after tc-layer
 /// rounds). The Service flow's reply entry (backend -> client:port) must not reverse-NAT the
 /// direct flow's replies to the VIP, and the Service must still work after it.
-// Known bug, not fixed: dropping the stale reply entry on the direct flow's SYN in from_pod
-// (tried in 77feeb1, reverted) also dropped the reply entry XDP had just made for a NodePort
-// flow, because from_pod runs on the uplink too (after XDP passes the translated SYN), and broke
-// NodePort in services_e2e. A fix needs to tell pod veths from the uplink (a second tc program
-// or an interface check). Run with `cargo test -p skiff-datapath --test reply_reuse -- --ignored`.
+// 77feeb1 dropped the stale entry in from_pod on any non-Service SYN and broke NodePort (from_pod
+// also runs on the uplink, after XDP passes a translated SYN whose reply entry it had just made);
+// from_pod now drops it only for a packet from the local pod's own veth. The NodePort side of
+// that is checked by nodeport_xdp.rs and services_e2e.
 #[test]
-#[ignore = "known bug: a direct flow reusing a Service flow's client port gets its replies reverse-NATed"]
 fn reused_client_port_from_a_service_to_the_backend_directly() {
     if !require_privileges("reused_client_port_from_a_service_to_the_backend_directly") {
         return;
@@ -95,4 +93,49 @@ fn reused_client_port_from_a_service_to_the_backend_directly() {
         let r = r.as_ref().unwrap_or_else(|e| panic!("request {i} from port 40124 failed: {e}"));
         assert_eq!(r, &backend.ip.to_string(), "request {i} answered by the backend");
     }
+    let c = dp.counters().expect("counters");
+    assert!(c["stale_reply_dropped"] >= 2, "each direct SYN dropped the Service flow's reply entry: {c:?}");
+}
+
+/// The breakage 77feeb1 caused, at the datapath level: with from_pod on the uplink as well as
+/// XDP (as the agent attaches them), the translated NodePort SYN that XDP passes meets from_pod
+/// there as a non-Service SYN whose reply entry XDP has just made; that entry must stay, or the
+/// backend's reply is not reverse-translated and the client never gets an answer.
+#[test]
+fn nodeport_through_xdp_and_tc_on_the_uplink_keeps_its_reply_entry() {
+    if !require_privileges("nodeport_through_xdp_and_tc_on_the_uplink_keeps_its_reply_entry") {
+        return;
+    }
+    let mut lab = Lab::new("reunp", 1);
+    let ext = lab.add_uplink();
+    let backend = lab.pods[0].ip;
+    let _server = Server::start(&lab.pods[0].netns, backend, 8080);
+    let mut dp = lab.datapath();
+    lab.in_node(|| dp.attach_tc("up0")).expect("tc on the uplink");
+    lab.in_node(|| dp.attach_xdp("up0")).expect("xdp on the uplink");
+    dp.set_nodeport_snat(Ipv4Addr::new(169, 254, 42, 2)).expect("snat");
+    for proto in [Proto::Tcp, Proto::Udp] {
+        dp.upsert_nodeport(&ServiceSpec {
+            vip: IpAddr::V4(UPLINK_NODE),
+            port: 30081,
+            proto,
+            backends: vec![BackendSpec { ip: IpAddr::V4(backend), port: 8080, ready: true, terminating: false }],
+            affinity_timeout: None,
+            external_traffic_local: false,
+        })
+        .expect("nodeport");
+    }
+    let front = SocketAddr::new(IpAddr::V4(UPLINK_NODE), 30081);
+    let (tcp, udp) = in_netns(&ext, || {
+        (
+            (0..5).map(|_| tcp_ask(front)).collect::<Vec<_>>(),
+            (0..5).map(|_| udp_ask(front)).collect::<Vec<_>>(),
+        )
+    });
+    for r in tcp.iter().chain(udp.iter()) {
+        let (who, from) = r.as_ref().expect("answered through the node port");
+        assert_eq!((who.as_str(), *from), (backend.to_string().as_str(), front));
+    }
+    let c = dp.counters().expect("counters");
+    assert_eq!(c["stale_reply_dropped"], 0, "nothing dropped on the uplink: {c:?}");
 }
