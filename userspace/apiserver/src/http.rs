@@ -166,6 +166,7 @@ pub fn decode(content_type: &str, body: &[u8]) -> Result<Value, ApiError> {
         | "text/yaml"
         | "application/apply-patch+yaml" => serde_yaml::from_slice(body)
             .map_err(|e| ApiError::bad_request(format!("the request body is not valid YAML: {e}"))),
+        crate::protobuf::MEDIA_TYPE => crate::protobuf::decode(body),
         _ => Err(ApiError::unsupported_media_type(content_type)),
     }
 }
@@ -259,6 +260,10 @@ async fn handle_inner(state: Arc<State>, req: Request<Incoming>, cert_user: Opti
         crate::auth::Outcome::Anonymous if crate::bootstrap_token::is_public(&parts.method, &path) => None,
         crate::auth::Outcome::Anonymous | crate::auth::Outcome::Refused => return Err(ApiError::unauthorized()),
     };
+    let user = match user {
+        Some(u) => Some(crate::authz::impersonate(&state, u, &parts.headers).await?),
+        None => None,
+    };
     // Logs, exec and port-forward go to the pod's node agent, before any body is read (an
     // upgrade keeps its connection).
     let attributes = crate::authz::attributes(&parts.method, &path, &query);
@@ -289,7 +294,7 @@ async fn handle_inner(state: Arc<State>, req: Request<Incoming>, cert_user: Opti
     if attributes.api_group == "authorization.k8s.io" && attributes.resource == "selfsubjectaccessreviews" {
         let (Some(user), Some(body)) = (ctx.user.as_ref(), decoded.as_ref()) else {
             return Err(match ctx.method {
-                Method::POST => ApiError::bad_request("a SelfSubjectAccessReview needs a JSON or YAML body"),
+                Method::POST => ctx.decode_body().err().unwrap_or_else(|| ApiError::bad_request("a SelfSubjectAccessReview needs a JSON, YAML or protobuf body")),
                 _ => ApiError::method_not_allowed(ctx.method.as_str()),
             });
         };

@@ -16,6 +16,7 @@ pub mod bootstrap_token;
 mod http;
 mod node_proxy;
 mod objects;
+mod protobuf;
 mod sa_token;
 mod services;
 mod tls;

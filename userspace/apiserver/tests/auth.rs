@@ -238,7 +238,7 @@ async fn rbac_grants_and_revokes() {
 
 /// kubectl as a user with a client-certificate kubeconfig: refused with Kubernetes' message,
 /// allowed once the admin (kubectl too) binds a role, refused again once it is deleted.
-/// (`kubectl auth can-i` posts its review as protobuf, which skiff does not decode: the
+/// (`kubectl auth can-i`, whose review is protobuf, is tested in `kubectl_protobuf.rs`; the
 /// SelfSubjectAccessReview is tested over JSON in `rbac_grants_and_revokes`.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubectl_sees_rbac() {
