@@ -5,6 +5,9 @@
 //!   the direct pod path, on one netns lab, in one run).
 //! - `cluster`: end-to-end timings on a `skiff up` cluster (`svcbench cluster`): kubectl scale /
 //!   apply until the new endpoints answer through the Service, against the API's own Ready times.
+//! - `load`: the API under load behind the `loadbench` binary (simulated nodes, pods, Services,
+//!   watches on a real `skiff server`; the agent's proxy + DNS memory with many Services).
 
 pub mod cluster;
+pub mod load;
 pub mod svc;
