@@ -68,9 +68,10 @@ pub(crate) fn admit_create(state: &State, user: Option<&UserInfo>, obj: &mut Val
         tracing::info!(requester = %user.name, %why, "certificate signing request left pending");
         return Ok(());
     }
+    let longest = state.node_client_cert_validity.min(DEFAULT_VALIDITY);
     let validity = match obj["spec"]["expirationSeconds"].as_i64() {
-        Some(s) => std::time::Duration::from_secs(s.max(MIN_VALIDITY_SECONDS) as u64).min(DEFAULT_VALIDITY),
-        None => DEFAULT_VALIDITY,
+        Some(s) => std::time::Duration::from_secs(s.max(MIN_VALIDITY_SECONDS) as u64).min(longest),
+        None => longest,
     };
     let groups: Vec<&str> = orgs.iter().map(String::as_str).collect();
     let cert = crate::tls::sign_client(&state.ca_key_pem, &csr.public_key, &cn, &groups, validity)

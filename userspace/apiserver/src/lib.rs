@@ -51,6 +51,9 @@ pub struct ServerConfig {
     pub node_port_range: RangeInclusive<u16>,
     /// Extra names or addresses for the serving certificate.
     pub extra_sans: Vec<String>,
+    /// How long the node client certificates the CSR signer issues are valid (a year; shorter
+    /// in tests of the agent's rotation). A CSR's `expirationSeconds` can only shorten it.
+    pub node_client_cert_validity: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -73,6 +76,7 @@ impl ServerConfig {
                 .unwrap_or_else(|_| ipnet::Ipv4Net::default()),
             node_port_range: 30000..=32767,
             extra_sans: Vec::new(),
+            node_client_cert_validity: Duration::from_secs(365 * 24 * 3600),
         }
     }
 }
@@ -134,6 +138,8 @@ pub(crate) struct State {
     pub ca_key_pem: String,
     /// Signs and checks service-account tokens (`sa_token`).
     pub sa_key: sa_token::SigningKey,
+    /// The longest validity of a node client certificate (`csr`).
+    pub node_client_cert_validity: Duration,
 }
 
 async fn open_store(
@@ -196,6 +202,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer> {
         agent_tls: node_proxy::AgentClientTls::new(creds.ca_key_pem.clone()),
         ca_key_pem: creds.ca_key_pem.clone(),
         sa_key: sa_token::SigningKey::ensure(&config.data_dir)?,
+        node_client_cert_validity: config.node_client_cert_validity,
     });
     background::bootstrap(&state, addr)
         .await

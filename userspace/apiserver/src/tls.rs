@@ -305,7 +305,11 @@ pub(crate) fn sign_client(
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
     let now = time::OffsetDateTime::now_utc();
-    params.not_before = now - time::Duration::minutes(5);
+    // Backdated for clock skew, by at most a tenth of the validity: a holder that rotates at
+    // 70-90% of notBefore..notAfter (the agent, as kubelet) must not find a short certificate
+    // mostly in the past.
+    let backdate = std::time::Duration::from_secs(300).min(validity / 10);
+    params.not_before = now - backdate;
     params.not_after = now + validity;
     let cert = params.signed_by(key, &issuer, &ca_key).context("signing the client certificate")?;
     Ok(cert.pem())

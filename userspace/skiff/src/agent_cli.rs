@@ -81,6 +81,12 @@ pub struct AgentArgs {
     /// agent stats) listens [default: <node-ip>:10249].
     #[arg(long)]
     metrics_bind: Option<std::net::SocketAddr>,
+    /// How NodePort / LoadBalancer / externalIPs traffic reaches a backend on another node, as
+    /// Cilium's --bpf-lb-mode: snat (the backend sees this node; replies come back through it)
+    /// or dsr (direct server return: the backend sees the client, and its node answers the
+    /// client directly; every node must run a datapath that reads skiff's DSR IP option).
+    #[arg(long, default_value = "snat", value_parser = ["snat", "dsr"])]
+    lb_mode: String,
 }
 
 /// Enters `/run/netns/<name>` for this thread, before any other thread exists, so every thread
@@ -251,25 +257,45 @@ fn kubeconfig_server(text: &str) -> Option<String> {
 /// Where a joined node keeps its client certificate and key (kubelet's kubelet-client-current.pem).
 pub const NODE_CERT_FILE: &str = "pki/node-client.crt";
 pub const NODE_KEY_FILE: &str = "pki/node-client.key";
-/// A certificate this close to its end is replaced at start (there is no rotation while running).
+/// A stored certificate this close to its end is replaced at start rather than used.
 const RENEW_BEFORE: Duration = Duration::from_secs(24 * 3600);
 
 /// The node's certificate and key from the data dir, when they name this node and are valid for
-/// more than [`RENEW_BEFORE`].
+/// more than [`RENEW_BEFORE`] (or, for a certificate shorter-lived than a day, until its
+/// rotation point: the running agent rotates it then).
 fn stored_node_cert(data_dir: &Path, node_name: &str) -> Option<(String, String)> {
     let cert = std::fs::read_to_string(data_dir.join(NODE_CERT_FILE)).ok()?;
     let key = std::fs::read_to_string(data_dir.join(NODE_KEY_FILE)).ok()?;
-    let (_, pem) = x509_parser::pem::parse_x509_pem(cert.as_bytes()).ok()?;
+    let (cn, not_before, not_after) = cert_times(&cert)?;
+    let now = chrono::Utc::now().timestamp();
+    let renew_before = (RENEW_BEFORE.as_secs() as i64).min((not_after - not_before) / 5);
+    (cn == format!("system:node:{node_name}") && not_after - now > renew_before).then_some((cert, key))
+}
+
+/// A PEM certificate's CommonName, notBefore and notAfter (Unix seconds).
+fn cert_times(cert_pem: &str) -> Option<(String, i64, i64)> {
+    let (_, pem) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes()).ok()?;
     let parsed = pem.parse_x509().ok()?;
     let cn = parsed.subject().iter_common_name().next()?.as_str().ok()?.to_string();
-    let left = parsed.validity().time_to_expiration()?;
-    (cn == format!("system:node:{node_name}") && left.whole_seconds() > RENEW_BEFORE.as_secs() as i64).then_some((cert, key))
+    let v = parsed.validity();
+    Some((cn, v.not_before.timestamp(), v.not_after.timestamp()))
+}
+
+/// When to replace a certificate: at a point drawn between 70% and 90% of its lifetime, as
+/// kubelet's certificate manager does (the spread keeps many nodes from renewing at once).
+fn rotation_deadline(not_before: i64, not_after: i64) -> i64 {
+    // The jitter needs no cryptographic randomness: any spread across nodes will do.
+    let jitter = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0) as f64 / 1e9;
+    let lifetime = (not_after - not_before).max(0) as f64;
+    not_before + (lifetime * (0.7 + 0.2 * jitter)) as i64
 }
 
 /// kubeadm's TLS bootstrap: the API client of this node, authenticated by its own client
 /// certificate. One from an earlier start is reused (so a restart needs no valid token); else
 /// a new key is made and a CertificateSigningRequest for `system:node:<name>` posted with the
-/// bootstrap token, and the signed certificate saved with its key in the data dir.
+/// bootstrap token, and the signed certificate saved with its key in the data dir. While the
+/// agent runs, [`rotate_node_certificate`] replaces the certificate before it expires and swaps
+/// it into the returned client (kubelet's client certificate rotation).
 pub async fn node_client(url: &str, ca_file: &Path, bootstrap_token: Option<&str>, data_dir: &Path, node_name: &str) -> Result<kube::Client> {
     let (cert, key) = match stored_node_cert(data_dir, node_name) {
         Some(found) => {
@@ -280,15 +306,101 @@ pub async fn node_client(url: &str, ca_file: &Path, bootstrap_token: Option<&str
             let token = bootstrap_token.context("this node has no valid client certificate yet and no bootstrap token to ask for one")?;
             let boot = crate::kube_client_for(url, token, Some(ca_file)).await?;
             let (cert, key) = request_node_certificate(&boot, node_name).await?;
-            let pki = data_dir.join("pki");
-            std::fs::create_dir_all(&pki).with_context(|| format!("creating {}", pki.display()))?;
-            write_private(&data_dir.join(NODE_KEY_FILE), &key)?;
-            write_private(&data_dir.join(NODE_CERT_FILE), &cert)?;
+            save_node_cert(data_dir, &cert, &key)?;
             tracing::info!(cert = %data_dir.join(NODE_CERT_FILE).display(), "the node's client certificate was signed and saved");
             (cert, key)
         }
     };
-    client_with_cert(url, ca_file, &cert, &key).await
+    let current = Arc::new(std::sync::RwLock::new(client_with_cert(url, ca_file, &cert, &key).await?));
+    let client = kube::Client::new(SwappableClient(current.clone()), "default");
+    tokio::spawn(rotate_node_certificate(current, url.to_string(), ca_file.to_path_buf(), data_dir.to_path_buf(), node_name.to_string(), cert));
+    Ok(client)
+}
+
+fn save_node_cert(data_dir: &Path, cert: &str, key: &str) -> Result<()> {
+    let pki = data_dir.join("pki");
+    std::fs::create_dir_all(&pki).with_context(|| format!("creating {}", pki.display()))?;
+    write_private(&data_dir.join(NODE_KEY_FILE), key)?;
+    write_private(&data_dir.join(NODE_CERT_FILE), cert)
+}
+
+/// A kube client whose requests go to whichever client holds the node's current certificate:
+/// every clone of the agent's client (reflectors, workers, heartbeats) follows a rotation. A
+/// request already under way (an open watch) finishes on the connection it has.
+#[derive(Clone)]
+struct SwappableClient(Arc<std::sync::RwLock<kube::Client>>);
+
+impl tower::Service<http::Request<kube::client::Body>> for SwappableClient {
+    type Response = http::Response<kube::client::Body>;
+    type Error = kube::Error;
+    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Self::Response, kube::Error>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), kube::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<kube::client::Body>) -> Self::Future {
+        let client = match self.0.read() {
+            Ok(c) => c.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        };
+        Box::pin(async move { client.send(request).await })
+    }
+}
+
+/// Replaces the node's certificate at its rotation deadline: a new key, a CSR posted with the
+/// current identity (the node authorizer lets a node ask for its own), the signed certificate
+/// saved and swapped into the agent's client without a restart. A failure is retried (every
+/// tenth of what is left, at least 5 s, at most 5 min) until the certificate expires, and on.
+async fn rotate_node_certificate(
+    current: Arc<std::sync::RwLock<kube::Client>>,
+    url: String,
+    ca_file: PathBuf,
+    data_dir: PathBuf,
+    node_name: String,
+    mut cert: String,
+) {
+    loop {
+        let Some((_, not_before, not_after)) = cert_times(&cert) else {
+            tracing::warn!("the node's client certificate cannot be read: no rotation");
+            return;
+        };
+        let deadline = rotation_deadline(not_before, not_after);
+        let wait = (deadline - chrono::Utc::now().timestamp()).max(0) as u64;
+        tracing::info!(in_seconds = wait, "the node's client certificate will be rotated");
+        tokio::time::sleep(Duration::from_secs(wait)).await;
+        loop {
+            let client = match current.read() {
+                Ok(c) => c.clone(),
+                Err(poisoned) => poisoned.into_inner().clone(),
+            };
+            let rotated = async {
+                let (new_cert, key) = request_node_certificate(&client, &node_name).await?;
+                let next = client_with_cert(&url, &ca_file, &new_cert, &key).await?;
+                save_node_cert(&data_dir, &new_cert, &key)?;
+                anyhow::Ok((new_cert, next))
+            }
+            .await;
+            match rotated {
+                Ok((new_cert, next)) => {
+                    match current.write() {
+                        Ok(mut c) => *c = next,
+                        Err(poisoned) => *poisoned.into_inner() = next,
+                    }
+                    let expires = cert_times(&new_cert).map(|(_, _, a)| a).unwrap_or_default();
+                    tracing::info!(expires, "rotated the node's client certificate");
+                    cert = new_cert;
+                    break;
+                }
+                Err(e) => {
+                    let left = (not_after - chrono::Utc::now().timestamp()).max(0) as u64;
+                    let retry = (left / 10).clamp(5, 300);
+                    tracing::warn!("rotating the node's client certificate failed (retrying in {retry}s): {e:#}");
+                    tokio::time::sleep(Duration::from_secs(retry)).await;
+                }
+            }
+        }
+    }
 }
 
 fn write_private(path: &Path, text: &str) -> Result<()> {
@@ -386,6 +498,7 @@ pub fn run(args: AgentArgs) -> Result<()> {
     cfg.backoff_base = Duration::from_secs(args.restart_backoff.max(1));
     cfg.heartbeat_interval = args.heartbeat_interval.max(Duration::from_millis(500));
     cfg.metrics_bind = args.metrics_bind;
+    cfg.lb_mode = args.lb_mode.parse().map_err(anyhow::Error::msg)?;
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     // Joining comes first: a wrong CA hash or token fails before anything changes on the node.
     let (client, server_ca) = rt.block_on(connect(&args, &node_name))?;

@@ -114,6 +114,10 @@ struct ServerArgs {
     /// Extra names or addresses for the serving certificate.
     #[arg(long, value_delimiter = ',')]
     tls_san: Vec<String>,
+    /// How long the node client certificates the server signs are valid (agents rotate them at
+    /// 70-90% of that); short values are for tests of the rotation.
+    #[arg(long, default_value = "8760h", value_parser = skiff_controller_manager::parse_duration)]
+    node_client_cert_validity: std::time::Duration,
 }
 
 fn parse_port_range(s: &str) -> Result<std::ops::RangeInclusive<u16>> {
@@ -130,6 +134,7 @@ fn parse_port_range(s: &str) -> Result<std::ops::RangeInclusive<u16>> {
 
 fn server_config(args: ServerArgs) -> Result<skiff_apiserver::ServerConfig> {
     let mut config = skiff_apiserver::ServerConfig::new(args.data_dir);
+    config.node_client_cert_validity = args.node_client_cert_validity;
     config.bind = args.bind;
     config.store = match args.store {
         StoreKind::Sqlite => skiff_apiserver::StoreConfig::Sqlite,
