@@ -1,7 +1,8 @@
 //! Secrets at rest through the real server: a Secret applied with the real kubectl reads back
 //! with its data, and the SQLite files in the server's data directory hold neither its value nor
 //! that value's base64; a ConfigMap's value is there to see, so the scan reads real data.
-//! (`kubectl create secret` sends protobuf, which skiff does not take: apply a JSON manifest.)
+//! (A JSON manifest is applied; `kubectl create secret`'s protobuf body is tested in
+//! tests/kubectl_protobuf.rs.)
 
 mod common;
 

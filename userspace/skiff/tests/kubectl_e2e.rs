@@ -220,7 +220,8 @@ fn kubectl_drives_the_whole_lifecycle() {
     // The initial state first, then the change.
     let first = rx.recv_timeout(Duration::from_secs(20)).expect("watch prints the current state");
     assert!(first.contains("NAME") || first.contains("web-config"), "{first}");
-    // (`kubectl create configmap` sends protobuf, which skiff answers with 415: apply a file.
+    // (An applied file; `kubectl create configmap`'s protobuf body is tested in the apiserver's
+    // tests/kubectl_protobuf.rs.
     // Not `x: y`: YAML 1.1, which kubectl uses, reads a bare y as the boolean true, and a
     // ConfigMap value must be a string, so real Kubernetes refuses that file too.)
     let later = write_manifest(files.path(), "later.yaml", "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: later\n  namespace: shop\ndata:\n  x: \"z\"\n");
