@@ -108,9 +108,24 @@ pub struct NodeConfig {
     /// address need not be assigned to an interface (an assigned one would make the forwarded
     /// packet a martian on the uplink). Zero disables NodePort.
     pub nodeport_snat: Addr,
+    /// NODE_F_* bits.
     pub flags: u32,
     pub _pad: u32,
 }
+
+/// NodeConfig.flags: NodePort / LoadBalancer / externalIPs traffic to a backend on another node
+/// is sent there with the client's own source address and the service address in an IPv4
+/// option ([`DSR_OPT_TYPE`]), and the backend's node answers the client directly (direct
+/// server return, Cilium's `--bpf-lb-mode=dsr` with `dsr-dispatch=opt`). Clear: SNAT to
+/// `nodeport_snat`, replies back through this node.
+pub const NODE_F_LB_DSR: u32 = 1 << 0;
+
+/// The IPv4 option type of skiff's DSR option: copied into fragments (0x80), class 0, number
+/// 30, the value RFC 4727 sets aside for experiments, so it collides with no assigned option.
+pub const DSR_OPT_TYPE: u8 = 0x9e;
+/// Its length in bytes: type, length, the service port (2, wire order), the service IPv4
+/// address (4). A multiple of 4, so it needs no padding and the IHL grows by exactly 2.
+pub const DSR_OPT_LEN: usize = 8;
 
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
@@ -239,6 +254,11 @@ pub const CT_F_HAIRPIN: u16 = 1 << 2;
 /// The flow's source was SNATed (NodePort): replies get their destination restored to
 /// CtValue.client_addr (and their source to orig_addr:orig_port).
 pub const CT_F_SNAT: u16 = 1 << 3;
+/// Direct server return. On the entry node, a forward entry whose backend is on another node:
+/// no reply entry here (the replies never come back), and the packets that open the flow
+/// carry the DSR option. On the backend's node, the reply entry made from a DSR option:
+/// replies get their source set to orig_addr:orig_port and go straight to the client.
+pub const CT_F_DSR: u16 = 1 << 4;
 
 /// CONNTRACK value (LRU hash: the kernel evicts the least recently used entry when full).
 #[repr(C)]
@@ -385,8 +405,17 @@ pub mod counter {
     /// A pod's direct flow (no Service) found the reply entry of an earlier Service flow from
     /// the same client port and removed it (see `forget_stale_reply` in ebpf/programs).
     pub const STALE_REPLY_DROPPED: u32 = 15;
-    pub const COUNT: u32 = 16;
-    pub const NAMES: [&str; 16] = [
+    /// Entry node: a NodePort packet sent to a backend on another node with the DSR option.
+    pub const DSR_FORWARD: u32 = 16;
+    /// Backend's node: a DSR option read and its reply entry recorded.
+    pub const DSR_ACCEPT: u32 = 17;
+    /// Entry node: no room for the DSR option (bpf_xdp_adjust_head failed); packet dropped.
+    pub const DSR_NO_ROOM: u32 = 18;
+    /// Slots in COUNTERS. It was 16 before the DSR counters: a pinned map from an older agent
+    /// keeps its 16 (maps are reused, never flushed), the programs' counts past it are lost
+    /// and userspace reads them as 0 (see `Datapath::counters`) until the pins are renewed.
+    pub const COUNT: u32 = 24;
+    pub const NAMES: [&str; 19] = [
         "packets",
         "service_hit",
         "dnat",
@@ -403,6 +432,9 @@ pub mod counter {
         "nodeport_dnat",
         "policy_denied",
         "stale_reply_dropped",
+        "dsr_forward",
+        "dsr_accept",
+        "dsr_no_room",
     ];
 }
 

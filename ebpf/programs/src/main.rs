@@ -24,7 +24,7 @@ use core::{mem, ptr};
 use aya_ebpf::{
     EbpfContext,
     bindings::{
-        BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK, TC_ACT_SHOT,
+        BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK, TC_ACT_SHOT,
         bpf_fib_lookup, bpf_sock_addr, xdp_action,
     },
     helpers::generated as h,
@@ -173,6 +173,72 @@ fn forget_stale_reply(
         let _ = CONNTRACK.remove(&rkey);
         count(counter::STALE_REPLY_DROPPED);
     }
+    Ok(())
+}
+
+/// The backend's node of a DSR flow: a packet from another node's NodePort (see
+/// `push_dsr_option`) to a pod here, still with the client's source address, names the
+/// service address it was sent to. Its reply entry (backend -> client) makes `from_pod` on the
+/// pod's veth put that address back as the replies' source; they then go to the client by FIB
+/// lookup, never through the entry node.
+///
+/// Only for a destination that is a pod on this node and a source that is not one: a local
+/// pod must not make another pod's replies leave from an address of its choosing.
+///
+/// The option stays in the packet: the pod's kernel ignores an IP option type it does not
+/// know (Linux rejects unknown options only on packets it builds itself) and TCP does not echo
+/// it, the L4 checksum does not cover it, and stripping it would move the headers with
+/// bpf_skb_adjust_room for nothing the pod needs. A raw socket in the pod can see it.
+#[inline(always)]
+fn accept_dsr(
+    ctx: &TcContext,
+    proto: u8,
+    saddr: u32,
+    daddr: u32,
+    sport: u16,
+    dport: u16,
+    now: u64,
+) -> Result<(), i64> {
+    let opt_type: u8 = ctx.load(ETH_HLEN + 20)?;
+    let opt_len: u8 = ctx.load(ETH_HLEN + 21)?;
+    if opt_type != DSR_OPT_TYPE || opt_len as usize != DSR_OPT_LEN {
+        return Ok(());
+    }
+    if unsafe { ENDPOINTS.get(&Addr::v4_raw(daddr)) }.is_none()
+        || unsafe { ENDPOINTS.get(&Addr::v4_raw(saddr)) }.is_some()
+    {
+        return Ok(());
+    }
+    let vport: u16 = ctx.load(ETH_HLEN + 22)?;
+    let vip: u32 = ctx.load(ETH_HLEN + 24)?;
+    let rkey = CtKey {
+        src: Addr::v4_raw(daddr),
+        dst: Addr::v4_raw(saddr),
+        sport: dport,
+        dport: sport,
+        proto,
+        _pad: [0; 3],
+    };
+    // UDP brings the option on every datagram: write only what changed, else just refresh.
+    if let Some(r) = CONNTRACK.get_ptr_mut(&rkey) {
+        let rv = unsafe { *r };
+        if rv.flags & CT_F_DSR != 0 && rv.orig_addr.w[0] == vip && rv.orig_port == vport {
+            unsafe { (*r).last_seen_ns = now };
+            return Ok(());
+        }
+    }
+    let rev = CtValue {
+        // Backend ids are this node's own numbering of its Services' backends; the entry
+        // node's id means nothing here, and the entry does not need one.
+        backend_id: 0,
+        flags: CT_F_REPLY | CT_F_DSR,
+        orig_port: vport,
+        orig_addr: Addr::v4_raw(vip),
+        client_addr: Addr::v4_raw(saddr),
+        last_seen_ns: now,
+    };
+    let _ = CONNTRACK.insert(&rkey, &rev, 0);
+    count(counter::DSR_ACCEPT);
     Ok(())
 }
 
@@ -502,6 +568,9 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, i64> {
             proto,
             _pad: [0; 3],
         };
+        if ihl == 20 + DSR_OPT_LEN {
+            accept_dsr(ctx, proto, saddr, daddr, sport, dport, now)?;
+        }
         let mut handled = false;
         if let Some(ct) = CONNTRACK.get_ptr_mut(&key) {
             // SAFETY: pointer from a map lookup, valid for this program run.
@@ -698,7 +767,12 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, i64> {
             0,
         )
     };
-    if rc == BPF_FIB_LKUP_RET_SUCCESS as i64 {
+    // NO_NEIGH: a route exists but the next hop's MAC is not resolved yet. bpf_redirect_neigh
+    // resolves it itself (the packet waits in the neighbour queue), so it goes the same way.
+    // Left to the stack instead, a NodePort packet whose source XDP set to this node's own
+    // address (SNAT) or a DSR packet would be dropped there as a martian, and nothing would
+    // ever resolve the neighbour (found by the DSR lab test on a fresh segment).
+    if rc == BPF_FIB_LKUP_RET_SUCCESS as i64 || rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
         count(counter::REDIRECT_NEIGH);
         return Ok(unsafe { h::bpf_redirect_neigh(fib.ifindex, ptr::null_mut(), 0, 0) } as i32);
     }
@@ -719,6 +793,11 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, i64> {
 // FIB lookup. XDP has no checksum helpers: checksums are updated incrementally (RFC 1624),
 // which is correct for packets with a complete checksum, as a NIC delivers them. (A veth whose
 // sender offloads checksums delivers CHECKSUM_PARTIAL packets; the lab turns that off.)
+//
+// With NODE_F_LB_DSR (the agent's `--lb-mode dsr`) a flow to a backend on another node keeps
+// the client's address and its opening packets carry the service address in an IPv4 option
+// (`push_dsr_option`); the backend's node reads it (`accept_dsr` in from_pod on its uplink) and
+// its from_pod on the pod's veth sends the replies to the client from the service address.
 
 const XDP_PASS: u32 = xdp_action::XDP_PASS;
 const XDP_DROP: u32 = xdp_action::XDP_DROP;
@@ -790,7 +869,16 @@ fn try_nodeport(ctx: &XdpContext) -> Option<u32> {
     };
     let (saddr, daddr, sport, dport) = unsafe { (*saddr_p, *daddr_p, *sport_p, *dport_p) };
 
-    let snat_cfg = NODE_CONFIG.get(0)?.nodeport_snat.w[0];
+    let node_cfg = NODE_CONFIG.get(0)?;
+    let snat_cfg = node_cfg.nodeport_snat.w[0];
+    let dsr_mode = node_cfg.flags & NODE_F_LB_DSR != 0;
+    // TCP: only the SYN carries the DSR option (the backend's node keeps what it says in its
+    // conntrack), so full-size segments never grow past the MTU; UDP has no handshake to say
+    // which datagram is first, so every one carries it.
+    let tcp_syn = proto == PROTO_TCP && {
+        let flags = unsafe { *ptr_at::<u8>(ctx, l4 + 13)? };
+        flags & 0x12 == 0x02
+    };
     let now = now_ns();
     let key = CtKey {
         src: Addr::v4_raw(saddr),
@@ -800,13 +888,17 @@ fn try_nodeport(ctx: &XdpContext) -> Option<u32> {
         proto,
         _pad: [0; 3],
     };
-    // (backend, source address after translation)
-    let mut chosen: Option<(Backend, u32)> = None;
+    // (backend, source address after translation, whether the flow is DSR)
+    let mut chosen: Option<(Backend, u32, bool)> = None;
     if let Some(ct) = CONNTRACK.get_ptr_mut(&key) {
         let ct_val = unsafe { *ct };
         if ct_val.flags & CT_F_FORWARD != 0 {
             if let Some(b) = unsafe { BACKENDS.get(&ct_val.backend_id) } {
                 unsafe { (*ct).last_seen_ns = now };
+                if ct_val.flags & CT_F_DSR != 0 {
+                    // Its replies leave from the backend's node: no reply entry here.
+                    chosen = Some((*b, saddr, true));
+                } else {
                 let src = if ct_val.flags & CT_F_SNAT != 0 {
                     snat_cfg
                 } else {
@@ -824,11 +916,12 @@ fn try_nodeport(ctx: &XdpContext) -> Option<u32> {
                     &ct_val,
                     now,
                 );
-                chosen = Some((*b, src));
+                chosen = Some((*b, src, false));
+                }
             }
         }
     }
-    let (b, new_saddr) = match chosen {
+    let (b, new_saddr, dsr) = match chosen {
         Some(c) => c,
         None => {
             let skey = ServiceKey {
@@ -856,18 +949,24 @@ fn try_nodeport(ctx: &XdpContext) -> Option<u32> {
             // externalTrafficPolicy=Local keeps the client's address (the backend is local, so
             // its reply still meets from_pod on this node); otherwise SNAT, which needs an
             // address configured.
-            let keep_source = svc.flags & SVC_F_ETP_LOCAL != 0;
+            //
+            // DSR mode keeps the client's address for every backend: one on this node replies
+            // through from_pod on its veth here (as with eTP=Local), one on another node gets
+            // the DSR option and replies from there.
+            let keep_source = svc.flags & SVC_F_ETP_LOCAL != 0 || dsr_mode;
             if !keep_source && snat_cfg == 0 {
                 return Some(XDP_PASS);
             }
+            let dsr = dsr_mode && unsafe { ENDPOINTS.get(&b.addr) }.is_none();
             let (new_saddr, snat_flag) = if keep_source {
                 (saddr, 0)
             } else {
                 (snat_cfg, CT_F_SNAT)
             };
+            let dsr_flag = if dsr { CT_F_DSR } else { 0 };
             let fwd = CtValue {
                 backend_id: id,
-                flags: CT_F_FORWARD | snat_flag,
+                flags: CT_F_FORWARD | snat_flag | dsr_flag,
                 orig_port: dport,
                 orig_addr: Addr::v4_raw(daddr),
                 client_addr: Addr::v4_raw(saddr),
@@ -885,10 +984,12 @@ fn try_nodeport(ctx: &XdpContext) -> Option<u32> {
                 flags: CT_F_REPLY | snat_flag,
                 ..fwd
             };
-            let _ = CONNTRACK.insert(&rkey, &rev, 0);
+            if !dsr {
+                let _ = CONNTRACK.insert(&rkey, &rev, 0);
+            }
             let _ = CONNTRACK.insert(&key, &fwd, 0);
             count(counter::CT_CREATE);
-            (b, new_saddr)
+            (b, new_saddr, dsr)
         }
     };
     let new_daddr = b.addr.w[0];
@@ -917,7 +1018,72 @@ fn try_nodeport(ctx: &XdpContext) -> Option<u32> {
         *dport_p = b.port;
     }
     count(counter::NODEPORT);
+    if dsr && (tcp_syn || proto == PROTO_UDP) {
+        if push_dsr_option(ctx, daddr, dport).is_none() {
+            count(counter::DSR_NO_ROOM);
+            return Some(XDP_DROP);
+        }
+        count(counter::DSR_FORWARD);
+    }
+    // Forwarding to the backend's node is left to tc on this uplink (FIB lookup +
+    // bpf_redirect_neigh, the path SNAT mode's remote backends take): an XDP_TX/redirect here
+    // would need an XDP program on the receiving veth's peer in the lab (ebpf-here.md gotcha 2).
     Some(XDP_PASS)
+}
+
+/// Inserts skiff's DSR option (DSR_OPT_TYPE: service address and port) after the IPv4 header
+/// of an option-less packet: grows the packet at the front by DSR_OPT_LEN, moves the Ethernet
+/// and IP headers there, sets IHL 7 and the new total length, and recomputes the IP header
+/// checksum. The TCP/UDP checksum is untouched: its pseudo-header has the addresses, protocol
+/// and L4 length, none of which an IP option changes. Every packet pointer taken before this
+/// call is invalid after it (bpf_xdp_adjust_head moves data).
+///
+/// Why an IP option and not IPIP: no tunnel device exists here (no ipip module), so both ends
+/// would be the programs' own work anyway, and the option is 8 bytes instead of 20, keeps the
+/// packet an ordinary TCP/UDP packet to the backend that the backend's node routes, polices
+/// and delivers as any other, and needs no decapsulation there (see `try_from_pod`).
+#[inline(always)]
+fn push_dsr_option(ctx: &XdpContext, vip: u32, vport: u16) -> Option<()> {
+    // SAFETY: the program's own context; a negative delta adds headroom-backed bytes in front.
+    if unsafe { h::bpf_xdp_adjust_head(ctx.ctx, -(DSR_OPT_LEN as i32)) } != 0 {
+        return None;
+    }
+    let start = ctx.data();
+    if start + ETH_HLEN + 20 + DSR_OPT_LEN > ctx.data_end() {
+        return None;
+    }
+    // SAFETY: every access below is inside [start, start + 42), checked just above.
+    unsafe {
+        // Ethernet + IPv4 header (34 bytes) moved DSR_OPT_LEN towards the front, ascending:
+        // each word is read before the move reaches it.
+        let mut i = 0;
+        while i < ETH_HLEN + 20 {
+            let w = ptr::read_unaligned((start + DSR_OPT_LEN + i) as *const u16);
+            ptr::write_unaligned((start + i) as *mut u16, w);
+            i += 2;
+        }
+        let ip = start + ETH_HLEN;
+        ptr::write((ip) as *mut u8, 0x45 + (DSR_OPT_LEN / 4) as u8);
+        let tot = u16::from_be(ptr::read_unaligned((ip + 2) as *const u16));
+        ptr::write_unaligned(
+            (ip + 2) as *mut u16,
+            tot.wrapping_add(DSR_OPT_LEN as u16).to_be(),
+        );
+        let opt = ip + 20;
+        ptr::write(opt as *mut u8, DSR_OPT_TYPE);
+        ptr::write((opt + 1) as *mut u8, DSR_OPT_LEN as u8);
+        ptr::write_unaligned((opt + 2) as *mut u16, vport);
+        ptr::write_unaligned((opt + 4) as *mut u32, vip);
+        ptr::write_unaligned((ip + 10) as *mut u16, 0);
+        let mut sum: u32 = 0;
+        let mut j = 0;
+        while j < 20 + DSR_OPT_LEN {
+            sum += ptr::read_unaligned((ip + j) as *const u16) as u32;
+            j += 2;
+        }
+        ptr::write_unaligned((ip + 10) as *mut u16, !csum_fold(sum));
+    }
+    Some(())
 }
 
 #[cfg(not(test))]

@@ -71,6 +71,9 @@ pub struct AgentConfig {
     pub network: network::NetworkMode,
     /// Where the plain-HTTP Prometheus endpoint (`/metrics`) listens; None: `<node-ip>:10249`.
     pub metrics_bind: Option<std::net::SocketAddr>,
+    /// How NodePort / LoadBalancer / externalIPs traffic reaches a backend on another node:
+    /// SNAT (default) or direct server return (`--lb-mode`, Cilium's `--bpf-lb-mode`).
+    pub lb_mode: skiff_datapath::LbMode,
 }
 
 impl AgentConfig {
@@ -94,6 +97,7 @@ impl AgentConfig {
             heartbeat_interval: Duration::from_secs(10),
             network: network::NetworkMode::Native,
             metrics_bind: None,
+            lb_mode: skiff_datapath::LbMode::Snat,
         }
     }
 }
@@ -226,7 +230,7 @@ pub async fn run(
         Some(pin) => {
             let pin = pin.clone();
             let uplink = cfg.uplink.clone();
-            let (node_ip, node_name) = (cfg.node_ip, cfg.node_name.clone());
+            let (node_ip, node_name, lb_mode) = (cfg.node_ip, cfg.node_name.clone(), cfg.lb_mode);
             let dp = tokio::task::spawn_blocking(move || -> anyhow::Result<skiff_datapath::Datapath> {
                 let mut dp = skiff_datapath::Datapath::load(&pin).context("loading the eBPF datapath")?;
                 if let Some(up) = &uplink {
@@ -238,6 +242,12 @@ pub async fn run(
                     // uplink delivers it by redirect (peer or neigh) before any routing.
                     dp.set_nodeport_snat(node_ip).context("setting the NodePort SNAT address")?;
                 }
+                // Written on every start (the pinned NODE_CONFIG outlives the agent), so the
+                // flag always says what new flows get. DSR needs every node in this mode or at
+                // least running this datapath: the backend's node is the one that reads the
+                // option and answers the client.
+                dp.set_lb_mode(lb_mode).context("setting the load-balancing mode")?;
+                info!(lb_mode = %lb_mode, "NodePort to backends on other nodes");
                 // Processes of the node itself (not in a pod) reach ClusterIPs through the
                 // socket-LB programs on the node's host cgroup: tc sits only on pod veths and the
                 // node has no route to the service range, so connect()/sendmsg() must translate.

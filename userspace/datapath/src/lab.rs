@@ -159,6 +159,22 @@ pub fn set_tx_checksum(iface: &str, on: bool) {
     }
 }
 
+/// Plugs namespace `netns` into the bridge of `wire` (see [`Lab::add_wire`]): a veth `ifname`
+/// in `netns` with `addr`/24, up, its peer `port` a port of `br0`. Transmit checksum offload
+/// is off on `ifname`, so what it sends carries complete checksums as a real NIC's packets do
+/// (XDP on the receiving side cannot fix up CHECKSUM_PARTIAL ones). `port` must be unique in
+/// the wire (at most 15 bytes).
+pub fn plug_into_wire(wire: &str, netns: &str, ifname: &str, addr: Ipv4Addr, port: &str) {
+    ip(&[
+        "-n", netns, "link", "add", ifname, "type", "veth", "peer", "name", port, "netns", wire,
+    ]);
+    ip(&["-n", wire, "link", "set", port, "master", "br0"]);
+    ip(&["-n", wire, "link", "set", port, "up"]);
+    ip(&["-n", netns, "addr", "add", &format!("{addr}/24"), "dev", ifname]);
+    ip(&["-n", netns, "link", "set", ifname, "up"]);
+    in_netns(netns, || set_tx_checksum(ifname, false));
+}
+
 pub fn pod_ip(i: usize) -> Ipv4Addr {
     Ipv4Addr::new(10, 244, 1, 10 + i as u8)
 }
@@ -334,6 +350,16 @@ impl Lab {
         ext
     }
 
+    /// Creates namespace `<prefix>-wire` holding a bridge `br0`: one L2 segment several
+    /// namespaces (a client, nodes of different labs) plug into with [`plug_into_wire`], as
+    /// the nodes of `skiff up` share the lab bridge. Deleted with the lab. Returns its name.
+    pub fn add_wire(&mut self) -> String {
+        let wire = self.extra_netns("wire");
+        ip(&["-n", &wire, "link", "add", "br0", "type", "bridge"]);
+        ip(&["-n", &wire, "link", "set", "br0", "up"]);
+        wire
+    }
+
     /// Creates an extra namespace `<prefix>-<suffix>` that the lab deletes on drop.
     pub fn extra_netns(&mut self, suffix: &str) -> String {
         let name = format!("{}-{suffix}", self.prefix);
@@ -467,8 +493,14 @@ impl Server {
                 tx.send(()).expect("ready");
                 let mut buf = [0u8; 512];
                 while !stop.load(Ordering::Relaxed) {
-                    if let Ok((_, from)) = u.recv_from(&mut buf) {
-                        let _ = u.send_to(ip.to_string().as_bytes(), from);
+                    if let Ok((n, from)) = u.recv_from(&mut buf) {
+                        // "peer" asks which client address the server sees, as over TCP.
+                        let answer = if &buf[..n] == b"peer" {
+                            from.ip().to_string()
+                        } else {
+                            ip.to_string()
+                        };
+                        let _ = u.send_to(answer.as_bytes(), from);
                     }
                 }
             }));
@@ -554,6 +586,17 @@ pub fn udp_ask(dst: SocketAddr) -> std::io::Result<(String, SocketAddr)> {
     let u = UdpSocket::bind("0.0.0.0:0")?;
     u.set_read_timeout(Some(Duration::from_secs(2)))?;
     u.send_to(b"who", dst)?;
+    let mut buf = [0u8; 64];
+    let (n, from) = u.recv_from(&mut buf)?;
+    Ok((String::from_utf8_lossy(&buf[..n]).to_string(), from))
+}
+
+/// Asks a UDP server which client address it sees, from a fresh unconnected socket: returns
+/// (the address the server saw, the reply's source).
+pub fn udp_ask_peer(dst: SocketAddr) -> std::io::Result<(String, SocketAddr)> {
+    let u = UdpSocket::bind("0.0.0.0:0")?;
+    u.set_read_timeout(Some(Duration::from_secs(2)))?;
+    u.send_to(b"peer", dst)?;
     let mut buf = [0u8; 64];
     let (n, from) = u.recv_from(&mut buf)?;
     Ok((String::from_utf8_lossy(&buf[..n]).to_string(), from))

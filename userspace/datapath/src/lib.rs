@@ -18,7 +18,8 @@
 //!   thread's network namespace.
 //! - services: [`Datapath::upsert_service`], [`Datapath::delete_service`],
 //!   [`Datapath::sync_services`] run the pure diff in [`plan`] against a cached view of the maps
-//!   and apply only what differs; [`Datapath::upsert_nodeport`] also writes the Maglev table.
+//!   and apply only what differs; [`Datapath::upsert_nodeport`] also writes the Maglev table;
+//!   [`Datapath::set_lb_mode`] chooses SNAT or DSR for NodePort traffic to other nodes.
 //! - pods: [`Datapath::upsert_endpoint`] (for bpf_redirect_peer), [`Datapath::set_policy`];
 //!   from another process (the CNI plugin): [`attach_pod`], [`detach_pod`] (see [`pod`]).
 //! - seeing inside: [`Datapath::dump_services`], [`Datapath::dump_backends`],
@@ -60,6 +61,7 @@ use skiff_ebpf_common::{
 };
 use tracing::{debug, info, warn};
 
+pub use nodeport::LbMode;
 pub use plan::{BackendSpec, MapOp, MapState, Proto, ServiceSpec};
 pub use pod::{attach_pod, detach_pod};
 pub use tc_attach::{FORCE_NETLINK_ENV, KernelFeatures, NETLINK_HANDLE, NETLINK_PRIORITY, TcAttachMode};
@@ -234,6 +236,9 @@ pub struct ConntrackEntry {
     pub proto: u8,
     pub direction: CtDirection,
     pub hairpin: bool,
+    /// Direct server return (CT_F_DSR): a forward entry on the entry node whose replies leave
+    /// from the backend's node, or the reply entry the backend's node made from the DSR option.
+    pub dsr: bool,
     pub backend_id: u32,
     pub vip: IpAddr,
     pub vip_port: u16,
@@ -1020,6 +1025,7 @@ impl Datapath {
                     CtDirection::Forward
                 },
                 hairpin: v.flags & CT_F_HAIRPIN != 0,
+                dsr: v.flags & skiff_ebpf_common::CT_F_DSR != 0,
                 backend_id: v.backend_id,
                 vip: ip_of(&v.orig_addr),
                 vip_port: raw_to_port(v.orig_port),
@@ -1033,10 +1039,16 @@ impl Datapath {
     pub fn counters(&self) -> Result<BTreeMap<&'static str, u64>, DatapathError> {
         let mut out = BTreeMap::new();
         for (i, name) in counter::NAMES.iter().enumerate() {
-            let values = self
-                .counters
-                .get(&(i as u32), 0)
-                .map_err(map_err(map_names::COUNTERS))?;
+            let values = match self.counters.get(&(i as u32), 0) {
+                Ok(v) => v,
+                // A COUNTERS map pinned by an older agent has fewer slots (see counter::COUNT):
+                // its newer counters read as 0.
+                Err(MapError::KeyNotFound | MapError::OutOfBounds { .. }) => {
+                    out.insert(*name, 0);
+                    continue;
+                }
+                Err(e) => return Err(map_err(map_names::COUNTERS)(e)),
+            };
             out.insert(*name, values.iter().copied().sum());
         }
         Ok(out)

@@ -3,11 +3,12 @@
 //! A NodePort frontend is a service keyed by the node's address and the node port: the same
 //! SERVICES / BACKEND_SLOTS / BACKENDS entries as a ClusterIP (so pods reaching node_ip:node_port
 //! are balanced by the socket and tc layers too), plus a Maglev table in MAGLEV that the XDP
-//! program uses for traffic arriving on the uplink.
+//! program uses for traffic arriving on the uplink. [`LbMode`] says whether that traffic reaches
+//! a backend on another node SNATed (default) or by direct server return.
 
 use std::net::IpAddr;
 
-use skiff_ebpf_common::{MAGLEV_M, MaglevTable, NodeConfig, raw_to_ip4, raw_to_port};
+use skiff_ebpf_common::{MAGLEV_M, MaglevTable, NODE_F_LB_DSR, NodeConfig, raw_to_ip4, raw_to_port};
 
 use crate::{Datapath, DatapathError, MapOp, ServiceSpec, map_err, map_names};
 
@@ -66,7 +67,77 @@ pub fn maglev_table(backends: &[(u32, String)], m: usize) -> Vec<u32> {
     table
 }
 
+/// How NodePort / LoadBalancer / externalIPs traffic reaches a backend on another node
+/// (the agent's `--lb-mode`, as Cilium's `--bpf-lb-mode`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LbMode {
+    /// Source-NATed to the entry node's address: the backend sees the node, and its replies
+    /// come back through the entry node, which reverses the NAT.
+    #[default]
+    Snat,
+    /// Direct server return: the packet keeps the client's address and carries the service
+    /// address in an IPv4 option; the backend's node answers the client itself, from the
+    /// service address (see `push_dsr_option` / `accept_dsr` in ebpf/programs). A backend on
+    /// the entry node also sees the client's address (no SNAT in this mode).
+    Dsr,
+}
+
+impl LbMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LbMode::Snat => "snat",
+            LbMode::Dsr => "dsr",
+        }
+    }
+}
+
+impl std::fmt::Display for LbMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for LbMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<LbMode, String> {
+        match s {
+            "snat" => Ok(LbMode::Snat),
+            "dsr" => Ok(LbMode::Dsr),
+            other => Err(format!("unknown load-balancing mode {other:?} (snat or dsr)")),
+        }
+    }
+}
+
 impl Datapath {
+    /// Sets how NodePort traffic reaches backends on other nodes (NODE_CONFIG flags). Takes
+    /// effect for new flows; established ones keep the path their conntrack entry chose.
+    pub fn set_lb_mode(&mut self, mode: LbMode) -> Result<(), DatapathError> {
+        let mut cfg = self
+            .node_config
+            .get(&0, 0)
+            .map_err(map_err(map_names::NODE_CONFIG))?;
+        match mode {
+            LbMode::Snat => cfg.flags &= !NODE_F_LB_DSR,
+            LbMode::Dsr => cfg.flags |= NODE_F_LB_DSR,
+        }
+        self.node_config
+            .set(0, cfg, 0)
+            .map_err(map_err(map_names::NODE_CONFIG))
+    }
+
+    /// The mode the programs use now (read from the pinned NODE_CONFIG).
+    pub fn lb_mode(&self) -> Result<LbMode, DatapathError> {
+        let cfg = self
+            .node_config
+            .get(&0, 0)
+            .map_err(map_err(map_names::NODE_CONFIG))?;
+        Ok(if cfg.flags & NODE_F_LB_DSR != 0 {
+            LbMode::Dsr
+        } else {
+            LbMode::Snat
+        })
+    }
+
     /// Sets the address NodePort traffic is SNATed to (see NodeConfig); enables NodePort.
     pub fn set_nodeport_snat(&mut self, addr: std::net::Ipv4Addr) -> Result<(), DatapathError> {
         let mut cfg = self
@@ -142,6 +213,15 @@ impl Datapath {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lb_mode_parses_what_the_flag_takes() {
+        assert_eq!("snat".parse::<LbMode>(), Ok(LbMode::Snat));
+        assert_eq!("dsr".parse::<LbMode>(), Ok(LbMode::Dsr));
+        assert!("DSR-tunl".parse::<LbMode>().is_err());
+        assert_eq!(LbMode::default(), LbMode::Snat);
+        assert_eq!(LbMode::Dsr.to_string(), "dsr");
+    }
 
     fn names(n: u32) -> Vec<(u32, String)> {
         (1..=n).map(|i| (i, format!("10.244.1.{i}:8080"))).collect()

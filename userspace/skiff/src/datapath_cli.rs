@@ -45,7 +45,7 @@ pub fn run(pin_dir: &Path, command: DatapathCommand) -> Result<()> {
             let (entries, isolation) = datapath.dump_policy()?;
             format_policy(&entries, &isolation)
         }
-        DatapathCommand::Stats => format_stats(&datapath.counters()?),
+        DatapathCommand::Stats => format_stats(datapath.lb_mode()?, &datapath.counters()?),
     };
     print!("{text}");
     Ok(())
@@ -125,11 +125,13 @@ pub fn format_conntrack(entries: &[ConntrackEntry]) -> String {
         "BACKEND ID".into(),
     ]];
     for e in entries {
-        let direction = match (e.direction, e.hairpin) {
-            (CtDirection::Forward, false) => "forward",
-            (CtDirection::Forward, true) => "forward hairpin",
-            (CtDirection::Reply, false) => "reply",
-            (CtDirection::Reply, true) => "reply hairpin",
+        let direction = match (e.direction, e.hairpin, e.dsr) {
+            (CtDirection::Forward, _, true) => "forward dsr",
+            (CtDirection::Forward, false, false) => "forward",
+            (CtDirection::Forward, true, false) => "forward hairpin",
+            (CtDirection::Reply, _, true) => "reply dsr",
+            (CtDirection::Reply, false, false) => "reply",
+            (CtDirection::Reply, true, false) => "reply hairpin",
         };
         rows.push([
             proto_name(e.proto),
@@ -180,8 +182,11 @@ pub fn format_policy(entries: &[PolicyEntry], isolation: &BTreeMap<std::net::Ipv
     out
 }
 
-pub fn format_stats(counters: &BTreeMap<&'static str, u64>) -> String {
+/// The load-balancing mode (the agent's --lb-mode, read from the pinned NODE_CONFIG), then the
+/// counters.
+pub fn format_stats(lb_mode: skiff_datapath::LbMode, counters: &BTreeMap<&'static str, u64>) -> String {
     let mut rows = vec![["COUNTER".to_string(), "VALUE".into()]];
+    rows.push(["lb_mode (NodePort to other nodes)".into(), lb_mode.to_string()]);
     for (name, value) in counters {
         rows.push([name.to_string(), value.to_string()]);
     }
@@ -258,6 +263,16 @@ mod tests {
         assert!(text.contains("10.244.2.0/24") && text.contains("9000/TCP") && text.contains("deny (except)"), "{text}");
         assert!(text.lines().any(|l| l.contains("egress (to)") && l.contains("0.0.0.0/0") && l.contains("any")), "{text}");
         assert!(format_policy(&[], &BTreeMap::new()).contains("(no policy entries)"));
+    }
+
+    #[test]
+    fn stats_say_the_lb_mode_first() {
+        let counters = BTreeMap::from([("dsr_forward", 3u64), ("packets", 10)]);
+        let text = format_stats(skiff_datapath::LbMode::Dsr, &counters);
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[1].starts_with("lb_mode") && lines[1].ends_with("dsr"), "{text}");
+        assert!(lines[2].starts_with("dsr_forward") && lines[2].ends_with('3'), "{text}");
+        assert!(format_stats(skiff_datapath::LbMode::Snat, &counters).lines().nth(1).is_some_and(|l| l.ends_with("snat")));
     }
 
     #[test]
