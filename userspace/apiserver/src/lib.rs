@@ -16,7 +16,8 @@ pub mod bootstrap_token;
 mod http;
 mod node_proxy;
 mod objects;
-mod protobuf;
+// The protobuf body decoder is pure (bytes to JSON): it lives in skiff-api, where its fuzz target is.
+pub use skiff_api::protobuf;
 mod sa_token;
 mod services;
 mod tls;

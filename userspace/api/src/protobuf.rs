@@ -17,7 +17,7 @@ use k8s_pb::apimachinery::pkg::runtime::Unknown;
 use prost::Message as _;
 use serde_json::{Map, Value, json};
 
-use skiff_api::status::ApiError;
+use crate::status::ApiError;
 
 pub const MEDIA_TYPE: &str = "application/vnd.kubernetes.protobuf";
 const MAGIC: &[u8] = b"k8s\0";
