@@ -8,12 +8,11 @@
 //! order), read from the packet or from `bpf_sock_addr` as native integers. Userspace converts
 //! with [`ip4_to_raw`]/[`raw_to_ip4`] and [`port_to_raw`]/[`raw_to_port`].
 //!
-//! IPv6 readiness: every address is an [`Addr`] of 16 bytes. An IPv4 address lives in `w[0]`
-//! with `w[1..4]` zero (not the `::ffff:a.b.c.d` mapped form: the programs then compare one word
-//! and a zeroed tail, and an IPv6 program can use the same maps with all four words). The keys
-//! carry no family, though: IPv4 a.b.c.d and the IPv6 address a.b.c.d:: (low 96 bits zero) have
-//! the same `Addr`, so IPv6 programs need a family in the keys (CtKey has spare padding, the
-//! others would grow) or maps of their own. `PolicyKey` and [`flow_hash`] are IPv4 only.
+//! IPv6 readiness: every address is an [`Addr`] of 16 bytes, always an IPv6 address: an IPv4
+//! address is stored IPv4-mapped (`::ffff:a.b.c.d`, RFC 4291 2.5.5.2), so a 16-byte key names
+//! one address of one family and an IPv6 program can share the maps. Build and read IPv4 only
+//! through [`Addr::v4_raw`]/[`Addr::v4`] and [`Addr::v4_word`]/[`Addr::is_v4`]. `PolicyKey` and
+//! [`flow_hash`] are IPv4 only (u32 words).
 
 /// Map names, shared so userspace finds them by the same string the object declares.
 pub mod map_names {
@@ -139,16 +138,52 @@ pub const FAMILY_V6: u8 = 6;
 /// same idea with 169.254.42.1).
 pub const HAIRPIN_SNAT_V4: [u8; 4] = [169, 254, 42, 1];
 
-/// A 16-byte address: IPv4 in `w[0]` (network byte order), the rest zero; IPv6 uses all four.
+/// A 16-byte IPv6 address in network byte order (`w[0]` holds bytes 0-3). IPv4 is stored
+/// IPv4-mapped: bytes 0-9 zero, bytes 10-11 0xff, the IPv4 address in bytes 12-15 (`w[3]`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Addr {
     pub w: [u32; 4],
 }
 
+/// `w[2]` of an IPv4-mapped address: bytes 8-11 are 00 00 ff ff on the wire.
+pub const V4_MAPPED_W2: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+
 impl Addr {
+    /// The IPv4-mapped address of `raw` (the IPv4 address as read from a packet).
     pub const fn v4_raw(raw: u32) -> Self {
-        Addr { w: [raw, 0, 0, 0] }
+        Addr { w: [0, 0, V4_MAPPED_W2, raw] }
+    }
+    /// The IPv4 address (as read from a packet) of an IPv4-mapped address; meaningful only
+    /// when [`Addr::is_v4`].
+    pub const fn v4_word(&self) -> u32 {
+        self.w[3]
+    }
+    /// Whether this is an IPv4-mapped address, i.e. an IPv4 address.
+    pub const fn is_v4(&self) -> bool {
+        self.w[0] == 0 && self.w[1] == 0 && self.w[2] == V4_MAPPED_W2
+    }
+    /// Bytes in network order, as `std::net::Ipv6Addr::from` takes them.
+    pub const fn to_bytes(&self) -> [u8; 16] {
+        let (a, b, c, d) = (
+            self.w[0].to_ne_bytes(),
+            self.w[1].to_ne_bytes(),
+            self.w[2].to_ne_bytes(),
+            self.w[3].to_ne_bytes(),
+        );
+        [
+            a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1], d[2], d[3],
+        ]
+    }
+    pub const fn from_bytes(b: [u8; 16]) -> Self {
+        Addr {
+            w: [
+                u32::from_ne_bytes([b[0], b[1], b[2], b[3]]),
+                u32::from_ne_bytes([b[4], b[5], b[6], b[7]]),
+                u32::from_ne_bytes([b[8], b[9], b[10], b[11]]),
+                u32::from_ne_bytes([b[12], b[13], b[14], b[15]]),
+            ],
+        }
     }
     pub const fn v4(octets: [u8; 4]) -> Self {
         Addr::v4_raw(ip4_to_raw(octets))
@@ -486,6 +521,25 @@ mod tests {
         assert_eq!(size_of::<MaglevTable>(), 4 * MAGLEV_M + 4);
         assert_eq!(size_of::<NodeConfig>(), 24);
         assert_eq!(size_of::<PolicyKey>() as u32 * 8, POLICY_FIXED_BITS + 32);
+    }
+
+    // IPv4 a.b.c.d and the IPv6 address a.b.c.d:: (its word in w[0], the rest zero: the old
+    // IPv4 encoding) must be different keys, and the mapped form must be ::ffff:a.b.c.d.
+    #[test]
+    fn ipv4_is_mapped_and_distinct_from_ipv6() {
+        let raw = ip4_to_raw([10, 96, 0, 1]);
+        let v4 = Addr::v4_raw(raw);
+        let v6_same_low = Addr { w: [raw, 0, 0, 0] };
+        let v6_same_tail = Addr::from_bytes([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 10, 96, 0, 1]);
+        assert_eq!(v4.to_bytes(), [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10, 96, 0, 1]);
+        assert!(v4.is_v4() && !v6_same_low.is_v4() && !v6_same_tail.is_v4());
+        assert_eq!(v4.v4_word(), raw);
+        assert_ne!(v4, v6_same_low);
+        assert_ne!(v4, v6_same_tail);
+        assert_eq!(Addr::from_bytes(v4.to_bytes()), v4);
+        let key = |addr| ServiceKey { addr, port: port_to_raw(80), proto: PROTO_TCP, scope: 0 };
+        assert_ne!(key(v4), key(v6_same_low));
+        assert_eq!(Addr::v4([10, 96, 0, 1]), v4);
     }
 
     #[test]

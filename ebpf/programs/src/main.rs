@@ -99,9 +99,9 @@ fn now_ns() -> u64 {
 fn ensure_reply(rkey: &CtKey, fwd: &CtValue, now: u64) {
     let same = match unsafe { CONNTRACK.get(rkey) } {
         Some(r) => {
-            r.orig_addr.w[0] == fwd.orig_addr.w[0]
+            r.orig_addr == fwd.orig_addr
                 && r.orig_port == fwd.orig_port
-                && r.client_addr.w[0] == fwd.client_addr.w[0]
+                && r.client_addr == fwd.client_addr
         }
         None => false,
     };
@@ -222,7 +222,7 @@ fn accept_dsr(
     // UDP brings the option on every datagram: write only what changed, else just refresh.
     if let Some(r) = CONNTRACK.get_ptr_mut(&rkey) {
         let rv = unsafe { *r };
-        if rv.flags & CT_F_DSR != 0 && rv.orig_addr.w[0] == vip && rv.orig_port == vport {
+        if rv.flags & CT_F_DSR != 0 && rv.orig_addr.v4_word() == vip && rv.orig_port == vport {
             unsafe { (*r).last_seen_ns = now };
             return Ok(());
         }
@@ -367,7 +367,7 @@ fn sock_translate(ctx: &SockAddrContext) -> bool {
         }
     };
     unsafe {
-        ptr::write_volatile(&mut (*sa).user_ip4, b.addr.w[0]);
+        ptr::write_volatile(&mut (*sa).user_ip4, b.addr.v4_word());
         ptr::write_volatile(&mut (*sa).user_port, b.port as u32);
     }
     let rk = SockRevKey {
@@ -406,7 +406,7 @@ fn sock_reverse(ctx: &SockAddrContext) {
         _pad: [0; 6],
     };
     if let Some(v) = unsafe { SOCK_REVNAT.get(&rk) } {
-        let (addr, port) = (v.orig_addr.w[0], v.orig_port);
+        let (addr, port) = (v.orig_addr.v4_word(), v.orig_port);
         unsafe {
             ptr::write_volatile(&mut (*sa).user_ip4, addr);
             ptr::write_volatile(&mut (*sa).user_port, port as u32);
@@ -580,10 +580,10 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, i64> {
             let restore_client = ct_val.flags & (CT_F_HAIRPIN | CT_F_SNAT) != 0;
             if ct_val.flags & CT_F_REPLY != 0 {
                 // Reply from a backend: source back to the VIP.
-                rewrite_addr(ctx, IP_SRC_OFF, l4, proto, saddr, ct_val.orig_addr.w[0])?;
+                rewrite_addr(ctx, IP_SRC_OFF, l4, proto, saddr, ct_val.orig_addr.v4_word())?;
                 rewrite_port(ctx, l4, l4, proto, sport, ct_val.orig_port)?;
                 if restore_client {
-                    final_dst = ct_val.client_addr.w[0];
+                    final_dst = ct_val.client_addr.v4_word();
                     rewrite_addr(ctx, IP_DST_OFF, l4, proto, daddr, final_dst)?;
                 }
                 count(counter::REVNAT);
@@ -603,7 +603,7 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, i64> {
                     &ct_val,
                     now,
                 );
-                final_dst = b.addr.w[0];
+                final_dst = b.addr.v4_word();
                 rewrite_addr(ctx, IP_DST_OFF, l4, proto, daddr, final_dst)?;
                 rewrite_port(ctx, l4 + 2, l4, proto, dport, b.port)?;
                 if hairpin {
@@ -638,7 +638,7 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, i64> {
                     count(counter::NO_BACKEND);
                     return Ok(TC_ACT_SHOT);
                 };
-                let hairpin = b.addr.w[0] == saddr;
+                let hairpin = b.addr.v4_word() == saddr;
                 let new_src = if hairpin {
                     ip4_to_raw(HAIRPIN_SNAT_V4)
                 } else {
@@ -668,7 +668,7 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, i64> {
                 let _ = CONNTRACK.insert(&rkey, &rev, 0);
                 let _ = CONNTRACK.insert(&key, &fwd, 0);
                 count(counter::CT_CREATE);
-                final_dst = b.addr.w[0];
+                final_dst = b.addr.v4_word();
                 rewrite_addr(ctx, IP_DST_OFF, l4, proto, daddr, final_dst)?;
                 rewrite_port(ctx, l4 + 2, l4, proto, dport, b.port)?;
                 if hairpin {
@@ -870,7 +870,7 @@ fn try_nodeport(ctx: &XdpContext) -> Option<u32> {
     let (saddr, daddr, sport, dport) = unsafe { (*saddr_p, *daddr_p, *sport_p, *dport_p) };
 
     let node_cfg = NODE_CONFIG.get(0)?;
-    let snat_cfg = node_cfg.nodeport_snat.w[0];
+    let snat_cfg = node_cfg.nodeport_snat.v4_word();
     let dsr_mode = node_cfg.flags & NODE_F_LB_DSR != 0;
     // TCP: only the SYN carries the DSR option (the backend's node keeps what it says in its
     // conntrack), so full-size segments never grow past the MTU; UDP has no handshake to say
@@ -992,7 +992,7 @@ fn try_nodeport(ctx: &XdpContext) -> Option<u32> {
             (b, new_saddr, dsr)
         }
     };
-    let new_daddr = b.addr.w[0];
+    let new_daddr = b.addr.v4_word();
     unsafe {
         let mut ipc = *ipcsum_p;
         ipc = csum_replace4(ipc, daddr, new_daddr);

@@ -245,8 +245,21 @@ pub struct ConntrackEntry {
     pub last_seen_ns: u64,
 }
 
-fn ip_of(addr: &skiff_ebpf_common::Addr) -> IpAddr {
-    IpAddr::V4(Ipv4Addr::from(raw_to_ip4(addr.w[0])))
+/// A map address as an IpAddr: IPv4 for the IPv4-mapped form, IPv6 otherwise.
+pub fn ip_of(addr: &skiff_ebpf_common::Addr) -> IpAddr {
+    if addr.is_v4() {
+        IpAddr::V4(Ipv4Addr::from(raw_to_ip4(addr.v4_word())))
+    } else {
+        IpAddr::V6(std::net::Ipv6Addr::from(addr.to_bytes()))
+    }
+}
+
+/// An IpAddr as a map address (IPv4 IPv4-mapped); the inverse of [`ip_of`].
+pub fn addr_of_ip(ip: IpAddr) -> skiff_ebpf_common::Addr {
+    match ip {
+        IpAddr::V4(v) => addr_of(v),
+        IpAddr::V6(v) => skiff_ebpf_common::Addr::from_bytes(v.octets()),
+    }
 }
 
 pub(crate) fn addr_of(ip: Ipv4Addr) -> skiff_ebpf_common::Addr {
@@ -1141,4 +1154,30 @@ fn ifindex_of(iface: &str) -> Result<u32, DatapathError> {
         });
     }
     Ok(idx)
+}
+
+#[cfg(test)]
+mod addr_tests {
+    use super::{addr_of_ip, ip_of};
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+    // IpAddr -> Addr -> IpAddr round-trips for both families, and IPv4 a.b.c.d never shares a
+    // key with an IPv6 address that has the same low bytes or the old IPv4-in-w[0] layout.
+    #[test]
+    fn ip_addr_round_trips_and_families_do_not_collide() {
+        let v4 = IpAddr::V4(Ipv4Addr::new(10, 96, 0, 1));
+        let v6_low = IpAddr::V6("::a60:1".parse::<Ipv6Addr>().unwrap());
+        let v6_high = IpAddr::V6("a60:1::".parse::<Ipv6Addr>().unwrap());
+        let v6 = IpAddr::V6("fd00::1".parse::<Ipv6Addr>().unwrap());
+        for ip in [v4, v6_low, v6_high, v6] {
+            assert_eq!(ip_of(&addr_of_ip(ip)), ip, "{ip}");
+        }
+        let a = addr_of_ip(v4);
+        assert!(a.is_v4());
+        assert_ne!(a, addr_of_ip(v6_low));
+        assert_ne!(a, addr_of_ip(v6_high));
+        assert_eq!(addr_of_ip(v6_high).w[0], a.v4_word(), "a60:1:: is the old IPv4 encoding");
+        assert_eq!(ip_of(&a), IpAddr::V4(Ipv4Addr::new(10, 96, 0, 1)));
+        assert_eq!(addr_of_ip(IpAddr::V6("::ffff:10.96.0.1".parse().unwrap())), a);
+    }
 }

@@ -168,7 +168,7 @@ impl Datapath {
                     slot,
                 })?;
                 let b = state.backends.get(&id)?;
-                let ip = IpAddr::from(raw_to_ip4(b.addr.w[0]));
+                let ip = IpAddr::from(raw_to_ip4(b.addr.v4_word()));
                 Some((id, format!("{ip}:{}", raw_to_port(b.port))))
             })
             .collect();

@@ -419,7 +419,7 @@ fn plan_upsert_into(
             "service {}:{}: backend {}:{} is listed twice",
             spec.vip,
             spec.port,
-            std::net::Ipv4Addr::from(skiff_ebpf_common::raw_to_ip4(addr.w[0])),
+            std::net::Ipv4Addr::from(skiff_ebpf_common::raw_to_ip4(addr.v4_word())),
             skiff_ebpf_common::raw_to_port(port)
         )));
     }
@@ -678,7 +678,7 @@ mod tests {
                 }];
                 let be = state.backends[&id];
                 (
-                    skiff_ebpf_common::raw_to_ip4(be.addr.w[0])[3],
+                    skiff_ebpf_common::raw_to_ip4(be.addr.v4_word())[3],
                     skiff_ebpf_common::raw_to_port(be.port),
                 )
             })
@@ -787,7 +787,7 @@ mod tests {
         let removed_id = s1
             .backends
             .iter()
-            .find(|(_, be)| skiff_ebpf_common::raw_to_ip4(be.addr.w[0])[3] == 12)
+            .find(|(_, be)| skiff_ebpf_common::raw_to_ip4(be.addr.v4_word())[3] == 12)
             .map(|(id, _)| *id)
             .expect("backend 12 present");
         let ops = plan_upsert(&svc(vec![b(11, 53, true, false)]), &s1).expect("valid");

@@ -209,9 +209,9 @@ impl Datapath {
         let mut isolation = BTreeMap::new();
         for item in self.endpoints.iter() {
             let (addr, ep) = item.map_err(map_err(map_names::ENDPOINTS))?;
-            if addr.w[1..] == [0, 0, 0] {
+            if addr.is_v4() {
                 isolation.insert(
-                    Ipv4Addr::from(skiff_ebpf_common::raw_to_ip4(addr.w[0])),
+                    Ipv4Addr::from(skiff_ebpf_common::raw_to_ip4(addr.v4_word())),
                     (ep.flags & EP_F_INGRESS_ISOLATED != 0, ep.flags & EP_F_EGRESS_ISOLATED != 0),
                 );
             }

@@ -120,10 +120,15 @@ pub(crate) fn apply_changes(dp: &mut Datapath, batch: Vec<(ServiceRef, Changes)>
     out
 }
 
-/// The key of a SERVICES entry as a frontend key (None for a protocol the proxy never writes).
+/// The key of a SERVICES entry as a frontend key (None for a protocol the proxy never writes,
+/// or an address that is not IPv4-mapped, e.g. a key an older agent wrote with IPv4 in `w[0]`:
+/// such keys are deleted by their raw key and the frontend re-added).
 fn frontend_key_of(k: &skiff_ebpf_common::ServiceKey) -> Option<FrontendKey> {
+    if !k.addr.is_v4() {
+        return None;
+    }
     Some(FrontendKey {
-        vip: IpAddr::from(raw_to_ip4(k.addr.w[0])),
+        vip: IpAddr::from(raw_to_ip4(k.addr.v4_word())),
         port: raw_to_port(k.port),
         proto: Proto::from_number(k.proto)?,
     })
