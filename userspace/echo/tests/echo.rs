@@ -17,22 +17,45 @@ struct Echo {
 }
 
 impl Echo {
+    /// Spawns skiff-echo on three free ports and waits until its HTTP and TCP ports accept.
+    /// A free port is only free when asked: a test running beside this one may take it before
+    /// skiff-echo binds it, and skiff-echo then exits on the bind error. So a start whose
+    /// process exits is retried on new ports (a few times), rather than failing the test on
+    /// a "connection refused" that has nothing to do with skiff-echo.
     fn start() -> Echo {
-        let (http, tcp, udp) = (free_port(), free_port(), free_port());
-        let child = Command::new(env!("CARGO_BIN_EXE_skiff-echo"))
-            .args(["--bind", "127.0.0.1", "--http-port", &http.to_string(), "--tcp-port", &tcp.to_string()])
-            .env("ECHO_UDP_PORT", udp.to_string())
-            .env("POD_IP", "10.1.2.3")
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn skiff-echo");
-        let e = Echo { child, http, tcp, udp };
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while TcpStream::connect(("127.0.0.1", e.http)).is_err() {
-            assert!(Instant::now() < deadline, "skiff-echo did not listen");
-            std::thread::sleep(Duration::from_millis(20));
+        for _attempt in 0..5 {
+            let (http, tcp, udp) = (free_port(), free_port(), free_port());
+            if http == tcp || tcp == udp || http == udp {
+                continue;
+            }
+            let child = Command::new(env!("CARGO_BIN_EXE_skiff-echo"))
+                .args(["--bind", "127.0.0.1", "--http-port", &http.to_string(), "--tcp-port", &tcp.to_string()])
+                .env("ECHO_UDP_PORT", udp.to_string())
+                .env("POD_IP", "10.1.2.3")
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("spawn skiff-echo");
+            let mut e = Echo { child, http, tcp, udp };
+            let deadline = Instant::now() + Duration::from_secs(5);
+            let mut exited = false;
+            while TcpStream::connect(("127.0.0.1", e.http)).is_err()
+                || TcpStream::connect(("127.0.0.1", e.tcp)).is_err()
+            {
+                if e.child.try_wait().expect("try_wait").is_some() {
+                    exited = true;
+                    break;
+                }
+                assert!(Instant::now() < deadline, "skiff-echo did not listen");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            // The UDP socket is bound right after the TCP listener; a bind error ends the process.
+            std::thread::sleep(Duration::from_millis(50));
+            if exited || e.child.try_wait().expect("try_wait").is_some() {
+                continue;
+            }
+            return e;
         }
-        e
+        panic!("skiff-echo exited on start five times (its ports taken each time?)");
     }
 
     fn http(&self, request: &[u8]) -> String {
