@@ -84,6 +84,9 @@ pub struct Options {
     pub phase_timeout: Duration,
     pub command: String,
     pub notes: Vec<String>,
+    /// Where the record is written (`<out_dir>/<stem>.json` and `.md`), after every phase too.
+    pub out_dir: PathBuf,
+    pub stem: String,
 }
 
 /// p50/p99/max of one operation's latencies, in milliseconds.
@@ -205,6 +208,10 @@ pub struct Record {
     pub phases: Vec<Phase>,
     pub notes: Vec<String>,
     pub elapsed_s: f64,
+    /// Set while the run has not finished: why (the phase that failed and its error, or the
+    /// last phase completed). `phases` holds the phases completed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub incomplete: Option<String>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -673,7 +680,7 @@ where
     let results: Vec<(Duration, anyhow::Result<()>)> =
         tokio::time::timeout(timeout, futures::stream::iter(items).map(f).buffer_unordered(concurrency.max(1)).collect())
             .await
-            .context("phase timed out")?;
+            .with_context(|| format!("phase timed out ({timeout:?})"))?;
     let wall = t.elapsed();
     let mut lat = Vec::with_capacity(results.len());
     let mut errors = 0;
@@ -709,31 +716,140 @@ fn parse_thin(text: &str) -> anyhow::Result<Thin> {
     serde_json::from_str(text).context("response is not an object")
 }
 
+/// Runs the benchmark and writes its record to `opts.out_dir`: after every phase (marked
+/// incomplete, with the phases so far), when a phase fails or the run is stopped by SIGINT or
+/// SIGTERM (the failure in it), and at the end (complete). The server, the agent-memory process
+/// and the simulated nodes' tasks are stopped on every path out.
 pub async fn run(opts: &Options) -> anyhow::Result<Record> {
     if opts.nodes == 0 || opts.pods == 0 || opts.services == 0 || opts.namespaces == 0 {
         bail!("--nodes, --pods, --services and --namespaces must be positive");
     }
-    let started = Instant::now();
-    let date = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
-    let machine = machine();
+    let mut p = Progress::new(opts);
+    let result = tokio::select! {
+        r = measure(opts, &mut p) => r,
+        s = stop_signal() => Err(anyhow::anyhow!("stopped by {s}")),
+    };
+    p.rec.elapsed_s = p.started.elapsed().as_secs_f64();
+    p.rec.load_after = loadavg();
+    match result {
+        Ok(()) => {
+            write_results(&p.rec, &opts.out_dir, &opts.stem)?;
+            Ok(p.rec)
+        }
+        Err(e) => {
+            if let Err(w) = p.checkpoint(Some(&e)) {
+                eprintln!("[loadbench] writing the partial record: {w:#}");
+            }
+            Err(e)
+        }
+    }
+}
+
+/// The first SIGINT or SIGTERM, by name.
+async fn stop_signal() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) {
+        (Ok(mut int), Ok(mut term)) => tokio::select! {
+            _ = int.recv() => "SIGINT",
+            _ = term.recv() => "SIGTERM",
+        },
+        // No handler: the default action (the process ends; the last checkpoint stays).
+        _ => std::future::pending().await,
+    }
+}
+
+/// The record as far as the run got.
+struct Progress<'a> {
+    opts: &'a Options,
+    rec: Record,
+    started: Instant,
+    phase_t: Instant,
+}
+
+impl<'a> Progress<'a> {
+    fn new(opts: &'a Options) -> Progress<'a> {
+        let rec = Record {
+            command: opts.command.clone(),
+            date: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            machine: machine(),
+            load_after: String::new(),
+            skiff_binary: binary_description(&opts.skiff),
+            store: opts.store,
+            scale: Scale {
+                nodes: opts.nodes,
+                pods: opts.pods,
+                services: opts.services,
+                agent_services: opts.agent_services,
+                namespaces: opts.namespaces,
+                writers: opts.writers,
+                cluster_watchers: opts.cluster_watchers,
+                samples: opts.samples.max(1),
+                updates: opts.updates.min(opts.pods),
+                deletes: opts.deletes.min(opts.pods),
+                page_limit: opts.page_limit,
+                heartbeat_s: opts.heartbeat.as_secs_f64(),
+            },
+            ops: Vec::new(),
+            watch: Vec::new(),
+            memory: Vec::new(),
+            agent: None,
+            checks: Checks::default(),
+            phases: Vec::new(),
+            notes: opts.notes.clone(),
+            elapsed_s: 0.0,
+            incomplete: None,
+        };
+        Progress { opts, rec, started: Instant::now(), phase_t: Instant::now() }
+    }
+
+    /// Notes that phase `name` completed and writes the record so far.
+    fn phase(&mut self, name: &str) -> anyhow::Result<()> {
+        let seconds = self.phase_t.elapsed().as_secs_f64();
+        eprintln!("[loadbench] {name}: {seconds:.1} s");
+        self.rec.phases.push(Phase { name: name.to_string(), seconds });
+        self.phase_t = Instant::now();
+        self.checkpoint(None)
+    }
+
+    /// Writes the record so far, marked incomplete: the phase that failed and its error
+    /// (`failure`), or the last phase completed.
+    fn checkpoint(&self, failure: Option<&anyhow::Error>) -> anyhow::Result<()> {
+        let mut rec = self.rec.clone();
+        let last = rec.phases.last().map_or("none".to_string(), |ph| format!("\"{}\"", ph.name));
+        let why = match failure {
+            Some(e) => format!("the phase after {last} did not finish ({:.1} s): {e:#}", self.phase_t.elapsed().as_secs_f64()),
+            None => format!("stopped after phase {last} (or still running)"),
+        };
+        rec.checks.ok = false;
+        rec.checks.problems.push(format!("incomplete: {why}"));
+        rec.incomplete = Some(why);
+        rec.elapsed_s = self.started.elapsed().as_secs_f64();
+        rec.load_after = loadavg();
+        write_results(&rec, &self.opts.out_dir, &self.opts.stem).context("writing the record")
+    }
+}
+
+/// Tasks aborted when dropped (a run that fails midway leaves none behind).
+#[derive(Default)]
+struct Tasks(Vec<tokio::task::JoinHandle<()>>);
+
+impl Drop for Tasks {
+    fn drop(&mut self) {
+        for t in &self.0 {
+            t.abort();
+        }
+    }
+}
+
+/// The phases, each adding to `p.rec` and checkpointing it.
+async fn measure(opts: &Options, p: &mut Progress<'_>) -> anyhow::Result<()> {
     let tmp = tempfile::Builder::new().prefix("loadbench").tempdir().context("temp dir")?;
-    let mut phases = Vec::new();
-    let mut ops = Vec::new();
-    let mut notes = opts.notes.clone();
-    let mut memory = Vec::new();
-    let mut problems = Vec::new();
     let timeout = opts.phase_timeout;
     let layout = Layout { nodes: opts.nodes, pods: opts.pods, services: opts.services, namespaces: opts.namespaces };
 
-    let mut phase_t = Instant::now();
-    let mut phase = |name: &str, phases: &mut Vec<Phase>| {
-        eprintln!("[loadbench] {name}: {:.1} s", phase_t.elapsed().as_secs_f64());
-        phases.push(Phase { name: name.to_string(), seconds: phase_t.elapsed().as_secs_f64() });
-        phase_t = Instant::now();
-    };
-
     let mut server = ServerProc::start(opts, tmp.path()).await?;
     let server_pid = server.pid().context("server pid")?;
+    eprintln!("[loadbench] skiff server pid {server_pid}, data dir {}", server.data_dir.display());
     let kubeconfig_text = std::fs::read_to_string(server.kubeconfig())?;
     let admin = client_from_kubeconfig(kube::config::Kubeconfig::from_yaml(&kubeconfig_text)?).await?;
     let ca_key = server.data_dir.join(skiff_apiserver::CA_KEY);
@@ -745,8 +861,8 @@ pub async fn run(opts: &Options) -> anyhow::Result<Record> {
             memory.push(Memory { process: process.into(), when: when.into(), rss_mib: rss, hwm_mib: hwm });
         }
     };
-    note_memory("skiff server", server_pid, "idle, after start", &mut memory);
-    phase("server start", &mut phases);
+    note_memory("skiff server", server_pid, "idle, after start", &mut p.rec.memory);
+    p.phase("server start")?;
 
     // Namespaces.
     for n in 0..opts.namespaces {
@@ -761,7 +877,7 @@ pub async fn run(opts: &Options) -> anyhow::Result<Record> {
     let lease_errors = Arc::new(AtomicU64::new(0));
     let machine_info = skiff_agent::node::Machine::probe(110);
     let mut nodes = Vec::new();
-    let mut tasks = Vec::new();
+    let mut tasks = Tasks::default();
     let mut register_lat = Vec::new();
     for i in 0..opts.nodes {
         let name = node_name(i);
@@ -781,7 +897,7 @@ pub async fn run(opts: &Options) -> anyhow::Result<Record> {
         register_lat.push(ms(t.elapsed()));
         let pods: Sink = Arc::default();
         let services: Sink = Arc::default();
-        tasks.push(tokio::spawn(watch_loop(
+        tasks.0.push(tokio::spawn(watch_loop(
             client.clone(),
             "/api/v1/pods".into(),
             Some(format!("spec.nodeName={name}")),
@@ -789,10 +905,10 @@ pub async fn run(opts: &Options) -> anyhow::Result<Record> {
             counters.clone(),
             stop_rx.clone(),
         )));
-        tasks.push(tokio::spawn(watch_loop(client.clone(), "/api/v1/services".into(), None, services.clone(), counters.clone(), stop_rx.clone())));
+        tasks.0.push(tokio::spawn(watch_loop(client.clone(), "/api/v1/services".into(), None, services.clone(), counters.clone(), stop_rx.clone())));
         // The agent's heartbeat (node::heartbeat_loop's two calls), timed.
         let (c, lat, errs, mut stop, every) = (client.clone(), lease_lat.clone(), lease_errors.clone(), stop_rx.clone(), opts.heartbeat);
-        tasks.push(tokio::spawn(async move {
+        tasks.0.push(tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
             // Spread the nodes over the interval, as independently started agents are.
             tokio::time::sleep(every.mul_f64((i as f64 * 0.618) % 1.0)).await;
@@ -820,18 +936,18 @@ pub async fn run(opts: &Options) -> anyhow::Result<Record> {
         }));
         nodes.push(SimNode { name, client, pods, services });
     }
-    ops.push(op_stat("register Node (agent's node::register: create + status patch + get)", register_lat, 0, None));
+    p.rec.ops.push(op_stat("register Node (agent's node::register: create + status patch + get)", register_lat, 0, None));
     let cluster_pods: Vec<Sink> = (0..opts.cluster_watchers).map(|_| Sink::default()).collect();
     let cluster_services: Vec<Sink> = (0..opts.cluster_watchers).map(|_| Sink::default()).collect();
     for s in &cluster_pods {
-        tasks.push(tokio::spawn(watch_loop(admin.clone(), "/api/v1/pods".into(), None, s.clone(), counters.clone(), stop_rx.clone())));
+        tasks.0.push(tokio::spawn(watch_loop(admin.clone(), "/api/v1/pods".into(), None, s.clone(), counters.clone(), stop_rx.clone())));
     }
     for s in &cluster_services {
-        tasks.push(tokio::spawn(watch_loop(admin.clone(), "/api/v1/services".into(), None, s.clone(), counters.clone(), stop_rx.clone())));
+        tasks.0.push(tokio::spawn(watch_loop(admin.clone(), "/api/v1/services".into(), None, s.clone(), counters.clone(), stop_rx.clone())));
     }
     // Let every watch be established before the first write.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    phase("nodes registered, watches open", &mut phases);
+    p.phase("nodes registered, watches open")?;
 
     // Pods.
     let pod_acks = Acks::default();
@@ -856,10 +972,10 @@ pub async fn run(opts: &Options) -> anyhow::Result<Record> {
         }
     })
     .await?;
-    problems.extend(msgs.into_iter().map(|m| format!("create pod: {m}")));
-    ops.push(op_stat(&format!("create pod ({} in flight)", opts.writers), lat, errors, Some(wall)));
-    note_memory("skiff server", server_pid, "after the pods were created", &mut memory);
-    phase("pods created", &mut phases);
+    p.rec.checks.problems.extend(msgs.into_iter().map(|m| format!("create pod: {m}")));
+    p.rec.ops.push(op_stat(&format!("create pod ({} in flight)", opts.writers), lat, errors, Some(wall)));
+    note_memory("skiff server", server_pid, "after the pods were created", &mut p.rec.memory);
+    p.phase("pods created")?;
 
     // Each node posts its pods' status, as its pod workers do (node identity, pods/status).
     let uids_now = uids.lock().unwrap_or_else(|e| e.into_inner()).clone();
@@ -887,9 +1003,9 @@ pub async fn run(opts: &Options) -> anyhow::Result<Record> {
         }
     })
     .await?;
-    problems.extend(msgs.into_iter().map(|m| format!("pod status: {m}")));
-    ops.push(op_stat(&format!("patch pods/status as the pod's node (node identity, {} in flight)", opts.writers), lat, errors, Some(wall)));
-    phase("pod status posted", &mut phases);
+    p.rec.checks.problems.extend(msgs.into_iter().map(|m| format!("pod status: {m}")));
+    p.rec.ops.push(op_stat(&format!("patch pods/status as the pod's node (node identity, {} in flight)", opts.writers), lat, errors, Some(wall)));
+    p.phase("pod status posted")?;
 
     // Services.
     let svc_acks = Acks::default();
@@ -914,27 +1030,27 @@ pub async fn run(opts: &Options) -> anyhow::Result<Record> {
     };
     let items: Vec<_> = (0..opts.services).map(|k| (format!("s-{k}"), layout.ns_of_service(k), "app", k)).collect();
     let (lat, errors, msgs, wall) = create_services(items).await?;
-    problems.extend(msgs.into_iter().map(|m| format!("create service: {m}")));
-    ops.push(op_stat(&format!("create Service ({} in flight)", opts.writers), lat, errors, Some(wall)));
-    phase("services created", &mut phases);
+    p.rec.checks.problems.extend(msgs.into_iter().map(|m| format!("create service: {m}")));
+    p.rec.ops.push(op_stat(&format!("create Service ({} in flight)", opts.writers), lat, errors, Some(wall)));
+    p.phase("services created")?;
 
     // The EndpointSlice controller's work: every Service gets a slice with its ready pods.
     let t = Instant::now();
     let ready_slices = wait_for_slices(&admin, opts.services, timeout).await;
     let slices_s = t.elapsed().as_secs_f64();
     let services_with_ready_slice = ready_slices.unwrap_or_else(|e| {
-        problems.push(format!("EndpointSlices: {e:#}"));
+        p.rec.checks.problems.push(format!("EndpointSlices: {e:#}"));
         0
     });
-    notes.push(format!(
+    p.rec.notes.push(format!(
         "EndpointSlices: {services_with_ready_slice} of {} Services had a slice with ready endpoints {slices_s:.1} s after the last Service was created (the controller-manager's EndpointSlice controller, running in skiff server)",
         opts.services
     ));
-    note_memory("skiff server", server_pid, &format!("{} pods, {} Services, their EndpointSlices", opts.pods, opts.services), &mut memory);
-    phase("endpoint slices ready", &mut phases);
+    note_memory("skiff server", server_pid, &format!("{} pods, {} Services, their EndpointSlices", opts.pods, opts.services), &mut p.rec.memory);
+    p.phase("endpoint slices ready")?;
 
     // Reads, one at a time (the latency of one request on the loaded server).
-    let samples = opts.samples.max(1);
+    let samples = p.rec.scale.samples;
     let read = |label: String, reqs: Vec<http::Request<Vec<u8>>>| {
         let admin = admin.clone();
         async move {
@@ -952,9 +1068,9 @@ pub async fn run(opts: &Options) -> anyhow::Result<Record> {
     };
     let per_ns = opts.pods.div_ceil(opts.namespaces);
     let list_ns: Vec<_> = (0..samples).map(|i| Request::new(format!("/api/v1/namespaces/{}/pods", namespace(i % opts.namespaces))).list(&ListParams::default())).collect::<Result<_, _>>()?;
-    ops.push(read(format!("list pods in a namespace (~{per_ns} pods)"), list_ns).await);
+    p.rec.ops.push(read(format!("list pods in a namespace (~{per_ns} pods)"), list_ns).await);
     let list_all: Vec<_> = (0..samples).map(|_| Request::new("/api/v1/pods").list(&ListParams::default())).collect::<Result<_, _>>()?;
-    ops.push(read(format!("list all pods ({} pods, one response)", opts.pods), list_all).await);
+    p.rec.ops.push(read(format!("list all pods ({} pods, one response)", opts.pods), list_all).await);
     // Paged: the whole list in pages of page_limit (limit/continue), timed per page and whole.
     let mut page_lat = Vec::new();
     let mut whole_lat = Vec::new();
@@ -987,24 +1103,24 @@ pub async fn run(opts: &Options) -> anyhow::Result<Record> {
         whole_lat.push(ms(t.elapsed()));
         pods_listed_paged = count;
     }
-    ops.push(op_stat(&format!("list all pods, one page (limit={})", opts.page_limit), page_lat, paged_errors, None));
-    ops.push(op_stat(&format!("list all pods paged, all pages (limit={})", opts.page_limit), whole_lat, 0, None));
+    p.rec.ops.push(op_stat(&format!("list all pods, one page (limit={})", opts.page_limit), page_lat, paged_errors, None));
+    p.rec.ops.push(op_stat(&format!("list all pods paged, all pages (limit={})", opts.page_limit), whole_lat, 0, None));
     let list_svc: Vec<_> = (0..samples).map(|_| Request::new("/api/v1/services").list(&ListParams::default())).collect::<Result<_, _>>()?;
-    ops.push(read(format!("list all Services ({})", opts.services + 1), list_svc).await);
+    p.rec.ops.push(read(format!("list all Services ({})", opts.services + 1), list_svc).await);
     let list_slices: Vec<_> = (0..samples.min(10)).map(|_| Request::new("/apis/discovery.k8s.io/v1/endpointslices").list(&ListParams::default())).collect::<Result<_, _>>()?;
-    ops.push(read("list all EndpointSlices".into(), list_slices).await);
+    p.rec.ops.push(read("list all EndpointSlices".into(), list_slices).await);
     let sel: Vec<_> = (0..samples).map(|i| Request::new(format!("/api/v1/namespaces/{}/pods", layout.ns_of_service(i % opts.services))).list(&ListParams::default().labels(&format!("app=s{}", i % opts.services)))).collect::<Result<_, _>>()?;
-    ops.push(read("list pods in a namespace by label selector (a Service's pods)".into(), sel).await);
+    p.rec.ops.push(read("list pods in a namespace by label selector (a Service's pods)".into(), sel).await);
     let gets: Vec<_> = (0..samples * 5).map(|i| {
         let j = (i * 7919) % opts.pods;
         Request::new(format!("/api/v1/namespaces/{}/pods", layout.ns_of_pod(j))).get(&Layout::pod_name(j), &Default::default())
     }).collect::<Result<_, _>>()?;
-    ops.push(read("get pod".into(), gets).await);
+    p.rec.ops.push(read("get pod".into(), gets).await);
     let svc_gets: Vec<_> = (0..samples * 5).map(|i| {
         let k = (i * 7919) % opts.services;
         Request::new(format!("/api/v1/namespaces/{}/services", layout.ns_of_service(k))).get(&format!("s-{k}"), &Default::default())
     }).collect::<Result<_, _>>()?;
-    ops.push(read("get Service".into(), svc_gets).await);
+    p.rec.ops.push(read("get Service".into(), svc_gets).await);
     // A node reading its own pods (node identity: the node authorizer's path).
     let node_lists: Vec<_> = (0..samples).map(|_| Request::new("/api/v1/pods").list(&ListParams::default().fields(&format!("spec.nodeName={}", nodes[0].name)))).collect::<Result<_, _>>()?;
     {
@@ -1018,13 +1134,13 @@ pub async fn run(opts: &Options) -> anyhow::Result<Record> {
                 Err(_) => errors += 1,
             }
         }
-        ops.push(op_stat(&format!("list own pods as a node (fieldSelector spec.nodeName, ~{} pods)", opts.pods / opts.nodes), lat, errors, None));
+        p.rec.ops.push(op_stat(&format!("list own pods as a node (fieldSelector spec.nodeName, ~{} pods)", opts.pods / opts.nodes), lat, errors, None));
     }
-    phase("reads", &mut phases);
+    p.phase("reads")?;
 
     // Updates: pod metadata merge patches (admin, as a controller labels pods) and Service
     // replaces (GET + PUT with the resourceVersion, as kubectl replace / controllers do).
-    let updates = opts.updates.min(opts.pods);
+    let updates = p.rec.scale.updates;
     let (lat, errors, msgs, wall) = drive((0..updates).map(|i| (i * 7919) % opts.pods).collect(), opts.writers, timeout, |j| {
         let (admin, acks) = (admin.clone(), pod_acks.clone());
         let ns = layout.ns_of_pod(j);
@@ -1044,8 +1160,8 @@ pub async fn run(opts: &Options) -> anyhow::Result<Record> {
         }
     })
     .await?;
-    problems.extend(msgs.into_iter().map(|m| format!("patch pod: {m}")));
-    ops.push(op_stat(&format!("patch pod metadata (merge patch, {} in flight)", opts.writers), lat, errors, Some(wall)));
+    p.rec.checks.problems.extend(msgs.into_iter().map(|m| format!("patch pod: {m}")));
+    p.rec.ops.push(op_stat(&format!("patch pod metadata (merge patch, {} in flight)", opts.writers), lat, errors, Some(wall)));
     let svc_updates = updates.min(opts.services);
     let (lat, errors, msgs, wall) = drive((0..svc_updates).map(|i| (i * 7919) % opts.services).collect(), opts.writers, timeout, |k| {
         let (admin, acks) = (admin.clone(), svc_acks.clone());
@@ -1069,12 +1185,12 @@ pub async fn run(opts: &Options) -> anyhow::Result<Record> {
         }
     })
     .await?;
-    problems.extend(msgs.into_iter().map(|m| format!("replace service: {m}")));
-    ops.push(op_stat(&format!("get + replace (PUT) Service ({} in flight)", opts.writers), lat, errors, Some(wall)));
-    phase("updates", &mut phases);
+    p.rec.checks.problems.extend(msgs.into_iter().map(|m| format!("replace service: {m}")));
+    p.rec.ops.push(op_stat(&format!("get + replace (PUT) Service ({} in flight)", opts.writers), lat, errors, Some(wall)));
+    p.phase("updates")?;
 
     // Deletes.
-    let deletes = opts.deletes.min(opts.pods);
+    let deletes = p.rec.scale.deletes;
     let deleted: HashSet<usize> = (0..deletes).map(|i| (i * 104729 + 13) % opts.pods).collect();
     let (lat, errors, msgs, wall) = drive(deleted.iter().copied().collect(), opts.writers, timeout, |j| {
         let (admin, acks) = (admin.clone(), pod_acks.clone());
@@ -1095,9 +1211,9 @@ pub async fn run(opts: &Options) -> anyhow::Result<Record> {
         }
     })
     .await?;
-    problems.extend(msgs.into_iter().map(|m| format!("delete pod: {m}")));
-    ops.push(op_stat(&format!("delete pod (gracePeriodSeconds=0, {} in flight)", opts.writers), lat, errors, Some(wall)));
-    phase("deletes", &mut phases);
+    p.rec.checks.problems.extend(msgs.into_iter().map(|m| format!("delete pod: {m}")));
+    p.rec.ops.push(op_stat(&format!("delete pod (gracePeriodSeconds=0, {} in flight)", opts.writers), lat, errors, Some(wall)));
+    p.phase("deletes")?;
 
     // Nothing lost: list everything back.
     let pods_listed = count_items(&admin, "/api/v1/pods").await.unwrap_or(0);
@@ -1105,7 +1221,6 @@ pub async fn run(opts: &Options) -> anyhow::Result<Record> {
     let pods_expected = opts.pods - deleted.len();
 
     // The agent's memory with agent_services Services.
-    let mut agent = None;
     if opts.agent_services > 0 {
         let extra = opts.agent_services.saturating_sub(opts.services);
         if extra > 0 {
@@ -1114,25 +1229,25 @@ pub async fn run(opts: &Options) -> anyhow::Result<Record> {
                 (format!("x-{k}"), layout.ns_of_service(primary), "alt", primary)
             }).collect();
             let (lat, errors, msgs, wall) = create_services(items).await?;
-            problems.extend(msgs.into_iter().map(|m| format!("create service (agent phase): {m}")));
-            ops.push(op_stat(&format!("create Service, {} -> {} Services (agent phase, {} in flight)", opts.services, opts.agent_services, opts.writers), lat, errors, Some(wall)));
+            p.rec.checks.problems.extend(msgs.into_iter().map(|m| format!("create service (agent phase): {m}")));
+            p.rec.ops.push(op_stat(&format!("create Service, {} -> {} Services (agent phase, {} in flight)", opts.services, opts.agent_services, opts.writers), lat, errors, Some(wall)));
             if let Err(e) = wait_for_slices(&admin, opts.agent_services, timeout).await {
-                problems.push(format!("EndpointSlices (agent phase): {e:#}"));
+                p.rec.checks.problems.push(format!("EndpointSlices (agent phase): {e:#}"));
             }
         }
-        phase("agent phase: services created", &mut phases);
+        p.phase("agent phase: services created")?;
         match agent_memory(opts, tmp.path(), &server.kubeconfig(), &ca_key, &admin).await {
-            Ok(a) => agent = Some(a),
-            Err(e) => problems.push(format!("agent memory: {e:#}")),
+            Ok(a) => p.rec.agent = Some(a),
+            Err(e) => p.rec.checks.problems.push(format!("agent memory: {e:#}")),
         }
-        note_memory("skiff server", server_pid, &format!("end: {} Services, agent watching", opts.agent_services.max(opts.services)), &mut memory);
-        phase("agent memory", &mut phases);
+        note_memory("skiff server", server_pid, &format!("end: {} Services, agent watching", opts.agent_services.max(opts.services)), &mut p.rec.memory);
+        p.phase("agent memory")?;
     }
     if let Some(pid) = server.etcd.as_ref().and_then(|e| e.pid()) {
-        note_memory("etcd", pid, "end", &mut memory);
+        note_memory("etcd", pid, "end", &mut p.rec.memory);
     }
     let leases = std::mem::take(&mut *lease_lat.lock().unwrap_or_else(|e| e.into_inner()));
-    ops.push(op_stat(&format!("renew Lease (agent's node::renew_lease, every {:?} per node, whole run)", opts.heartbeat), leases, lease_errors.load(Ordering::Relaxed), None));
+    p.rec.ops.push(op_stat(&format!("renew Lease (agent's node::renew_lease, every {:?} per node, whole run)", opts.heartbeat), leases, lease_errors.load(Ordering::Relaxed), None));
 
     // Let the last events arrive, then stop the watches and check them.
     let pod_writes = pod_acks.all();
@@ -1148,11 +1263,12 @@ pub async fn run(opts: &Options) -> anyhow::Result<Record> {
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
     let _ = stop_tx.send(true);
-    for t in tasks {
+    for t in std::mem::take(&mut tasks.0) {
         let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
     }
-    phase("watches drained", &mut phases);
+    p.phase("watches drained")?;
 
+    let mut problems = std::mem::take(&mut p.rec.checks.problems);
     let mut checks = Checks {
         pods_expected,
         pods_listed,
@@ -1255,12 +1371,12 @@ pub async fn run(opts: &Options) -> anyhow::Result<Record> {
     if checks.node_watch_foreign > 0 {
         problems.push(format!("node watchers got {} events of other nodes' pods", checks.node_watch_foreign));
     }
-    for o in &ops {
+    for o in &p.rec.ops {
         if o.errors > 0 {
             problems.push(format!("{}: {} errors", o.op, o.errors));
         }
     }
-    if let Some(a) = &agent
+    if let Some(a) = &p.rec.agent
         && (a.services_programmed as usize) < a.services_in_cluster
     {
         problems.push(format!("the agent programmed {} of {} Services", a.services_programmed, a.services_in_cluster));
@@ -1268,38 +1384,10 @@ pub async fn run(opts: &Options) -> anyhow::Result<Record> {
     problems.dedup();
     checks.ok = problems.is_empty();
     checks.problems = problems;
-
+    p.rec.checks = checks;
+    p.rec.watch = watch;
     server.stop();
-    Ok(Record {
-        command: opts.command.clone(),
-        date,
-        machine,
-        load_after: loadavg(),
-        skiff_binary: binary_description(&opts.skiff),
-        store: opts.store,
-        scale: Scale {
-            nodes: opts.nodes,
-            pods: opts.pods,
-            services: opts.services,
-            agent_services: opts.agent_services,
-            namespaces: opts.namespaces,
-            writers: opts.writers,
-            cluster_watchers: opts.cluster_watchers,
-            samples,
-            updates,
-            deletes,
-            page_limit: opts.page_limit,
-            heartbeat_s: opts.heartbeat.as_secs_f64(),
-        },
-        ops,
-        watch,
-        memory,
-        agent,
-        checks,
-        phases,
-        notes,
-        elapsed_s: started.elapsed().as_secs_f64(),
-    })
+    Ok(())
 }
 
 fn binary_description(p: &Path) -> String {
@@ -1424,7 +1512,7 @@ async fn agent_memory(opts: &Options, dir: &Path, admin_kc: &Path, ca_key: &Path
     let pin_dir = PathBuf::from(format!("/sys/fs/bpf/skiff-test/loadbench-{}", std::process::id()));
     let log = std::fs::File::create(dir.join("agent.log"))?;
     let t = Instant::now();
-    let mut child = Command::new(&opts.agent_exe)
+    let child = Command::new(&opts.agent_exe)
         .args(["agent-memory", "--admin-kubeconfig"])
         .arg(admin_kc)
         .arg("--ca-key")
@@ -1438,8 +1526,9 @@ async fn agent_memory(opts: &Options, dir: &Path, admin_kc: &Path, ca_key: &Path
         .stderr(log)
         .spawn()
         .context("starting loadbench agent-memory")?;
-    let pid = child.id();
-    let stdout = child.stdout.take().context("agent stdout")?;
+    let mut agent = AgentProc { child, pin_dir };
+    let pid = agent.child.id();
+    let stdout = agent.child.stdout.take().context("agent stdout")?;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Value>();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
@@ -1488,13 +1577,26 @@ async fn agent_memory(opts: &Options, dir: &Path, admin_kc: &Path, ca_key: &Path
         }
     }
     .await;
-    drop(child.stdin.take());
-    stop_child(&mut child);
-    let _ = std::fs::remove_dir_all(&pin_dir);
-    if let Some(parent) = pin_dir.parent() {
-        let _ = std::fs::remove_dir(parent);
-    }
+    drop(agent);
     result
+}
+
+/// The agent-memory process we started: on drop (every path out of [`agent_memory`], a
+/// cancelled run too) its stdin is closed, it is stopped by PID and its pins are removed.
+struct AgentProc {
+    child: Child,
+    pin_dir: PathBuf,
+}
+
+impl Drop for AgentProc {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take());
+        stop_child(&mut self.child);
+        let _ = std::fs::remove_dir_all(&self.pin_dir);
+        if let Some(parent) = self.pin_dir.parent() {
+            let _ = std::fs::remove_dir(parent);
+        }
+    }
 }
 
 /// The child side (`loadbench agent-memory`): the agent's proxy and DNS as `node`, reporting the proxy's
@@ -1573,6 +1675,13 @@ pub fn markdown(rec: &Record) -> String {
     let m = &rec.machine;
     let mut out = String::new();
     out.push_str("# The API under load: nodes, pods, Services, watches\n\n");
+    if let Some(why) = &rec.incomplete {
+        let done: Vec<String> = rec.phases.iter().map(|ph| format!("{} ({:.1} s)", ph.name, ph.seconds)).collect();
+        out.push_str(&format!(
+            "**Incomplete run: {why}.** Phases completed: {}. Only what those phases measured is below; the end-of-run checks were not made.\n\n",
+            if done.is_empty() { "none".to_string() } else { done.join(", ") }
+        ));
+    }
     out.push_str(&format!("Command: `{}`\n\n", rec.command));
     out.push_str(&format!(
         "Machine: nproc {}, {}, {} MB, kernel {}; measured {} (load average before: {}; after: {}); run took {:.0} s. Server: `{}`, store {:?}.\n\n",
@@ -1628,18 +1737,21 @@ The controller-manager's EndpointSlice controller makes the Services' slices fro
     }
     let c = &rec.checks;
     out.push_str("\n## Checks\n\n");
-    out.push_str(&format!(
-        "- Listed back: {} of {} pods (after the deletes), {} pods through the paged list (before them), {} of {} Services (with `kubernetes`, before the agent phase), {} Services with a ready EndpointSlice.\n",
-        c.pods_listed, c.pods_expected, c.pods_listed_paged, c.services_listed, s.services + 1, c.services_with_ready_slice
-    ));
-    out.push_str(&format!(
-        "- Node pod watchers: {} expected events, {} lost, {} duplicated, {} of other nodes' pods. Cluster-wide pod watchers: {} expected, {} lost, {} duplicated. Service watchers: {} expected, {} lost, {} duplicated.\n",
-        c.node_watch_expected, c.node_watch_lost, c.node_watch_duplicated, c.node_watch_foreign, c.cluster_watch_expected, c.cluster_watch_lost, c.cluster_watch_duplicated, c.service_watch_expected, c.service_watch_lost, c.service_watch_duplicated
-    ));
-    out.push_str(&format!(
-        "- Watch errors (410 / stream failures, each followed by a re-watch): {}; watch streams ended by the server's timeout and resumed from the last resourceVersion: {}; Lease/Node status heartbeat errors: {}.\n",
-        c.watch_errors, c.watch_restarts, c.lease_renew_errors
-    ));
+    // The end-of-run checks (an incomplete record has only its problems).
+    if rec.incomplete.is_none() {
+        out.push_str(&format!(
+            "- Listed back: {} of {} pods (after the deletes), {} pods through the paged list (before them), {} of {} Services (with `kubernetes`, before the agent phase), {} Services with a ready EndpointSlice.\n",
+            c.pods_listed, c.pods_expected, c.pods_listed_paged, c.services_listed, s.services + 1, c.services_with_ready_slice
+        ));
+        out.push_str(&format!(
+            "- Node pod watchers: {} expected events, {} lost, {} duplicated, {} of other nodes' pods. Cluster-wide pod watchers: {} expected, {} lost, {} duplicated. Service watchers: {} expected, {} lost, {} duplicated.\n",
+            c.node_watch_expected, c.node_watch_lost, c.node_watch_duplicated, c.node_watch_foreign, c.cluster_watch_expected, c.cluster_watch_lost, c.cluster_watch_duplicated, c.service_watch_expected, c.service_watch_lost, c.service_watch_duplicated
+        ));
+        out.push_str(&format!(
+            "- Watch errors (410 / stream failures, each followed by a re-watch): {}; watch streams ended by the server's timeout and resumed from the last resourceVersion: {}; Lease/Node status heartbeat errors: {}.\n",
+            c.watch_errors, c.watch_restarts, c.lease_renew_errors
+        ));
+    }
     if c.ok {
         out.push_str("- Result: every check passed.\n");
     } else {

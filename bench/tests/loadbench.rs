@@ -3,9 +3,10 @@
 //! object is listed back, every watcher got every event meant for it exactly once, and the
 //! figures are present and sane. The agent-memory phase loads the real eBPF datapath: it needs
 //! root and bpffs; under CI=true their absence fails the test, elsewhere that phase is skipped.
+//! A second run with a phase bound of 0 s fails at the pods and must leave a partial record.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command, ExitStatus};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -39,6 +40,22 @@ fn skiff_binary() -> PathBuf {
     dir.join("skiff")
 }
 
+/// Waits for `child` at most `secs`; a hung run is killed by its PID and fails the test.
+fn wait_bounded(child: &mut Child, secs: u64) -> ExitStatus {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            return s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("loadbench did not finish in {secs} s");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 fn num(v: &Value, what: &str) -> f64 {
     v.as_f64().unwrap_or_else(|| panic!("{what} is not a number: {v}"))
 }
@@ -59,19 +76,7 @@ fn loadbench_small_run() {
         .arg(out.path())
         .spawn()
         .expect("run loadbench");
-    // Bounded: a hung run is killed by its PID and fails the test.
-    let deadline = Instant::now() + Duration::from_secs(150);
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("wait") {
-            break s;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("loadbench did not finish in 150 s");
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let status = wait_bounded(&mut child, 150);
     let elapsed = t.elapsed();
     let json = std::fs::read_to_string(out.path().join("load.json")).expect("load.json written");
     let md = std::fs::read_to_string(out.path().join("load.md")).expect("load.md written");
@@ -122,8 +127,68 @@ fn loadbench_small_run() {
         assert!(rss > 1.0 && rss <= hwm && hwm < 2048.0, "agent rss {rss} hwm {hwm}");
     }
     assert!(md.contains("## Watch delivery") && md.contains("every check passed"), "{md}");
+    assert!(rec.get("incomplete").is_none() && !md.contains("Incomplete run"), "the final record is complete");
     assert!(elapsed < Duration::from_secs(150));
     // The agent's pins are gone.
     let pins = format!("/sys/fs/bpf/skiff-test/loadbench-{}", child.id());
     assert!(!Path::new(&pins).exists(), "{pins} left behind");
+}
+
+/// A phase that fails leaves the record of the phases before it, marked incomplete with the
+/// failure, and the server stopped. `--phase-timeout 0` bounds every phase by 0 s: the server
+/// start and the nodes' registration are not bounded by it and complete, creating the pods
+/// times out.
+#[test]
+fn loadbench_failed_phase_leaves_partial_record() {
+    let skiff = skiff_binary();
+    let out = tempfile::tempdir().expect("tempdir");
+    let log = out.path().join("loadbench.stderr");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_loadbench"))
+        .args(["run", "--skiff"])
+        .arg(&skiff)
+        .args(["--nodes", "2", "--pods", "50", "--services", "5", "--namespaces", "2", "--agent-services", "0"])
+        .args(["--heartbeat", "2", "--phase-timeout", "0"])
+        .arg("--out")
+        .arg(out.path())
+        .stderr(std::fs::File::create(&log).expect("stderr file"))
+        .spawn()
+        .expect("run loadbench");
+    let status = wait_bounded(&mut child, 90);
+    let stderr = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(!status.success(), "a run whose phase timed out must fail: {stderr}");
+
+    let json = std::fs::read_to_string(out.path().join("load.json")).unwrap_or_else(|e| panic!("load.json not written ({e}): {stderr}"));
+    let rec: Value = serde_json::from_str(&json).expect("load.json parses");
+    let why = rec["incomplete"].as_str().unwrap_or_else(|| panic!("not marked incomplete: {json}"));
+    assert!(why.contains("after \"nodes registered, watches open\"") && why.contains("phase timed out"), "{why}");
+    let phases: Vec<&str> = rec["phases"].as_array().expect("phases").iter().map(|p| p["name"].as_str().unwrap_or("")).collect();
+    assert_eq!(phases, ["server start", "nodes registered, watches open"]);
+    assert!(rec["phases"].as_array().expect("phases").iter().all(|p| num(&p["seconds"], "seconds") > 0.0));
+    assert_eq!(rec["checks"]["ok"], false);
+    let problems = rec["checks"]["problems"].as_array().expect("problems");
+    assert!(problems.iter().any(|p| p.as_str().is_some_and(|p| p.starts_with("incomplete: ") && p.contains("timed out"))), "{problems:?}");
+    // What was measured before the failure is kept.
+    let ops = rec["ops"].as_array().expect("ops");
+    let register = ops.iter().find(|o| o["op"].as_str().is_some_and(|s| s.starts_with("register Node"))).expect("register Node measured");
+    assert_eq!(register["n"], 2);
+    assert!(rec["memory"].as_array().expect("memory").iter().any(|m| m["process"] == "skiff server"));
+
+    let md = std::fs::read_to_string(out.path().join("load.md")).expect("load.md written");
+    let top = md.find("**Incomplete run: ").unwrap_or_else(|| panic!("no incomplete banner: {md}"));
+    assert!(top < md.find("## Requests").expect("requests section"), "the banner is at the top: {md}");
+    assert!(md.contains("Phases completed: server start (") && md.contains("nodes registered, watches open ("), "{md}");
+
+    // The server it started is stopped: no process runs with its data dir.
+    let data_dir = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("[loadbench] skiff server pid ").and_then(|l| l.split(", data dir ").nth(1)))
+        .unwrap_or_else(|| panic!("no server line: {stderr}"));
+    let running: Vec<String> = std::fs::read_dir("/proc")
+        .expect("/proc")
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.contains(data_dir))
+        .collect();
+    assert!(running.is_empty(), "the server still runs: {running:?}");
 }

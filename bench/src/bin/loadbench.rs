@@ -22,7 +22,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Start a server, load it, measure, write <out>/<stem>.json and .md.
+    /// Start a server, load it, measure, write <out>/<stem>.json and .md (after every phase too,
+    /// marked incomplete until the run ends).
     Run(RunArgs),
     /// (internal) The agent's proxy + DNS as one node, reporting JSON lines until stdin closes.
     #[command(hide = true)]
@@ -120,9 +121,12 @@ fn main() -> anyhow::Result<()> {
                 phase_timeout: Duration::from_secs(a.phase_timeout),
                 command: std::iter::once("loadbench".to_string()).chain(std::env::args().skip(1)).collect::<Vec<_>>().join(" "),
                 notes: a.note,
+                out_dir: a.out.clone(),
+                stem: a.stem.clone(),
             };
+            // The record is rewritten after every phase; a run that fails leaves it marked
+            // incomplete, with the failure.
             let rec = runtime.block_on(load::run(&opts))?;
-            load::write_results(&rec, &a.out, &a.stem)?;
             eprintln!(
                 "[loadbench] wrote {}/{}.json and .md ({:.0} s; checks {})",
                 a.out.display(),
