@@ -474,8 +474,9 @@ fn is_terminal(pod: &Pod) -> bool {
 impl ClusterSnapshot {
     /// Builds the snapshot from Nodes and Pods. Pods count when they are bound (`spec.nodeName`
     /// names a node in `nodes`) and not finished (phase Succeeded/Failed frees their resources,
-    /// as kube-scheduler's cache drops terminal pods); other pods are ignored.
-    pub fn new(nodes: &[Node], pods: &[Pod]) -> ClusterSnapshot {
+    /// as kube-scheduler's cache drops terminal pods); other pods are ignored. Pods may be
+    /// given by reference, so a watch cache's shared pods need not be copied.
+    pub fn new<'a>(nodes: &[Node], pods: impl IntoIterator<Item = &'a Pod>) -> ClusterSnapshot {
         let mut snapshot = ClusterSnapshot::default();
         for node in nodes {
             snapshot.upsert_node(node);

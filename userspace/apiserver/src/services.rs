@@ -10,10 +10,11 @@
 use std::collections::HashSet;
 use std::net::Ipv4Addr;
 
+use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::State;
-use crate::objects::{decode_kv, name_of, prefix, store_error};
+use crate::objects::{name_of, prefix, store_error};
 use skiff_api::registry::{self, ResourceInfo};
 use skiff_api::status::ApiError;
 
@@ -30,8 +31,28 @@ fn invalid(name: &str, field: &str, message: String) -> ApiError {
     ApiError::invalid("Service", name, &[(field.to_string(), message)])
 }
 
-fn same_object(a: &Value, b: &Value) -> bool {
-    name_of(a) == name_of(b) && a.pointer("/metadata/namespace") == b.pointer("/metadata/namespace")
+/// What allocation reads of a stored Service; serde skips the rest without building it. The
+/// leaves stay JSON values, read as leniently as a full decode would be (a field of an
+/// unexpected type is ignored, not an error).
+#[derive(Deserialize)]
+struct AllocatedFields {
+    metadata: Option<AllocatedMeta>,
+    spec: Option<AllocatedSpec>,
+}
+
+#[derive(Deserialize)]
+struct AllocatedMeta {
+    name: Option<Value>,
+    namespace: Option<Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct AllocatedSpec {
+    #[serde(rename = "clusterIP")]
+    cluster_ip: Option<Value>,
+    ports: Option<Vec<Value>>,
+    health_check_node_port: Option<Value>,
 }
 
 /// Fills `spec.clusterIP(s)` and node ports of `new` (a Service), checking requested values
@@ -46,31 +67,45 @@ pub async fn allocate(state: &State, new: &mut Value, old: Option<&Value>) -> Re
         .map_err(store_error)?;
     let mut used_ips = HashSet::new();
     let mut used_ports = HashSet::new();
+    let this = (
+        new.pointer("/metadata/name"),
+        new.pointer("/metadata/namespace"),
+    );
     for kv in &listed.items {
-        let svc = decode_kv(kv)?;
-        if same_object(&svc, new) {
+        // Only the fields allocation reads: a full decode of every Service on each Service
+        // write was most of a create's time at 5,000 Services.
+        let svc: AllocatedFields = serde_json::from_slice(&kv.value).map_err(|e| {
+            ApiError::internal(format!(
+                "stored object {} is not a valid Service: {e}",
+                kv.key
+            ))
+        })?;
+        let meta = svc.metadata.as_ref();
+        if (
+            meta.and_then(|m| m.name.as_ref()),
+            meta.and_then(|m| m.namespace.as_ref()),
+        ) == this
+        {
             continue;
         }
-        if let Some(ip) = svc
-            .pointer("/spec/clusterIP")
+        let Some(spec) = svc.spec else { continue };
+        if let Some(ip) = spec
+            .cluster_ip
+            .as_ref()
             .and_then(Value::as_str)
             .and_then(|s| s.parse::<Ipv4Addr>().ok())
         {
             used_ips.insert(ip);
         }
-        for p in svc
-            .pointer("/spec/ports")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-        {
+        for p in spec.ports.iter().flatten() {
             if let Some(np) = p.get("nodePort").and_then(Value::as_i64) {
                 used_ports.insert(np);
             }
         }
         // Health-check node ports come from the same range: no nodePort may take one.
-        if let Some(hc) = svc
-            .pointer("/spec/healthCheckNodePort")
+        if let Some(hc) = spec
+            .health_check_node_port
+            .as_ref()
             .and_then(Value::as_i64)
             .filter(|p| *p != 0)
         {

@@ -28,7 +28,7 @@ use skiff_controllers::{
 };
 use tokio::sync::Notify;
 
-use crate::cache::in_namespace;
+use crate::cache::{Grouped, PassTimer, PodsByLabel, until_next_pass};
 
 /// How long a loop waits for its own writes to show up in its cache before acting anyway
 /// (Kubernetes waits 5 minutes; a lost watch event should not stall a controller that long).
@@ -37,6 +37,9 @@ const EXPECTATION_TIMEOUT: Duration = Duration::from_secs(30);
 const RESYNC: Duration = Duration::from_secs(30);
 /// Retry delay after a conflict or a failed write.
 const RETRY: Duration = Duration::from_secs(1);
+/// After a wake, how long a loop waits for the rest of a burst of events (a create and its
+/// status write) so they land in one pass.
+pub(crate) const SETTLE: Duration = Duration::from_millis(20);
 
 /// Every watch cache the controllers read.
 pub(crate) struct Caches {
@@ -538,15 +541,18 @@ pub(crate) async fn control_loop(
     let mut expectations = Expectations::default();
     let mut names = SeededSuffixes::new(seed());
     loop {
-        let next = pass(which, &client, &caches, &mut expectations, &mut names).await;
+        let mut timer = PassTimer::start();
+        let next = pass(
+            which,
+            &client,
+            &caches,
+            &mut expectations,
+            &mut names,
+            &mut timer,
+        )
+        .await;
         let next = next.unwrap_or(RESYNC).min(RESYNC);
-        tokio::select! {
-            _ = wake.notified() => {
-                // Let a burst of events (a create and its status write) land in one pass.
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            _ = tokio::time::sleep(next) => {}
-        }
+        until_next_pass(&wake, next, SETTLE, timer.busy()).await;
     }
 }
 
@@ -565,6 +571,7 @@ async fn pass(
     caches: &Caches,
     expectations: &mut Expectations,
     names: &mut SeededSuffixes,
+    timer: &mut PassTimer,
 ) -> Option<Duration> {
     let now = Timestamp::now();
     let mut next: Option<Duration> = None;
@@ -580,9 +587,58 @@ async fn pass(
         Which::CronJob => meta_list(&caches.cron_jobs),
         Which::ResourceQuota => meta_list(&caches.quotas),
     };
+    if owners.is_empty() {
+        return expectations
+            .next_deadline()
+            .map(|d| d + Duration::from_millis(10));
+    }
+    // What this controller's reconciles read, read once for the whole pass (see crate::cache).
+    let pods = match which {
+        Which::Deployment | Which::ReplicaSet | Which::Job | Which::DaemonSet => {
+            Grouped::by_namespace(&caches.pods)
+        }
+        _ => Grouped::empty(),
+    };
+    let pods_by_label = match which {
+        Which::EndpointSlice | Which::Endpoints => Some(PodsByLabel::of(&caches.pods)),
+        _ => None,
+    };
+    let replica_sets = match which {
+        Which::Deployment => Grouped::by_namespace(&caches.replica_sets),
+        _ => Grouped::empty(),
+    };
+    let jobs = match which {
+        Which::CronJob => Grouped::by_namespace(&caches.jobs),
+        _ => Grouped::empty(),
+    };
+    // A Service's slices are those labelled with its name (a superset of the ones it manages,
+    // which the reconcile picks out).
+    let slices = match which {
+        Which::EndpointSlice => Grouped::by(&caches.slices, |s| {
+            let svc = s
+                .metadata
+                .labels
+                .as_ref()?
+                .get(endpointslice::SERVICE_NAME_LABEL)?;
+            Some(format!(
+                "{}/{svc}",
+                s.metadata.namespace.as_deref().unwrap_or("")
+            ))
+        }),
+        _ => Grouped::empty(),
+    };
     let nodes: Vec<Node> = match which {
-        Which::DaemonSet => caches.nodes.state().iter().map(|n| (**n).clone()).collect(),
+        Which::DaemonSet | Which::EndpointSlice => {
+            caches.nodes.state().iter().map(|n| (**n).clone()).collect()
+        }
         _ => Vec::new(),
+    };
+    let selected = |svc: &Service, ns: &str| -> Vec<Pod> {
+        let selector = svc.spec.as_ref().and_then(|s| s.selector.as_ref());
+        match (&pods_by_label, selector) {
+            (Some(index), Some(selector)) => index.candidates(ns, selector),
+            _ => Vec::new(),
+        }
     };
     let mut usage_by_ns: HashMap<String, quota::Usage> = HashMap::new();
     for meta in owners {
@@ -596,30 +652,21 @@ async fn pass(
             Which::Deployment => caches
                 .deployments
                 .get(&ObjectRef::new(&name).within(&ns))
-                .map(|d| {
-                    deployment::reconcile(
-                        &d,
-                        &in_namespace(&caches.replica_sets, &ns),
-                        &in_namespace(&caches.pods, &ns),
-                        now,
-                    )
-                }),
+                .map(|d| deployment::reconcile(&d, replica_sets.get(&ns), pods.get(&ns), now)),
             Which::ReplicaSet => caches
                 .replica_sets
                 .get(&ObjectRef::new(&name).within(&ns))
-                .map(|rs| replicaset::reconcile(&rs, &in_namespace(&caches.pods, &ns), names, now)),
+                .map(|rs| replicaset::reconcile(&rs, pods.get(&ns), names, now)),
             Which::EndpointSlice => {
                 caches
                     .services
                     .get(&ObjectRef::new(&name).within(&ns))
                     .map(|svc| {
-                        let nodes: Vec<Node> =
-                            caches.nodes.state().iter().map(|n| (**n).clone()).collect();
                         endpointslice::reconcile(
                             &svc,
-                            &in_namespace(&caches.pods, &ns),
+                            &selected(&svc, &ns),
                             &nodes,
-                            &in_namespace(&caches.slices, &ns),
+                            slices.get(&key),
                             names,
                         )
                     })
@@ -630,27 +677,21 @@ async fn pass(
                     .get(&ObjectRef::new(&name).within(&ns))
                     .map(|svc| {
                         let existing = caches.endpoints.get(&ObjectRef::new(&name).within(&ns));
-                        endpointslice::endpoints(
-                            &svc,
-                            &in_namespace(&caches.pods, &ns),
-                            existing.as_deref(),
-                        )
+                        endpointslice::endpoints(&svc, &selected(&svc, &ns), existing.as_deref())
                     })
             }
             Which::Job => caches
                 .jobs
                 .get(&ObjectRef::new(&name).within(&ns))
-                .map(|j| job::reconcile(&j, &in_namespace(&caches.pods, &ns), names, now)),
+                .map(|j| job::reconcile(&j, pods.get(&ns), names, now)),
             Which::DaemonSet => caches
                 .daemon_sets
                 .get(&ObjectRef::new(&name).within(&ns))
-                .map(|d| {
-                    daemonset::reconcile(&d, &nodes, &in_namespace(&caches.pods, &ns), names, now)
-                }),
+                .map(|d| daemonset::reconcile(&d, &nodes, pods.get(&ns), names, now)),
             Which::CronJob => caches
                 .cron_jobs
                 .get(&ObjectRef::new(&name).within(&ns))
-                .map(|c| cronjob::reconcile(&c, &in_namespace(&caches.jobs, &ns), now, &time_zone)),
+                .map(|c| cronjob::reconcile(&c, jobs.get(&ns), now, &time_zone)),
             Which::ResourceQuota => {
                 caches
                     .quotas
@@ -684,7 +725,9 @@ async fn pass(
             which.component(),
             outcome.actions.len()
         );
-        let (expects, retry) = apply_outcome(client, which.component(), &outcome).await;
+        let (expects, retry) = timer
+            .write(apply_outcome(client, which.component(), &outcome))
+            .await;
         expectations.set(key, expects);
         if retry {
             sooner(RETRY);

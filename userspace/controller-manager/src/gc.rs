@@ -29,6 +29,8 @@ use skiff_controllers::quota;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
+use crate::cache::{PassTimer, until_next_pass};
+
 /// At most this many writes per pass (the next pass continues).
 const MAX_ACTIONS_PER_PASS: usize = 500;
 const RESYNC: Duration = Duration::from_secs(30);
@@ -143,8 +145,8 @@ impl DynamicCaches {
     }
 }
 
-struct Known {
-    served: Served,
+struct Known<'a> {
+    served: &'a Served,
     object: Arc<DynamicObject>,
 }
 
@@ -180,7 +182,11 @@ async fn has_live_owner(client: &Client, object: &DynamicObject) -> bool {
 }
 
 /// One pass of the collector. Returns how many writes it made.
-pub(crate) async fn collect_once(client: &Client, caches: &DynamicCaches) -> usize {
+pub(crate) async fn collect_once(
+    client: &Client,
+    caches: &DynamicCaches,
+    timer: &mut PassTimer,
+) -> usize {
     let mut known: HashMap<String, Known> = HashMap::new();
     let mut objects: Vec<GcObject> = Vec::new();
     for (s, store) in &caches.kinds {
@@ -193,7 +199,7 @@ pub(crate) async fn collect_once(client: &Client, caches: &DynamicCaches) -> usi
             known.insert(
                 g.reference.uid.clone(),
                 Known {
-                    served: s.clone(),
+                    served: s,
                     object: obj.clone(),
                 },
             );
@@ -211,11 +217,11 @@ pub(crate) async fn collect_once(client: &Client, caches: &DynamicCaches) -> usi
         let Some(k) = known.get(&uid) else { continue };
         let ns = k.object.metadata.namespace.as_deref();
         let name = k.object.name_any();
-        let api = api_for(client, &k.served, ns);
+        let api = api_for(client, k.served, ns);
         let rv = k.object.metadata.resource_version.clone();
         let result = match &action {
             GcAction::Delete { propagation, .. } => {
-                if has_live_owner(client, &k.object).await {
+                if timer.write(has_live_owner(client, &k.object)).await {
                     continue;
                 }
                 let params = DeleteParams {
@@ -235,7 +241,7 @@ pub(crate) async fn collect_once(client: &Client, caches: &DynamicCaches) -> usi
                     k.served.resource.kind,
                     ns.unwrap_or("")
                 );
-                api.delete(&name, &params).await.map(|_| ())
+                timer.write(api.delete(&name, &params)).await.map(|_| ())
             }
             GcAction::RemoveOwnerReferences { owner_uids, .. } => {
                 let kept: Vec<_> = k
@@ -251,7 +257,8 @@ pub(crate) async fn collect_once(client: &Client, caches: &DynamicCaches) -> usi
                     json!(kept)
                 };
                 let patch = json!({"metadata": {"ownerReferences": refs, "resourceVersion": rv}});
-                api.patch(&name, &PatchParams::default(), &Patch::Merge(patch))
+                timer
+                    .write(api.patch(&name, &PatchParams::default(), &Patch::Merge(patch)))
                     .await
                     .map(|_| ())
             }
@@ -268,7 +275,8 @@ pub(crate) async fn collect_once(client: &Client, caches: &DynamicCaches) -> usi
                     json!(kept)
                 };
                 let patch = json!({"metadata": {"finalizers": list, "resourceVersion": rv}});
-                api.patch(&name, &PatchParams::default(), &Patch::Merge(patch))
+                timer
+                    .write(api.patch(&name, &PatchParams::default(), &Patch::Merge(patch)))
                     .await
                     .map(|_| ())
             }
@@ -285,16 +293,14 @@ pub(crate) async fn collect_once(client: &Client, caches: &DynamicCaches) -> usi
 /// Runs the collector: a pass on every change (debounced) and every 30 s.
 pub(crate) async fn gc_loop(client: Client, caches: Arc<DynamicCaches>, wake: Arc<Notify>) {
     loop {
-        let writes = collect_once(&client, &caches).await;
+        let mut timer = PassTimer::start();
+        let writes = collect_once(&client, &caches, &mut timer).await;
         // Something was written: look again soon (its effects may need another step).
         let next = if writes > 0 {
             Duration::from_millis(500)
         } else {
             RESYNC
         };
-        tokio::select! {
-            _ = wake.notified() => tokio::time::sleep(Duration::from_millis(100)).await,
-            _ = tokio::time::sleep(next) => {}
-        }
+        until_next_pass(&wake, next, Duration::from_millis(100), timer.busy()).await;
     }
 }

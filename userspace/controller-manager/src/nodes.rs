@@ -19,7 +19,8 @@ use skiff_controllers::node_lifecycle::{
 };
 use tokio::sync::Notify;
 
-use crate::controllers::post_event;
+use crate::cache::{PassTimer, until_next_pass};
+use crate::controllers::{SETTLE, post_event};
 
 const IPAM_COMPONENT: &str = "node-ipam-controller";
 const LIFECYCLE_COMPONENT: &str = "node-controller";
@@ -50,14 +51,20 @@ pub(crate) async fn node_loop(
     let mut ipam = IpamState::default();
     let mut lifecycle = LifecycleState::default();
     loop {
-        let next = pass(&client, &caches, &config, &mut ipam, &mut lifecycle).await;
+        let mut timer = PassTimer::start();
+        let next = pass(
+            &client,
+            &caches,
+            &config,
+            &mut ipam,
+            &mut lifecycle,
+            &mut timer,
+        )
+        .await;
         let next = next
             .unwrap_or(config.monitor_period)
             .min(config.monitor_period);
-        tokio::select! {
-            _ = wake.notified() => tokio::time::sleep(Duration::from_millis(20)).await,
-            _ = tokio::time::sleep(next) => {}
-        }
+        until_next_pass(&wake, next, SETTLE, timer.busy()).await;
     }
 }
 
@@ -71,6 +78,7 @@ async fn pass(
     config: &NodeLoopConfig,
     ipam: &mut IpamState,
     lifecycle: &mut LifecycleState,
+    timer: &mut PassTimer,
 ) -> Option<Duration> {
     let mut next: Option<Duration> = None;
     let mut sooner = |d: Duration| next = Some(next.map_or(d, |n: Duration| n.min(d)));
@@ -88,8 +96,8 @@ async fn pass(
                     "metadata": {"resourceVersion": resource_version},
                     "spec": {"podCIDR": cidr.to_string(), "podCIDRs": [cidr.to_string()]},
                 });
-                match node_api
-                    .patch(&node, &PatchParams::default(), &Patch::Merge(&patch))
+                match timer
+                    .write(node_api.patch(&node, &PatchParams::default(), &Patch::Merge(&patch)))
                     .await
                 {
                     Ok(written) => {
@@ -112,7 +120,10 @@ async fn pass(
             }
             IpamAction::Event(record) => {
                 tracing::warn!("{IPAM_COMPONENT}: {}", record.message);
-                if let Err(e) = post_event(client, IPAM_COMPONENT, &record).await {
+                if let Err(e) = timer
+                    .write(post_event(client, IPAM_COMPONENT, &record))
+                    .await
+                {
                     tracing::warn!(
                         "{IPAM_COMPONENT}: posting event {} failed: {e}",
                         record.reason
@@ -122,10 +133,12 @@ async fn pass(
         }
     }
 
-    let mut by_node: HashMap<String, Vec<Pod>> = HashMap::new();
+    // Shared, not copied: every Lease renewal wakes this loop, and copying 10,000 pods for
+    // each pass was most of its cost.
+    let mut by_node: HashMap<String, Vec<Arc<Pod>>> = HashMap::new();
     for pod in caches.pods.state() {
         if let Some(node) = pod.spec.as_ref().and_then(|s| s.node_name.clone()) {
-            by_node.entry(node).or_default().push((*pod).clone());
+            by_node.entry(node).or_default().push(pod);
         }
     }
     let now = Timestamp::now();
@@ -137,6 +150,7 @@ async fn pass(
             .leases
             .get(&ObjectRef::new(name).within(NODE_LEASE_NAMESPACE));
         let pods = by_node.get(name).map(Vec::as_slice).unwrap_or(&[]);
+        let pods = pods.iter().map(|p| &**p);
         let outcome = node_lifecycle::reconcile(
             lifecycle,
             &config.lifecycle,
@@ -148,12 +162,12 @@ async fn pass(
         if let Some(d) = outcome.requeue_after {
             sooner(d);
         }
-        if !apply(client, &outcome.actions).await {
+        if !timer.write(apply(client, &outcome.actions)).await {
             sooner(RETRY);
         }
     }
     let removed = node_lifecycle::forget_gone(lifecycle, &nodes);
-    apply(client, &removed).await;
+    timer.write(apply(client, &removed)).await;
     next
 }
 

@@ -19,7 +19,8 @@ use skiff_scheduler::queue::{
 use skiff_scheduler::{ClusterSnapshot, ScheduleError, Scheduler};
 use tokio::sync::Notify;
 
-use crate::controllers::post_event;
+use crate::cache::{PassTimer, until_next_pass};
+use crate::controllers::{SETTLE, post_event};
 
 const COMPONENT: &str = "default-scheduler";
 /// An unschedulable pod is retried when the cluster changes, and at least this often
@@ -62,7 +63,7 @@ fn node_name(pod: &Pod) -> Option<&str> {
 
 /// What a scheduling decision depends on: the nodes (any change, including status) and which
 /// pods occupy them. An unschedulable pod is retried when this changes.
-fn fingerprint(nodes: &[Node], pods: &[Pod]) -> u64 {
+fn fingerprint(nodes: &[Node], pods: &[Arc<Pod>]) -> u64 {
     let mut h = DefaultHasher::new();
     let mut node_keys: Vec<(&str, &str)> = nodes
         .iter()
@@ -84,7 +85,7 @@ fn fingerprint(nodes: &[Node], pods: &[Pod]) -> u64 {
                 Some("Succeeded" | "Failed")
             )
         })
-        .map(uid)
+        .map(|p| uid(p))
         .collect();
     bound.sort();
     bound.hash(&mut h);
@@ -100,11 +101,9 @@ pub(crate) async fn schedule_loop(
     let scheduler = Scheduler::default_plugins();
     let mut state = State::default();
     loop {
-        let next = pass(&client, &scheduler, &nodes, &pods, &mut state).await;
-        tokio::select! {
-            _ = wake.notified() => tokio::time::sleep(Duration::from_millis(20)).await,
-            _ = tokio::time::sleep(next) => {}
-        }
+        let mut timer = PassTimer::start();
+        let next = pass(&client, &scheduler, &nodes, &pods, &mut state, &mut timer).await;
+        until_next_pass(&wake, next, SETTLE, timer.busy()).await;
     }
 }
 
@@ -114,10 +113,12 @@ async fn pass(
     nodes: &Store<Node>,
     pods: &Store<Pod>,
     state: &mut State,
+    timer: &mut PassTimer,
 ) -> Duration {
-    let nodes: Vec<Node> = nodes.state().iter().map(|n| (**n).clone()).collect();
-    let pods: Vec<Pod> = pods.state().iter().map(|p| (**p).clone()).collect();
-    let by_uid: HashMap<String, &Pod> = pods.iter().map(|p| (uid(p), p)).collect();
+    // Shared, not copied: a pass that finds nothing to schedule (most of them, in a busy
+    // cluster whose pods come and go) costs one look at each pod.
+    let pods: Vec<Arc<Pod>> = pods.state();
+    let by_uid: HashMap<String, &Pod> = pods.iter().map(|p| (uid(p), &**p)).collect();
     // Forget assumptions the cache now confirms (or that went stale).
     state.assumed.retain(|id, a| {
         by_uid
@@ -127,8 +128,19 @@ async fn pass(
     });
     let live: HashSet<&String> = by_uid.keys().collect();
     state.unschedulable.retain(|id, _| live.contains(id));
+    let mut pending: Vec<&Pod> = pods
+        .iter()
+        .map(|p| &**p)
+        .filter(|p| needs_scheduling(p, DEFAULT_SCHEDULER_NAME).is_ok())
+        .filter(|p| !state.assumed.contains_key(&uid(p)))
+        .collect();
+    if pending.is_empty() {
+        return UNSCHEDULABLE_RETRY;
+    }
+    pending.sort_by(|a, b| queue_order(a, b));
 
-    let mut snapshot = ClusterSnapshot::new(&nodes, &pods);
+    let nodes: Vec<Node> = nodes.state().iter().map(|n| (**n).clone()).collect();
+    let mut snapshot = ClusterSnapshot::new(&nodes, pods.iter().map(|p| &**p));
     for (id, a) in &state.assumed {
         if let Some(pod) = by_uid.get(id)
             && let Err(e) = snapshot.assume(pod, &a.node)
@@ -137,12 +149,6 @@ async fn pass(
         }
     }
     let print = fingerprint(&nodes, &pods);
-    let mut pending: Vec<&Pod> = pods
-        .iter()
-        .filter(|p| needs_scheduling(p, DEFAULT_SCHEDULER_NAME).is_ok())
-        .filter(|p| !state.assumed.contains_key(&uid(p)))
-        .collect();
-    pending.sort_by(|a, b| queue_order(a, b));
 
     let mut next = UNSCHEDULABLE_RETRY;
     for pod in pending {
@@ -157,7 +163,7 @@ async fn pass(
         let ns = pod.metadata.namespace.clone().unwrap_or_default();
         let name = pod.metadata.name.clone().unwrap_or_default();
         match scheduler.schedule(pod, &snapshot) {
-            Ok(result) => match bind(client, &ns, &name, &result.node).await {
+            Ok(result) => match timer.write(bind(client, &ns, &name, &result.node)).await {
                 Ok(()) => {
                     tracing::info!("bound {ns}/{name} to {}", result.node);
                     state.unschedulable.remove(&id);
@@ -183,13 +189,19 @@ async fn pass(
             Err(ScheduleError::Unschedulable(u)) => {
                 state.unschedulable.insert(id, (print, Instant::now()));
                 next = next.min(UNSCHEDULABLE_RETRY);
-                if let Err(e) = mark_unschedulable(client, pod, &u.message).await {
+                if let Err(e) = timer
+                    .write(mark_unschedulable(client, pod, &u.message))
+                    .await
+                {
                     tracing::warn!("recording that {ns}/{name} is unschedulable failed: {e}");
                 }
             }
             Err(e @ ScheduleError::InvalidPod { .. }) => {
                 state.unschedulable.insert(id, (print, Instant::now()));
-                if let Err(err) = mark_unschedulable(client, pod, &e.to_string()).await {
+                if let Err(err) = timer
+                    .write(mark_unschedulable(client, pod, &e.to_string()))
+                    .await
+                {
                     tracing::warn!("recording that {ns}/{name} is invalid failed: {err}");
                 }
             }

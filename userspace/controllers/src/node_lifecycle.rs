@@ -238,15 +238,17 @@ fn pod_ready(pod: &Pod) -> Option<&PodCondition> {
 }
 
 /// Decides for one Node. `lease` is `kube-node-lease/<node>` if it exists; `pods` are the pods
-/// bound to this Node (`spec.nodeName`).
-pub fn reconcile(
+/// bound to this Node (`spec.nodeName`), by reference (the controller-manager passes its
+/// cache's shared pods without copying them).
+pub fn reconcile<'a>(
     state: &mut LifecycleState,
     config: &LifecycleConfig,
     node: &Node,
     lease: Option<&Lease>,
-    pods: &[Pod],
+    pods: impl IntoIterator<Item = &'a Pod, IntoIter: Clone>,
     now: Timestamp,
 ) -> NodeOutcome {
+    let pods = pods.into_iter();
     let mut out = NodeOutcome::default();
     let Some(name) = node.metadata.name.clone() else {
         return out;
@@ -429,12 +431,15 @@ pub fn reconcile(
         Some(at) => at.0.as_millisecond(),
         None => seen.get(&taint_key(t)).copied().unwrap_or(now_ms),
     };
-    let present: BTreeSet<String> = pods.iter().filter_map(|p| p.metadata.uid.clone()).collect();
+    let present: BTreeSet<String> = pods
+        .clone()
+        .filter_map(|p| p.metadata.uid.clone())
+        .collect();
     health.evicted.retain(|uid| present.contains(uid));
     health.marked.retain(|uid| present.contains(uid));
     let mut evicted_now: BTreeSet<String> = BTreeSet::new();
     let mut pod_actions = Vec::new();
-    for pod in pods {
+    for pod in pods.clone() {
         if pod.metadata.deletion_timestamp.is_some() {
             continue;
         }
