@@ -292,48 +292,26 @@ mod tests {
         assert!(Grouped::<Pod>::empty().get("a").is_empty());
     }
 
+    /// How long `until_next_pass` waits (on the paused clock), woken or not.
+    async fn waited(woken: bool, timer_ms: u64, busy_ms: u64) -> Duration {
+        let wake = Notify::new();
+        if woken {
+            wake.notify_one();
+        }
+        let t = tokio::time::Instant::now();
+        let ms = Duration::from_millis;
+        until_next_pass(&wake, ms(timer_ms), ms(20), ms(busy_ms)).await;
+        t.elapsed()
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_woken_loop_waits_pace_times_its_busy_time() {
-        let wake = Notify::new();
-        wake.notify_one();
-        let t = tokio::time::Instant::now();
-        until_next_pass(
-            &wake,
-            Duration::from_secs(30),
-            Duration::from_millis(20),
-            Duration::from_millis(100),
-        )
-        .await;
-        assert_eq!(t.elapsed(), Duration::from_millis(300));
+        let ms = Duration::from_millis;
+        assert_eq!(waited(true, 30_000, 100).await, ms(300));
         // A cheap pass: the settle time only.
-        wake.notify_one();
-        let t = tokio::time::Instant::now();
-        until_next_pass(
-            &wake,
-            Duration::from_secs(30),
-            Duration::from_millis(20),
-            Duration::from_millis(1),
-        )
-        .await;
-        assert_eq!(t.elapsed(), Duration::from_millis(20));
+        assert_eq!(waited(true, 30_000, 1).await, ms(20));
         // Not woken: the timer, or PACE x busy if that is longer.
-        let t = tokio::time::Instant::now();
-        until_next_pass(
-            &wake,
-            Duration::from_millis(500),
-            Duration::from_millis(20),
-            Duration::from_millis(1),
-        )
-        .await;
-        assert_eq!(t.elapsed(), Duration::from_millis(500));
-        let t = tokio::time::Instant::now();
-        until_next_pass(
-            &wake,
-            Duration::from_millis(500),
-            Duration::from_millis(20),
-            Duration::from_secs(1),
-        )
-        .await;
-        assert_eq!(t.elapsed(), Duration::from_secs(3));
+        assert_eq!(waited(false, 500, 1).await, ms(500));
+        assert_eq!(waited(false, 500, 1_000).await, ms(3_000));
     }
 }
