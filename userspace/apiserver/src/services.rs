@@ -55,9 +55,11 @@ struct AllocatedSpec {
     health_check_node_port: Option<Value>,
 }
 
-/// Fills `spec.clusterIP(s)` and node ports of `new` (a Service), checking requested values
-/// against what other Services hold. `old` is the stored Service on update.
-pub async fn allocate(state: &State, new: &mut Value, old: Option<&Value>) -> Result<(), ApiError> {
+/// The cluster IPs and node ports (health-check ports included) every Service but `new` holds.
+async fn used_by_others(
+    state: &State,
+    new: &Value,
+) -> Result<(HashSet<Ipv4Addr>, HashSet<i64>), ApiError> {
     let info = registry::find("", "v1", "services")
         .ok_or_else(|| ApiError::internal("services are not registered"))?;
     let listed = state
@@ -112,6 +114,12 @@ pub async fn allocate(state: &State, new: &mut Value, old: Option<&Value>) -> Re
             used_ports.insert(hc);
         }
     }
+    Ok((used_ips, used_ports))
+}
+
+/// Fills `spec.clusterIP(s)` and node ports of `new` (a Service), checking requested values
+/// against what other Services hold. `old` is the stored Service on update.
+pub async fn allocate(state: &State, new: &mut Value, old: Option<&Value>) -> Result<(), ApiError> {
     let name = name_of(new).to_string();
     let ty = new
         .pointer("/spec/type")
@@ -121,9 +129,8 @@ pub async fn allocate(state: &State, new: &mut Value, old: Option<&Value>) -> Re
     if new.get("spec").is_none_or(|s| !s.is_object()) {
         new["spec"] = json!({});
     }
-    let spec = &mut new["spec"];
-    let requested = spec
-        .get("clusterIP")
+    let requested = new
+        .pointer("/spec/clusterIP")
         .and_then(Value::as_str)
         .unwrap_or("")
         .to_string();
@@ -132,6 +139,20 @@ pub async fn allocate(state: &State, new: &mut Value, old: Option<&Value>) -> Re
         .and_then(Value::as_str)
         .unwrap_or("")
         .to_string();
+    // A ClusterIP Service keeping its address (the common update), a headless or an
+    // ExternalName one takes nothing from the ranges, so the other Services need not be read:
+    // listing them all is the cost of a Service write, held under the allocation lock.
+    let takes_from_ranges = match ty.as_str() {
+        "ExternalName" => false,
+        "ClusterIP" => old_ip.is_empty() && requested != "None",
+        _ => true,
+    };
+    let (used_ips, used_ports) = if takes_from_ranges {
+        used_by_others(state, new).await?
+    } else {
+        (HashSet::new(), HashSet::new())
+    };
+    let spec = &mut new["spec"];
 
     if ty == "ExternalName" {
         if let Some(m) = spec.as_object_mut() {

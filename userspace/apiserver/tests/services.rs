@@ -296,3 +296,61 @@ async fn concurrent_creates_never_share_an_ip() {
     }
     assert_eq!(ips.len(), 10);
 }
+
+/// A ClusterIP Service's update skips reading the other Services (nothing to allocate); one
+/// that turns it into a NodePort Service must still see them.
+#[tokio::test]
+async fn a_clusterip_service_turned_nodeport_still_sees_the_others_ports() {
+    let s = start().await;
+    let r = s
+        .post(
+            SVC,
+            &service("holder", json!({"type":"NodePort","ports":[{"port":80}]})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    let held = r.body["spec"]["ports"][0]["nodePort"]
+        .as_i64()
+        .expect("nodePort");
+    let r = s
+        .post(SVC, &service("plain", json!({"ports":[{"port":80}]})))
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    let ip = r.body["spec"]["clusterIP"].clone();
+    // A plain update keeps the address.
+    let r = s
+        .put(
+            &format!("{SVC}/plain"),
+            &service("plain", json!({"ports":[{"port":81}]})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(r.body["spec"]["clusterIP"], ip);
+    // Asking for the held port is refused, and nothing changes.
+    let r = s
+        .patch(
+            &format!("{SVC}/plain"),
+            "application/merge-patch+json",
+            &json!({"spec":{"type":"NodePort","ports":[{"port":81,"nodePort":held}]}}).to_string(),
+        )
+        .await;
+    assert_status(&r, 422, "Invalid");
+    assert_eq!(
+        s.get(&format!("{SVC}/plain")).await.body["spec"]["type"],
+        "ClusterIP"
+    );
+    // Without a request it gets another port.
+    let r = s
+        .patch(
+            &format!("{SVC}/plain"),
+            "application/merge-patch+json",
+            r#"{"spec":{"type":"NodePort"}}"#,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let got = r.body["spec"]["ports"][0]["nodePort"]
+        .as_i64()
+        .expect("nodePort");
+    assert_ne!(got, held);
+    assert_eq!(r.body["spec"]["clusterIP"], ip);
+}
