@@ -259,10 +259,13 @@ async fn crash_run(label: &str, kills: usize, write_after_last: Duration) {
 
     let ledger: Ledger = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
+    // The watchers stop only after draining (below), not with the writers: a watcher that
+    // quit with them could miss the last acknowledged writes when its stream paused for 500 ms.
+    let watch_stop = Arc::new(AtomicBool::new(false));
     let watchers: Vec<_> = (0..2)
         .map(|_| {
             let seen = Arc::new(Mutex::new(Seen::default()));
-            let task = tokio::spawn(watcher(client.clone(), start_rv.clone(), seen.clone(), stop.clone()));
+            let task = tokio::spawn(watcher(client.clone(), start_rv.clone(), seen.clone(), watch_stop.clone()));
             (seen, task)
         })
         .collect();
@@ -308,6 +311,7 @@ async fn crash_run(label: &str, kills: usize, write_after_last: Duration) {
     {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    watch_stop.store(true, Ordering::Relaxed);
     for (_, task) in &watchers {
         task.abort();
     }
