@@ -140,7 +140,15 @@ impl Expect {
 #[derive(Default)]
 struct Expectations {
     pending: HashMap<String, (Instant, Vec<Expect>)>,
+    /// ResourceQuotas whose `status.used` a pass would lower: the quota's resourceVersion then
+    /// and since when. Admission charges `used` just before it creates the object, so a count
+    /// taken in between (the charge itself wakes the quota loop) is short by that object;
+    /// lowering is only done once the quota has stayed unchanged for `QUOTA_LOWER_AFTER`.
+    quota_lowering: HashMap<String, (Option<String>, Instant)>,
 }
+
+/// How long a quota's charge must stand before a recount may lower it (see `quota_lowering`).
+const QUOTA_LOWER_AFTER: Duration = Duration::from_secs(2);
 
 impl Expectations {
     /// Whether `key` may be reconciled now; drops met or expired expectations.
@@ -648,6 +656,46 @@ async fn pass(
         }
         let ns = meta.namespace.clone().unwrap_or_default();
         let name = meta.name.clone().unwrap_or_default();
+        if let Which::ResourceQuota = which
+            && let Some(q) = caches.quotas.get(&ObjectRef::new(&name).within(&ns))
+        {
+            let cached = usage_by_ns
+                .entry(ns.clone())
+                .or_insert_with(|| caches.dynamic.namespace_usage(&ns));
+            if !quota::lowers_used(&q, cached) {
+                expectations.quota_lowering.remove(&key);
+            } else {
+                let rv = q.metadata.resource_version.clone();
+                let since = match expectations.quota_lowering.get(&key) {
+                    Some((seen, since)) if *seen == rv => *since,
+                    _ => {
+                        expectations
+                            .quota_lowering
+                            .insert(key.clone(), (rv, Instant::now()));
+                        Instant::now()
+                    }
+                };
+                let wait = QUOTA_LOWER_AFTER.saturating_sub(since.elapsed());
+                if !wait.is_zero() {
+                    sooner(wait + Duration::from_millis(10));
+                    continue;
+                }
+                // The caches may still lag behind: recount from the apiserver.
+                match timer
+                    .write(caches.dynamic.live_namespace_usage(client, &ns))
+                    .await
+                {
+                    Ok(live) => {
+                        usage_by_ns.insert(ns.clone(), live);
+                    }
+                    Err(e) => {
+                        tracing::warn!("{}: {key}: recounting usage: {e}", which.component());
+                        sooner(RETRY);
+                        continue;
+                    }
+                }
+            }
+        }
         let decided: Option<Result<Outcome, ReconcileError>> = match which {
             Which::Deployment => caches
                 .deployments

@@ -114,6 +114,24 @@ impl DynamicCaches {
         Ok(())
     }
 
+    /// What the objects of namespace `ns` use, from a fresh list of every kind (the apiserver,
+    /// not the caches): for the quota controller before it lowers `status.used`.
+    pub async fn live_namespace_usage(&self, client: &Client, ns: &str) -> kube::Result<quota::Usage> {
+        let mut usage = quota::Usage::new();
+        for (s, _) in self.kinds.iter().filter(|(s, _)| s.namespaced) {
+            let api = api_for(client, s, Some(ns));
+            for obj in api.list(&kube::api::ListParams::default()).await?.items {
+                if let Ok(v) = serde_json::to_value(&obj) {
+                    quota::add(
+                        &mut usage,
+                        &quota::object_usage(&s.resource.group, &s.resource.plural, &v),
+                    );
+                }
+            }
+        }
+        Ok(usage)
+    }
+
     /// What the objects of namespace `ns` use, for ResourceQuota status.
     pub fn namespace_usage(&self, ns: &str) -> quota::Usage {
         let mut usage = quota::Usage::new();
@@ -208,6 +226,10 @@ pub(crate) async fn collect_once(
     }
     let actions = gc::collect(&objects);
     let mut writes = 0;
+    // Owners some of whose dependents still reference them because dropping the reference
+    // failed (a 409 from a stale cache): their orphan finalizer must stay, or the next pass
+    // would find those dependents' owner gone and delete them.
+    let mut still_referenced: std::collections::HashSet<String> = Default::default();
     for action in actions.into_iter().take(MAX_ACTIONS_PER_PASS) {
         let uid = match &action {
             GcAction::Delete { target, .. }
@@ -215,6 +237,9 @@ pub(crate) async fn collect_once(
             | GcAction::RemoveFinalizer { target, .. } => target.uid.clone(),
         };
         let Some(k) = known.get(&uid) else { continue };
+        if matches!(action, GcAction::RemoveFinalizer { .. }) && still_referenced.contains(&uid) {
+            continue;
+        }
         let ns = k.object.metadata.namespace.as_deref();
         let name = k.object.name_any();
         let api = api_for(client, k.served, ns);
@@ -281,6 +306,11 @@ pub(crate) async fn collect_once(
                     .map(|_| ())
             }
         };
+        if let (GcAction::RemoveOwnerReferences { owner_uids, .. }, Err(e)) = (&action, &result)
+            && !matches!(e, kube::Error::Api(s) if s.code == 404)
+        {
+            still_referenced.extend(owner_uids.iter().cloned());
+        }
         match result {
             Ok(()) => writes += 1,
             Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => {}

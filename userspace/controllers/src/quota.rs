@@ -218,6 +218,21 @@ pub fn reconcile(quota: &ResourceQuota, namespace_usage: &Usage) -> Outcome {
     outcome
 }
 
+/// Whether `namespace_usage` is below what `quota`'s status says is used for any resource it
+/// limits. Admission charges `status.used` before the object is created, so a usage computed
+/// from watch caches that have not seen the new object yet is lower than the truth: lowering
+/// `used` from it would let one more object in. The controller recounts from a fresh list first.
+pub fn lowers_used(quota: &ResourceQuota, namespace_usage: &Usage) -> bool {
+    let used = quota.status.as_ref().and_then(|s| s.used.as_ref());
+    hard_of(quota).keys().any(|k| {
+        let recorded = used
+            .and_then(|u| u.get(k))
+            .and_then(|q| parse_amount(k, &q.0).ok())
+            .unwrap_or(0);
+        namespace_usage.get(k).copied().unwrap_or(0) < recorded
+    })
+}
+
 /// Admission: may an object using `requested` be created under `quotas` (the namespace's)?
 /// `Ok` lists, per quota that tracks any of it, the quota with its `status.used` increased (the
 /// caller writes these back, compare-and-swap, so two creates cannot both take the last unit);

@@ -153,3 +153,26 @@ fn check_demands_requests_and_known_status() {
     // A quota that tracks none of it is not charged.
     assert!(check(&[q], &cm, None).unwrap().is_empty());
 }
+
+#[test]
+fn lowering_used_is_detected_per_limited_resource() {
+    let q = quota(
+        "q",
+        &[("pods", "2"), ("requests.cpu", "1")],
+        Some(&[("pods", "2"), ("requests.cpu", "200m")]),
+    );
+    let usage = |pods: i64, cpu: i64| -> Usage {
+        [("pods".to_string(), pods), ("requests.cpu".to_string(), cpu)]
+            .into_iter()
+            .collect()
+    };
+    assert!(!lowers_used(&q, &usage(2, 200)), "equal");
+    assert!(!lowers_used(&q, &usage(3, 300)), "higher");
+    assert!(lowers_used(&q, &usage(1, 200)), "one pod fewer");
+    assert!(lowers_used(&q, &usage(2, 100)), "less cpu");
+    // A resource the quota does not limit does not count; no status yet lowers nothing.
+    let mut more = usage(2, 200);
+    more.insert("services".into(), 0);
+    assert!(!lowers_used(&q, &more));
+    assert!(!lowers_used(&quota("new", &[("pods", "2")], None), &usage(0, 0)));
+}
