@@ -57,6 +57,16 @@ pub(crate) fn served(api_version: &str, kind: &str) -> Option<Served> {
     })
 }
 
+/// Adds what one object of kind `s` uses to `usage` (quota accounting works on JSON).
+fn add_object_usage(usage: &mut quota::Usage, s: &Served, obj: &DynamicObject) {
+    if let Ok(v) = serde_json::to_value(obj) {
+        quota::add(
+            usage,
+            &quota::object_usage(&s.resource.group, &s.resource.plural, &v),
+        );
+    }
+}
+
 /// Watch caches of every served resource.
 pub(crate) struct DynamicCaches {
     pub kinds: Vec<(Served, Store<DynamicObject>)>,
@@ -121,12 +131,7 @@ impl DynamicCaches {
         for (s, _) in self.kinds.iter().filter(|(s, _)| s.namespaced) {
             let api = api_for(client, s, Some(ns));
             for obj in api.list(&kube::api::ListParams::default()).await?.items {
-                if let Ok(v) = serde_json::to_value(&obj) {
-                    quota::add(
-                        &mut usage,
-                        &quota::object_usage(&s.resource.group, &s.resource.plural, &v),
-                    );
-                }
+                add_object_usage(&mut usage, s, &obj);
             }
         }
         Ok(usage)
@@ -140,12 +145,7 @@ impl DynamicCaches {
                 if obj.metadata.namespace.as_deref() != Some(ns) {
                     continue;
                 }
-                if let Ok(v) = serde_json::to_value(&*obj) {
-                    quota::add(
-                        &mut usage,
-                        &quota::object_usage(&s.resource.group, &s.resource.plural, &v),
-                    );
-                }
+                add_object_usage(&mut usage, s, &obj);
             }
         }
         usage
